@@ -1,0 +1,140 @@
+//! The command line: `serve`, `check`, `hash-key`.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::app::AppState;
+use crate::config::{Config, ConfigError, ProcessEnv, EMBEDDED_DEFAULT};
+use crate::metrics::Metrics;
+use crate::snapshot::Snapshot;
+
+const DEFAULT_CONFIG: &str = "config/tollgate.toml";
+
+#[derive(Debug, Parser)]
+#[command(name = "tollgate", version, about = "Cost-aware OpenAI-compatible gateway for LLM serving")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Config file; without it, `config/tollgate.toml`, or the embedded demo defaults when
+        /// that file does not exist.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file and print every problem with file, line and field.
+    Check { path: PathBuf },
+    /// Read a key on standard input, print its lowercase hex SHA-256 (for `key_sha256`).
+    HashKey,
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::Check { path } => check(&path),
+        Command::HashKey => hash_key(),
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path, &ProcessEnv) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} backends, {} routes, {} users)",
+                path.display(),
+                config.backends.len(),
+                config.routes.len(),
+                config.users.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            if let ConfigError::Invalid(problems) = &e {
+                eprintln!("{} problem(s) found", problems.len());
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hash_key() -> ExitCode {
+    let mut input = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+        eprintln!("cannot read the key from standard input: {e}");
+        return ExitCode::FAILURE;
+    }
+    // `echo key | tollgate hash-key` adds a newline that is not part of the key.
+    let key = input.strip_suffix('\n').map_or(input.as_str(), |k| k.strip_suffix('\r').unwrap_or(k));
+    if key.is_empty() {
+        eprintln!("no key on standard input");
+        return ExitCode::FAILURE;
+    }
+    println!("{}", crate::auth::hash_key_hex(key));
+    ExitCode::SUCCESS
+}
+
+fn load_for_serve(path: Option<PathBuf>) -> Result<Config, ConfigError> {
+    match path {
+        Some(path) => Config::load(&path, &ProcessEnv),
+        None if std::path::Path::new(DEFAULT_CONFIG).exists() => Config::load(DEFAULT_CONFIG.as_ref(), &ProcessEnv),
+        None => {
+            tracing::info!("{DEFAULT_CONFIG} not found: using the embedded demo defaults");
+            Config::parse(EMBEDDED_DEFAULT, "<embedded config/tollgate.toml>", &ProcessEnv)
+        }
+    }
+}
+
+fn serve(path: Option<PathBuf>) -> ExitCode {
+    init_tracing();
+    let config = match load_for_serve(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve_config(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            eprintln!("{message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve_config(config: Config) -> Result<(), String> {
+    let listen = config.server.listen;
+    let grace = config.server.shutdown_grace;
+    let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
+    let snapshot = Snapshot::new(config).map_err(|e| e.to_string())?;
+    let state = AppState::new(snapshot, metrics);
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    tracing::info!(%listen, "tollgate listening");
+    crate::server::serve(listener, state, grace, crate::server::shutdown_signal())
+        .await
+        .map_err(|e| format!("server failed: {e}"))
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}

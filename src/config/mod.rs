@@ -1,0 +1,226 @@
+//! The validated runtime configuration and how it is loaded.
+//!
+//! Loading is parse (spanned TOML) → read (types, ranges and cross-field checks, every problem
+//! collected). A config either loads whole or not at all: a running gateway
+//! never sees half of a bad file.
+
+mod document;
+mod read;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use document::Problem;
+pub use read::hex;
+
+use crate::secret::Secret;
+
+/// The defaults the binary carries, so `tollgate serve` runs anywhere.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/tollgate.toml");
+
+/// The whole validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub server: Server,
+    pub ledger: Ledger,
+    pub backends: Vec<Arc<Backend>>,
+    pub routes: Vec<Route>,
+    pub users: Vec<Arc<User>>,
+}
+
+/// `[server]`
+#[derive(Debug)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    /// `None` when no `admin_key_env` is set: the admin API is then closed.
+    pub admin_key: Option<Secret>,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+/// `[ledger]`: where spend and reservations live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ledger {
+    pub store: LedgerStore,
+    pub on_ledger_error: OnLedgerError,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerStore {
+    Memory,
+    Sqlite { path: String },
+    Redis { url: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLedgerError {
+    FailClosed,
+    FailOpen,
+}
+
+/// One OpenAI-compatible upstream (or an in-process simulated one).
+#[derive(Debug)]
+pub struct Backend {
+    pub name: String,
+    /// A label for headers and metrics (`quality`, `economy`, ...).
+    pub tier: String,
+    pub target: Target,
+    /// The upstream's model name: requests are rewritten to it.
+    pub model: String,
+    /// Token quality, 0..=1.
+    pub quality: f64,
+    /// Prompt plus completion tokens the backend accepts.
+    pub context_window: u32,
+    pub max_concurrency: u32,
+    /// Whole-request deadline, streams included.
+    pub timeout: Duration,
+    /// TCP connect deadline.
+    pub connect_timeout: Duration,
+    /// Deadline for the upstream's response headers.
+    pub first_byte_timeout: Duration,
+    pub pricing: Pricing,
+}
+
+/// Where a backend's answers come from.
+#[derive(Debug)]
+pub enum Target {
+    Http {
+        /// Base URL without a trailing slash, e.g. `http://127.0.0.1:9001/v1`.
+        base_url: String,
+        /// Sent upstream as a bearer token; read from `api_key_env` at load.
+        api_key: Option<Secret>,
+    },
+    Simulated(Simulate),
+}
+
+/// An in-process backend that answers like an OpenAI server without any network.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Simulate {
+    pub ttft: Duration,
+    pub tokens_per_s: f64,
+    /// The text it answers with (repeated or cut to the completion length).
+    pub quality_text: String,
+}
+
+/// The marginal-cost model of a backend (USD amounts as written in the file).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pricing {
+    PerToken { input_per_mtok: f64, output_per_mtok: f64, cached_input_per_mtok: Option<f64> },
+    PerHour { hourly_usd: f64 },
+}
+
+/// A model alias that clients ask for, with its candidate backends.
+#[derive(Debug)]
+pub struct Route {
+    pub model: String,
+    /// Indexes into [`Config::backends`], in the order the file lists them.
+    pub backends: Vec<usize>,
+    /// Completion estimate when the request gives no `max_tokens`.
+    pub default_max_tokens: u32,
+}
+
+/// A tenant, identified by the SHA-256 of its API key.
+#[derive(Debug)]
+pub struct User {
+    pub name: String,
+    pub key_sha256: [u8; 32],
+    pub policy: Policy,
+    /// `None`: no budget.
+    pub budget_usd: Option<f64>,
+    pub budget_period: BudgetPeriod,
+    pub max_request_usd: Option<f64>,
+    pub min_quality: f64,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    QualityFirst,
+    CostFirst,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QualityFirst => "quality-first",
+            Self::CostFirst => "cost-first",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetPeriod {
+    Day,
+    Month,
+    Total,
+}
+
+/// A config that did not load: every problem found, or why the file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: String, source: std::io::Error },
+    #[error("{}", list_problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+fn list_problems(problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    lines.join("\n")
+}
+
+/// Where `${NAME}` values come from: the process environment, or a map in tests.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl<F: Fn(&str) -> Option<String>> Env for F {
+    fn var(&self, name: &str) -> Option<String> {
+        self(name)
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path, env: &dyn Env) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+        Self::parse(&text, &file, env)
+    }
+
+    /// Validates config `text`; `file` names it in messages.
+    pub fn parse(text: &str, file: &str, env: &dyn Env) -> Result<Self, ConfigError> {
+        let mut problems = document::Problems::new(file, text);
+        let doc = match toml_edit::ImDocument::parse(text) {
+            Ok(doc) => doc,
+            Err(e) => {
+                problems.at(e.span(), "", format!("invalid TOML: {}", e.message()));
+                return Err(ConfigError::Invalid(problems.into_vec()));
+            }
+        };
+        let config = read::config(doc.as_table(), &mut problems, env);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems.into_vec()))
+        }
+    }
+
+    /// Index of the backend called `name`.
+    pub fn backend_index(&self, name: &str) -> Option<usize> {
+        self.backends.iter().position(|b| b.name == name)
+    }
+}

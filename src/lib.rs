@@ -1,0 +1,22 @@
+//! Tollgate: a cost-aware, OpenAI-compatible gateway for LLM serving.
+//!
+//! The request's way from `main.rs` down: [`cli`] → [`server`] → [`app`] (router and state) →
+//! [`http`] handlers → [`auth`] → [`request`] (parse) → [`dispatch`] ([`policy`] decides,
+//! [`upstream`] sends) → [`metering`] (usage, however the body ends) → [`metrics`].
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod dispatch;
+pub mod error;
+mod http;
+pub mod metering;
+pub mod metrics;
+pub mod openai;
+pub mod policy;
+pub mod request;
+pub mod secret;
+pub mod server;
+pub mod snapshot;
+pub mod upstream;

@@ -1,0 +1,100 @@
+//! Every metric family, declared once on a private registry with the `tollgate_` prefix.
+
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+/// Buckets for whole LLM requests: from a cached embedding (ms) to a long generation (minutes).
+const REQUEST_BUCKETS: &[f64] =
+    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+/// Buckets for the time to first token: what a streaming user waits before text appears.
+const TTFT_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// The gateway's metrics. Label values come from config names and closed enums only.
+pub struct Metrics {
+    registry: Registry,
+    /// `tollgate_requests_total{backend,tier,reason,status}`: answered requests that reached a backend.
+    pub requests: IntCounterVec,
+    /// `tollgate_tokens_total{user,backend,kind}`: kind is `prompt` or `completion`.
+    pub tokens: IntCounterVec,
+    /// `tollgate_rejected_requests_total{code}`: refused before any backend (bad key, bad body...).
+    pub rejected: IntCounterVec,
+    /// `tollgate_usage_estimated_total{backend}`: requests whose usage was counted locally
+    /// because the backend reported none (a client hung up mid-stream, or no usage field).
+    pub usage_estimated: IntCounterVec,
+    /// `tollgate_request_duration_seconds{backend}`
+    pub request_duration: HistogramVec,
+    /// `tollgate_time_to_first_token_seconds{backend}`: first body byte from the backend.
+    pub time_to_first_token: HistogramVec,
+    /// `tollgate_backend_in_flight{backend}`
+    pub in_flight: IntGaugeVec,
+    /// `tollgate_upstream_failures_total{backend,kind}`: connect, timeout, status.
+    pub upstream_failures: IntCounterVec,
+}
+
+impl Metrics {
+    /// Registers every family; fails only on a programming error (a duplicate name).
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(Some("tollgate".into()), None)?;
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let requests = counter(
+            "requests_total",
+            "Requests answered through a backend, by backend, tier, routing reason and HTTP status.",
+            &["backend", "tier", "reason", "status"],
+        )?;
+        let tokens = counter("tokens_total", "Tokens metered per user and backend.", &["user", "backend", "kind"])?;
+        let rejected = counter(
+            "rejected_requests_total",
+            "Requests refused before reaching a backend, by error code.",
+            &["code"],
+        )?;
+        let usage_estimated = counter(
+            "usage_estimated_total",
+            "Requests whose token usage was counted locally because the backend reported none.",
+            &["backend"],
+        )?;
+        let upstream_failures = counter(
+            "upstream_failures_total",
+            "Backend attempts that failed before an answer: connect, timeout or status.",
+            &["backend", "kind"],
+        )?;
+        let histogram = |name: &str, help: &str, buckets: &[f64]| -> Result<HistogramVec, prometheus::Error> {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), &["backend"])?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let request_duration = histogram(
+            "request_duration_seconds",
+            "Whole request duration through a backend, until the last byte or a hang-up.",
+            REQUEST_BUCKETS,
+        )?;
+        let time_to_first_token = histogram(
+            "time_to_first_token_seconds",
+            "Time from request arrival to the backend's first body byte.",
+            TTFT_BUCKETS,
+        )?;
+        let in_flight =
+            IntGaugeVec::new(Opts::new("backend_in_flight", "Requests in flight per backend."), &["backend"])?;
+        registry.register(Box::new(in_flight.clone()))?;
+        Ok(Self {
+            registry,
+            requests,
+            tokens,
+            rejected,
+            usage_estimated,
+            request_duration,
+            time_to_first_token,
+            in_flight,
+            upstream_failures,
+        })
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}

@@ -1,0 +1,148 @@
+//! The client side: one [`Upstream`] per configured backend, over a pooled hyper client or an
+//! in-process simulation.
+
+mod forward;
+mod simulate;
+pub mod sse;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::sync::Arc;
+
+use crate::config::{Backend, Simulate, Target};
+use crate::request::ProxyRequest;
+
+/// A response body from a backend, real or simulated.
+pub type UpstreamBody = UnsyncBoxBody<Bytes, BodyError>;
+
+/// A body failed mid-way: the backend's connection broke, or its deadline passed.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("backend connection failed mid-body")]
+    Broken(#[source] hyper::Error),
+    #[error("backend took longer than its timeout")]
+    Deadline,
+}
+
+/// Why a backend gave no answer. The messages reach clients: they name the backend and never
+/// its URL's secrets or keys.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("backend `{backend}` could not be reached")]
+    Connect { backend: String },
+    #[error("backend `{backend}` did not answer within {after:?}")]
+    Timeout { backend: String, after: Duration },
+    #[error("backend `{backend}` failed with HTTP {status}")]
+    Status { backend: String, status: u16 },
+    #[error("backend `{backend}` cannot be used: {reason}")]
+    Unusable { backend: String, reason: String },
+}
+
+impl UpstreamError {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Timeout { .. })
+    }
+
+    /// Bounded label for `tollgate_upstream_failures_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect { .. } => "connect",
+            Self::Timeout { .. } => "timeout",
+            Self::Status { .. } => "status",
+            Self::Unusable { .. } => "unusable",
+        }
+    }
+}
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// A configured backend, ready to send to.
+pub struct Upstream {
+    pub backend: Arc<Backend>,
+    transport: Transport,
+}
+
+enum Transport {
+    Http { client: Box<HttpClient>, base_url: String, authorization: Option<HeaderValue> },
+    Simulated(Simulate),
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").field("backend", &self.backend.name).finish_non_exhaustive()
+    }
+}
+
+/// Idle pooled connections are kept this long: long enough to reuse between bursts, short
+/// enough not to hit upstream servers' own keep-alive limits.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Upstream {
+    /// Builds the client for `backend`; done once per config load, never per request.
+    pub fn new(backend: Arc<Backend>) -> Result<Self, UpstreamError> {
+        let transport = match &backend.target {
+            Target::Simulated(sim) => Transport::Simulated(sim.clone()),
+            Target::Http { base_url, api_key } => {
+                let unusable = |reason: String| UpstreamError::Unusable { backend: backend.name.clone(), reason };
+                let mut http = HttpConnector::new();
+                http.enforce_http(false);
+                http.set_nodelay(true);
+                http.set_connect_timeout(Some(backend.connect_timeout));
+                let tls = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+                    .map_err(|e| unusable(format!("TLS setup failed: {e}")))?
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(http);
+                let client = Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                    .pool_max_idle_per_host(backend.max_concurrency as usize)
+                    .build(tls);
+                let authorization = match api_key {
+                    Some(key) => {
+                        let mut value = HeaderValue::try_from(format!("Bearer {}", key.expose()))
+                            .map_err(|_| unusable("its API key holds characters a header cannot carry".into()))?;
+                        value.set_sensitive(true);
+                        Some(value)
+                    }
+                    None => None,
+                };
+                Transport::Http { client: Box::new(client), base_url: base_url.clone(), authorization }
+            }
+        };
+        Ok(Self { backend, transport })
+    }
+
+    /// Sends `request` (model rewritten, usage asked for) and waits for the response head.
+    /// Failing before the head is what allows a fallback to another backend.
+    pub async fn send(&self, request: &ProxyRequest) -> Result<Response<UpstreamBody>, UpstreamError> {
+        match &self.transport {
+            Transport::Simulated(sim) => Ok(simulate::respond(sim, &self.backend, request).await),
+            Transport::Http { client, base_url, authorization } => {
+                let body = forward::upstream_body(request, &self.backend.model);
+                let http_request = forward::build(base_url, request.endpoint, authorization.as_ref(), body)
+                    .map_err(|reason| UpstreamError::Unusable { backend: self.backend.name.clone(), reason })?;
+                let timeout = self.backend.first_byte_timeout;
+                let response = match tokio::time::timeout(timeout, client.request(http_request)).await {
+                    Err(_) => {
+                        return Err(UpstreamError::Timeout { backend: self.backend.name.clone(), after: timeout })
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(backend = %self.backend.name, error = %e, "backend request failed");
+                        return Err(UpstreamError::Connect { backend: self.backend.name.clone() });
+                    }
+                    Ok(Ok(response)) => response,
+                };
+                Ok(response.map(|b| b.map_err(BodyError::Broken).boxed_unsync()))
+            }
+        }
+    }
+}
