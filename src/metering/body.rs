@@ -124,6 +124,16 @@ impl MeteredBody {
     }
 }
 
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        // Dropped before its end: the client went away. A JSON answer may still be whole in
+        // the copy (it was all forwarded); otherwise the meter counts locally.
+        if let (Some(meter), Reader::Json { copy }) = (&mut self.meter, &self.reader) {
+            read_json_usage(copy, meter);
+        }
+    }
+}
+
 /// What kind of answer a body carries.
 #[derive(Debug, Clone, Copy)]
 pub enum BodyKind {
@@ -189,9 +199,16 @@ impl Body for MeteredBody {
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(bytes) => {
-                        let out = this.take_bytes(bytes);
+                        let mut out = this.take_bytes(bytes);
+                        // A body of known length may be dropped as soon as its last byte is
+                        // written, without one more poll: complete it with that byte.
+                        if this.inner.is_end_stream() {
+                            if let Some(rest) = this.complete() {
+                                out = [out, rest].concat().into();
+                            }
+                        }
                         // A partial SSE event is held back until complete; poll on for more.
-                        if out.is_empty() {
+                        if out.is_empty() && this.meter.is_some() {
                             continue;
                         }
                         return Poll::Ready(Some(Ok(Frame::data(out))));
