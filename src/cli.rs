@@ -29,6 +29,9 @@ enum Command {
         /// that file does not exist.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Listen on this address instead of the config's `server.listen` (port 0: any free port).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Validate a config file and print every problem with file, line and field.
     Check { path: PathBuf },
@@ -38,7 +41,7 @@ enum Command {
 
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Serve { config } => serve(config),
+        Command::Serve { config, listen } => serve(config, listen),
         Command::Check { path } => check(&path),
         Command::HashKey => hash_key(),
     }
@@ -93,15 +96,18 @@ fn load_for_serve(path: Option<PathBuf>) -> Result<Config, ConfigError> {
     }
 }
 
-fn serve(path: Option<PathBuf>) -> ExitCode {
+fn serve(path: Option<PathBuf>, listen: Option<std::net::SocketAddr>) -> ExitCode {
     init_tracing();
-    let config = match load_for_serve(path) {
+    let mut config = match load_for_serve(path) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::FAILURE;
         }
     };
+    if let Some(listen) = listen {
+        config.server.listen = listen;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -127,7 +133,8 @@ async fn serve_config(config: Config) -> Result<(), String> {
     let state = AppState::new(snapshot, metrics);
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    tracing::info!(%listen, "tollgate listening");
+    let bound = listener.local_addr().map_err(|e| format!("cannot read the bound address: {e}"))?;
+    tracing::info!(listen = %bound, "tollgate listening");
     crate::server::serve(listener, state, grace, crate::server::shutdown_signal())
         .await
         .map_err(|e| format!("server failed: {e}"))

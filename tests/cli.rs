@@ -143,3 +143,75 @@ fn hash_key_prints_the_lowercase_hex_sha256_of_stdin() {
         "8eae327d4f0ad3b2bfc5dd5cd7e0d38b56a58aace19807a59dd57bee89445cf8\n"
     );
 }
+
+/// The README's first command: `tollgate serve` with no config file falls back to the embedded
+/// defaults and answers a demo key within seconds.
+#[test]
+fn serve_without_a_config_file_answers_on_the_embedded_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut addr = None;
+    let mut log = Vec::new();
+    while addr.is_none() {
+        let line = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("tollgate did not start");
+        let plain: String = strip_ansi(&line);
+        addr = plain.split("listen=").nth(1).map(|a| a.split_whitespace().next().unwrap().to_owned());
+        log.push(plain);
+    }
+    assert!(log.iter().any(|l| l.contains("embedded demo defaults")), "{log:?}");
+    let addr = addr.unwrap();
+    let request = "{\"model\":\"auto\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}";
+    let response = http_post(&addr, "/v1/chat/completions", "tg-demo-cost-key", request);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("x-tollgate-backend: sim-cpu"), "{response}");
+    assert!(response.contains("Cheap answer"), "{response}");
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A minimal HTTP/1.1 POST over a plain socket (the test stays free of an async runtime).
+fn http_post(addr: &str, path: &str, key: &str, body: &str) -> String {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
