@@ -117,7 +117,7 @@ impl SseScanner {
         if payload.is_empty() {
             return Verdict::Keep;
         }
-        if !contains(payload, b"\"usage\"") {
+        if !carries_usage(payload) {
             self.content_events += 1;
             return Verdict::Keep;
         }
@@ -176,18 +176,11 @@ fn data_of(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
 
 /// Length up to and including the blank line that ends the first event.
 fn next_event_end(bytes: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\n' {
-            match bytes.get(i + 1..) {
-                Some([b'\n', ..]) => return Some(i + 2),
-                Some([b'\r', b'\n', ..]) => return Some(i + 3),
-                _ => {}
-            }
-        }
-        i += 1;
-    }
-    None
+    memchr::memchr_iter(b'\n', bytes).find_map(|i| match bytes.get(i + 1..) {
+        Some([b'\n', ..]) => Some(i + 2),
+        Some([b'\r', b'\n', ..]) => Some(i + 3),
+        _ => None,
+    })
 }
 
 /// Length up to and including the blank line that ends the last complete event.
@@ -201,8 +194,16 @@ fn last_event_end(bytes: &[u8]) -> Option<usize> {
     end
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+/// Whether a chunk has a non-null `usage` member. Backends asked for usage send
+/// `"usage":null` on every content chunk; only the real one is worth parsing.
+fn carries_usage(payload: &[u8]) -> bool {
+    static USAGE_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+    USAGE_KEY.find_iter(payload).any(|at| {
+        let rest = payload[at + 7..].trim_ascii_start();
+        let value = rest.strip_prefix(b":").map_or(rest, <[u8]>::trim_ascii_start);
+        !value.starts_with(b"null")
+    })
 }
 
 #[cfg(test)]
@@ -231,6 +232,13 @@ mod tests {
         assert_eq!(s.usage(), Some(Usage::new(9, 2)));
         assert_eq!(s.content_events(), 2);
         assert!(s.saw_done());
+    }
+
+    #[test]
+    fn only_a_non_null_usage_counts_as_usage() {
+        assert!(!carries_usage(br#"{"choices":[],"usage" : null}"#));
+        assert!(carries_usage(br#"{"usage":{"prompt_tokens":1}}"#));
+        assert!(!carries_usage(br#"{"choices":[{"delta":{"content":"no usage here"}}]}"#));
     }
 
     #[test]

@@ -1,0 +1,80 @@
+//! Time per operation of the per-request pure paths: request parsing, the routing decision and
+//! the SSE usage scanner over a realistic stream. `cargo bench --bench hot_paths`.
+//!
+//! A plain harness (no framework) to keep the dependency tree lean; each figure is the median
+//! of several timed batches, so a noisy neighbour on a shared machine moves it less.
+
+use std::hint::black_box;
+
+use bytes::Bytes;
+use tollgate::config::{Config, EMBEDDED_DEFAULT};
+use tollgate::policy::{decide, Estimate};
+use tollgate::request::{Endpoint, ProxyRequest};
+use tollgate::upstream::sse::SseScanner;
+
+const BATCHES: usize = 15;
+
+#[expect(clippy::disallowed_methods, reason = "a benchmark measures wall time on purpose")]
+fn measure(name: &str, iterations: u32, mut op: impl FnMut()) {
+    let mut per_op = Vec::with_capacity(BATCHES);
+    for _ in 0..BATCHES {
+        let start = std::time::Instant::now();
+        for _ in 0..iterations {
+            op();
+        }
+        per_op.push(start.elapsed().as_nanos() as f64 / f64::from(iterations));
+    }
+    per_op.sort_by(f64::total_cmp);
+    println!("{name:<40} {:>10.0} ns/op (median of {BATCHES} batches of {iterations})", per_op[BATCHES / 2]);
+}
+
+fn sse_stream(chunks: usize) -> Vec<Bytes> {
+    let mut events: Vec<Bytes> = (0..chunks)
+        .map(|i| {
+            Bytes::from(format!(
+                "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\
+                 \"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token{i} \"}},\"finish_reason\":null}}],\"usage\":null}}\n\n"
+            ))
+        })
+        .collect();
+    events.push(Bytes::from_static(
+        b"data: {\"id\":\"chatcmpl-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":20,\"completion_tokens\":32}}\n\n",
+    ));
+    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    events
+}
+
+fn main() {
+    let none = |_: &str| None;
+    let config = match Config::parse(EMBEDDED_DEFAULT, "embedded", &none) {
+        Ok(config) => config,
+        Err(e) => panic!("embedded config: {e}"),
+    };
+    let backends: Vec<_> = config.backends.iter().map(AsRef::as_ref).collect();
+    let user = &config.users[1];
+    let estimate = Estimate { prompt_tokens: 120, completion_tokens: 256 };
+    measure("policy::decide (2 candidates, cost-first)", 200_000, || {
+        black_box(decide(black_box(&backends), &[0, 1], false, user, estimate).ok());
+    });
+
+    let body = br#"{"model":"auto","messages":[{"role":"system","content":"You are terse."},
+        {"role":"user","content":"Summarise the plot of Hamlet in two sentences."}],"max_tokens":128,"temperature":0.2}"#;
+    measure("request::ProxyRequest::parse (chat)", 100_000, || {
+        black_box(ProxyRequest::parse(Endpoint::ChatCompletions, black_box(body)).ok());
+    });
+
+    let stream = sse_stream(32);
+    measure("sse::SseScanner, 32-chunk stream, usage hidden", 20_000, || {
+        let mut scanner = SseScanner::new(true);
+        for event in &stream {
+            black_box(scanner.feed(event.clone()));
+        }
+        black_box(scanner.usage());
+    });
+    let whole: Bytes = stream.concat().into();
+    measure("sse::SseScanner, same stream in one read", 20_000, || {
+        let mut scanner = SseScanner::new(false);
+        black_box(scanner.feed(whole.clone()));
+        black_box(scanner.usage());
+    });
+}
