@@ -8,7 +8,8 @@ use std::hint::black_box;
 
 use bytes::Bytes;
 use tollgate::config::{Config, EMBEDDED_DEFAULT};
-use tollgate::policy::{decide, Estimate};
+use tollgate::cost::Usd;
+use tollgate::policy::{decide, Candidate, Facts};
 use tollgate::request::{Endpoint, ProxyRequest};
 use tollgate::upstream::sse::SseScanner;
 
@@ -50,11 +51,31 @@ fn main() {
         Ok(config) => config,
         Err(e) => panic!("embedded config: {e}"),
     };
-    let backends: Vec<_> = config.backends.iter().map(AsRef::as_ref).collect();
     let user = &config.users[1];
-    let estimate = Estimate { prompt_tokens: 120, completion_tokens: 256 };
+    let candidates: Vec<Candidate<'_>> = config
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(index, b)| Candidate {
+            index,
+            name: &b.name,
+            quality: b.quality,
+            fits_context: true,
+            healthy: true,
+            has_capacity: true,
+            estimated_cost: b.pricing.estimate(120, 256, b.expected_tokens_per_s),
+        })
+        .collect();
+    let facts = Facts {
+        candidates,
+        pinned: false,
+        policy: user.policy,
+        min_quality: user.min_quality,
+        max_request: user.max_request_usd,
+        remaining: Some(Usd::from_pico(1_000_000_000)),
+    };
     measure("policy::decide (2 candidates, cost-first)", 200_000, || {
-        black_box(decide(black_box(&backends), &[0, 1], false, user, estimate).ok());
+        black_box(decide(black_box(&facts)).ok());
     });
 
     let body = br#"{"model":"auto","messages":[{"role":"system","content":"You are terse."},

@@ -1,4 +1,4 @@
-//! The application: shared state and the router with its layers.
+//! The application: shared state and the router.
 //!
 //! A request's way through, in order:
 //! 1. `http::proxy` loads **one** config [`Snapshot`] for the whole request, so a reload never
@@ -6,19 +6,25 @@
 //! 2. `auth` resolves the bearer key against that snapshot (401 otherwise), before the body is
 //!    read, so an unauthenticated client cannot make the gateway buffer anything.
 //! 3. The body is read up to `max_body_bytes` (413) and parsed into a `ProxyRequest` (400).
-//! 4. `dispatch` resolves the model (404), asks `policy::decide`, sends to the first candidate
-//!    and falls back on failures before the first byte; the answer's body is wrapped in a
-//!    `MeteredBody`, which records usage however the body ends.
-//! 5. Every error becomes an `ApiError`, answered in the OpenAI shape by its one
-//!    `IntoResponse`.
+//! 4. `dispatch` resolves the model (404), applies rate limits (429), asks `policy::decide`
+//!    with the backends' health, capacity and the user's budget, reserves the estimate in the
+//!    ledger (429 `budget_exceeded`), sends, and falls back on failures before the first byte.
+//! 5. A `metering::Meter` holds the request's slot, reservation and occupancy ticket, and
+//!    settles the actual cost when the answer ends, fails or is dropped by the client.
+//! 6. Every error becomes an `ApiError`, answered in the OpenAI shape by its one `IntoResponse`.
 
-use std::sync::atomic::AtomicBool;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use axum::Router;
+use tokio::sync::Notify;
 
+use crate::config::Config;
+use crate::ledger::{self, Ledger};
 use crate::metrics::Metrics;
+use crate::ratelimit::RateLimiter;
 use crate::snapshot::Snapshot;
 
 /// State shared by every request.
@@ -26,13 +32,48 @@ pub struct AppState {
     /// The current config snapshot; swapped whole on reload.
     pub snapshot: ArcSwap<Snapshot>,
     pub metrics: Arc<Metrics>,
+    pub ledger: Arc<dyn Ledger>,
+    pub limiter: RateLimiter,
+    /// Notified whenever a backend slot is freed: queued requests decide again.
+    pub freed: Arc<Notify>,
+    /// Requests waiting for a slot (bounded by `server.max_queue`).
+    pub queued: AtomicU32,
     /// Set on SIGTERM: `/readyz` turns 503 so load balancers drain this replica.
     pub draining: AtomicBool,
+    /// The file the config came from (`None`: the embedded defaults, which cannot be reloaded).
+    pub config_path: Option<PathBuf>,
+    /// One reload at a time.
+    pub reload_lock: tokio::sync::Mutex<()>,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 impl AppState {
-    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Self { snapshot: ArcSwap::from_pointee(snapshot), metrics, draining: AtomicBool::new(false) })
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Self>, StartError> {
+        let metrics = Arc::new(Metrics::new()?);
+        let ledger = ledger::open(&config.ledger)?;
+        let freed = Arc::new(Notify::new());
+        let snapshot = Snapshot::new(config, None, &freed)?;
+        Ok(Arc::new(Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics,
+            ledger,
+            limiter: RateLimiter::default(),
+            freed,
+            queued: AtomicU32::new(0),
+            draining: AtomicBool::new(false),
+            config_path,
+            reload_lock: tokio::sync::Mutex::new(()),
+        }))
     }
 }
 

@@ -3,14 +3,11 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
 use crate::app::AppState;
 use crate::config::{Config, ConfigError, ProcessEnv, EMBEDDED_DEFAULT};
-use crate::metrics::Metrics;
-use crate::snapshot::Snapshot;
 
 const DEFAULT_CONFIG: &str = "config/tollgate.toml";
 
@@ -85,21 +82,23 @@ fn hash_key() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn load_for_serve(path: Option<PathBuf>) -> Result<Config, ConfigError> {
+fn load_for_serve(path: Option<PathBuf>) -> Result<(Config, Option<PathBuf>), ConfigError> {
     match path {
-        Some(path) => Config::load(&path, &ProcessEnv),
-        None if std::path::Path::new(DEFAULT_CONFIG).exists() => Config::load(DEFAULT_CONFIG.as_ref(), &ProcessEnv),
+        Some(path) => Ok((Config::load(&path, &ProcessEnv)?, Some(path))),
+        None if std::path::Path::new(DEFAULT_CONFIG).exists() => {
+            Ok((Config::load(DEFAULT_CONFIG.as_ref(), &ProcessEnv)?, Some(PathBuf::from(DEFAULT_CONFIG))))
+        }
         None => {
             tracing::info!("{DEFAULT_CONFIG} not found: using the embedded demo defaults");
-            Config::parse(EMBEDDED_DEFAULT, "<embedded config/tollgate.toml>", &ProcessEnv)
+            Ok((Config::parse(EMBEDDED_DEFAULT, "<embedded config/tollgate.toml>", &ProcessEnv)?, None))
         }
     }
 }
 
 fn serve(path: Option<PathBuf>, listen: Option<std::net::SocketAddr>) -> ExitCode {
     init_tracing();
-    let mut config = match load_for_serve(path) {
-        Ok(config) => config,
+    let (mut config, path) = match load_for_serve(path) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::FAILURE;
@@ -115,7 +114,7 @@ fn serve(path: Option<PathBuf>, listen: Option<std::net::SocketAddr>) -> ExitCod
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve_config(config)) {
+    match runtime.block_on(serve_config(config, path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             tracing::error!("{message}");
@@ -125,15 +124,14 @@ fn serve(path: Option<PathBuf>, listen: Option<std::net::SocketAddr>) -> ExitCod
     }
 }
 
-async fn serve_config(config: Config) -> Result<(), String> {
+async fn serve_config(config: Config, path: Option<PathBuf>) -> Result<(), String> {
     let listen = config.server.listen;
     let grace = config.server.shutdown_grace;
-    let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
-    let snapshot = Snapshot::new(config).map_err(|e| e.to_string())?;
-    let state = AppState::new(snapshot, metrics);
+    let state = AppState::new(config, path).map_err(|e| e.to_string())?;
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| format!("cannot read the bound address: {e}"))?;
+    crate::reload::spawn_watchers(&state);
     tracing::info!(listen = %bound, "tollgate listening");
     crate::server::serve(listener, state, grace, crate::server::shutdown_signal())
         .await

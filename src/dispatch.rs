@@ -1,121 +1,407 @@
-//! One request's life after authentication and parsing: decide → send (falling back on
-//! failure before the first byte) → wrap the answer for metering → `x-tollgate-*` headers.
+//! One request's life after authentication and parsing: rate limits → decide → reserve →
+//! send (falling back on failures before the first byte) → meter → `x-tollgate-*` headers.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::response::Response;
-use http::{header, HeaderValue, StatusCode};
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use crate::config::User;
+use crate::app::AppState;
+use crate::config::{Policy, User};
+use crate::cost::Usd;
 use crate::error::ApiError;
-use crate::metering::{BodyKind, Meter, MeterStart, MeteredBody};
-use crate::metrics::Metrics;
-use crate::policy::{self, Estimate};
-use crate::request::ProxyRequest;
+use crate::ledger::{self, period};
+use crate::metering::{meter_json, Baseline, Ending, Meter, MeterStart, MeteredBody};
+use crate::policy::{self, Candidate, Decision, Facts, Reason, Refusal};
+use crate::request::{Endpoint, ProxyRequest};
 use crate::snapshot::{ModelTarget, Snapshot};
-use crate::upstream::UpstreamError;
+use crate::upstream::health::Admission;
+use crate::upstream::{BackendState, Upstream, UpstreamError};
 
 pub const HEADER_BACKEND: &str = "x-tollgate-backend";
 pub const HEADER_TIER: &str = "x-tollgate-tier";
 pub const HEADER_REASON: &str = "x-tollgate-reason";
+pub const HEADER_COST: &str = "x-tollgate-cost-usd";
+pub const HEADER_BUDGET_REMAINING: &str = "x-tollgate-budget-remaining-usd";
 
-/// The request's context as it goes through: who asks, for what, and where it went.
+/// Completion estimate for a pinned backend when the request sets no `max_tokens`.
+const PINNED_DEFAULT_MAX_TOKENS: u64 = 512;
+/// A whole non-streamed answer is read before it is forwarded (to meter it exactly and put
+/// its cost in a header); beyond this size it is refused as a broken backend answer.
+const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
+/// Decisions re-taken when concurrent requests spent the budget between decision and
+/// reservation: each round sees less budget, so this ends quickly.
+const MAX_DECISION_ROUNDS: usize = 8;
+
+/// Per-request routing hints from headers; they may raise quality, never lower it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Hints {
+    pub policy: Option<Policy>,
+    pub min_quality: Option<f64>,
+}
+
+/// The request's context as it goes through: who asks, for what.
 pub struct RequestContext {
     pub snapshot: Arc<Snapshot>,
     pub user: Arc<User>,
     pub request: ProxyRequest,
+    pub hints: Hints,
     /// When the gateway received the request (for durations and deadlines).
     pub started: Instant,
+    pub arrived_ms: i64,
 }
 
-pub async fn run(ctx: RequestContext, metrics: &Arc<Metrics>) -> Result<Response, ApiError> {
-    let snapshot = &ctx.snapshot;
-    let request = &ctx.request;
-    let (candidates, default_max_tokens, pinned) = match snapshot.resolve(&request.model) {
+/// What one route (or pinned backend) offers this request, computed once.
+struct Plan<'s> {
+    route: &'s str,
+    candidates: Vec<usize>,
+    pinned: bool,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    /// Estimated cost per candidate, in `candidates` order.
+    estimates: Vec<Usd>,
+    baseline: Option<Baseline>,
+}
+
+fn plan<'s>(snapshot: &'s Snapshot, request: &ProxyRequest) -> Result<Plan<'s>, ApiError> {
+    let (route, candidates, default_max, pinned) = match snapshot.resolve(&request.model) {
         Some(ModelTarget::Route(i)) => {
             let route = &snapshot.config.routes[i];
-            (route.backends.clone(), u64::from(route.default_max_tokens), false)
+            (route.model.as_str(), route.backends.clone(), u64::from(route.default_max_tokens), false)
         }
-        Some(ModelTarget::Backend(i)) => (vec![i], 0, true),
+        Some(ModelTarget::Backend(i)) => {
+            (snapshot.config.backends[i].name.as_str(), vec![i], PINNED_DEFAULT_MAX_TOKENS, true)
+        }
         None => return Err(ApiError::UnknownModel(request.model.clone())),
     };
-    let estimate = Estimate {
-        prompt_tokens: request.prompt_tokens_estimate,
-        completion_tokens: request.max_tokens.unwrap_or(default_max_tokens),
-    };
-    let decision = policy::decide(&snapshot.backends(), &candidates, pinned, &ctx.user, estimate)?;
+    let completion_tokens =
+        if request.endpoint == Endpoint::Embeddings { 0 } else { request.max_tokens.unwrap_or(default_max) };
+    let prompt_tokens = request.prompt_tokens_estimate;
+    let estimates: Vec<Usd> = candidates
+        .iter()
+        .map(|&i| {
+            let b = &snapshot.config.backends[i];
+            b.pricing.estimate(prompt_tokens, completion_tokens, b.expected_tokens_per_s)
+        })
+        .collect();
+    let baseline = candidates.iter().zip(&estimates).max_by_key(|(_, cost)| **cost).map(|(&i, _)| {
+        let b = &snapshot.config.backends[i];
+        Baseline { pricing: b.pricing, tokens_per_s: b.expected_tokens_per_s }
+    });
+    Ok(Plan { route, candidates, pinned, prompt_tokens, completion_tokens, estimates, baseline })
+}
 
-    let mut reason = decision.reason.as_str().to_owned();
+pub async fn run(state: &Arc<AppState>, ctx: RequestContext) -> Result<Response, ApiError> {
+    let snapshot = Arc::clone(&ctx.snapshot);
+    let plan = plan(&snapshot, &ctx.request)?;
+    let user = &ctx.user;
+    let tokens_estimate = plan.prompt_tokens + plan.completion_tokens;
+    state.limiter.admit(user, tokens_estimate, Instant::now())?;
+
+    let policy = ctx.hints.policy.unwrap_or(user.policy);
+    let min_quality = ctx.hints.min_quality.map_or(user.min_quality, |hint| hint.max(user.min_quality));
+    let queue_deadline = ctx.started + snapshot.config.server.queue_timeout;
+    let mut queue_place: Option<QueuePlace<'_>> = None;
+    let mut rounds = 0;
+    loop {
+        let unix = crate::clock::unix_now();
+        let account = state.ledger.usage(user, unix).await?;
+        let remaining = user.budget_usd.map(|b| account.remaining(b));
+        let now = Instant::now();
+        let facts = Facts {
+            candidates: candidates(&snapshot, &plan, now),
+            pinned: plan.pinned,
+            policy,
+            min_quality,
+            max_request: user.max_request_usd,
+            remaining,
+        };
+        let refusal = match policy::decide(&facts) {
+            Ok(decision) => match attempt(state, &ctx, &plan, decision, tokens_estimate).await? {
+                Some(response) => return Ok(response),
+                None if rounds < MAX_DECISION_ROUNDS => {
+                    rounds += 1;
+                    continue;
+                }
+                None => Refusal::AtCapacity,
+            },
+            Err(refusal) => refusal,
+        };
+        match refusal {
+            Refusal::AtCapacity => {
+                if queue_place.is_none() {
+                    queue_place = Some(QueuePlace::take(state, snapshot.config.server.max_queue)?);
+                }
+                let notified = state.freed.notified();
+                // The notification can race with the decision above; a short cap on the wait
+                // makes a missed wake-up cost milliseconds, not the whole queue timeout.
+                let wait_until = queue_deadline.min(Instant::now() + std::time::Duration::from_millis(50));
+                if Instant::now() >= queue_deadline {
+                    return Err(Refusal::AtCapacity.into());
+                }
+                let _ = tokio::time::timeout_at(wait_until, notified).await;
+            }
+            Refusal::BudgetExceeded { remaining, cheapest } => {
+                let retry_after =
+                    period::end(user.budget_period, unix).map(|end| u64::try_from(end - unix).unwrap_or(0));
+                let refusal = Refusal::BudgetExceeded { remaining, cheapest };
+                return Err(ApiError::Refused { refusal, retry_after, remaining: Some(remaining) });
+            }
+            Refusal::ContextTooLong { .. } => {
+                let largest = plan
+                    .candidates
+                    .iter()
+                    .map(|&i| u64::from(snapshot.config.backends[i].context_window))
+                    .max()
+                    .unwrap_or(0);
+                return Err(Refusal::ContextTooLong { needed: tokens_estimate, largest }.into());
+            }
+            other => return Err(other.into()),
+        }
+    }
+}
+
+fn candidates<'s>(snapshot: &'s Snapshot, plan: &Plan<'_>, now: Instant) -> Vec<Candidate<'s>> {
+    let needed = plan.prompt_tokens + plan.completion_tokens;
+    plan.candidates
+        .iter()
+        .zip(&plan.estimates)
+        .map(|(&index, &estimated_cost)| {
+            let upstream = &snapshot.upstreams[index];
+            let backend = &upstream.backend;
+            Candidate {
+                index,
+                name: &backend.name,
+                quality: backend.quality,
+                fits_context: u64::from(backend.context_window) >= needed,
+                healthy: upstream.state.is_available(now),
+                has_capacity: upstream.state.in_flight() < backend.max_concurrency,
+                estimated_cost,
+            }
+        })
+        .collect()
+}
+
+/// A place in the bounded wait queue, given back when dropped.
+struct QueuePlace<'a> {
+    state: &'a AppState,
+}
+
+impl<'a> QueuePlace<'a> {
+    fn take(state: &'a AppState, max_queue: u32) -> Result<Self, ApiError> {
+        state
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max_queue).then_some(n + 1))
+            .map_err(|_| ApiError::from(Refusal::AtCapacity))?;
+        state.metrics.queued.inc();
+        Ok(Self { state })
+    }
+}
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.state.queued.fetch_sub(1, Ordering::AcqRel);
+        self.state.metrics.queued.dec();
+    }
+}
+
+/// A half-open circuit's probe: if the request is dropped before a verdict, the next request
+/// may probe instead.
+struct ProbeGuard<'a> {
+    state: &'a BackendState,
+    armed: bool,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.state.probe_abandoned();
+        }
+    }
+}
+
+/// Tries the decided backends in order. `Ok(None)`: none could be started (slots or budget
+/// taken by concurrent requests since the decision): decide again.
+async fn attempt(
+    state: &Arc<AppState>,
+    ctx: &RequestContext,
+    plan: &Plan<'_>,
+    decision: Decision,
+    tokens_estimate: u64,
+) -> Result<Option<Response>, ApiError> {
+    let snapshot = &ctx.snapshot;
+    let mut reason = decision.reason;
     let mut last_error = None;
-    for (attempt, &index) in decision.order.iter().enumerate() {
+    for (position, &index) in decision.order.iter().enumerate() {
         let upstream = &snapshot.upstreams[index];
         let backend = &upstream.backend;
-        let is_last = attempt + 1 == decision.order.len();
-        let failure = match upstream.send(request).await {
-            Ok(answer) if retryable(answer.status()) && !is_last => {
-                UpstreamError::Status { backend: backend.name.clone(), status: answer.status().as_u16() }
+        let Some(slot) = upstream.state.try_slot(backend.max_concurrency) else { continue };
+        let admission = upstream.state.admit(Instant::now());
+        if admission == Admission::Refused {
+            continue;
+        }
+        let mut probe = ProbeGuard { state: &upstream.state, armed: admission == Admission::Probe };
+        let estimate = plan.candidates.iter().position(|&c| c == index).map_or(Usd::ZERO, |i| plan.estimates[i]);
+        let unix = crate::clock::unix_now();
+        let Ok((reservation, remaining)) = ledger::reserve(&state.ledger, &ctx.user, estimate, unix).await? else {
+            continue;
+        };
+        let ticket = upstream.state.occupancy.enter(Instant::now());
+        if position == 0 {
+            let overhead = ctx.started.elapsed().as_secs_f64();
+            state.metrics.overhead.with_label_values(&[endpoint_label(ctx.request.endpoint)]).observe(overhead);
+        }
+        let is_last = position + 1 == decision.order.len();
+        let failure = match upstream.send(&ctx.request).await {
+            Ok(answer) if answer.status() == StatusCode::TOO_MANY_REQUESTS && !is_last => {
+                // Overloaded, not broken: try elsewhere without counting against its health.
+                UpstreamError::Status { backend: backend.name.clone(), status: 429 }
             }
             Ok(answer) if answer.status().is_server_error() => {
+                upstream.state.failed(Instant::now());
                 UpstreamError::Status { backend: backend.name.clone(), status: answer.status().as_u16() }
             }
             Ok(answer) => {
-                let (head, body) = answer.into_parts();
-                let meter = Meter::new(MeterStart {
-                    metrics: Arc::clone(metrics),
-                    user: Arc::clone(&ctx.user),
-                    backend: Arc::clone(backend),
-                    reason: reason.clone(),
-                    started: ctx.started,
-                    prompt_estimate: request.prompt_tokens_estimate,
-                    status: head.status.as_u16(),
-                });
-                let kind = body_kind(head.status, &head.headers, request);
-                let body = MeteredBody::new(body, meter, kind, ctx.started + backend.timeout);
-                let mut response = Response::new(Body::new(body));
-                *response.status_mut() = head.status;
-                let headers = response.headers_mut();
-                for name in [header::CONTENT_TYPE, header::CACHE_CONTROL] {
-                    if let Some(value) = head.headers.get(&name) {
-                        headers.insert(name, value.clone());
-                    }
-                }
-                for (name, value) in
-                    [(HEADER_BACKEND, &backend.name), (HEADER_TIER, &backend.tier), (HEADER_REASON, &reason)]
-                {
-                    if let Ok(value) = HeaderValue::from_str(value) {
-                        headers.insert(name, value);
-                    }
-                }
-                return Ok(response);
+                upstream.state.succeeded();
+                probe.armed = false;
+                let meter = Meter::new(
+                    MeterStart {
+                        state: Arc::clone(state),
+                        user: Arc::clone(&ctx.user),
+                        backend: Arc::clone(backend),
+                        backend_state: Arc::clone(&upstream.state),
+                        route: plan.route.to_owned(),
+                        reason: reason.label().into_owned(),
+                        started: ctx.started,
+                        arrived_ms: ctx.arrived_ms,
+                        prompt_estimate: plan.prompt_tokens,
+                        tokens_estimate,
+                        baseline: if plan.pinned { None } else { plan.baseline },
+                        slot,
+                        reservation,
+                        ticket,
+                    },
+                    answer.status().as_u16(),
+                );
+                return respond(state, ctx, upstream, &reason, answer, meter, estimate, remaining).await.map(Some);
             }
-            Err(e) => e,
+            Err(e) => {
+                upstream.state.failed(Instant::now());
+                e
+            }
         };
-        metrics.upstream_failures.with_label_values(&[&backend.name, failure.kind()]).inc();
+        probe.armed = false;
+        // Nothing reached the client: free everything and charge nothing for this attempt.
+        upstream.state.occupancy.leave(ticket, Instant::now());
+        drop((reservation, slot));
+        state.metrics.upstream_failures.with_label_values(&[&backend.name, failure.kind()]).inc();
         tracing::warn!(backend = %backend.name, error = %failure, "backend attempt failed");
-        reason = format!("fallback:{}", backend.name);
+        reason = Reason::Fallback(backend.name.clone());
         last_error = Some(failure);
     }
-    Err(last_error.map_or(ApiError::Internal, ApiError::Upstream))
-}
-
-/// Statuses another backend may well answer better: overload and server faults.
-fn retryable(status: StatusCode) -> bool {
-    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
-}
-
-fn body_kind(status: StatusCode, headers: &http::HeaderMap, request: &ProxyRequest) -> BodyKind {
-    if !status.is_success() {
-        return BodyKind::Opaque;
+    match last_error {
+        Some(e) => Err(e.into()),
+        None => Ok(None),
     }
-    let is_sse = headers
+}
+
+fn endpoint_label(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::ChatCompletions => "chat_completions",
+        Endpoint::Completions => "completions",
+        Endpoint::Embeddings => "embeddings",
+    }
+}
+
+#[expect(clippy::too_many_arguments, reason = "the one place all of a response's parts meet")]
+async fn respond(
+    state: &Arc<AppState>,
+    ctx: &RequestContext,
+    upstream: &Upstream,
+    reason: &Reason,
+    answer: http::Response<crate::upstream::UpstreamBody>,
+    mut meter: Meter,
+    estimate: Usd,
+    remaining_after_reserve: Option<Usd>,
+) -> Result<Response, ApiError> {
+    let backend = &upstream.backend;
+    let (head, body) = answer.into_parts();
+    let deadline = ctx.started + backend.timeout;
+    let mut headers = HeaderMap::new();
+    for name in [header::CONTENT_TYPE, header::CACHE_CONTROL] {
+        if let Some(value) = head.headers.get(&name) {
+            headers.insert(name, value.clone());
+        }
+    }
+    put(&mut headers, HEADER_BACKEND, &backend.name);
+    put(&mut headers, HEADER_TIER, &backend.tier);
+    put(&mut headers, HEADER_REASON, &reason.label());
+
+    let is_sse = head
+        .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
-    if request.stream && is_sse {
-        BodyKind::Sse { hide_usage: !request.client_wants_usage }
+    let body = if ctx.request.stream && head.status.is_success() && is_sse {
+        // Streamed: the cost is known only at the end; the headers carry the estimate.
+        put(&mut headers, HEADER_COST, &estimate.to_string());
+        if let Some(remaining) = remaining_after_reserve {
+            put(&mut headers, HEADER_BUDGET_REMAINING, &remaining.to_string());
+        }
+        Body::new(MeteredBody::new(body, meter, !ctx.request.client_wants_usage, deadline))
     } else {
-        BodyKind::Json
+        let bytes = read_whole(body, deadline, backend.name.as_str()).await;
+        let bytes = match bytes {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                meter.end(if e.is_timeout() { Ending::Deadline } else { Ending::BackendBroke });
+                meter.settle();
+                return Err(e.into());
+            }
+        };
+        if head.status.is_success() && !meter_json(&bytes, &mut meter) {
+            meter.end(Ending::BackendBroke);
+            meter.settle();
+            return Err(ApiError::UpstreamGarbage);
+        }
+        meter.end(Ending::Complete);
+        let cost = meter.settle();
+        put(&mut headers, HEADER_COST, &cost.to_string());
+        if let Some(budget) = ctx.user.budget_usd {
+            let account = state.ledger.usage(&ctx.user, crate::clock::unix_now()).await?;
+            put(&mut headers, HEADER_BUDGET_REMAINING, &account.remaining(budget).to_string());
+        }
+        Body::from(bytes)
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = head.status;
+    *response.headers_mut() = headers;
+    Ok(response)
+}
+
+async fn read_whole(
+    body: crate::upstream::UpstreamBody,
+    deadline: Instant,
+    backend: &str,
+) -> Result<Bytes, UpstreamError> {
+    let limited = http_body_util::Limited::new(body, MAX_ANSWER_BYTES);
+    match tokio::time::timeout_at(deadline, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(_)) => Err(UpstreamError::Connect { backend: backend.to_owned() }),
+        Err(_) => Err(UpstreamError::Timeout {
+            backend: backend.to_owned(),
+            after: deadline.saturating_duration_since(Instant::now()),
+        }),
+    }
+}
+
+fn put(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name, value);
     }
 }

@@ -4,8 +4,12 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::auth::AuthError;
+use crate::cost::Usd;
+use crate::dispatch::HEADER_BUDGET_REMAINING;
+use crate::ledger::LedgerError;
 use crate::openai::{ErrorBody, ErrorDetail};
 use crate::policy::Refusal;
+use crate::ratelimit::RateLimited;
 use crate::upstream::UpstreamError;
 
 /// A failed request, as the client will see it (OpenAI error shape).
@@ -23,14 +27,31 @@ pub enum ApiError {
     BodyTooLarge { limit: usize },
     #[error("request body could not be read")]
     BodyUnreadable,
+    /// The policy said no. `retry_after`: seconds until the budget period resets.
+    #[error("{refusal}")]
+    Refused { refusal: Refusal, retry_after: Option<u64>, remaining: Option<Usd> },
     #[error(transparent)]
-    Refused(#[from] Refusal),
+    RateLimited(#[from] RateLimited),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error("the backend answered 200 with a body that is not valid JSON")]
+    UpstreamGarbage,
+    #[error("the budget ledger is unavailable; no request is served unmetered")]
+    Ledger(#[from] LedgerError),
     #[error("the admin API is disabled: set server.admin_key_env")]
     AdminDisabled,
+    #[error("no user is named `{0}`")]
+    UnknownUser(String),
+    #[error("the config was not reloaded:\n{0}")]
+    ReloadRefused(String),
     #[error("internal error")]
     Internal,
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        Self::Refused { refusal, retry_after: None, remaining: None }
+    }
 }
 
 impl ApiError {
@@ -40,12 +61,21 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadRequest { .. } | Self::BodyUnreadable | Self::Refused(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest { .. } | Self::BodyUnreadable | Self::ReloadRefused(_) => StatusCode::BAD_REQUEST,
             Self::Auth(_) => StatusCode::UNAUTHORIZED,
-            Self::UnknownModel(_) | Self::NoSuchEndpoint(_) => StatusCode::NOT_FOUND,
+            Self::UnknownModel(_) | Self::NoSuchEndpoint(_) | Self::UnknownUser(_) => StatusCode::NOT_FOUND,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Refused { refusal, .. } => match refusal {
+                Refusal::ContextTooLong { .. }
+                | Refusal::QualityUnavailable { .. }
+                | Refusal::OverRequestCap { .. } => StatusCode::BAD_REQUEST,
+                Refusal::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+                Refusal::Unavailable | Refusal::AtCapacity => StatusCode::SERVICE_UNAVAILABLE,
+            },
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Upstream(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
-            Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::Upstream(_) | Self::UpstreamGarbage => StatusCode::BAD_GATEWAY,
+            Self::Ledger(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::AdminDisabled => StatusCode::FORBIDDEN,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -57,27 +87,34 @@ impl ApiError {
             Self::BadRequest { .. } | Self::BodyUnreadable => "invalid_request",
             Self::Auth(_) => "invalid_api_key",
             Self::UnknownModel(_) => "model_not_found",
-            Self::NoSuchEndpoint(_) => "not_found",
+            Self::NoSuchEndpoint(_) | Self::UnknownUser(_) => "not_found",
             Self::BodyTooLarge { .. } => "request_too_large",
-            Self::Refused(Refusal::ContextTooLong { .. }) => "context_length_exceeded",
+            Self::Refused { refusal, .. } => match refusal {
+                Refusal::ContextTooLong { .. } => "context_length_exceeded",
+                Refusal::QualityUnavailable { .. } => "quality_unavailable",
+                Refusal::OverRequestCap { .. } => "max_request_cost_exceeded",
+                Refusal::BudgetExceeded { .. } => "budget_exceeded",
+                Refusal::Unavailable => "backend_unavailable",
+                Refusal::AtCapacity => "capacity_exceeded",
+            },
+            Self::RateLimited(_) => "rate_limit_exceeded",
             Self::Upstream(e) if e.is_timeout() => "upstream_timeout",
-            Self::Upstream(_) => "upstream_error",
+            Self::Upstream(_) | Self::UpstreamGarbage => "upstream_error",
+            Self::Ledger(_) => "ledger_unavailable",
             Self::AdminDisabled => "admin_disabled",
+            Self::ReloadRefused(_) => "config_invalid",
             Self::Internal => "internal_error",
         }
     }
 
     fn kind(&self) -> &'static str {
-        match self {
-            Self::BadRequest { .. }
-            | Self::BodyUnreadable
-            | Self::UnknownModel(_)
-            | Self::NoSuchEndpoint(_)
-            | Self::BodyTooLarge { .. }
-            | Self::Refused(_) => "invalid_request_error",
-            Self::Auth(_) => "authentication_error",
-            Self::AdminDisabled => "permission_error",
-            Self::Upstream(_) | Self::Internal => "api_error",
+        match self.status() {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            StatusCode::TOO_MANY_REQUESTS if matches!(self, Self::Refused { .. }) => "insufficient_quota",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            s if s.is_client_error() => "invalid_request_error",
+            _ => "api_error",
         }
     }
 
@@ -85,7 +122,19 @@ impl ApiError {
         match self {
             Self::BadRequest { param, .. } => *param,
             Self::UnknownModel(_) => Some("model"),
-            Self::Refused(Refusal::ContextTooLong { .. }) => Some("messages"),
+            Self::Refused { refusal: Refusal::ContextTooLong { .. } | Refusal::OverRequestCap { .. }, .. } => {
+                Some("max_tokens")
+            }
+            _ => None,
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Refused { retry_after, refusal, .. } => {
+                retry_after.or_else(|| matches!(refusal, Refusal::AtCapacity | Refusal::Unavailable).then_some(1))
+            }
+            Self::RateLimited(limited) => Some(limited.retry_after.as_secs().saturating_add(1)),
             _ => None,
         }
     }
@@ -99,9 +148,18 @@ impl IntoResponse for ApiError {
         };
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         let mut response = (self.status(), bytes).into_response();
-        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if matches!(self, Self::Auth(_)) {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(seconds) = self.retry_after() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Self::Refused { remaining: Some(remaining), .. } = &self {
+            if let Ok(value) = HeaderValue::from_str(&remaining.to_string()) {
+                headers.insert(HEADER_BUDGET_REMAINING, value);
+            }
         }
         response
     }

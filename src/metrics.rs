@@ -1,10 +1,16 @@
 //! Every metric family, declared once on a private registry with the `tollgate_` prefix.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 
 /// Buckets for whole LLM requests: from a cached embedding (ms) to a long generation (minutes).
 const REQUEST_BUCKETS: &[f64] =
     &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+/// Buckets for the gateway's own added latency: tens of microseconds to a few milliseconds.
+const OVERHEAD_BUCKETS: &[f64] =
+    &[0.000_025, 0.000_05, 0.0001, 0.000_25, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1];
 /// Buckets for the time to first token: what a streaming user waits before text appears.
 const TTFT_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
@@ -24,8 +30,26 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     /// `tollgate_time_to_first_token_seconds{backend}`: first body byte from the backend.
     pub time_to_first_token: HistogramVec,
-    /// `tollgate_backend_in_flight{backend}`
+    /// `tollgate_backend_in_flight{backend}`: set from the backends' state at each scrape.
     pub in_flight: IntGaugeVec,
+    /// `tollgate_backend_up{backend}`: 0 while its circuit is open.
+    pub backend_up: IntGaugeVec,
+    /// `tollgate_cost_usd_total{user,backend}`: marginal cost charged.
+    pub cost: CounterVec,
+    /// `tollgate_savings_usd_total{user}`: the route's most expensive candidate's price for the
+    /// same usage, minus what was charged.
+    pub savings: CounterVec,
+    /// `tollgate_idle_cost_usd_total{backend}`: hourly backends' cost with nothing in flight.
+    pub idle_cost: CounterVec,
+    /// `tollgate_budget_remaining_usd{user}`: set at each scrape for users with a budget.
+    pub budget_remaining: GaugeVec,
+    /// `tollgate_overhead_seconds`: gateway time before the backend is called (auth, parsing,
+    /// decision, reservation).
+    pub overhead: HistogramVec,
+    /// `tollgate_config_reloads_total{result}`: `success` or `failure`.
+    pub config_reloads: IntCounterVec,
+    /// `tollgate_queued_requests`: requests waiting for a free backend slot.
+    pub queued: IntGauge,
     /// `tollgate_upstream_failures_total{backend,kind}`: connect, timeout, status.
     pub upstream_failures: IntCounterVec,
 }
@@ -75,9 +99,44 @@ impl Metrics {
             "Time from request arrival to the backend's first body byte.",
             TTFT_BUCKETS,
         )?;
-        let in_flight =
-            IntGaugeVec::new(Opts::new("backend_in_flight", "Requests in flight per backend."), &["backend"])?;
-        registry.register(Box::new(in_flight.clone()))?;
+        let overhead = HistogramVec::new(
+            HistogramOpts::new("overhead_seconds", "Gateway time before the backend is called.")
+                .buckets(OVERHEAD_BUCKETS.to_vec()),
+            &["endpoint"],
+        )?;
+        registry.register(Box::new(overhead.clone()))?;
+        let int_gauge = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let in_flight = int_gauge("backend_in_flight", "Requests in flight per backend.", &["backend"])?;
+        let backend_up =
+            int_gauge("backend_up", "1 when the backend's circuit is closed, 0 while open.", &["backend"])?;
+        let usd_counter = |name: &str, help: &str, labels: &[&str]| -> Result<CounterVec, prometheus::Error> {
+            let c = CounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let cost = usd_counter("cost_usd_total", "Marginal cost charged, per user and backend.", &["user", "backend"])?;
+        let savings = usd_counter(
+            "savings_usd_total",
+            "What the same requests would have cost on the route's most expensive backend, minus what they cost.",
+            &["user"],
+        )?;
+        let idle_cost = usd_counter(
+            "idle_cost_usd_total",
+            "Hourly backends' cost while nothing was in flight: never charged to a user.",
+            &["backend"],
+        )?;
+        let budget_remaining = GaugeVec::new(
+            Opts::new("budget_remaining_usd", "Budget left in the current period (budget - spent - reserved)."),
+            &["user"],
+        )?;
+        registry.register(Box::new(budget_remaining.clone()))?;
+        let config_reloads = counter("config_reloads_total", "Config reloads by result.", &["result"])?;
+        let queued = IntGauge::new("queued_requests", "Requests waiting for a free backend slot.")?;
+        registry.register(Box::new(queued.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -88,6 +147,14 @@ impl Metrics {
             time_to_first_token,
             in_flight,
             upstream_failures,
+            backend_up,
+            cost,
+            savings,
+            idle_cost,
+            budget_remaining,
+            overhead,
+            config_reloads,
+            queued,
         })
     }
 

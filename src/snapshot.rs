@@ -4,9 +4,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use tokio::sync::Notify;
+
 use crate::auth::KeyTable;
-use crate::config::{Backend, Config};
-use crate::upstream::{Upstream, UpstreamError};
+use crate::config::{Config, User};
+use crate::upstream::{BackendState, Upstream, UpstreamError};
 
 /// What a requested `model` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,8 +31,20 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn new(config: Config) -> Result<Self, UpstreamError> {
-        let upstreams = config.backends.iter().map(|b| Upstream::new(Arc::clone(b))).collect::<Result<_, _>>()?;
+    /// Builds the runtime for `config`. Backends that `previous` already had keep their state
+    /// (in-flight count, health, occupancy clock) under the same name, at the new price.
+    pub fn new(config: Config, previous: Option<&Snapshot>, freed: &Arc<Notify>) -> Result<Self, UpstreamError> {
+        let mut upstreams = Vec::with_capacity(config.backends.len());
+        for backend in &config.backends {
+            let state = match previous.and_then(|p| p.upstreams.iter().find(|u| u.backend.name == backend.name)) {
+                Some(old) => {
+                    old.state.reprice(&backend.pricing);
+                    Arc::clone(&old.state)
+                }
+                None => BackendState::new(&backend.pricing, Arc::clone(freed)),
+            };
+            upstreams.push(Upstream::new(Arc::clone(backend), state)?);
+        }
         // Precedence when names collide: route alias, then backend name, then upstream model
         // (the first backend serving it). Config validation forbids route/backend name clashes.
         let mut models = HashMap::new();
@@ -54,7 +68,7 @@ impl Snapshot {
         self.models.get(model).copied()
     }
 
-    pub fn backends(&self) -> Vec<&Backend> {
-        self.config.backends.iter().map(AsRef::as_ref).collect()
+    pub fn user(&self, name: &str) -> Option<&Arc<User>> {
+        self.config.users.iter().find(|u| u.name == name)
     }
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 pub use document::Problem;
 pub use read::hex;
 
+pub use crate::cost::{Pricing, Usd};
 use crate::secret::Secret;
 
 /// The defaults the binary carries, so `tollgate serve` runs anywhere.
@@ -39,6 +40,10 @@ pub struct Server {
     pub admin_key: Option<Secret>,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// How long a request may wait for a free slot when every candidate is at capacity.
+    pub queue_timeout: Duration,
+    /// How many requests may wait at once; beyond, 503 at once.
+    pub max_queue: u32,
 }
 
 /// `[ledger]`: where spend and reservations live.
@@ -46,6 +51,8 @@ pub struct Server {
 pub struct Ledger {
     pub store: LedgerStore,
     pub on_ledger_error: OnLedgerError,
+    /// How long per-request records are kept.
+    pub retention: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +89,8 @@ pub struct Backend {
     /// Deadline for the upstream's response headers.
     pub first_byte_timeout: Duration,
     pub pricing: Pricing,
+    /// Generation speed assumed when estimating an hourly-priced request's occupied time.
+    pub expected_tokens_per_s: u32,
 }
 
 /// Where a backend's answers come from.
@@ -105,13 +114,6 @@ pub struct Simulate {
     pub quality_text: String,
 }
 
-/// The marginal-cost model of a backend (USD amounts as written in the file).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Pricing {
-    PerToken { input_per_mtok: f64, output_per_mtok: f64, cached_input_per_mtok: Option<f64> },
-    PerHour { hourly_usd: f64 },
-}
-
 /// A model alias that clients ask for, with its candidate backends.
 #[derive(Debug)]
 pub struct Route {
@@ -129,9 +131,9 @@ pub struct User {
     pub key_sha256: [u8; 32],
     pub policy: Policy,
     /// `None`: no budget.
-    pub budget_usd: Option<f64>,
+    pub budget_usd: Option<Usd>,
     pub budget_period: BudgetPeriod,
-    pub max_request_usd: Option<f64>,
+    pub max_request_usd: Option<Usd>,
     pub min_quality: f64,
     pub rpm: Option<u32>,
     pub tpm: Option<u64>,

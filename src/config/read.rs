@@ -11,7 +11,7 @@ use toml_edit::Table;
 use super::document::{Fields, Problems};
 use super::{
     Backend, BudgetPeriod, Config, Env, Ledger, LedgerStore, OnLedgerError, Policy, Pricing, Route, Server, Simulate,
-    Target, User,
+    Target, Usd, User,
 };
 use crate::secret::Secret;
 
@@ -21,16 +21,17 @@ const DEFAULT_SHUTDOWN_GRACE_S: u64 = 30;
 const DEFAULT_TIMEOUT_S: u64 = 120;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 const DEFAULT_MAX_TOKENS: u32 = 512;
+const DEFAULT_QUEUE_TIMEOUT_MS: u64 = 5_000;
+const DEFAULT_MAX_QUEUE: u32 = 256;
+const DEFAULT_RETENTION_DAYS: u64 = 30;
+/// A small model on a CPU core: what hourly estimates assume unless told otherwise.
+const DEFAULT_EXPECTED_TOKENS_PER_S: u32 = 20;
 const DEFAULT_SIMULATED_TEXT: &str = "This answer comes from a simulated Tollgate backend.";
 
 pub(super) fn config(root: &Table, p: &mut Problems<'_>, env: &dyn Env) -> Config {
     let mut top = Fields::new("", root, 1);
     let server = top.table(p, "server").map_or_else(default_server, |mut f| server(&mut f, p, env));
-    let ledger = top
-        .table(p, "ledger")
-        .map_or(Ledger { store: LedgerStore::Memory, on_ledger_error: OnLedgerError::FailClosed }, |mut f| {
-            ledger(&mut f, p)
-        });
+    let ledger = top.table(p, "ledger").map_or_else(default_ledger, |mut f| ledger(&mut f, p));
     let mut backend_fields = top.array_of_tables(p, "backends");
     let backends: Vec<Arc<Backend>> = backend_fields.iter_mut().map(|f| Arc::new(backend(f, p, env))).collect();
     let mut route_fields = top.array_of_tables(p, "routes");
@@ -60,12 +61,22 @@ pub(super) fn config(root: &Table, p: &mut Problems<'_>, env: &dyn Env) -> Confi
     Config { server, ledger, backends, routes, users }
 }
 
+fn default_ledger() -> Ledger {
+    Ledger {
+        store: LedgerStore::Memory,
+        on_ledger_error: OnLedgerError::FailClosed,
+        retention: Duration::from_secs(DEFAULT_RETENTION_DAYS * 86_400),
+    }
+}
+
 fn default_server() -> Server {
     Server {
         listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
         max_body_bytes: DEFAULT_MAX_BODY_BYTES as usize,
         admin_key: None,
         shutdown_grace: Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_S),
+        queue_timeout: Duration::from_millis(DEFAULT_QUEUE_TIMEOUT_MS),
+        max_queue: DEFAULT_MAX_QUEUE,
     }
 }
 
@@ -79,12 +90,16 @@ fn server(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> Server {
     let max_body_bytes = positive(f, p, "max_body_bytes").unwrap_or(DEFAULT_MAX_BODY_BYTES);
     let admin_key = secret(f, p, env, "admin_key_env");
     let grace = f.optional::<u64>(p, "shutdown_grace_s").unwrap_or(DEFAULT_SHUTDOWN_GRACE_S);
+    let queue_timeout_ms = f.optional::<u64>(p, "queue_timeout_ms").unwrap_or(DEFAULT_QUEUE_TIMEOUT_MS);
+    let max_queue = f.optional::<u32>(p, "max_queue").unwrap_or(DEFAULT_MAX_QUEUE);
     f.finish(p);
     Server {
         listen,
         max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
         admin_key,
         shutdown_grace: Duration::from_secs(grace),
+        queue_timeout: Duration::from_millis(queue_timeout_ms),
+        max_queue,
     }
 }
 
@@ -117,8 +132,9 @@ fn ledger(f: &mut Fields<'_>, p: &mut Problems<'_>) -> Ledger {
             OnLedgerError::FailClosed
         }
     };
+    let retention_days = positive(f, p, "retention_days").unwrap_or(DEFAULT_RETENTION_DAYS);
     f.finish(p);
-    Ledger { store, on_ledger_error }
+    Ledger { store, on_ledger_error, retention: Duration::from_secs(retention_days.saturating_mul(86_400)) }
 }
 
 fn backend(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> Backend {
@@ -138,6 +154,19 @@ fn backend(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> Backend {
     let first_byte_s = positive(f, p, "first_byte_timeout_s").unwrap_or(timeout_s);
     let target = target(f, p, env);
     let pricing = pricing(f, p);
+    let expected_tokens_per_s = positive(f, p, "expected_tokens_per_s").map_or_else(
+        || match &target {
+            // A simulated backend's speed is known exactly.
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "speed rounded to whole tokens"
+            )]
+            Target::Simulated(sim) => (sim.tokens_per_s.round() as u32).max(1),
+            Target::Http { .. } => DEFAULT_EXPECTED_TOKENS_PER_S,
+        },
+        |v| u32::try_from(v).unwrap_or(u32::MAX),
+    );
     Backend {
         name,
         tier,
@@ -150,6 +179,7 @@ fn backend(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> Backend {
         connect_timeout: Duration::from_millis(connect_ms),
         first_byte_timeout: Duration::from_secs(first_byte_s.min(timeout_s)),
         pricing,
+        expected_tokens_per_s,
     }
 }
 
@@ -198,15 +228,15 @@ fn target(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> Target {
 }
 
 fn pricing(f: &mut Fields<'_>, p: &mut Problems<'_>) -> Pricing {
-    let free = Pricing::PerToken { input_per_mtok: 0.0, output_per_mtok: 0.0, cached_input_per_mtok: None };
+    let free = Pricing::PerToken { input_per_mtok: Usd::ZERO, output_per_mtok: Usd::ZERO, cached_input_per_mtok: None };
     let Some(mut t) = f.table(p, "pricing") else {
         p.at_line(f.line(), &f.path_of("pricing"), "missing required field `pricing` (per token or per hour)");
         return free;
     };
-    let input = non_negative(&mut t, p, "input_per_mtok");
-    let output = non_negative(&mut t, p, "output_per_mtok");
-    let cached = non_negative(&mut t, p, "cached_input_per_mtok");
-    let hourly = non_negative(&mut t, p, "hourly_usd");
+    let input = amount(&mut t, p, "input_per_mtok");
+    let output = amount(&mut t, p, "output_per_mtok");
+    let cached = amount(&mut t, p, "cached_input_per_mtok");
+    let hourly = amount(&mut t, p, "hourly_usd");
     let per_token = input.is_some() || output.is_some() || cached.is_some();
     let pricing = match (per_token, hourly) {
         (true, None) => {
@@ -218,8 +248,8 @@ fn pricing(f: &mut Fields<'_>, p: &mut Problems<'_>) -> Pricing {
                 );
             }
             Pricing::PerToken {
-                input_per_mtok: input.unwrap_or(0.0),
-                output_per_mtok: output.unwrap_or(0.0),
+                input_per_mtok: input.unwrap_or(Usd::ZERO),
+                output_per_mtok: output.unwrap_or(Usd::ZERO),
                 cached_input_per_mtok: cached,
             }
         }
@@ -284,7 +314,7 @@ fn user(f: &mut Fields<'_>, p: &mut Problems<'_>) -> User {
             Policy::QualityFirst
         }
     };
-    let budget_usd = non_negative(f, p, "budget_usd");
+    let budget_usd = amount(f, p, "budget_usd");
     let budget_period = match f.optional::<String>(p, "budget_period").as_deref() {
         None | Some("month") => BudgetPeriod::Month,
         Some("day") => BudgetPeriod::Day,
@@ -295,7 +325,7 @@ fn user(f: &mut Fields<'_>, p: &mut Problems<'_>) -> User {
             BudgetPeriod::Month
         }
     };
-    let max_request_usd = non_negative(f, p, "max_request_usd");
+    let max_request_usd = amount(f, p, "max_request_usd");
     let min_quality = f.optional::<f64>(p, "min_quality").unwrap_or(0.0);
     if !(0.0..=1.0).contains(&min_quality) {
         let message = format!("must be between 0 and 1, got {min_quality}");
@@ -329,12 +359,17 @@ fn positive(f: &mut Fields<'_>, p: &mut Problems<'_>, key: &'static str) -> Opti
     Some(value)
 }
 
-fn non_negative(f: &mut Fields<'_>, p: &mut Problems<'_>, key: &'static str) -> Option<f64> {
+/// A USD amount: non-negative, at most [`Usd::CONFIG_MAX`], exact to the pico-dollar.
+fn amount(f: &mut Fields<'_>, p: &mut Problems<'_>, key: &'static str) -> Option<Usd> {
     let value = f.optional::<f64>(p, key)?;
     if value < 0.0 {
         p.at_line(f.line_of(p, key), &f.path_of(key), format!("cannot be negative, got {value}"));
+        return Some(Usd::ZERO);
     }
-    Some(value)
+    Usd::from_config(value).or_else(|| {
+        p.at_line(f.line_of(p, key), &f.path_of(key), format!("must be at most {}, got {value}", Usd::CONFIG_MAX));
+        Some(Usd::ZERO)
+    })
 }
 
 /// Names become metric label values and header values: keep them to a safe alphabet.

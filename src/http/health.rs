@@ -24,11 +24,34 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    refresh(&state).await;
     match state.metrics.render() {
         Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "metrics could not be rendered");
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// Brings the gauges that mirror live state up to date, and books idle cost up to now.
+async fn refresh(state: &AppState) {
+    let snapshot = state.snapshot.load_full();
+    let now = tokio::time::Instant::now();
+    let m = &state.metrics;
+    for upstream in &snapshot.upstreams {
+        let name = upstream.backend.name.as_str();
+        m.in_flight.with_label_values(&[name]).set(i64::from(upstream.state.in_flight()));
+        m.backend_up.with_label_values(&[name]).set(i64::from(upstream.state.is_up()));
+        if upstream.backend.pricing.is_per_hour() {
+            m.idle_cost.with_label_values(&[name]).inc_by(upstream.state.occupancy.take_idle(now).as_f64());
+        }
+    }
+    let unix = crate::clock::unix_now();
+    for user in &snapshot.config.users {
+        let Some(budget) = user.budget_usd else { continue };
+        if let Ok(account) = state.ledger.usage(user, unix).await {
+            m.budget_remaining.with_label_values(&[&user.name]).set(account.remaining(budget).as_f64());
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The route table: paths to handlers, nothing else.
 
+mod admin;
 mod health;
 mod models;
 mod proxy;
@@ -21,6 +22,9 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route("/admin/usage", get(admin::all_usage))
+        .route("/admin/usage/{user}", get(admin::user_usage))
+        .route("/admin/reload", post(admin::reload))
         .fallback(not_found)
 }
 

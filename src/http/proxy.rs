@@ -10,7 +10,8 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 
 use crate::app::AppState;
-use crate::dispatch::{self, RequestContext};
+use crate::config::Policy;
+use crate::dispatch::{self, Hints, RequestContext};
 use crate::error::ApiError;
 use crate::request::{Endpoint, ProxyRequest};
 
@@ -34,7 +35,9 @@ async fn proxy(State(state): State<Arc<AppState>>, endpoint: Endpoint, headers: 
         let limit = snapshot.config.server.max_body_bytes;
         let bytes = read_body(&headers, body, limit).await?;
         let request = ProxyRequest::parse(endpoint, &bytes)?;
-        dispatch::run(RequestContext { snapshot, user, request, started }, &state.metrics).await
+        let hints = hints(&headers)?;
+        let arrived_ms = crate::clock::unix_now_ms();
+        dispatch::run(&state, RequestContext { snapshot, user, request, hints, started, arrived_ms }).await
     }
     .await;
     result.unwrap_or_else(|error| {
@@ -56,4 +59,37 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<byte
         Err(e) if e.is::<LengthLimitError>() => Err(ApiError::BodyTooLarge { limit }),
         Err(_) => Err(ApiError::BodyUnreadable),
     }
+}
+
+pub const HEADER_POLICY_HINT: &str = "x-tollgate-policy";
+pub const HEADER_MIN_QUALITY_HINT: &str = "x-tollgate-min-quality";
+
+/// Routing hints a client may send: another policy, or a higher quality floor than its own.
+fn hints(headers: &HeaderMap) -> Result<Hints, ApiError> {
+    let text = |name: &'static str| -> Result<Option<&str>, ApiError> {
+        headers
+            .get(name)
+            .map(|v| v.to_str().map_err(|_| ApiError::bad_request(format!("`{name}` is not text"), Some(name))))
+            .transpose()
+    };
+    let policy = match text(HEADER_POLICY_HINT)? {
+        None => None,
+        Some("quality-first") => Some(Policy::QualityFirst),
+        Some("cost-first") => Some(Policy::CostFirst),
+        Some(_) => {
+            let message = format!("`{HEADER_POLICY_HINT}` must be `quality-first` or `cost-first`");
+            return Err(ApiError::bad_request(message, Some(HEADER_POLICY_HINT)));
+        }
+    };
+    let min_quality = match text(HEADER_MIN_QUALITY_HINT)? {
+        None => None,
+        Some(value) => match value.parse::<f64>() {
+            Ok(q) if (0.0..=1.0).contains(&q) => Some(q),
+            _ => {
+                let message = format!("`{HEADER_MIN_QUALITY_HINT}` must be a number between 0 and 1");
+                return Err(ApiError::bad_request(message, Some(HEADER_MIN_QUALITY_HINT)));
+            }
+        },
+    };
+    Ok(Hints { policy, min_quality })
 }

@@ -1,17 +1,22 @@
-//! Metering: what one request used, recorded exactly once, whether the body ends, fails or the
-//! client hangs up.
+//! Metering: what one request used and cost, settled in the ledger exactly once, whether the
+//! body ends, fails or the client hangs up.
 
 mod body;
+pub mod occupancy;
 
 use std::sync::Arc;
 
 use tokio::time::Instant;
 
-pub use body::{BodyKind, MeteredBody};
+pub use body::{meter_json, MeteredBody};
 
+use crate::app::AppState;
 use crate::config::{Backend, User};
-use crate::metrics::Metrics;
+use crate::cost::{Pricing, Usd};
+use crate::ledger::{RequestRecord, Reservation};
 use crate::openai::Usage;
+use crate::upstream::{BackendState, Slot};
+use occupancy::Ticket;
 
 /// How a metered request ended, as the `status` label of `tollgate_requests_total` says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,67 +33,74 @@ pub enum Ending {
 
 impl Ending {
     /// The HTTP status the client effectively got, given the status the head carried.
-    fn status_label(self, head_status: u16) -> std::borrow::Cow<'static, str> {
+    fn status(self, head_status: u16) -> u16 {
         match self {
-            Self::Complete => head_status.to_string().into(),
-            Self::ClientGone => "499".into(),
-            Self::BackendBroke => "502".into(),
-            Self::Deadline => "504".into(),
+            Self::Complete => head_status,
+            Self::ClientGone => 499,
+            Self::BackendBroke => 502,
+            Self::Deadline => 504,
         }
     }
 }
 
-/// One request's metering, started when a backend answered and recorded when dropped. Being a
-/// drop guard is the point: a client that disconnects mid-stream drops the body, and with it
-/// this, so its tokens are still counted.
+/// What the "always premium" baseline would have charged, for the savings metric.
+#[derive(Debug, Clone, Copy)]
+pub struct Baseline {
+    pub pricing: Pricing,
+    pub tokens_per_s: u32,
+}
+
+/// Everything one dispatched request holds until it is settled.
+pub struct MeterStart {
+    pub state: Arc<AppState>,
+    pub user: Arc<User>,
+    pub backend: Arc<Backend>,
+    pub backend_state: Arc<BackendState>,
+    pub route: String,
+    pub reason: String,
+    /// When the gateway received the request.
+    pub started: Instant,
+    /// Unix milliseconds of the same moment, for the record.
+    pub arrived_ms: i64,
+    pub prompt_estimate: u64,
+    /// Tokens taken from the user's tpm allowance at admission.
+    pub tokens_estimate: u64,
+    pub baseline: Option<Baseline>,
+    pub slot: Slot,
+    pub reservation: Reservation,
+    pub ticket: Ticket,
+}
+
+/// One request's metering, from the backend's answer to its settlement. Settles when dropped:
+/// a client that disconnects mid-stream drops the body, and with it this, so what it used is
+/// still charged.
 pub struct Meter {
-    metrics: Arc<Metrics>,
-    user: Arc<User>,
-    backend: Arc<Backend>,
-    reason: String,
-    started: Instant,
-    prompt_estimate: u64,
+    start: Option<MeterStart>,
     /// The status of the answer's head.
     status: u16,
-    /// Whether this answer consumed tokens (a 2xx); refusals carry no usage.
-    billable: bool,
     reported: Option<Usage>,
     counted_completion: u64,
     ending: Ending,
-}
-
-/// What the dispatcher knows when a backend's answer head arrives.
-pub struct MeterStart {
-    pub metrics: Arc<Metrics>,
-    pub user: Arc<User>,
-    pub backend: Arc<Backend>,
-    pub reason: String,
-    pub started: Instant,
-    pub prompt_estimate: u64,
-    pub status: u16,
+    cost: Option<Usd>,
 }
 
 impl Meter {
-    pub fn new(start: MeterStart) -> Self {
-        start.metrics.in_flight.with_label_values(&[&start.backend.name]).inc();
+    pub fn new(start: MeterStart, status: u16) -> Self {
         Self {
-            billable: (200..300).contains(&start.status),
-            status: start.status,
-            ending: Ending::ClientGone,
+            start: Some(start),
+            status,
             reported: None,
             counted_completion: 0,
-            metrics: start.metrics,
-            user: start.user,
-            backend: start.backend,
-            reason: start.reason,
-            started: start.started,
-            prompt_estimate: start.prompt_estimate,
+            ending: Ending::ClientGone,
+            cost: None,
         }
     }
 
     pub fn first_byte(&self) {
-        let elapsed = self.started.elapsed().as_secs_f64();
-        self.metrics.time_to_first_token.with_label_values(&[&self.backend.name]).observe(elapsed);
+        if let Some(s) = &self.start {
+            let elapsed = s.started.elapsed().as_secs_f64();
+            s.state.metrics.time_to_first_token.with_label_values(&[&s.backend.name]).observe(elapsed);
+        }
     }
 
     /// The backend's usage, once seen.
@@ -105,34 +117,78 @@ impl Meter {
         self.ending = ending;
     }
 
-    /// The usage to charge: as reported, or counted locally.
-    fn usage(&self) -> (Usage, bool) {
-        match self.reported {
-            Some(usage) => (usage, false),
-            None if self.billable => (Usage::new(self.prompt_estimate, self.counted_completion), true),
-            None => (Usage::default(), false),
+    fn billable(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// Settles now (idempotent) and returns the cost charged.
+    pub fn settle(&mut self) -> Usd {
+        if let Some(cost) = self.cost {
+            return cost;
         }
+        let Some(s) = self.start.take() else { return Usd::ZERO };
+        let (usage, estimated) = match self.reported {
+            Some(usage) => (usage, false),
+            None if self.billable() => (Usage::new(s.prompt_estimate, self.counted_completion), true),
+            None => (Usage::default(), false),
+        };
+        let now = Instant::now();
+        let occupied = s.backend_state.occupancy.leave(s.ticket, now);
+        let cost = match s.backend.pricing {
+            Pricing::PerToken { .. } => s.backend.pricing.price_tokens(&usage),
+            Pricing::PerHour { .. } => occupied,
+        };
+        self.cost = Some(cost);
+        let status = self.ending.status(self.status);
+        if matches!(self.ending, Ending::BackendBroke | Ending::Deadline) {
+            s.backend_state.failed(now);
+        }
+        let latency = now.saturating_duration_since(s.started);
+        let record = RequestRecord {
+            at_ms: s.arrived_ms,
+            user: s.user.name.clone(),
+            route: s.route.clone(),
+            backend: s.backend.name.clone(),
+            reason: s.reason.clone(),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cost,
+            status,
+            latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+        };
+        s.reservation.settle(record, crate::clock::unix_now());
+        let total_tokens = usage.prompt_tokens + usage.completion_tokens;
+        s.state.limiter.settle_tokens(&s.user, s.tokens_estimate, total_tokens);
+        drop(s.slot);
+
+        let (m, user, backend) = (&s.state.metrics, s.user.name.as_str(), s.backend.name.as_str());
+        m.tokens.with_label_values(&[user, backend, "prompt"]).inc_by(usage.prompt_tokens);
+        m.tokens.with_label_values(&[user, backend, "completion"]).inc_by(usage.completion_tokens);
+        m.cost.with_label_values(&[user, backend]).inc_by(cost.as_f64());
+        if let Some(baseline) = s.baseline {
+            let would_have = match baseline.pricing {
+                Pricing::PerToken { .. } => baseline.pricing.price_tokens(&usage),
+                Pricing::PerHour { .. } => {
+                    baseline.pricing.estimate(usage.prompt_tokens, usage.completion_tokens, baseline.tokens_per_s)
+                }
+            };
+            m.savings.with_label_values(&[user]).inc_by(would_have.saturating_sub(cost).max(Usd::ZERO).as_f64());
+        }
+        if estimated {
+            m.usage_estimated.with_label_values(&[backend]).inc();
+        }
+        m.requests.with_label_values(&[backend, &s.backend.tier, &s.reason, &status.to_string()]).inc();
+        m.request_duration.with_label_values(&[backend]).observe(latency.as_secs_f64());
+        tracing::debug!(
+            user, backend, reason = %s.reason, status, prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens, cost_usd = %cost, estimated, "request settled"
+        );
+        cost
     }
 }
 
 impl Drop for Meter {
     fn drop(&mut self) {
-        let backend = self.backend.name.as_str();
-        let (usage, estimated) = self.usage();
-        let m = &self.metrics;
-        m.in_flight.with_label_values(&[backend]).dec();
-        m.tokens.with_label_values(&[&self.user.name, backend, "prompt"]).inc_by(usage.prompt_tokens);
-        m.tokens.with_label_values(&[&self.user.name, backend, "completion"]).inc_by(usage.completion_tokens);
-        if estimated {
-            m.usage_estimated.with_label_values(&[backend]).inc();
-        }
-        let status = self.ending.status_label(self.status);
-        m.requests.with_label_values(&[backend, &self.backend.tier, &self.reason, &status]).inc();
-        m.request_duration.with_label_values(&[backend]).observe(self.started.elapsed().as_secs_f64());
-        tracing::debug!(
-            user = %self.user.name, backend, reason = %self.reason, status = %status,
-            prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, estimated,
-            "request metered"
-        );
+        self.settle();
     }
 }

@@ -1,114 +1,150 @@
 //! The routing decision: which backends, in which order, and why. Pure: plain data in, plain
-//! data out, no clock and no I/O.
+//! data out, no clock and no I/O. The dispatcher gathers the facts (health, capacity, budget,
+//! estimates) and acts on the decision.
 
-use crate::config::{Backend, Policy, Pricing, User};
+mod reason;
 
-/// Why the first backend of a [`Decision`] was chosen; the `x-tollgate-reason` header value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    /// The request named a backend.
-    Pinned,
-    /// Quality-first user: the best candidate.
-    QualityFirst,
-    /// Cost-first user: the cheapest candidate that meets the quality floor.
-    CostFirst,
-    /// Cost-first, but no cheap candidate meets the quality floor.
-    EscalatedQuality,
-    /// The cheaper candidates cannot hold the prompt and completion.
-    EscalatedContext,
+pub use reason::Reason;
+
+use crate::config::Policy;
+use crate::cost::Usd;
+
+/// What is known of one candidate backend when the request arrives.
+#[derive(Debug, Clone)]
+pub struct Candidate<'a> {
+    /// Index into the config's backends.
+    pub index: usize,
+    pub name: &'a str,
+    pub quality: f64,
+    /// Prompt plus the completion estimate fit its context window.
+    pub fits_context: bool,
+    /// Its circuit is closed, or half-open with the probe slot free.
+    pub healthy: bool,
+    /// Below `max_concurrency`.
+    pub has_capacity: bool,
+    /// The request's estimated cost on it.
+    pub estimated_cost: Usd,
 }
 
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pinned => "pinned",
-            Self::QualityFirst => "quality-first",
-            Self::CostFirst => "cost-first",
-            Self::EscalatedQuality => "escalated:quality",
-            Self::EscalatedContext => "escalated:context",
-        }
-    }
+/// Everything the decision depends on.
+#[derive(Debug, Clone)]
+pub struct Facts<'a> {
+    /// The route's backends in config order, or the one pinned backend.
+    pub candidates: Vec<Candidate<'a>>,
+    pub pinned: bool,
+    pub policy: Policy,
+    /// The user's floor, raised by the request's hint when it asks for more.
+    pub min_quality: f64,
+    /// The user's cap on one request's estimated cost.
+    pub max_request: Option<Usd>,
+    /// Budget left (budget − spent − reserved); `None` when the user has no budget.
+    pub remaining: Option<Usd>,
 }
 
-/// The backends to try, best first (later ones are fallbacks), and why the first was chosen.
+/// The backends to try, chosen first (later ones are fallbacks for failures before the first
+/// byte), and why the first was chosen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub order: Vec<usize>,
     pub reason: Reason,
 }
 
-/// Why nothing can serve the request.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why no backend may serve the request now.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Refusal {
-    #[error("the request needs {needed} tokens (prompt and completion) but no backend of this model holds more than {largest}")]
+    #[error("the request needs about {needed} tokens (prompt and completion) but no backend for this model holds more than {largest}")]
     ContextTooLong { needed: u64, largest: u64 },
+    #[error("no backend for this model meets the required quality {required} (best: {best})")]
+    QualityUnavailable { required: f64, best: f64 },
+    #[error(
+        "the request's estimated cost (at least ${cheapest}) is over the per-request cap of ${cap}; lower max_tokens"
+    )]
+    OverRequestCap { cheapest: Usd, cap: Usd },
+    #[error("budget exhausted: ${remaining} left, the request needs about ${cheapest}")]
+    BudgetExceeded { remaining: Usd, cheapest: Usd },
+    #[error("every backend for this model is unavailable (circuit open after failures)")]
+    Unavailable,
+    /// Every eligible backend is at `max_concurrency`: the dispatcher may wait and decide again.
+    #[error("every backend for this model is at capacity")]
+    AtCapacity,
 }
 
-/// The size of the request, as estimated before dispatch.
-#[derive(Debug, Clone, Copy)]
-pub struct Estimate {
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-}
+/// Decides for one request; see the module doc.
+pub fn decide(facts: &Facts<'_>) -> Result<Decision, Refusal> {
+    let c = &facts.candidates;
+    let meets_quality = |x: &Candidate<'_>| facts.pinned || x.quality >= facts.min_quality;
+    let within_cap = |x: &Candidate<'_>| facts.max_request.is_none_or(|cap| x.estimated_cost <= cap);
+    let affordable = |x: &Candidate<'_>| facts.remaining.is_none_or(|left| x.estimated_cost <= left);
 
-/// Decides among `candidates` (indexes into `backends`) for `user`.
-pub fn decide(
-    backends: &[&Backend],
-    candidates: &[usize],
-    pinned: bool,
-    user: &User,
-    estimate: Estimate,
-) -> Result<Decision, Refusal> {
-    let needed = estimate.prompt_tokens + estimate.completion_tokens;
-    let fits = |i: &usize| u64::from(backends[*i].context_window) >= needed;
-    if !candidates.iter().any(fits) {
-        let largest = candidates.iter().map(|i| u64::from(backends[*i].context_window)).max().unwrap_or(0);
-        return Err(Refusal::ContextTooLong { needed, largest });
+    // Eligible regardless of money and load: the request can be served there at all.
+    let servable: Vec<&Candidate<'_>> = c.iter().filter(|x| x.healthy && x.fits_context && meets_quality(x)).collect();
+    if servable.is_empty() {
+        return Err(why_unservable(facts));
     }
-    if pinned {
-        return Ok(Decision { order: candidates.to_vec(), reason: Reason::Pinned });
+    let payable: Vec<&Candidate<'_>> = servable.iter().copied().filter(|x| within_cap(x) && affordable(x)).collect();
+    if payable.is_empty() {
+        let cheapest = servable.iter().map(|x| x.estimated_cost).min().unwrap_or_default();
+        return Err(match (facts.max_request, facts.remaining) {
+            (Some(cap), _) if cheapest > cap => Refusal::OverRequestCap { cheapest, cap },
+            (_, remaining) => Refusal::BudgetExceeded { remaining: remaining.unwrap_or_default(), cheapest },
+        });
     }
-    let mut order: Vec<usize> = candidates.iter().copied().filter(fits).collect();
-    let reason = match user.policy {
+    let mut ready: Vec<&Candidate<'_>> = payable.iter().copied().filter(|x| x.has_capacity).collect();
+    if ready.is_empty() {
+        return Err(Refusal::AtCapacity);
+    }
+    if facts.pinned {
+        return Ok(Decision { order: vec![ready[0].index], reason: Reason::Pinned });
+    }
+
+    let by_quality = |a: &&Candidate<'_>, b: &&Candidate<'_>| {
+        b.quality.total_cmp(&a.quality).then(a.estimated_cost.cmp(&b.estimated_cost))
+    };
+    let by_cost = |a: &&Candidate<'_>, b: &&Candidate<'_>| {
+        a.estimated_cost.cmp(&b.estimated_cost).then(b.quality.total_cmp(&a.quality))
+    };
+    let reason = match facts.policy {
         Policy::QualityFirst => {
-            order.sort_by(|a, b| backends[*b].quality.total_cmp(&backends[*a].quality));
-            Reason::QualityFirst
+            ready.sort_by(by_quality);
+            // The ideal: the best backend this request could use if money and load allowed.
+            let ideal = c.iter().filter(|x| x.fits_context).min_by(|a, b| by_quality(a, b));
+            match ideal {
+                Some(ideal) if ideal.index == ready[0].index => Reason::QualityFirst,
+                Some(ideal) if !ideal.healthy => Reason::Fallback(ideal.name.to_owned()),
+                Some(ideal) if !(within_cap(ideal) && affordable(ideal)) => Reason::BudgetDowngrade,
+                Some(ideal) if !ideal.has_capacity => Reason::Spill,
+                _ => Reason::QualityFirst,
+            }
         }
         Policy::CostFirst => {
-            let cost = |i: &usize| estimated_usd(backends[*i], estimate);
-            order.sort_by(|a, b| cost(a).total_cmp(&cost(b)));
-            // Meeting the floor comes first; below it, the best quality is the least bad.
-            let floor = user.min_quality;
-            order.sort_by_key(|i| backends[*i].quality < floor);
-            let first = order.first().map(|i| backends[*i]);
-            let cheapest_overall = candidates.iter().min_by(|a, b| cost(a).total_cmp(&cost(b)));
-            match (first, cheapest_overall) {
-                (Some(b), _) if b.quality < floor => {
-                    order.sort_by(|a, b| backends[*b].quality.total_cmp(&backends[*a].quality));
-                    Reason::EscalatedQuality
-                }
-                (Some(_), Some(cheapest)) if !fits(cheapest) => Reason::EscalatedContext,
-                (Some(_), Some(cheapest)) if backends[*cheapest].quality < floor => Reason::EscalatedQuality,
+            ready.sort_by(by_cost);
+            // The ideal: the route's cheapest backend; any other choice is an escalation.
+            let ideal = c.iter().min_by(|a, b| by_cost(a, b));
+            match ideal {
+                Some(ideal) if ideal.index == ready[0].index => Reason::CostFirst,
+                Some(ideal) if !ideal.healthy => Reason::Fallback(ideal.name.to_owned()),
+                Some(ideal) if !ideal.fits_context => Reason::EscalatedContext,
+                Some(ideal) if !meets_quality(ideal) => Reason::EscalatedQuality,
+                Some(ideal) if !ideal.has_capacity => Reason::EscalatedCapacity,
                 _ => Reason::CostFirst,
             }
         }
     };
-    Ok(Decision { order, reason })
+    Ok(Decision { order: ready.iter().map(|x| x.index).collect(), reason })
 }
 
-/// Throughput assumed for per-hour backends when ranking by cost: a small model on CPU.
-const ASSUMED_TOKENS_PER_S: f64 = 20.0;
-
-/// Rough cost of the request on `backend`, only to rank candidates.
-fn estimated_usd(backend: &Backend, estimate: Estimate) -> f64 {
-    #[expect(clippy::cast_precision_loss, reason = "a ranking estimate")]
-    let (prompt, completion) = (estimate.prompt_tokens as f64, estimate.completion_tokens as f64);
-    match backend.pricing {
-        Pricing::PerToken { input_per_mtok, output_per_mtok, .. } => {
-            (prompt * input_per_mtok + completion * output_per_mtok) / 1e6
-        }
-        Pricing::PerHour { hourly_usd } => hourly_usd / 3600.0 * completion / ASSUMED_TOKENS_PER_S,
+/// The most useful explanation when no candidate can serve the request at all.
+fn why_unservable(facts: &Facts<'_>) -> Refusal {
+    let c = &facts.candidates;
+    if !c.iter().any(|x| x.fits_context) {
+        // The dispatcher knows the exact numbers; these are placeholders it replaces.
+        return Refusal::ContextTooLong { needed: 0, largest: 0 };
     }
+    let best = c.iter().filter(|x| x.fits_context).map(|x| x.quality).fold(0.0, f64::max);
+    if !facts.pinned && best < facts.min_quality {
+        return Refusal::QualityUnavailable { required: facts.min_quality, best };
+    }
+    Refusal::Unavailable
 }
 
 #[cfg(test)]

@@ -1,89 +1,146 @@
-use std::time::Duration;
+//! The decision table: both policies, every reason, hints, caps, budget and capacity.
 
 use super::*;
-use crate::config::{BudgetPeriod, Simulate, Target};
 
-fn backend(name: &str, quality: f64, context_window: u32, pricing: Pricing) -> Backend {
-    Backend {
-        name: name.into(),
-        tier: "t".into(),
-        target: Target::Simulated(Simulate { ttft: Duration::ZERO, tokens_per_s: 1.0, quality_text: "x".into() }),
-        model: name.into(),
-        quality,
-        context_window,
-        max_concurrency: 1,
-        timeout: Duration::from_secs(1),
-        connect_timeout: Duration::from_secs(1),
-        first_byte_timeout: Duration::from_secs(1),
-        pricing,
+const fn usd(micro: i64) -> Usd {
+    Usd::from_pico(micro * 1_000_000)
+}
+
+/// Two backends as in the example config: a premium one and a cheap CPU one.
+fn premium() -> Candidate<'static> {
+    Candidate {
+        index: 0,
+        name: "gpu",
+        quality: 0.9,
+        fits_context: true,
+        healthy: true,
+        has_capacity: true,
+        estimated_cost: usd(1000),
     }
 }
 
-fn user(policy: Policy, min_quality: f64) -> User {
-    User {
-        name: "u".into(),
-        key_sha256: [0; 32],
-        policy,
-        budget_usd: None,
-        budget_period: BudgetPeriod::Month,
-        max_request_usd: None,
-        min_quality,
-        rpm: None,
-        tpm: None,
-    }
+fn cheap() -> Candidate<'static> {
+    Candidate { index: 1, name: "cpu", quality: 0.35, estimated_cost: usd(10), ..premium() }
 }
 
-const PREMIUM: Pricing = Pricing::PerToken { input_per_mtok: 0.6, output_per_mtok: 2.4, cached_input_per_mtok: None };
-const CPU: Pricing = Pricing::PerHour { hourly_usd: 0.12 };
-const SMALL: Estimate = Estimate { prompt_tokens: 100, completion_tokens: 200 };
-
-fn fleet() -> Vec<Backend> {
-    vec![backend("cpu", 0.35, 8192, CPU), backend("gpu", 0.9, 131_072, PREMIUM)]
+fn facts(policy: Policy, candidates: Vec<Candidate<'static>>) -> Facts<'static> {
+    Facts { candidates, pinned: false, policy, min_quality: 0.0, max_request: None, remaining: None }
 }
 
-fn run(policy: Policy, floor: f64, estimate: Estimate) -> Result<Decision, Refusal> {
-    let backends = fleet();
-    let refs: Vec<&Backend> = backends.iter().collect();
-    decide(&refs, &[0, 1], false, &user(policy, floor), estimate)
+fn decided(f: &Facts<'_>) -> (Vec<usize>, String) {
+    let d = decide(f).unwrap_or_else(|r| panic!("refused: {r}"));
+    (d.order, d.reason.label().into_owned())
+}
+
+fn both() -> Vec<Candidate<'static>> {
+    vec![premium(), cheap()]
 }
 
 #[test]
-fn quality_first_takes_the_best_backend_and_keeps_the_other_as_fallback() {
-    assert_eq!(run(Policy::QualityFirst, 0.0, SMALL), Ok(Decision { order: vec![1, 0], reason: Reason::QualityFirst }));
+fn quality_first_takes_the_best_backend_with_the_other_as_fallback() {
+    assert_eq!(decided(&facts(Policy::QualityFirst, both())), (vec![0, 1], "quality-first".into()));
 }
 
 #[test]
-fn cost_first_takes_the_cheapest_backend_that_meets_the_floor() {
-    assert_eq!(run(Policy::CostFirst, 0.3, SMALL), Ok(Decision { order: vec![0, 1], reason: Reason::CostFirst }));
+fn quality_first_steps_down_when_the_budget_cannot_pay_the_best() {
+    let f = Facts { remaining: Some(usd(500)), ..facts(Policy::QualityFirst, both()) };
+    assert_eq!(decided(&f), (vec![1], "budget-downgrade".into()));
 }
 
 #[test]
-fn cost_first_escalates_when_the_cheap_backend_is_below_the_floor() {
-    assert_eq!(
-        run(Policy::CostFirst, 0.5, SMALL),
-        Ok(Decision { order: vec![1, 0], reason: Reason::EscalatedQuality })
-    );
+fn quality_first_steps_down_when_the_request_cap_is_below_the_best() {
+    let f = Facts { max_request: Some(usd(100)), ..facts(Policy::QualityFirst, both()) };
+    assert_eq!(decided(&f), (vec![1], "budget-downgrade".into()));
 }
 
 #[test]
-fn cost_first_escalates_when_the_prompt_does_not_fit_the_cheap_backend() {
-    let long = Estimate { prompt_tokens: 10_000, completion_tokens: 200 };
-    assert_eq!(run(Policy::CostFirst, 0.3, long), Ok(Decision { order: vec![1], reason: Reason::EscalatedContext }));
+fn quality_first_spills_when_the_best_is_full() {
+    let f = facts(Policy::QualityFirst, vec![Candidate { has_capacity: false, ..premium() }, cheap()]);
+    assert_eq!(decided(&f), (vec![1], "spill".into()));
+}
+
+#[test]
+fn quality_first_names_the_failed_backend_it_falls_back_from() {
+    let f = facts(Policy::QualityFirst, vec![Candidate { healthy: false, ..premium() }, cheap()]);
+    assert_eq!(decided(&f), (vec![1], "fallback:gpu".into()));
+}
+
+#[test]
+fn cost_first_takes_the_cheapest_that_meets_the_floor() {
+    let f = Facts { min_quality: 0.3, ..facts(Policy::CostFirst, both()) };
+    assert_eq!(decided(&f), (vec![1, 0], "cost-first".into()));
+}
+
+#[test]
+fn cost_first_escalates_for_quality() {
+    let f = Facts { min_quality: 0.5, ..facts(Policy::CostFirst, both()) };
+    assert_eq!(decided(&f), (vec![0], "escalated:quality".into()));
+}
+
+#[test]
+fn cost_first_escalates_for_context() {
+    let f = facts(Policy::CostFirst, vec![premium(), Candidate { fits_context: false, ..cheap() }]);
+    assert_eq!(decided(&f), (vec![0], "escalated:context".into()));
+}
+
+#[test]
+fn cost_first_escalates_for_capacity() {
+    let f = facts(Policy::CostFirst, vec![premium(), Candidate { has_capacity: false, ..cheap() }]);
+    assert_eq!(decided(&f), (vec![0], "escalated:capacity".into()));
+}
+
+#[test]
+fn cost_first_falls_back_from_an_open_circuit() {
+    let f = facts(Policy::CostFirst, vec![premium(), Candidate { healthy: false, ..cheap() }]);
+    assert_eq!(decided(&f), (vec![0], "fallback:cpu".into()));
+}
+
+#[test]
+fn a_quality_hint_above_every_backend_is_refused() {
+    let f = Facts { min_quality: 0.95, ..facts(Policy::CostFirst, both()) };
+    assert_eq!(decide(&f), Err(Refusal::QualityUnavailable { required: 0.95, best: 0.9 }));
+}
+
+#[test]
+fn nothing_affordable_is_budget_exceeded() {
+    let f = Facts { remaining: Some(usd(5)), ..facts(Policy::QualityFirst, both()) };
+    assert_eq!(decide(&f), Err(Refusal::BudgetExceeded { remaining: usd(5), cheapest: usd(10) }));
+}
+
+#[test]
+fn nothing_under_the_cap_is_over_request_cap() {
+    let f = Facts { max_request: Some(usd(5)), ..facts(Policy::CostFirst, both()) };
+    assert_eq!(decide(&f), Err(Refusal::OverRequestCap { cheapest: usd(10), cap: usd(5) }));
+}
+
+#[test]
+fn every_backend_full_means_wait() {
+    let full = vec![Candidate { has_capacity: false, ..premium() }, Candidate { has_capacity: false, ..cheap() }];
+    assert_eq!(decide(&facts(Policy::CostFirst, full)), Err(Refusal::AtCapacity));
+}
+
+#[test]
+fn every_backend_down_is_unavailable() {
+    let down = vec![Candidate { healthy: false, ..premium() }, Candidate { healthy: false, ..cheap() }];
+    assert_eq!(decide(&facts(Policy::QualityFirst, down)), Err(Refusal::Unavailable));
 }
 
 #[test]
 fn a_prompt_no_backend_can_hold_is_refused() {
-    let huge = Estimate { prompt_tokens: 200_000, completion_tokens: 1 };
-    assert_eq!(
-        run(Policy::QualityFirst, 0.0, huge),
-        Err(Refusal::ContextTooLong { needed: 200_001, largest: 131_072 })
-    );
+    let long = vec![Candidate { fits_context: false, ..premium() }, Candidate { fits_context: false, ..cheap() }];
+    assert!(matches!(decide(&facts(Policy::QualityFirst, long)), Err(Refusal::ContextTooLong { .. })));
 }
 
 #[test]
-fn a_pinned_backend_is_the_only_candidate() {
-    let backends = fleet();
-    let refs: Vec<&Backend> = backends.iter().collect();
-    let d = decide(&refs, &[0], true, &user(Policy::QualityFirst, 0.9), SMALL);
-    assert_eq!(d, Ok(Decision { order: vec![0], reason: Reason::Pinned }));
+fn a_pinned_backend_ignores_the_quality_floor_but_not_the_budget() {
+    let pinned = Facts { pinned: true, min_quality: 0.9, ..facts(Policy::CostFirst, vec![cheap()]) };
+    assert_eq!(decided(&pinned), (vec![1], "pinned".into()));
+    let broke = Facts { remaining: Some(usd(1)), ..pinned };
+    assert!(matches!(decide(&broke), Err(Refusal::BudgetExceeded { .. })));
+}
+
+#[test]
+fn with_no_budget_set_everything_is_affordable() {
+    let f = Facts { remaining: None, ..facts(Policy::QualityFirst, both()) };
+    assert_eq!(decided(&f).1, "quality-first");
 }

@@ -2,8 +2,12 @@
 //! in-process simulation.
 
 mod forward;
+pub mod health;
 mod simulate;
 pub mod sse;
+pub mod state;
+
+pub use state::{BackendState, Slot};
 
 use std::time::Duration;
 
@@ -67,6 +71,8 @@ type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 /// A configured backend, ready to send to.
 pub struct Upstream {
     pub backend: Arc<Backend>,
+    /// Survives reloads: capacity, health and the occupancy clock.
+    pub state: Arc<BackendState>,
     transport: Transport,
 }
 
@@ -87,7 +93,7 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Upstream {
     /// Builds the client for `backend`; done once per config load, never per request.
-    pub fn new(backend: Arc<Backend>) -> Result<Self, UpstreamError> {
+    pub fn new(backend: Arc<Backend>, state: Arc<BackendState>) -> Result<Self, UpstreamError> {
         let transport = match &backend.target {
             Target::Simulated(sim) => Transport::Simulated(sim.clone()),
             Target::Http { base_url, api_key } => {
@@ -118,7 +124,7 @@ impl Upstream {
                 Transport::Http { client: Box::new(client), base_url: base_url.clone(), authorization }
             }
         };
-        Ok(Self { backend, transport })
+        Ok(Self { backend, state, transport })
     }
 
     /// Sends `request` (model rewritten, usage asked for) and waits for the response head.

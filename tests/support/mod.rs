@@ -16,8 +16,6 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tollgate::app::AppState;
 use tollgate::config::Config;
-use tollgate::metrics::Metrics;
-use tollgate::snapshot::Snapshot;
 
 /// What the upstream received.
 #[derive(Debug, Clone)]
@@ -177,11 +175,16 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn start(config: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_from(config, env, None).await
+    }
+
+    /// Serves `config`, as if read from `path` (the file a reload reads).
+    pub async fn start_from(config: &str, env: &[(&str, &str)], path: Option<std::path::PathBuf>) -> Self {
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         let config = Config::parse(config, "test.toml", &lookup).unwrap_or_else(|e| panic!("test config:\n{e}"));
         let grace = config.server.shutdown_grace;
-        let state = AppState::new(Snapshot::new(config).unwrap(), Arc::new(Metrics::new().unwrap()));
+        let state = AppState::new(config, path).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();

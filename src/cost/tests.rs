@@ -1,0 +1,101 @@
+use proptest::prelude::*;
+
+use super::*;
+
+fn usd(text: f64) -> Usd {
+    Usd::from_config(text).unwrap()
+}
+
+#[test]
+fn config_amounts_convert_exactly() {
+    assert_eq!(usd(0.6).pico(), 600_000_000_000);
+    assert_eq!(usd(0.075).pico(), 75_000_000_000);
+    assert_eq!(usd(50.0).pico(), 50 * PICO_PER_USD);
+    assert_eq!(Usd::from_config(-0.01), None);
+    assert_eq!(Usd::from_config(f64::NAN), None);
+    assert_eq!(Usd::from_config(2e6), None);
+}
+
+#[test]
+fn amounts_print_as_exact_decimals() {
+    assert_eq!(usd(5.0).to_string(), "5.0");
+    assert_eq!(Usd::from_pico(3_600_000).to_string(), "0.0000036");
+    assert_eq!(Usd::from_pico(-1).to_string(), "-0.000000000001");
+}
+
+#[test]
+fn per_token_price_matches_the_formula() {
+    let pricing =
+        Pricing::PerToken { input_per_mtok: usd(0.6), output_per_mtok: usd(2.4), cached_input_per_mtok: None };
+    // 1000 * 0.60 / 1e6 + 500 * 2.40 / 1e6 = 0.0006 + 0.0012
+    assert_eq!(pricing.price_tokens(&Usage::new(1000, 500)), usd(0.0018));
+}
+
+#[test]
+fn cached_prompt_tokens_are_priced_once_at_the_cached_price() {
+    let pricing = Pricing::PerToken {
+        input_per_mtok: usd(1.0),
+        output_per_mtok: usd(2.0),
+        cached_input_per_mtok: Some(usd(0.1)),
+    };
+    let usage = Usage {
+        prompt_tokens: 1000,
+        completion_tokens: 0,
+        prompt_tokens_details: Some(crate::openai::PromptTokensDetails { cached_tokens: 600 }),
+    };
+    // 400 uncached at 1.00 + 600 cached at 0.10
+    assert_eq!(pricing.price_tokens(&usage), usd(0.00046));
+    // Without a cached price, cached tokens cost the normal price, still once.
+    let plain = Pricing::PerToken { input_per_mtok: usd(1.0), output_per_mtok: usd(2.0), cached_input_per_mtok: None };
+    assert_eq!(plain.price_tokens(&usage), usd(0.001));
+}
+
+#[test]
+fn an_hourly_estimate_is_the_exclusive_time_at_the_expected_speed() {
+    let pricing = Pricing::PerHour { hourly_usd: usd(0.36) };
+    // 200 tokens at 20 tokens/s = 10 s of a $0.36/h server = $0.001
+    assert_eq!(pricing.estimate(50, 200, 20), usd(0.001));
+}
+
+proptest! {
+    #[test]
+    fn per_token_cost_is_additive_over_requests(
+        input in 0u32..100_000_000, output in 0u32..100_000_000,
+        a in 0u64..200_000, b in 0u64..200_000, c in 0u64..200_000, d in 0u64..200_000,
+    ) {
+        // Prices with up to 6 decimals per Mtok make each token an exact number of pico-USD,
+        // so the sum of the parts equals the price of the whole.
+        let pricing = Pricing::PerToken {
+            input_per_mtok: Usd::from_pico(i64::from(input) * 1_000_000),
+            output_per_mtok: Usd::from_pico(i64::from(output) * 1_000_000),
+            cached_input_per_mtok: None,
+        };
+        let whole = pricing.price_tokens(&Usage::new(a + c, b + d));
+        let parts = pricing.price_tokens(&Usage::new(a, b)).saturating_add(pricing.price_tokens(&Usage::new(c, d)));
+        prop_assert_eq!(whole, parts);
+    }
+
+    #[test]
+    fn cached_tokens_never_cost_more_than_uncached(prompt in 0u64..1_000_000, cached in 0u64..2_000_000) {
+        let pricing = Pricing::PerToken {
+            input_per_mtok: Usd::from_pico(3_000_000_000_000),
+            output_per_mtok: Usd::from_pico(0),
+            cached_input_per_mtok: Some(Usd::from_pico(300_000_000_000)),
+        };
+        let with_cache = Usage {
+            prompt_tokens: prompt,
+            completion_tokens: 0,
+            prompt_tokens_details: Some(crate::openai::PromptTokensDetails { cached_tokens: cached }),
+        };
+        prop_assert!(pricing.price_tokens(&with_cache) <= pricing.price_tokens(&Usage::new(prompt, 0)));
+        prop_assert!(pricing.price_tokens(&with_cache) >= Usd::ZERO);
+    }
+
+    #[test]
+    fn config_amounts_round_trip_through_display(pico in 0i64..1_000_000_000_000_000) {
+        let amount = Usd::from_pico(pico);
+        let parsed: f64 = amount.to_string().parse().unwrap();
+        // Display is exact; f64 parsing of it lands within one pico for amounts this size.
+        prop_assert!((Usd::from_config(parsed).unwrap().pico() - pico).abs() <= 1);
+    }
+}

@@ -1,0 +1,120 @@
+//! `/admin/*`: per-user usage and config reload, behind the admin key.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use crate::app::AppState;
+use crate::auth::{bearer, sha256, AuthError};
+use crate::config::User;
+use crate::error::ApiError;
+use crate::ledger::{period, Account, Totals};
+
+/// Checks the admin key. Both sides are hashed before comparing, so the comparison time does
+/// not depend on how much of a guess is right.
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let snapshot = state.snapshot.load();
+    let Some(admin_key) = &snapshot.config.server.admin_key else { return Err(ApiError::AdminDisabled) };
+    let presented = bearer(headers)?;
+    if sha256(presented.as_bytes()) == sha256(admin_key.expose().as_bytes()) {
+        Ok(())
+    } else {
+        Err(AuthError::Unknown.into())
+    }
+}
+
+#[derive(Serialize)]
+struct BackendUsage {
+    spent_usd: f64,
+    requests: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+impl From<&Totals> for BackendUsage {
+    fn from(t: &Totals) -> Self {
+        Self {
+            spent_usd: t.spent.as_f64(),
+            requests: t.requests,
+            prompt_tokens: t.prompt_tokens,
+            completion_tokens: t.completion_tokens,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct UserUsage {
+    user: String,
+    period: &'static str,
+    period_start: String,
+    budget_usd: Option<f64>,
+    spent_usd: f64,
+    reserved_usd: f64,
+    remaining_usd: Option<f64>,
+    requests: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    by_backend: BTreeMap<String, BackendUsage>,
+}
+
+fn usage_of(user: &User, account: &Account) -> UserUsage {
+    UserUsage {
+        user: user.name.clone(),
+        period: period::name(user.budget_period),
+        period_start: period::rfc3339(account.period_start),
+        budget_usd: user.budget_usd.map(|b| b.as_f64()),
+        spent_usd: account.totals.spent.as_f64(),
+        reserved_usd: account.reserved.as_f64(),
+        remaining_usd: user.budget_usd.map(|b| account.remaining(b).as_f64()),
+        requests: account.totals.requests,
+        prompt_tokens: account.totals.prompt_tokens,
+        completion_tokens: account.totals.completion_tokens,
+        by_backend: account.by_backend.iter().map(|(name, t)| (name.clone(), t.into())).collect(),
+    }
+}
+
+async fn report(state: &AppState, user: &User) -> Result<UserUsage, ApiError> {
+    let account = state.ledger.usage(user, crate::clock::unix_now()).await?;
+    Ok(usage_of(user, &account))
+}
+
+pub async fn all_usage(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let result = async {
+        authorize(&state, &headers)?;
+        let snapshot = state.snapshot.load_full();
+        let mut data = Vec::with_capacity(snapshot.config.users.len());
+        for user in &snapshot.config.users {
+            data.push(report(&state, user).await?);
+        }
+        Ok::<_, ApiError>(Json(serde_json::json!({ "object": "list", "data": data })))
+    }
+    .await;
+    result.into_response()
+}
+
+pub async fn user_usage(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    let result = async {
+        authorize(&state, &headers)?;
+        let snapshot = state.snapshot.load_full();
+        let user = snapshot.user(&name).ok_or(ApiError::UnknownUser(name))?;
+        Ok::<_, ApiError>(Json(report(&state, user).await?))
+    }
+    .await;
+    result.into_response()
+}
+
+pub async fn reload(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let result = async {
+        authorize(&state, &headers)?;
+        let applied =
+            crate::reload::reload(&state, "admin").await.map_err(|e| ApiError::ReloadRefused(e.to_string()))?;
+        Ok::<_, ApiError>(Json(serde_json::json!({ "status": "reloaded", "applied": applied })))
+    }
+    .await;
+    result.into_response()
+}

@@ -1,0 +1,65 @@
+//! The in-memory ledger: exact budgets within one process, nothing kept across restarts.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use super::accounts::Accounts;
+use super::{Account, BoxFuture, Ledger, LedgerError, RequestRecord, Reserve};
+use crate::config::User;
+use crate::cost::Usd;
+
+/// Records kept at most, whatever the retention: memory must stay bounded.
+const MAX_RECORDS: usize = 100_000;
+
+#[derive(Debug)]
+pub struct MemoryLedger {
+    accounts: Accounts,
+    records: Mutex<VecDeque<RequestRecord>>,
+    retention_ms: i64,
+}
+
+impl MemoryLedger {
+    pub fn new(retention: Duration) -> Self {
+        Self {
+            accounts: Accounts::default(),
+            records: Mutex::new(VecDeque::new()),
+            retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
+}
+
+impl Ledger for MemoryLedger {
+    fn reserve<'a>(&'a self, user: &'a User, amount: Usd, now: i64) -> BoxFuture<'a, Result<Reserve, LedgerError>> {
+        let answer = self.accounts.reserve(user, amount, now);
+        Box::pin(std::future::ready(Ok(answer)))
+    }
+
+    fn release(&self, user: &User, amount: Usd, now: i64) {
+        self.accounts.release(user, amount, now);
+    }
+
+    fn settle(&self, user: &User, reserved: Usd, record: RequestRecord, now: i64) {
+        self.accounts.settle(user, reserved, &record, now);
+        let mut records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
+        let oldest_kept = record.at_ms.saturating_sub(self.retention_ms);
+        while records.front().is_some_and(|r| r.at_ms < oldest_kept) || records.len() >= MAX_RECORDS {
+            records.pop_front();
+        }
+        records.push_back(record);
+    }
+
+    fn usage<'a>(&'a self, user: &'a User, now: i64) -> BoxFuture<'a, Result<Account, LedgerError>> {
+        Box::pin(std::future::ready(Ok(self.accounts.snapshot(user, now))))
+    }
+
+    fn records(&self, limit: usize) -> BoxFuture<'_, Result<Vec<RequestRecord>, LedgerError>> {
+        let records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
+        let skip = records.len().saturating_sub(limit);
+        Box::pin(std::future::ready(Ok(records.iter().skip(skip).cloned().collect())))
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), LedgerError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+}

@@ -1,0 +1,272 @@
+//! The SQLite ledger: the live accounts in memory, every settlement persisted to a SQLite file
+//! by one writer thread with group commit.
+//!
+//! Durability window: a settlement is committed at most `GROUP_COMMIT_WINDOW` (20 ms) plus one
+//! commit after it happens, well under 100 ms. The database runs in WAL mode with
+//! `synchronous = NORMAL`: a commit survives `kill -9` of the gateway (it is in the OS's hands);
+//! only a power loss can take the last commits. At start, the spend of each user's current
+//! period is read back; reservations are not stored, so a crash drops them.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use rusqlite::{params, Connection};
+use tokio::sync::oneshot;
+
+use super::accounts::Accounts;
+use super::{Account, BoxFuture, Ledger, LedgerError, RequestRecord, Reserve, Totals};
+use crate::config::User;
+use crate::cost::Usd;
+
+const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(20);
+/// How often old request records are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Spend older than this is not read back at start (no period is longer than a month).
+const RESTORE_HORIZON_S: i64 = 40 * 86_400;
+
+enum Write {
+    Settled { period_start: i64, record: RequestRecord },
+    Flush(oneshot::Sender<Result<(), String>>),
+}
+
+pub struct SqliteLedger {
+    accounts: Accounts,
+    writer: Mutex<mpsc::Sender<Write>>,
+    path: String,
+}
+
+impl std::fmt::Debug for SqliteLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteLedger").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn storage(context: &str) -> impl Fn(rusqlite::Error) -> LedgerError + '_ {
+    move |e| LedgerError::Storage(format!("{context}: {e}"))
+}
+
+const SCHEMA: &str = "
+    PRAGMA journal_mode = WAL;
+    PRAGMA synchronous = NORMAL;
+    CREATE TABLE IF NOT EXISTS spend (
+        user TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        backend TEXT NOT NULL,
+        spent_pico INTEGER NOT NULL,
+        requests INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        PRIMARY KEY (user, period_start, backend)
+    );
+    CREATE TABLE IF NOT EXISTS requests (
+        at_ms INTEGER NOT NULL,
+        user TEXT NOT NULL,
+        route TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        cost_pico INTEGER NOT NULL,
+        status INTEGER NOT NULL,
+        latency_ms INTEGER NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS requests_at ON requests (at_ms);
+";
+
+impl SqliteLedger {
+    /// Opens (or creates) the database at `path` and reads back the current spend.
+    pub fn open(path: &Path, retention: Duration) -> Result<Self, LedgerError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| LedgerError::Storage(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let display = path.display().to_string();
+        let conn = Connection::open(path).map_err(storage(&display))?;
+        conn.execute_batch(SCHEMA).map_err(storage(&display))?;
+        let accounts = Accounts::default();
+        restore(&conn, &accounts, crate::clock::unix_now()).map_err(storage(&display))?;
+        let (tx, rx) = mpsc::channel();
+        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        std::thread::Builder::new()
+            .name("tollgate-ledger".into())
+            .spawn(move || write_loop(conn, rx, retention_ms))
+            .map_err(|e| LedgerError::Storage(format!("cannot start the ledger writer: {e}")))?;
+        Ok(Self { accounts, writer: Mutex::new(tx), path: display })
+    }
+
+    fn send(&self, write: Write) -> bool {
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner).send(write).is_ok()
+    }
+}
+
+fn restore(conn: &Connection, accounts: &Accounts, now: i64) -> rusqlite::Result<()> {
+    let mut statement = conn.prepare(
+        "SELECT user, period_start, backend, spent_pico, requests, prompt_tokens, completion_tokens
+         FROM spend WHERE period_start = 0 OR period_start >= ?1 ORDER BY user, period_start",
+    )?;
+    let rows = statement.query_map(params![now - RESTORE_HORIZON_S], |row| {
+        let totals = Totals {
+            spent: Usd::from_pico(row.get(3)?),
+            requests: row.get::<_, i64>(4)?.try_into().unwrap_or(0),
+            prompt_tokens: row.get::<_, i64>(5)?.try_into().unwrap_or(0),
+            completion_tokens: row.get::<_, i64>(6)?.try_into().unwrap_or(0),
+        };
+        Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?, row.get::<_, String>(2)?, totals))
+    })?;
+    let mut current: Option<(String, Account)> = None;
+    for row in rows {
+        let (user, period_start, backend, totals) = row?;
+        if current.as_ref().is_some_and(|(u, a)| *u != user || a.period_start != period_start) {
+            if let Some((u, a)) = current.take() {
+                accounts.restore(u, a);
+            }
+        }
+        let (_, account) = current.get_or_insert_with(|| (user.clone(), Account::new(period_start)));
+        account.totals.spent = account.totals.spent.saturating_add(totals.spent);
+        account.totals.requests += totals.requests;
+        account.totals.prompt_tokens += totals.prompt_tokens;
+        account.totals.completion_tokens += totals.completion_tokens;
+        account.by_backend.insert(backend, totals);
+    }
+    if let Some((u, a)) = current {
+        accounts.restore(u, a);
+    }
+    Ok(())
+}
+
+fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Write>, retention_ms: i64) {
+    let mut last_prune = std::time::SystemTime::UNIX_EPOCH;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        let deadline = std::time::SystemTime::now() + GROUP_COMMIT_WINDOW;
+        while let Ok(left) = deadline.duration_since(std::time::SystemTime::now()) {
+            match rx.recv_timeout(left) {
+                Ok(write) => batch.push(write),
+                Err(_) => break,
+            }
+        }
+        let result = commit(&mut conn, &batch).map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "ledger commit failed");
+        }
+        for write in batch {
+            if let Write::Flush(done) = write {
+                let _ = done.send(result.clone());
+            }
+        }
+        if last_prune.elapsed().unwrap_or(PRUNE_EVERY) >= PRUNE_EVERY {
+            last_prune = std::time::SystemTime::now();
+            let oldest = crate::clock::unix_now_ms().saturating_sub(retention_ms);
+            if let Err(e) = conn.execute("DELETE FROM requests WHERE at_ms < ?1", params![oldest]) {
+                tracing::warn!(error = %e, "pruning old request records failed");
+            }
+        }
+    }
+}
+
+fn commit(conn: &mut Connection, batch: &[Write]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut spend = tx.prepare_cached(
+            "INSERT INTO spend (user, period_start, backend, spent_pico, requests, prompt_tokens, completion_tokens)
+             VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6)
+             ON CONFLICT (user, period_start, backend) DO UPDATE SET
+               spent_pico = spent_pico + excluded.spent_pico,
+               requests = requests + 1,
+               prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+               completion_tokens = completion_tokens + excluded.completion_tokens",
+        )?;
+        let mut request = tx.prepare_cached(
+            "INSERT INTO requests (at_ms, user, route, backend, reason, prompt_tokens, completion_tokens, cost_pico, status, latency_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?;
+        for write in batch {
+            let Write::Settled { period_start, record: r } = write else { continue };
+            let prompt = i64::try_from(r.prompt_tokens).unwrap_or(i64::MAX);
+            let completion = i64::try_from(r.completion_tokens).unwrap_or(i64::MAX);
+            spend.execute(params![r.user, period_start, r.backend, r.cost.pico(), prompt, completion])?;
+            request.execute(params![
+                r.at_ms,
+                r.user,
+                r.route,
+                r.backend,
+                r.reason,
+                prompt,
+                completion,
+                r.cost.pico(),
+                r.status,
+                i64::try_from(r.latency_ms).unwrap_or(i64::MAX)
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
+impl Ledger for SqliteLedger {
+    fn reserve<'a>(&'a self, user: &'a User, amount: Usd, now: i64) -> BoxFuture<'a, Result<Reserve, LedgerError>> {
+        Box::pin(std::future::ready(Ok(self.accounts.reserve(user, amount, now))))
+    }
+
+    fn release(&self, user: &User, amount: Usd, now: i64) {
+        self.accounts.release(user, amount, now);
+    }
+
+    fn settle(&self, user: &User, reserved: Usd, record: RequestRecord, now: i64) {
+        let period_start = self.accounts.settle(user, reserved, &record, now);
+        if !self.send(Write::Settled { period_start, record }) {
+            tracing::error!(user = %user.name, "ledger writer is gone: a settlement was not persisted");
+        }
+    }
+
+    fn usage<'a>(&'a self, user: &'a User, now: i64) -> BoxFuture<'a, Result<Account, LedgerError>> {
+        Box::pin(std::future::ready(Ok(self.accounts.snapshot(user, now))))
+    }
+
+    fn records(&self, limit: usize) -> BoxFuture<'_, Result<Vec<RequestRecord>, LedgerError>> {
+        let path = self.path.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || read_records(&path, limit))
+                .await
+                .map_err(|e| LedgerError::Storage(e.to_string()))?
+                .map_err(storage("reading request records"))
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), LedgerError>> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.send(Write::Flush(tx));
+        Box::pin(async move {
+            if !sent {
+                return Err(LedgerError::Storage("ledger writer is gone".into()));
+            }
+            rx.await.map_err(|_| LedgerError::Storage("ledger writer is gone".into()))?.map_err(LedgerError::Storage)
+        })
+    }
+}
+
+fn read_records(path: &str, limit: usize) -> rusqlite::Result<Vec<RequestRecord>> {
+    let conn = Connection::open(path)?;
+    let mut statement = conn.prepare(
+        "SELECT at_ms, user, route, backend, reason, prompt_tokens, completion_tokens, cost_pico, status, latency_ms
+         FROM requests ORDER BY rowid DESC LIMIT ?1",
+    )?;
+    let rows = statement.query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
+        Ok(RequestRecord {
+            at_ms: row.get(0)?,
+            user: row.get(1)?,
+            route: row.get(2)?,
+            backend: row.get(3)?,
+            reason: row.get(4)?,
+            prompt_tokens: row.get::<_, i64>(5)?.try_into().unwrap_or(0),
+            completion_tokens: row.get::<_, i64>(6)?.try_into().unwrap_or(0),
+            cost: Usd::from_pico(row.get(7)?),
+            status: row.get(8)?,
+            latency_ms: row.get::<_, i64>(9)?.try_into().unwrap_or(0),
+        })
+    })?;
+    let mut records = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+    records.reverse();
+    Ok(records)
+}

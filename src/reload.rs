@@ -1,0 +1,95 @@
+//! Config reload: on file change, on SIGHUP and on `POST /admin/reload`. Prepare (load,
+//! validate, build clients), then swap with one atomic store: requests in flight finish on the
+//! snapshot they started with; budgets and spend live in the ledger and carry over. A bad file
+//! is refused with the same messages as `tollgate check`, and the old config keeps serving.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::app::AppState;
+use crate::config::{Config, ConfigError, ProcessEnv};
+use crate::snapshot::Snapshot;
+
+/// How often the config file is checked for changes.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why a reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the gateway runs on its embedded config: there is no file to reload")]
+    NoFile,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0} changed: restart the gateway to apply it (nothing was reloaded)")]
+    NeedsRestart(&'static str),
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamError),
+}
+
+/// What a successful reload applied.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Applied {
+    pub backends: usize,
+    pub routes: usize,
+    pub users: usize,
+}
+
+pub async fn reload(state: &Arc<AppState>, trigger: &'static str) -> Result<Applied, ReloadError> {
+    let _one_at_a_time = state.reload_lock.lock().await;
+    let result = prepare_and_swap(state);
+    let outcome = if result.is_ok() { "success" } else { "failure" };
+    state.metrics.config_reloads.with_label_values(&[outcome]).inc();
+    match &result {
+        Ok(applied) => tracing::info!(trigger, ?applied, "config reloaded"),
+        Err(e) => tracing::error!(trigger, "config reload refused, the running config stays:\n{e}"),
+    }
+    result
+}
+
+fn prepare_and_swap(state: &Arc<AppState>) -> Result<Applied, ReloadError> {
+    let path = state.config_path.as_ref().ok_or(ReloadError::NoFile)?;
+    let mut config = Config::load(path, &ProcessEnv)?;
+    let current = state.snapshot.load_full();
+    if config.ledger != current.config.ledger {
+        return Err(ReloadError::NeedsRestart("[ledger]"));
+    }
+    // The socket is bound once; a `--listen` override must survive reloads too.
+    config.server.listen = current.config.server.listen;
+    let applied = Applied { backends: config.backends.len(), routes: config.routes.len(), users: config.users.len() };
+    let snapshot = Snapshot::new(config, Some(&current), &state.freed)?;
+    state.snapshot.store(Arc::new(snapshot));
+    Ok(applied)
+}
+
+/// Starts the SIGHUP listener and the file watcher (when the config came from a file).
+pub fn spawn_watchers(state: &Arc<AppState>) {
+    let Some(path) = state.config_path.clone() else { return };
+    #[cfg(unix)]
+    {
+        let state = Arc::clone(state);
+        tokio::spawn(async move {
+            let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+                tracing::warn!("cannot listen for SIGHUP: reload by file change or the admin API");
+                return;
+            };
+            while hangup.recv().await.is_some() {
+                let _ = reload(&state, "sighup").await;
+            }
+        });
+    }
+    let state = Arc::clone(state);
+    tokio::spawn(async move {
+        // Polling the content is portable and cheap for one small file, and it sees editors
+        // that replace the file as well as those that write it in place.
+        let mut last = std::fs::read(&path).ok();
+        let mut ticker = tokio::time::interval(WATCH_INTERVAL);
+        loop {
+            ticker.tick().await;
+            let now = std::fs::read(&path).ok();
+            if now.is_some() && now != last {
+                last = now;
+                let _ = reload(&state, "file-change").await;
+            }
+        }
+    });
+}
