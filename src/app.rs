@@ -21,7 +21,7 @@ use arc_swap::ArcSwap;
 use axum::Router;
 use tokio::sync::Notify;
 
-use crate::config::Config;
+use crate::config::{Config, Env};
 use crate::ledger::{self, Ledger};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
@@ -42,6 +42,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// The file the config came from (`None`: the embedded defaults, which cannot be reloaded).
     pub config_path: Option<PathBuf>,
+    /// Where a reload reads the environment variables the config names.
+    pub env: Arc<dyn Env + Send + Sync>,
     /// One reload at a time.
     pub reload_lock: tokio::sync::Mutex<()>,
 }
@@ -58,7 +60,11 @@ pub enum StartError {
 }
 
 impl AppState {
-    pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Self>, StartError> {
+    pub fn new(
+        config: Config,
+        config_path: Option<PathBuf>,
+        env: Arc<dyn Env + Send + Sync>,
+    ) -> Result<Arc<Self>, StartError> {
         let metrics = Arc::new(Metrics::new()?);
         let ledger = ledger::open(&config.ledger)?;
         let freed = Arc::new(Notify::new());
@@ -72,6 +78,7 @@ impl AppState {
             queued: AtomicU32::new(0),
             draining: AtomicBool::new(false),
             config_path,
+            env,
             reload_lock: tokio::sync::Mutex::new(()),
         }))
     }

@@ -127,7 +127,7 @@ fn serve(path: Option<PathBuf>, listen: Option<std::net::SocketAddr>) -> ExitCod
 async fn serve_config(config: Config, path: Option<PathBuf>) -> Result<(), String> {
     let listen = config.server.listen;
     let grace = config.server.shutdown_grace;
-    let state = AppState::new(config, path).map_err(|e| e.to_string())?;
+    let state = AppState::new(config, path, std::sync::Arc::new(ProcessEnv)).map_err(|e| e.to_string())?;
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| format!("cannot read the bound address: {e}"))?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::app::AppState;
-use crate::config::{Config, ConfigError, ProcessEnv};
+use crate::config::{Config, ConfigError};
 use crate::snapshot::Snapshot;
 
 /// How often the config file is checked for changes.
@@ -48,7 +48,7 @@ pub async fn reload(state: &Arc<AppState>, trigger: &'static str) -> Result<Appl
 
 fn prepare_and_swap(state: &Arc<AppState>) -> Result<Applied, ReloadError> {
     let path = state.config_path.as_ref().ok_or(ReloadError::NoFile)?;
-    let mut config = Config::load(path, &ProcessEnv)?;
+    let mut config = Config::load(path, state.env.as_ref())?;
     let current = state.snapshot.load_full();
     if config.ledger != current.config.ledger {
         return Err(ReloadError::NeedsRestart("[ledger]"));

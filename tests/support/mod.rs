@@ -27,7 +27,8 @@ pub struct Seen {
 
 /// An OpenAI-like server whose behaviour is chosen by the (rewritten) `model` it receives:
 /// `echo` answers normally, `no-usage` omits usage, `slow-stream` streams 200 chunks 20 ms
-/// apart, `bad-request` answers 400, `fail` answers 500, `hang` never answers in time,
+/// apart, `slow-json*` answers after `SLOW_JSON_DELAY`, `bad-request` answers 400, `fail`
+/// answers 500, `hang` never answers in time, `garbage` answers 200 with HTML,
 /// `usage-on-last` puts usage on the final content chunk.
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -36,6 +37,8 @@ pub struct Upstream {
 }
 
 pub const UPSTREAM_PROMPT_TOKENS: u64 = 11;
+/// How long `slow-json*` models take to answer.
+pub const SLOW_JSON_DELAY: Duration = Duration::from_millis(1000);
 pub const UPSTREAM_COMPLETION_TOKENS: u64 = 7;
 pub const UPSTREAM_ERROR_BODY: &str = r#"{"error":{"message":"temperature is out of range","type":"invalid_request_error","param":"temperature","code":"bad_temperature"}}"#;
 
@@ -93,6 +96,11 @@ async fn handle(
             tokio::time::sleep(Duration::from_secs(30)).await;
             return StatusCode::OK.into_response();
         }
+        "garbage" => {
+            return (StatusCode::OK, [("content-type", "application/json")], "<html>oops</html>").into_response()
+        }
+        // Answers normally after a pause: keeps requests in flight together.
+        m if m.starts_with("slow-json") => tokio::time::sleep(SLOW_JSON_DELAY).await,
         _ => {}
     }
     if uri.path().ends_with("/embeddings") {
@@ -184,7 +192,7 @@ impl Gateway {
         let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         let config = Config::parse(config, "test.toml", &lookup).unwrap_or_else(|e| panic!("test config:\n{e}"));
         let grace = config.server.shutdown_grace;
-        let state = AppState::new(config, path).unwrap();
+        let state = AppState::new(config, path, Arc::new(lookup)).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -212,6 +220,34 @@ impl Gateway {
     /// The value of the sample `name{labels}`, whatever the label order; 0 when absent.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_value(&self.metrics().await, name, labels)
+    }
+
+    /// `GET /admin/usage/{user}` with the admin key.
+    pub async fn usage(&self, user: &str) -> Value {
+        let response = reqwest::Client::new()
+            .get(self.url(&format!("/admin/usage/{user}")))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    /// `n` copies of one request, sent concurrently; the responses in completion order.
+    pub async fn post_concurrently(&self, n: usize, path: &str, key: &str, body: &Value) -> Vec<reqwest::Response> {
+        let client = reqwest::Client::new();
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let request = client.post(self.url(path)).bearer_auth(key).json(body);
+                tokio::spawn(async move { request.send().await.unwrap() })
+            })
+            .collect();
+        let mut responses = Vec::with_capacity(n);
+        for task in tasks {
+            responses.push(task.await.unwrap());
+        }
+        responses
     }
 
     pub async fn post(&self, path: &str, key: &str, body: &Value) -> reqwest::Response {
@@ -246,6 +282,7 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 pub const ALICE_KEY: &str = "sk-alice-test-key";
 pub const BOB_KEY: &str = "sk-bob-test-key";
 pub const BACKEND_KEY: &str = "sk-backend-secret";
+pub const ADMIN_KEY: &str = "sk-admin-test-key";
 
 pub fn key_hash(key: &str) -> String {
     tollgate::auth::hash_key_hex(key)
@@ -254,7 +291,9 @@ pub fn key_hash(key: &str) -> String {
 /// A config with one real backend per upstream model name, all on `upstream`, plus a route
 /// `auto` over the first and users alice and bob.
 pub fn config_for(upstream: &str, models: &[&str], extra: &str) -> String {
-    let mut text = String::from("[server]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 65536\nshutdown_grace_s = 5\n\n");
+    let mut text = String::from(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 65536\nshutdown_grace_s = 5\nadmin_key_env = \"TEST_ADMIN_KEY\"\n\n",
+    );
     for model in models {
         text.push_str(&format!(
             "[[backends]]\nname = \"{model}\"\ntier = \"quality\"\nbase_url = \"{upstream}\"\napi_key_env = \"TEST_BACKEND_KEY\"\n\
@@ -273,7 +312,7 @@ pub fn config_for(upstream: &str, models: &[&str], extra: &str) -> String {
     text
 }
 
-pub const ENV: &[(&str, &str)] = &[("TEST_BACKEND_KEY", BACKEND_KEY)];
+pub const ENV: &[(&str, &str)] = &[("TEST_BACKEND_KEY", BACKEND_KEY), ("TEST_ADMIN_KEY", ADMIN_KEY)];
 
 pub fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "Say hello"}], "temperature": 0.2, "seed": 42})
