@@ -1,0 +1,206 @@
+//! The admin API, config reload (admin call, file change) and durability of spend.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+fn priced_config(upstream: &str, output_per_mtok: u32) -> String {
+    format!(
+        "[server]\nadmin_key_env = \"TEST_ADMIN_KEY\"\n\n\
+         [[backends]]\nname = \"gpu\"\nbase_url = \"{upstream}\"\nmodel = \"echo\"\nquality = 0.9\n\
+         pricing = {{ input_per_mtok = 0, output_per_mtok = {output_per_mtok} }}\n\n\
+         [[routes]]\nmodel = \"auto\"\nbackends = [\"gpu\"]\n\n\
+         [[users]]\nname = \"alice\"\nkey_sha256 = \"{}\"\nbudget_usd = 100\n",
+        key_hash(ALICE_KEY)
+    )
+}
+
+async fn cost_of_one(gateway: &Gateway) -> String {
+    let response = gateway.post("/v1/chat/completions", ALICE_KEY, &chat("auto")).await;
+    assert_eq!(response.status(), 200);
+    response.headers()["x-tollgate-cost-usd"].to_str().unwrap().to_owned()
+}
+
+async fn admin_reload(gateway: &Gateway) -> reqwest::Response {
+    reqwest::Client::new().post(gateway.url("/admin/reload")).bearer_auth(ADMIN_KEY).send().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_price_change_by_reload_applies_to_the_next_request_and_spend_carries_over() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, priced_config(&upstream.base_url(), 1000)).unwrap();
+    let gateway = Gateway::start_from(&priced_config(&upstream.base_url(), 1000), ENV, Some(path.clone())).await;
+    assert_eq!(cost_of_one(&gateway).await, "0.007");
+
+    std::fs::write(&path, priced_config(&upstream.base_url(), 3000)).unwrap();
+    let response = admin_reload(&gateway).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "reloaded");
+    assert_eq!(cost_of_one(&gateway).await, "0.021");
+    let usage = gateway.usage("alice").await;
+    assert_eq!(usage["spent_usd"], 0.028, "spend from before the reload is kept");
+    assert_eq!(gateway.metric("tollgate_config_reloads_total", &[("result", "success")]).await, 1.0);
+}
+
+#[tokio::test]
+async fn a_broken_reload_is_refused_with_the_check_message_and_the_old_config_keeps_serving() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    let good = priced_config(&upstream.base_url(), 1000);
+    std::fs::write(&path, &good).unwrap();
+    let gateway = Gateway::start_from(&good, ENV, Some(path.clone())).await;
+
+    std::fs::write(&path, good.replace("quality = 0.9", "quality = 9").replace("model = \"echo\"", "modle = \"echo\""))
+        .unwrap();
+    let response = admin_reload(&gateway).await;
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    let file = path.display();
+    assert!(
+        message.contains(&format!("{file}:7: backends[0].modle: unknown key `modle` (did you mean `model`?)")),
+        "{message}"
+    );
+    assert!(message.contains(&format!("{file}:8: backends[0].quality: must be between 0 and 1, got 9")), "{message}");
+    assert_eq!(body["error"]["code"], "config_invalid");
+    assert_eq!(cost_of_one(&gateway).await, "0.007", "old config still serving");
+    assert_eq!(gateway.metric("tollgate_config_reloads_total", &[("result", "failure")]).await, 1.0);
+}
+
+#[tokio::test]
+async fn an_edited_config_file_is_reloaded_by_itself() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, priced_config(&upstream.base_url(), 1000)).unwrap();
+    let gateway = Gateway::start_from(&priced_config(&upstream.base_url(), 1000), ENV, Some(path.clone())).await;
+    tollgate::reload::spawn_watchers(&gateway.state);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::fs::write(&path, priced_config(&upstream.base_url(), 2000)).unwrap();
+    let mut cost = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if gateway.metric("tollgate_config_reloads_total", &[("result", "success")]).await == 1.0 {
+            cost = cost_of_one(&gateway).await;
+            break;
+        }
+    }
+    assert_eq!(cost, "0.014");
+}
+
+#[tokio::test]
+async fn the_admin_api_needs_the_admin_key_and_reports_usage_per_user_and_backend() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config_for(&upstream.base_url(), &["echo"], ""), ENV).await;
+    gateway.post("/v1/chat/completions", ALICE_KEY, &chat("auto")).await;
+    let client = reqwest::Client::new();
+    for key in [Some(ALICE_KEY), Some("wrong"), None] {
+        let mut request = client.get(gateway.url("/admin/usage"));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        assert_eq!(request.send().await.unwrap().status(), 401);
+    }
+    let all: Value =
+        client.get(gateway.url("/admin/usage")).bearer_auth(ADMIN_KEY).send().await.unwrap().json().await.unwrap();
+    let users: Vec<&str> = all["data"].as_array().unwrap().iter().map(|u| u["user"].as_str().unwrap()).collect();
+    assert_eq!(users, ["alice", "bob"]);
+    let alice = gateway.usage("alice").await;
+    assert_eq!(alice["requests"], 1);
+    assert_eq!(alice["prompt_tokens"], UPSTREAM_PROMPT_TOKENS);
+    assert_eq!(alice["completion_tokens"], UPSTREAM_COMPLETION_TOKENS);
+    assert_eq!(alice["by_backend"]["echo"]["requests"], 1);
+    assert_eq!(alice["budget_usd"], Value::Null);
+    assert_eq!(alice["remaining_usd"], Value::Null);
+    // 11 * $1/M + 7 * $2/M
+    assert_eq!(alice["spent_usd"], 0.000025);
+    let missing = client.get(gateway.url("/admin/usage/nobody")).bearer_auth(ADMIN_KEY).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+}
+
+#[tokio::test]
+async fn without_an_admin_key_the_admin_api_is_closed() {
+    let gateway = Gateway::start(tollgate::config::EMBEDDED_DEFAULT, &[]).await;
+    let response =
+        reqwest::Client::new().get(gateway.url("/admin/usage")).bearer_auth("anything").send().await.unwrap();
+    assert_eq!(response.status(), 403);
+}
+
+/// A real `tollgate serve` process on a SQLite ledger, killed with SIGKILL.
+struct Process {
+    child: Child,
+    addr: String,
+}
+
+impl Process {
+    fn start(dir: &std::path::Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["serve", "--config", "tollgate.toml", "--listen", "127.0.0.1:0"])
+            .current_dir(dir)
+            .env("NO_COLOR", "1")
+            .env("TEST_ADMIN_KEY", ADMIN_KEY)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines.next().expect("tollgate exited").unwrap();
+            if let Some(rest) = line.split("listen=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { child, addr }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+#[tokio::test]
+async fn spend_survives_kill_9_and_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[server]\nadmin_key_env = \"TEST_ADMIN_KEY\"\n\n[ledger]\nbackend = \"sqlite\"\npath = \"data/ledger.db\"\n\n\
+         [[backends]]\nname = \"sim\"\nsimulate = {{ ttft_ms = 1, tokens_per_s = 5000, quality_text = \"one two three four five\" }}\n\
+         model = \"sim\"\nquality = 0.5\npricing = {{ input_per_mtok = 1000, output_per_mtok = 1000 }}\n\n\
+         [[routes]]\nmodel = \"auto\"\nbackends = [\"sim\"]\n\n\
+         [[users]]\nname = \"alice\"\nkey_sha256 = \"{}\"\nbudget_usd = 1\nbudget_period = \"day\"\n",
+        key_hash(ALICE_KEY)
+    );
+    std::fs::write(dir.path().join("tollgate.toml"), config).unwrap();
+    let client = reqwest::Client::new();
+    let usage = |p: &Process| client.get(p.url("/admin/usage/alice")).bearer_auth(ADMIN_KEY).send();
+
+    let mut first = Process::start(dir.path());
+    for _ in 0..5 {
+        let response = client.post(first.url("/v1/chat/completions")).bearer_auth(ALICE_KEY).json(&chat("auto")).send();
+        assert_eq!(response.await.unwrap().status(), 200);
+    }
+    let before: Value = usage(&first).await.unwrap().json().await.unwrap();
+    assert_eq!(before["requests"], 5);
+    // The group-commit window is 20 ms; give it ample time, then kill without any warning.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+
+    let mut second = Process::start(dir.path());
+    let after: Value = usage(&second).await.unwrap().json().await.unwrap();
+    second.child.kill().unwrap();
+    second.child.wait().unwrap();
+    for field in ["spent_usd", "requests", "prompt_tokens", "completion_tokens", "by_backend"] {
+        assert_eq!(after[field], before[field], "{field} after a restart");
+    }
+    assert_eq!(after["reserved_usd"], 0.0);
+}
