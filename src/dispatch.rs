@@ -110,8 +110,7 @@ pub async fn run(state: &Arc<AppState>, ctx: RequestContext) -> Result<Response,
     let mut rounds = 0;
     loop {
         let unix = crate::clock::unix_now();
-        let account = state.ledger.usage(user, unix).await?;
-        let remaining = user.budget_usd.map(|b| account.remaining(b));
+        let remaining = state.ledger.remaining(user, unix).await?;
         let now = Instant::now();
         let facts = Facts {
             candidates: candidates(&snapshot, &plan, now),
@@ -372,9 +371,8 @@ async fn respond(
         meter.end(Ending::Complete);
         let cost = meter.settle();
         put(&mut headers, HEADER_COST, &cost.to_string());
-        if let Some(budget) = ctx.user.budget_usd {
-            let account = state.ledger.usage(&ctx.user, crate::clock::unix_now()).await?;
-            put(&mut headers, HEADER_BUDGET_REMAINING, &account.remaining(budget).to_string());
+        if let Some(remaining) = state.ledger.remaining(&ctx.user, crate::clock::unix_now()).await? {
+            put(&mut headers, HEADER_BUDGET_REMAINING, &remaining.to_string());
         }
         Body::from(bytes)
     };

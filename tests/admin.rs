@@ -175,6 +175,8 @@ async fn spend_survives_kill_9_and_a_restart() {
         "[server]\nadmin_key_env = \"TEST_ADMIN_KEY\"\n\n[ledger]\nbackend = \"sqlite\"\npath = \"data/ledger.db\"\n\n\
          [[backends]]\nname = \"sim\"\nsimulate = {{ ttft_ms = 1, tokens_per_s = 5000, quality_text = \"one two three four five\" }}\n\
          model = \"sim\"\nquality = 0.5\npricing = {{ input_per_mtok = 1000, output_per_mtok = 1000 }}\n\n\
+         [[backends]]\nname = \"slow-sim\"\nsimulate = {{ ttft_ms = 1, tokens_per_s = 2, quality_text = \"a b c d e f g h\" }}\n\
+         model = \"slow-sim\"\nquality = 0.5\npricing = {{ input_per_mtok = 1000, output_per_mtok = 1000 }}\n\n\
          [[routes]]\nmodel = \"auto\"\nbackends = [\"sim\"]\n\n\
          [[users]]\nname = \"alice\"\nkey_sha256 = \"{}\"\nbudget_usd = 1\nbudget_period = \"day\"\n",
         key_hash(ALICE_KEY)
@@ -190,6 +192,14 @@ async fn spend_survives_kill_9_and_a_restart() {
     }
     let before: Value = usage(&first).await.unwrap().json().await.unwrap();
     assert_eq!(before["requests"], 5);
+    // A stream in flight at the crash: its reservation must not survive it.
+    let mut streamed = chat("slow-sim");
+    streamed["stream"] = serde_json::json!(true);
+    let mut in_flight =
+        client.post(first.url("/v1/chat/completions")).bearer_auth(ALICE_KEY).json(&streamed).send().await.unwrap();
+    in_flight.chunk().await.unwrap().expect("first chunk");
+    let during: Value = usage(&first).await.unwrap().json().await.unwrap();
+    assert!(during["reserved_usd"].as_f64().unwrap() > 0.0);
     // The group-commit window is 20 ms; give it ample time, then kill without any warning.
     tokio::time::sleep(Duration::from_millis(300)).await;
     first.child.kill().unwrap();

@@ -49,9 +49,8 @@ async fn refresh(state: &AppState) {
     }
     let unix = crate::clock::unix_now();
     for user in &snapshot.config.users {
-        let Some(budget) = user.budget_usd else { continue };
-        if let Ok(account) = state.ledger.usage(user, unix).await {
-            m.budget_remaining.with_label_values(&[&user.name]).set(account.remaining(budget).as_f64());
+        if let Ok(Some(remaining)) = state.ledger.remaining(user, unix).await {
+            m.budget_remaining.with_label_values(&[&user.name]).set(remaining.as_f64());
         }
     }
 }

@@ -53,6 +53,11 @@ impl Accounts {
         self.with(user, now, |a| a.release(amount));
     }
 
+    pub fn remaining(&self, user: &User, now: i64) -> Option<Usd> {
+        let budget = user.budget_usd?;
+        Some(self.with(user, now, |a| a.remaining(budget)))
+    }
+
     pub fn snapshot(&self, user: &User, now: i64) -> Account {
         self.with(user, now, |a| a.clone())
     }

@@ -56,6 +56,8 @@ pub trait Ledger: Send + Sync + 'static {
     fn release(&self, user: &User, amount: Usd, now: i64);
     /// Replaces the reservation `reserved` by the actual cost in `record`.
     fn settle(&self, user: &User, reserved: Usd, record: RequestRecord, now: i64);
+    /// Budget left for `user` now (budget − spent − reserved); `None` when it has no budget.
+    fn remaining<'a>(&'a self, user: &'a User, now: i64) -> BoxFuture<'a, Result<Option<Usd>, LedgerError>>;
     /// The user's account for the current period.
     fn usage<'a>(&'a self, user: &'a User, now: i64) -> BoxFuture<'a, Result<Account, LedgerError>>;
     /// The most recent request records, newest last (at most `limit`).

@@ -220,6 +220,10 @@ impl Ledger for SqliteLedger {
         }
     }
 
+    fn remaining<'a>(&'a self, user: &'a User, now: i64) -> BoxFuture<'a, Result<Option<Usd>, LedgerError>> {
+        Box::pin(std::future::ready(Ok(self.accounts.remaining(user, now))))
+    }
+
     fn usage<'a>(&'a self, user: &'a User, now: i64) -> BoxFuture<'a, Result<Account, LedgerError>> {
         Box::pin(std::future::ready(Ok(self.accounts.snapshot(user, now))))
     }
