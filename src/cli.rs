@@ -3,6 +3,7 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
@@ -127,15 +128,18 @@ fn serve(path: Option<PathBuf>, listen: Option<std::net::SocketAddr>) -> ExitCod
 async fn serve_config(config: Config, path: Option<PathBuf>) -> Result<(), String> {
     let listen = config.server.listen;
     let grace = config.server.shutdown_grace;
-    let state = AppState::new(config, path, std::sync::Arc::new(ProcessEnv)).map_err(|e| e.to_string())?;
+    let state = AppState::new(config, path, Arc::new(ProcessEnv)).map_err(|e| e.to_string())?;
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| format!("cannot read the bound address: {e}"))?;
     crate::reload::spawn_watchers(&state);
     tracing::info!(listen = %bound, "tollgate listening");
-    crate::server::serve(listener, state, grace, crate::server::shutdown_signal())
-        .await
-        .map_err(|e| format!("server failed: {e}"))
+    let served = crate::server::serve(listener, Arc::clone(&state), grace, crate::server::shutdown_signal()).await;
+    // Every request that finished has settled; make the last settlements durable before exit.
+    if let Err(e) = state.ledger.flush().await {
+        tracing::error!(error = %e, "the ledger could not be flushed at shutdown");
+    }
+    served.map_err(|e| format!("server failed: {e}"))
 }
 
 fn init_tracing() {

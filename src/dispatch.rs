@@ -102,6 +102,7 @@ pub async fn run(state: &Arc<AppState>, ctx: RequestContext) -> Result<Response,
     let user = &ctx.user;
     let tokens_estimate = plan.prompt_tokens + plan.completion_tokens;
     state.limiter.admit(user, tokens_estimate, Instant::now())?;
+    let mut tokens_held = TokenHold { state, user, tokens: tokens_estimate, armed: true };
 
     let policy = ctx.hints.policy.unwrap_or(user.policy);
     let min_quality = ctx.hints.min_quality.map_or(user.min_quality, |hint| hint.max(user.min_quality));
@@ -121,7 +122,7 @@ pub async fn run(state: &Arc<AppState>, ctx: RequestContext) -> Result<Response,
             remaining,
         };
         let refusal = match policy::decide(&facts) {
-            Ok(decision) => match attempt(state, &ctx, &plan, decision, tokens_estimate).await? {
+            Ok(decision) => match attempt(state, &ctx, &plan, decision, &mut tokens_held).await? {
                 Some(response) => return Ok(response),
                 None if rounds < MAX_DECISION_ROUNDS => {
                     rounds += 1;
@@ -186,6 +187,23 @@ fn candidates<'s>(snapshot: &'s Snapshot, plan: &Plan<'_>, now: Instant) -> Vec<
         .collect()
 }
 
+/// The tokens a request took from its user's tpm allowance at admission: given back if it is
+/// refused or fails before a backend answers; once metered, the meter corrects them instead.
+struct TokenHold<'a> {
+    state: &'a AppState,
+    user: &'a User,
+    tokens: u64,
+    armed: bool,
+}
+
+impl Drop for TokenHold<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.state.limiter.settle_tokens(self.user, self.tokens, 0);
+        }
+    }
+}
+
 /// A place in the bounded wait queue, given back when dropped.
 struct QueuePlace<'a> {
     state: &'a AppState,
@@ -231,7 +249,7 @@ async fn attempt(
     ctx: &RequestContext,
     plan: &Plan<'_>,
     decision: Decision,
-    tokens_estimate: u64,
+    tokens_held: &mut TokenHold<'_>,
 ) -> Result<Option<Response>, ApiError> {
     let snapshot = &ctx.snapshot;
     let mut reason = decision.reason;
@@ -268,6 +286,7 @@ async fn attempt(
             Ok(answer) => {
                 upstream.state.succeeded();
                 probe.armed = false;
+                tokens_held.armed = false;
                 let meter = Meter::new(
                     MeterStart {
                         state: Arc::clone(state),
@@ -279,7 +298,7 @@ async fn attempt(
                         started: ctx.started,
                         arrived_ms: ctx.arrived_ms,
                         prompt_estimate: plan.prompt_tokens,
-                        tokens_estimate,
+                        tokens_estimate: tokens_held.tokens,
                         baseline: if plan.pinned { None } else { plan.baseline },
                         slot,
                         reservation,
@@ -354,13 +373,13 @@ async fn respond(
         }
         Body::new(MeteredBody::new(body, meter, !ctx.request.client_wants_usage, deadline))
     } else {
-        let bytes = read_whole(body, deadline, backend.name.as_str()).await;
-        let bytes = match bytes {
+        let bytes = match read_whole(body, deadline, backend.name.as_str()).await {
             Ok(bytes) => bytes,
             Err(e) => {
-                meter.end(if e.is_timeout() { Ending::Deadline } else { Ending::BackendBroke });
+                let timed_out = matches!(&e, ApiError::Upstream(u) if u.is_timeout());
+                meter.end(if timed_out { Ending::Deadline } else { Ending::BackendBroke });
                 meter.settle();
-                return Err(e.into());
+                return Err(e);
             }
         };
         if head.status.is_success() && !meter_json(&bytes, &mut meter) {
@@ -382,19 +401,14 @@ async fn respond(
     Ok(response)
 }
 
-async fn read_whole(
-    body: crate::upstream::UpstreamBody,
-    deadline: Instant,
-    backend: &str,
-) -> Result<Bytes, UpstreamError> {
+/// The whole answer body, within the deadline and the size bound.
+async fn read_whole(body: crate::upstream::UpstreamBody, deadline: Instant, backend: &str) -> Result<Bytes, ApiError> {
     let limited = http_body_util::Limited::new(body, MAX_ANSWER_BYTES);
     match tokio::time::timeout_at(deadline, limited.collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(_)) => Err(UpstreamError::Connect { backend: backend.to_owned() }),
-        Err(_) => Err(UpstreamError::Timeout {
-            backend: backend.to_owned(),
-            after: deadline.saturating_duration_since(Instant::now()),
-        }),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::UpstreamGarbage),
+        Ok(Err(_)) => Err(UpstreamError::Broken { backend: backend.to_owned() }.into()),
+        Err(_) => Err(UpstreamError::Timeout { backend: backend.to_owned(), after: deadline.elapsed() }.into()),
     }
 }
 

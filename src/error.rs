@@ -34,7 +34,7 @@ pub enum ApiError {
     RateLimited(#[from] RateLimited),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
-    #[error("the backend answered 200 with a body that is not valid JSON")]
+    #[error("the backend answered 200 with a body that is not valid JSON (or is too large)")]
     UpstreamGarbage,
     #[error("the budget ledger is unavailable; no request is served unmetered")]
     Ledger(#[from] LedgerError),

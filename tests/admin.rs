@@ -126,6 +126,17 @@ async fn the_admin_api_needs_the_admin_key_and_reports_usage_per_user_and_backen
     assert_eq!(alice["spent_usd"], 0.000025);
     let missing = client.get(gateway.url("/admin/usage/nobody")).bearer_auth(ADMIN_KEY).send().await.unwrap();
     assert_eq!(missing.status(), 404);
+
+    let records: Value =
+        client.get(gateway.url("/admin/requests")).bearer_auth(ADMIN_KEY).send().await.unwrap().json().await.unwrap();
+    let record = &records["data"][0];
+    assert_eq!(record["user"], "alice");
+    assert_eq!(record["route"], "auto");
+    assert_eq!(record["backend"], "echo");
+    assert_eq!(record["reason"], "quality-first");
+    assert_eq!(record["status"], 200);
+    assert_eq!(record["completion_tokens"], UPSTREAM_COMPLETION_TOKENS);
+    assert_eq!(record["cost_usd"], 0.000025);
 }
 
 #[tokio::test]
@@ -207,8 +218,11 @@ async fn spend_survives_kill_9_and_a_restart() {
 
     let mut second = Process::start(dir.path());
     let after: Value = usage(&second).await.unwrap().json().await.unwrap();
+    let second_url = second.url("/admin/requests");
+    let records: Value = client.get(&second_url).bearer_auth(ADMIN_KEY).send().await.unwrap().json().await.unwrap();
     second.child.kill().unwrap();
     second.child.wait().unwrap();
+    assert_eq!(records["data"].as_array().unwrap().len(), 5, "one record per settled request, kept across the crash");
     for field in ["spent_usd", "requests", "prompt_tokens", "completion_tokens", "by_backend"] {
         assert_eq!(after[field], before[field], "{field} after a restart");
     }

@@ -108,6 +108,48 @@ pub async fn user_usage(State(state): State<Arc<AppState>>, headers: HeaderMap, 
     result.into_response()
 }
 
+#[derive(serde::Deserialize)]
+pub struct RecordsQuery {
+    limit: Option<usize>,
+}
+
+/// Records kept per request at most in one answer.
+const MAX_RECORDS_PER_ANSWER: usize = 10_000;
+
+/// `GET /admin/requests?limit=N`: the most recent request records, oldest first.
+pub async fn requests(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Query(query): axum::extract::Query<RecordsQuery>,
+) -> Response {
+    let result = async {
+        authorize(&state, &headers)?;
+        let limit = query.limit.unwrap_or(100).min(MAX_RECORDS_PER_ANSWER);
+        let records = state.ledger.records(limit).await?;
+        let data: Vec<serde_json::Value> = records
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "at": period::rfc3339(r.at_ms.div_euclid(1000)),
+                    "at_ms": r.at_ms,
+                    "user": r.user,
+                    "route": r.route,
+                    "backend": r.backend,
+                    "reason": r.reason,
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                    "cost_usd": r.cost.as_f64(),
+                    "status": r.status,
+                    "latency_ms": r.latency_ms,
+                })
+            })
+            .collect();
+        Ok::<_, ApiError>(Json(serde_json::json!({ "object": "list", "data": data })))
+    }
+    .await;
+    result.into_response()
+}
+
 pub async fn reload(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let result = async {
         authorize(&state, &headers)?;

@@ -24,6 +24,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/metrics", get(health::metrics))
         .route("/admin/usage", get(admin::all_usage))
         .route("/admin/usage/{user}", get(admin::user_usage))
+        .route("/admin/requests", get(admin::requests))
         .route("/admin/reload", post(admin::reload))
         .fallback(not_found)
 }

@@ -44,6 +44,8 @@ pub enum UpstreamError {
     Connect { backend: String },
     #[error("backend `{backend}` did not answer within {after:?}")]
     Timeout { backend: String, after: Duration },
+    #[error("backend `{backend}` broke off its answer")]
+    Broken { backend: String },
     #[error("backend `{backend}` failed with HTTP {status}")]
     Status { backend: String, status: u16 },
     #[error("backend `{backend}` cannot be used: {reason}")]
@@ -61,6 +63,7 @@ impl UpstreamError {
             Self::Connect { .. } => "connect",
             Self::Timeout { .. } => "timeout",
             Self::Status { .. } => "status",
+            Self::Broken { .. } => "broken",
             Self::Unusable { .. } => "unusable",
         }
     }
