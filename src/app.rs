@@ -86,5 +86,5 @@ impl AppState {
 
 /// The router: the seam tests and `serve` share.
 pub fn app(state: Arc<AppState>) -> Router {
-    crate::http::routes().with_state(state)
+    crate::http::routes(state)
 }

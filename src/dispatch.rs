@@ -371,7 +371,7 @@ async fn respond(
         if let Some(remaining) = remaining_after_reserve {
             put(&mut headers, HEADER_BUDGET_REMAINING, &remaining.to_string());
         }
-        Body::new(MeteredBody::new(body, meter, !ctx.request.client_wants_usage, deadline))
+        Body::new(MeteredBody::new(body, meter, !ctx.request.client_wants_usage, backend.timeout))
     } else {
         let bytes = match read_whole(body, deadline, backend.name.as_str()).await {
             Ok(bytes) => bytes,

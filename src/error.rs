@@ -27,6 +27,10 @@ pub enum ApiError {
     BodyTooLarge { limit: usize },
     #[error("request body could not be read")]
     BodyUnreadable,
+    #[error("the request body did not arrive within {0} s")]
+    BodyTimeout(u64),
+    #[error("a request header is larger than the {0} bytes this gateway accepts")]
+    HeaderTooLarge(usize),
     /// The policy said no. `retry_after`: seconds until the budget period resets.
     #[error("{refusal}")]
     Refused { refusal: Refusal, retry_after: Option<u64>, remaining: Option<Usd> },
@@ -65,6 +69,8 @@ impl ApiError {
             Self::Auth(_) => StatusCode::UNAUTHORIZED,
             Self::UnknownModel(_) | Self::NoSuchEndpoint(_) | Self::UnknownUser(_) => StatusCode::NOT_FOUND,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::HeaderTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Refused { refusal, .. } => match refusal {
                 Refusal::ContextTooLong { .. }
                 | Refusal::QualityUnavailable { .. }
@@ -89,6 +95,8 @@ impl ApiError {
             Self::UnknownModel(_) => "model_not_found",
             Self::NoSuchEndpoint(_) | Self::UnknownUser(_) => "not_found",
             Self::BodyTooLarge { .. } => "request_too_large",
+            Self::BodyTimeout(_) => "request_timeout",
+            Self::HeaderTooLarge(_) => "header_too_large",
             Self::Refused { refusal, .. } => match refusal {
                 Refusal::ContextTooLong { .. } => "context_length_exceeded",
                 Refusal::QualityUnavailable { .. } => "quality_unavailable",

@@ -24,4 +24,5 @@ pub mod request;
 pub mod secret;
 pub mod server;
 pub mod snapshot;
+pub mod strict_json;
 pub mod upstream;

@@ -52,7 +52,7 @@ pub struct ProxyRequest {
 impl ProxyRequest {
     /// Parses and checks `bytes` for `endpoint`; every refusal names the field at fault.
     pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<Self, ApiError> {
-        let value: Value = serde_json::from_slice(bytes)
+        let value = crate::strict_json::parse(bytes)
             .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}"), None))?;
         let Value::Object(body) = value else {
             return Err(ApiError::bad_request("request body must be a JSON object", None));
@@ -68,8 +68,10 @@ impl ProxyRequest {
                 return Err(ApiError::bad_request(format!("missing required field `{input}`"), Some(input)));
             }
             (Endpoint::ChatCompletions, Some(Value::Array(messages))) if !messages.is_empty() => {
-                if let Some(i) = messages.iter().position(|m| !m.is_object()) {
-                    return Err(ApiError::bad_request(format!("`messages[{i}]` must be an object"), Some("messages")));
+                let malformed = messages.iter().position(|m| !m.get("role").is_some_and(Value::is_string));
+                if let Some(i) = malformed {
+                    let message = format!("`messages[{i}]` must be an object with a string `role`");
+                    return Err(ApiError::bad_request(message, Some("messages")));
                 }
             }
             (Endpoint::ChatCompletions, Some(_)) => {

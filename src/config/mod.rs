@@ -44,6 +44,16 @@ pub struct Server {
     pub queue_timeout: Duration,
     /// How many requests may wait at once; beyond, 503 at once.
     pub max_queue: u32,
+    /// Open client connections at most; beyond, a 503 and the connection is closed.
+    pub max_connections: usize,
+    /// A request head must arrive within this (also bounds idle keep-alive connections).
+    pub header_read_timeout: Duration,
+    /// A request body must arrive within this once its head is in.
+    pub body_read_timeout: Duration,
+    /// One header value at most (431 beyond).
+    pub max_header_bytes: usize,
+    /// When set, `/metrics` needs `Authorization: Bearer <this key>`.
+    pub metrics_key: Option<Secret>,
 }
 
 /// `[ledger]`: where spend and reservations live.
@@ -82,7 +92,8 @@ pub struct Backend {
     /// Prompt plus completion tokens the backend accepts.
     pub context_window: u32,
     pub max_concurrency: u32,
-    /// Whole-request deadline, streams included.
+    /// The longest the backend may stay silent: before its answer is complete (non-streamed),
+    /// or between two pieces of a stream.
     pub timeout: Duration,
     /// TCP connect deadline.
     pub connect_timeout: Duration,

@@ -22,6 +22,10 @@ const DEFAULT_TIMEOUT_S: u64 = 120;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 const DEFAULT_MAX_TOKENS: u32 = 512;
 const DEFAULT_QUEUE_TIMEOUT_MS: u64 = 5_000;
+const DEFAULT_MAX_CONNECTIONS: u64 = 4096;
+const DEFAULT_HEADER_READ_TIMEOUT_S: u64 = 10;
+const DEFAULT_BODY_READ_TIMEOUT_S: u64 = 30;
+const DEFAULT_MAX_HEADER_BYTES: u64 = 8192;
 const DEFAULT_MAX_QUEUE: u32 = 256;
 const DEFAULT_RETENTION_DAYS: u64 = 30;
 /// A small model on a CPU core: what hourly estimates assume unless told otherwise.
@@ -77,6 +81,11 @@ fn default_server() -> Server {
         shutdown_grace: Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_S),
         queue_timeout: Duration::from_millis(DEFAULT_QUEUE_TIMEOUT_MS),
         max_queue: DEFAULT_MAX_QUEUE,
+        max_connections: DEFAULT_MAX_CONNECTIONS as usize,
+        header_read_timeout: Duration::from_secs(DEFAULT_HEADER_READ_TIMEOUT_S),
+        body_read_timeout: Duration::from_secs(DEFAULT_BODY_READ_TIMEOUT_S),
+        max_header_bytes: DEFAULT_MAX_HEADER_BYTES as usize,
+        metrics_key: None,
     }
 }
 
@@ -92,6 +101,11 @@ fn server(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> Server {
     let grace = f.optional::<u64>(p, "shutdown_grace_s").unwrap_or(DEFAULT_SHUTDOWN_GRACE_S);
     let queue_timeout_ms = f.optional::<u64>(p, "queue_timeout_ms").unwrap_or(DEFAULT_QUEUE_TIMEOUT_MS);
     let max_queue = f.optional::<u32>(p, "max_queue").unwrap_or(DEFAULT_MAX_QUEUE);
+    let max_connections = positive(f, p, "max_connections").unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    let header_read_timeout_s = positive(f, p, "header_read_timeout_s").unwrap_or(DEFAULT_HEADER_READ_TIMEOUT_S);
+    let body_read_timeout_s = positive(f, p, "body_read_timeout_s").unwrap_or(DEFAULT_BODY_READ_TIMEOUT_S);
+    let max_header_bytes = positive(f, p, "max_header_bytes").unwrap_or(DEFAULT_MAX_HEADER_BYTES);
+    let metrics_key = secret(f, p, env, "metrics_key_env");
     f.finish(p);
     Server {
         listen,
@@ -100,6 +114,11 @@ fn server(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> Server {
         shutdown_grace: Duration::from_secs(grace),
         queue_timeout: Duration::from_millis(queue_timeout_ms),
         max_queue,
+        max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+        header_read_timeout: Duration::from_secs(header_read_timeout_s),
+        body_read_timeout: Duration::from_secs(body_read_timeout_s),
+        max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
+        metrics_key,
     }
 }
 

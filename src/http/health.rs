@@ -23,7 +23,15 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+/// The scrape. Open by default (Prometheus convention on an internal network: it shows user
+/// names and spend, never keys or key hashes); `server.metrics_key_env` puts it behind a key.
+pub async fn metrics(State(state): State<Arc<AppState>>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(key) = &state.snapshot.load().config.server.metrics_key {
+        let presented = crate::auth::bearer(&headers).map(|k| crate::auth::sha256(k.as_bytes()));
+        if presented.ok() != Some(crate::auth::sha256(key.expose().as_bytes())) {
+            return crate::error::ApiError::from(crate::auth::AuthError::Unknown).into_response();
+        }
+    }
     refresh(&state).await;
     match state.metrics.render() {
         Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),

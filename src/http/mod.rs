@@ -13,7 +13,7 @@ use axum::Router;
 use crate::app::AppState;
 use crate::error::ApiError;
 
-pub fn routes() -> Router<Arc<AppState>> {
+pub fn routes(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(proxy::chat_completions))
         .route("/v1/completions", post(proxy::completions))
@@ -27,6 +27,24 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/admin/requests", get(admin::requests))
         .route("/admin/reload", post(admin::reload))
         .fallback(not_found)
+        // Outermost: a header over the per-header limit is refused before any handler runs.
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), limit_headers))
+        .with_state(state)
+}
+
+/// hyper bounds the whole head and the header count; this bounds each header, as a careful
+/// edge proxy does (431).
+async fn limit_headers(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let limit = state.snapshot.load().config.server.max_header_bytes;
+    if request.headers().iter().any(|(name, value)| name.as_str().len() + value.len() > limit) {
+        state.metrics.rejected.with_label_values(&["header_too_large"]).inc();
+        return axum::response::IntoResponse::into_response(ApiError::HeaderTooLarge(limit));
+    }
+    next.run(request).await
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {

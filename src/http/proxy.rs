@@ -32,8 +32,10 @@ async fn proxy(State(state): State<Arc<AppState>>, endpoint: Endpoint, headers: 
     let result = async {
         let snapshot = state.snapshot.load_full();
         let user = Arc::clone(snapshot.keys.authenticate(&headers)?);
-        let limit = snapshot.config.server.max_body_bytes;
-        let bytes = read_body(&headers, body, limit).await?;
+        let server = &snapshot.config.server;
+        let bytes = tokio::time::timeout(server.body_read_timeout, read_body(&headers, body, server.max_body_bytes))
+            .await
+            .map_err(|_| ApiError::BodyTimeout(server.body_read_timeout.as_secs()))??;
         let request = ProxyRequest::parse(endpoint, &bytes)?;
         let hints = hints(&headers)?;
         let arrived_ms = crate::clock::unix_now_ms();

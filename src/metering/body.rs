@@ -1,9 +1,11 @@
 //! A streamed (SSE) answer on its way to the client: forwarded event by event, read for usage
-//! as it passes, cut at the backend's deadline, and metered however it ends.
+//! as it passes, cut when the backend stays silent longer than its timeout, and metered
+//! however it ends.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -20,7 +22,9 @@ use crate::upstream::{BodyError, UpstreamBody};
 pub struct MeteredBody {
     inner: UpstreamBody,
     scanner: SseScanner,
+    /// Fires after `silence` without a byte from the backend.
     deadline: Pin<Box<Sleep>>,
+    silence: Duration,
     meter: Option<Meter>,
     first_byte_seen: bool,
     /// An event still to send before ending (an error notice for a stream cut short).
@@ -28,12 +32,14 @@ pub struct MeteredBody {
 }
 
 impl MeteredBody {
-    /// `hide_usage`: the client did not ask for the usage chunk.
-    pub fn new(inner: UpstreamBody, meter: Meter, hide_usage: bool, deadline: Instant) -> Self {
+    /// `hide_usage`: the client did not ask for the usage chunk; `silence`: the longest the
+    /// backend may send nothing.
+    pub fn new(inner: UpstreamBody, meter: Meter, hide_usage: bool, silence: Duration) -> Self {
         Self {
             inner,
             scanner: SseScanner::new(hide_usage),
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            deadline: Box::pin(tokio::time::sleep(silence)),
+            silence,
             meter: Some(meter),
             first_byte_seen: false,
             trailer: None,
@@ -59,7 +65,7 @@ impl MeteredBody {
     /// never with a clean `[DONE]`.
     fn cut(&mut self, ending: Ending) -> Option<Bytes> {
         let (message, code) = match ending {
-            Ending::Deadline => ("the backend did not finish within its timeout", "upstream_timeout"),
+            Ending::Deadline => ("the backend went silent for longer than its timeout", "upstream_timeout"),
             _ => ("the backend connection broke mid-stream", "upstream_error"),
         };
         self.finish(ending);
@@ -102,6 +108,7 @@ impl Body for MeteredBody {
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(bytes) => {
+                        this.deadline.as_mut().reset(Instant::now() + this.silence);
                         let out = this.take_bytes(bytes);
                         // A partial event is held back until complete; poll on for more.
                         if out.is_empty() {

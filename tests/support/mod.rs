@@ -2,6 +2,8 @@
 //! 127.0.0.1:0, driven over HTTP. No mocks: both sides are real HTTP servers.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod faults;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
