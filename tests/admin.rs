@@ -3,11 +3,10 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
+use support::process::Process;
 use support::*;
 
 fn priced_config(upstream: &str, output_per_mtok: u32) -> String {
@@ -147,38 +146,6 @@ async fn without_an_admin_key_the_admin_api_is_closed() {
     assert_eq!(response.status(), 403);
 }
 
-/// A real `tollgate serve` process on a SQLite ledger, killed with SIGKILL.
-struct Process {
-    child: Child,
-    addr: String,
-}
-
-impl Process {
-    fn start(dir: &std::path::Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["serve", "--config", "tollgate.toml", "--listen", "127.0.0.1:0"])
-            .current_dir(dir)
-            .env("NO_COLOR", "1")
-            .env("TEST_ADMIN_KEY", ADMIN_KEY)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines.next().expect("tollgate exited").unwrap();
-            if let Some(rest) = line.split("listen=").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_owned();
-            }
-        };
-        std::thread::spawn(move || lines.for_each(drop));
-        Self { child, addr }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-}
-
 #[tokio::test]
 async fn spend_survives_kill_9_and_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -196,7 +163,7 @@ async fn spend_survives_kill_9_and_a_restart() {
     let client = reqwest::Client::new();
     let usage = |p: &Process| client.get(p.url("/admin/usage/alice")).bearer_auth(ADMIN_KEY).send();
 
-    let mut first = Process::start(dir.path());
+    let mut first = Process::start(dir.path(), &[("TEST_ADMIN_KEY", ADMIN_KEY)]);
     for _ in 0..5 {
         let response = client.post(first.url("/v1/chat/completions")).bearer_auth(ALICE_KEY).json(&chat("auto")).send();
         assert_eq!(response.await.unwrap().status(), 200);
@@ -216,12 +183,11 @@ async fn spend_survives_kill_9_and_a_restart() {
     first.child.kill().unwrap();
     first.child.wait().unwrap();
 
-    let mut second = Process::start(dir.path());
+    let second = Process::start(dir.path(), &[("TEST_ADMIN_KEY", ADMIN_KEY)]);
     let after: Value = usage(&second).await.unwrap().json().await.unwrap();
     let second_url = second.url("/admin/requests");
     let records: Value = client.get(&second_url).bearer_auth(ADMIN_KEY).send().await.unwrap().json().await.unwrap();
-    second.child.kill().unwrap();
-    second.child.wait().unwrap();
+    drop(second);
     assert_eq!(records["data"].as_array().unwrap().len(), 5, "one record per settled request, kept across the crash");
     for field in ["spent_usd", "requests", "prompt_tokens", "completion_tokens", "by_backend"] {
         assert_eq!(after[field], before[field], "{field} after a restart");

@@ -225,8 +225,8 @@ fn target(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> Target {
     match (base_url, simulate) {
         (Some(url), None) => {
             if !(url.starts_with("http://") || url.starts_with("https://")) || url.parse::<http::Uri>().is_err() {
-                let message = format!("`{url}` is not an http:// or https:// URL");
-                p.at_line(f.line_of(p, "base_url"), &f.path_of("base_url"), message);
+                // The URL itself is not echoed: it may carry credentials.
+                p.at_line(f.line_of(p, "base_url"), &f.path_of("base_url"), "is not an http:// or https:// URL");
             }
             Target::Http { base_url: url.trim_end_matches('/').to_owned(), api_key }
         }

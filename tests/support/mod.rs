@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod faults;
+pub mod process;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
