@@ -54,12 +54,12 @@ impl Process {
     /// Sends `signal` (e.g. "TERM") and waits up to `limit` for the exit status.
     pub fn signal_and_wait(&mut self, signal: &str, limit: Duration) -> Option<std::process::ExitStatus> {
         Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status().unwrap();
-        let started = std::time::Instant::now();
-        while started.elapsed() < limit {
+        let step = Duration::from_millis(20);
+        for _ in 0..=limit.as_millis() / step.as_millis() {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return Some(status);
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(step);
         }
         None
     }
