@@ -78,6 +78,7 @@ fn main() {
         min_quality: user.min_quality,
         max_request: user.max_request_usd,
         remaining: Some(Usd::from_pico(1_000_000_000)),
+        paced: false,
     };
     measure("policy::decide (2 candidates, cost-first)", 200_000, || {
         black_box(decide(black_box(&facts)).ok());

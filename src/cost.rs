@@ -118,6 +118,25 @@ impl Pricing {
         }
     }
 
+    /// The most completion tokens whose estimate (with `prompt_tokens`) fits `budget`.
+    pub fn affordable_completion(&self, prompt_tokens: u64, budget: Usd, tokens_per_s: u32) -> u64 {
+        let fits = |completion: u64| self.estimate(prompt_tokens, completion, tokens_per_s) <= budget;
+        if !fits(0) {
+            return 0;
+        }
+        // The estimate grows with the completion: binary search for the last size that fits.
+        let (mut low, mut high) = (0u64, 1u64 << 40);
+        while low < high {
+            let mid = low + (high - low).div_ceil(2);
+            if fits(mid) {
+                low = mid;
+            } else {
+                high = mid - 1;
+            }
+        }
+        low
+    }
+
     pub fn is_per_hour(&self) -> bool {
         matches!(self, Self::PerHour { .. })
     }

@@ -28,6 +28,10 @@ pub const HEADER_TIER: &str = "x-tollgate-tier";
 pub const HEADER_REASON: &str = "x-tollgate-reason";
 pub const HEADER_COST: &str = "x-tollgate-cost-usd";
 pub const HEADER_BUDGET_REMAINING: &str = "x-tollgate-budget-remaining-usd";
+pub const HEADER_MAX_TOKENS_CLAMPED: &str = "x-tollgate-max-tokens-clamped";
+
+/// Below this many completion tokens a clamped answer is of no use: refuse instead.
+const MIN_CLAMPED_TOKENS: u64 = 16;
 
 /// Completion estimate for a pinned backend when the request sets no `max_tokens`.
 const PINNED_DEFAULT_MAX_TOKENS: u64 = 512;
@@ -54,6 +58,8 @@ pub struct RequestContext {
     /// When the gateway received the request (for durations and deadlines).
     pub started: Instant,
     pub arrived_ms: i64,
+    /// `max_tokens` as shortened to what the budget pays (`clamp_max_tokens`).
+    pub clamped: Option<u64>,
 }
 
 /// What one route (or pinned backend) offers this request, computed once.
@@ -96,9 +102,9 @@ fn plan<'s>(snapshot: &'s Snapshot, request: &ProxyRequest) -> Result<Plan<'s>, 
     Ok(Plan { route, candidates, pinned, prompt_tokens, completion_tokens, estimates, baseline })
 }
 
-pub async fn run(state: &Arc<AppState>, ctx: RequestContext) -> Result<Response, ApiError> {
+pub async fn run(state: &Arc<AppState>, mut ctx: RequestContext) -> Result<Response, ApiError> {
     let snapshot = Arc::clone(&ctx.snapshot);
-    let plan = plan(&snapshot, &ctx.request)?;
+    let mut plan = plan(&snapshot, &ctx.request)?;
     let user = &ctx.user;
     let tokens_estimate = plan.prompt_tokens + plan.completion_tokens;
     state.limiter.admit(user, tokens_estimate, Instant::now())?;
@@ -120,6 +126,7 @@ pub async fn run(state: &Arc<AppState>, ctx: RequestContext) -> Result<Response,
             min_quality,
             max_request: user.max_request_usd,
             remaining,
+            paced: ahead_of_pace(user, policy, remaining, unix),
         };
         let refusal = match policy::decide(&facts) {
             Ok(decision) => match attempt(state, &ctx, &plan, decision, &mut tokens_held).await? {
@@ -146,12 +153,17 @@ pub async fn run(state: &Arc<AppState>, ctx: RequestContext) -> Result<Response,
                 }
                 let _ = tokio::time::timeout_at(wait_until, notified).await;
             }
-            Refusal::BudgetExceeded { remaining, cheapest } => {
-                let retry_after =
-                    period::end(user.budget_period, unix).map(|end| u64::try_from(end - unix).unwrap_or(0));
-                let refusal = Refusal::BudgetExceeded { remaining, cheapest };
-                return Err(ApiError::Refused { refusal, retry_after, remaining: Some(remaining) });
+            Refusal::BudgetExceeded { .. } | Refusal::OverRequestCap { .. }
+                if user.clamp_max_tokens && ctx.clamped.is_none() =>
+            {
+                let Some(tokens) = clamp(&snapshot, &plan, &facts) else {
+                    return Err(refused(user, refusal, unix));
+                };
+                ctx.request.set_max_tokens(tokens);
+                ctx.clamped = Some(tokens);
+                plan = self::plan(&snapshot, &ctx.request)?;
             }
+            Refusal::BudgetExceeded { .. } => return Err(refused(user, refusal, unix)),
             Refusal::ContextTooLong { .. } => {
                 let largest = plan
                     .candidates
@@ -164,6 +176,66 @@ pub async fn run(state: &Arc<AppState>, ctx: RequestContext) -> Result<Response,
             other => return Err(other.into()),
         }
     }
+}
+
+/// A budget refusal, with `Retry-After` until the period resets.
+fn refused(user: &User, refusal: Refusal, now: i64) -> ApiError {
+    let remaining = match &refusal {
+        Refusal::BudgetExceeded { remaining, .. } => Some(*remaining),
+        _ => None,
+    };
+    let retry_after = match refusal {
+        Refusal::BudgetExceeded { .. } => {
+            period::end(user.budget_period, now).map(|end| u64::try_from(end - now).unwrap_or(0))
+        }
+        _ => None,
+    };
+    ApiError::Refused { refusal, retry_after, remaining }
+}
+
+/// Whether a pacing quality-first user is ahead of its pace line now.
+fn ahead_of_pace(user: &User, policy: Policy, remaining: Option<Usd>, now: i64) -> bool {
+    let (Some(pacing), Some(budget), Some(left), Policy::QualityFirst) =
+        (user.pacing, user.budget_usd, remaining, policy)
+    else {
+        return false;
+    };
+    let start = period::start(user.budget_period, now);
+    period::end(user.budget_period, now).is_some_and(|end| {
+        crate::policy::pacing::ahead_of_pace(budget.saturating_sub(left), budget, start, end, now, pacing.slack)
+    })
+}
+
+/// The completion length the budget (and the per-request cap) can pay on the candidate the
+/// user's policy prefers among those it could pay at least `MIN_CLAMPED_TOKENS` on; `None`
+/// when even that is out of reach.
+fn clamp(snapshot: &Snapshot, plan: &Plan<'_>, facts: &Facts<'_>) -> Option<u64> {
+    if plan.completion_tokens <= MIN_CLAMPED_TOKENS {
+        return None;
+    }
+    let limit = match (facts.remaining, facts.max_request) {
+        (Some(left), Some(cap)) => left.min(cap),
+        (Some(left), None) => left,
+        (None, Some(cap)) => cap,
+        (None, None) => return None,
+    };
+    let mut usable: Vec<(&Candidate<'_>, u64)> = facts
+        .candidates
+        .iter()
+        .filter(|c| c.healthy && (facts.pinned || c.quality >= facts.min_quality))
+        .map(|c| {
+            let b = &snapshot.config.backends[c.index];
+            let room = b.context_window_room(plan.prompt_tokens);
+            let affordable = b.pricing.affordable_completion(plan.prompt_tokens, limit, b.expected_tokens_per_s);
+            (c, affordable.min(room).min(plan.completion_tokens))
+        })
+        .filter(|(_, tokens)| *tokens >= MIN_CLAMPED_TOKENS)
+        .collect();
+    match facts.policy {
+        Policy::QualityFirst => usable.sort_by(|a, b| b.0.quality.total_cmp(&a.0.quality)),
+        Policy::CostFirst => usable.sort_by_key(|(c, _)| c.estimated_cost),
+    }
+    usable.first().map(|(_, tokens)| *tokens)
 }
 
 fn candidates<'s>(snapshot: &'s Snapshot, plan: &Plan<'_>, now: Instant) -> Vec<Candidate<'s>> {
@@ -359,6 +431,9 @@ async fn respond(
     put(&mut headers, HEADER_BACKEND, &backend.name);
     put(&mut headers, HEADER_TIER, &backend.tier);
     put(&mut headers, HEADER_REASON, &reason.label());
+    if let Some(clamped) = ctx.clamped {
+        put(&mut headers, HEADER_MAX_TOKENS_CLAMPED, &clamped.to_string());
+    }
 
     let is_sse = head
         .headers

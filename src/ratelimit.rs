@@ -123,6 +123,8 @@ mod tests {
             min_quality: 0.0,
             rpm,
             tpm,
+            pacing: None,
+            clamp_max_tokens: false,
         }
     }
 

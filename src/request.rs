@@ -105,6 +105,16 @@ impl ProxyRequest {
     }
 }
 
+impl ProxyRequest {
+    /// Shortens the completion to `tokens` (budget clamping), in the field the client used.
+    pub fn set_max_tokens(&mut self, tokens: u64) {
+        let field =
+            if self.body.contains_key("max_completion_tokens") { "max_completion_tokens" } else { "max_tokens" };
+        self.body.insert(field.to_owned(), Value::from(tokens));
+        self.max_tokens = Some(tokens);
+    }
+}
+
 fn max_tokens(body: &Map<String, Value>) -> Result<Option<u64>, ApiError> {
     for field in ["max_completion_tokens", "max_tokens"] {
         match body.get(field) {

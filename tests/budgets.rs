@@ -316,3 +316,56 @@ async fn savings_against_the_premium_baseline_are_counted() {
     let saved = gateway.metric("tollgate_savings_usd_total", &[("user", "carol")]).await;
     assert!((saved - 0.0162).abs() < 1e-12, "{saved}");
 }
+
+#[tokio::test]
+async fn a_paced_user_ahead_of_its_pace_line_is_served_by_the_cheaper_backend_that_meets_its_floor() {
+    let upstream = Upstream::start().await;
+    let backends =
+        backend("gpu", &upstream.base_url(), "echo", 0.9, "{ input_per_mtok = 0, output_per_mtok = 50000 }", "")
+            + &backend("cpu", &upstream.base_url(), "echo", 0.4, "{ input_per_mtok = 0, output_per_mtok = 1 }", "");
+    let routes = "[[routes]]\nmodel = \"auto\"\nbackends = [\"gpu\", \"cpu\"]\n";
+    // One premium request costs $0.35 of a $1 daily budget: 35% spent is ahead of pace (with
+    // the 5% slack) at any time before 07:12 UTC.
+    let user = "policy = \"quality-first\"\nbudget_usd = 1\nbudget_period = \"day\"\npacing = true\nmin_quality = 0.3";
+    let gateway = Gateway::start(&config(&backends, routes, user), ENV).await;
+    let first = gateway.post("/v1/chat/completions", CAROL_KEY, &chat_with_max("auto", 7)).await;
+    assert_eq!(header(&first, "x-tollgate-reason"), "quality-first");
+    let spent = gateway.usage("carol").await["spent_usd"].as_f64().unwrap();
+    assert!((spent - 0.35).abs() < 1e-9, "{spent}");
+    let now = tollgate::clock::unix_now();
+    let elapsed_share = (now % 86_400) as f64 / 86_400.0;
+    let second = gateway.post("/v1/chat/completions", CAROL_KEY, &chat_with_max("auto", 7)).await;
+    if elapsed_share + 0.05 < 0.35 {
+        assert_eq!(header(&second, "x-tollgate-backend"), "cpu");
+        assert_eq!(header(&second, "x-tollgate-reason"), "paced");
+    } else {
+        // Later in the UTC day 35% is on pace: premium goes on.
+        assert_eq!(header(&second, "x-tollgate-reason"), "quality-first");
+    }
+}
+
+#[tokio::test]
+async fn clamp_max_tokens_shortens_a_request_to_what_the_budget_pays_and_refuses_below_a_useful_minimum() {
+    let upstream = Upstream::start().await;
+    let b = backend("gpu", &upstream.base_url(), "echo", 0.9, "{ input_per_mtok = 0, output_per_mtok = 1000 }", "");
+    let routes = "[[routes]]\nmodel = \"auto\"\nbackends = [\"gpu\"]\n";
+    // $0.1 pays 100 completion tokens.
+    let gateway = Gateway::start(&config(&b, routes, "budget_usd = 0.1\nclamp_max_tokens = true"), ENV).await;
+    let response = gateway.post("/v1/chat/completions", CAROL_KEY, &chat_with_max("auto", 1000)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-tollgate-max-tokens-clamped"), "100");
+    assert_eq!(upstream.seen()[0].body["max_tokens"], 100, "the backend was asked for the clamped length");
+    // 7 tokens were generated ($0.007): $0.093 pays 93 more.
+    let second = gateway.post("/v1/chat/completions", CAROL_KEY, &chat_with_max("auto", 1000)).await;
+    assert_eq!(header(&second, "x-tollgate-max-tokens-clamped"), "93");
+    let within = gateway.post("/v1/chat/completions", CAROL_KEY, &chat_with_max("auto", 20)).await;
+    assert_eq!(header(&within, "x-tollgate-max-tokens-clamped"), "", "no clamp when the request fits");
+    // Spend the rest down below 16 tokens' worth, then a clamp is refused.
+    for _ in 0..10 {
+        gateway.post("/v1/chat/completions", CAROL_KEY, &chat_with_max("auto", 7)).await;
+    }
+    let refused = gateway.post("/v1/chat/completions", CAROL_KEY, &chat_with_max("auto", 1000)).await;
+    assert_eq!(refused.status(), 429);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "budget_exceeded");
+}

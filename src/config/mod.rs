@@ -133,6 +133,17 @@ pub struct Route {
     pub backends: Vec<usize>,
     /// Completion estimate when the request gives no `max_tokens`.
     pub default_max_tokens: u32,
+    /// Confidence cascade for non-streamed chat: cheapest first, escalate when unsure.
+    pub cascade: Option<Cascade>,
+}
+
+/// `cascade = { threshold = -1.0, metric = "mean_logprob", target_premium_share = 0.2 }`
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cascade {
+    /// Answers whose mean token log-probability is below this are asked again one tier up.
+    pub threshold: f64,
+    /// When set, the threshold adapts online so that about this share of requests escalates.
+    pub target_premium_share: Option<f64>,
 }
 
 /// A tenant, identified by the SHA-256 of its API key.
@@ -148,6 +159,18 @@ pub struct User {
     pub min_quality: f64,
     pub rpm: Option<u32>,
     pub tpm: Option<u64>,
+    /// Budget pacing (quality-first users): ahead of the pace line by more than the slack,
+    /// requests a cheaper backend can serve go there.
+    pub pacing: Option<Pacing>,
+    /// When the budget cannot pay `max_tokens`, shorten it to what it can pay.
+    pub clamp_max_tokens: bool,
+}
+
+/// `pacing = true` and `pacing_slack`: how far ahead of the period's elapsed share the spent
+/// share of the budget may run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pacing {
+    pub slack: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,6 +226,13 @@ impl Env for ProcessEnv {
 impl<F: Fn(&str) -> Option<String>> Env for F {
     fn var(&self, name: &str) -> Option<String> {
         self(name)
+    }
+}
+
+impl Backend {
+    /// Completion tokens left in the context window after `prompt_tokens`.
+    pub fn context_window_room(&self, prompt_tokens: u64) -> u64 {
+        u64::from(self.context_window).saturating_sub(prompt_tokens)
     }
 }
 

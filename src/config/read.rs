@@ -10,8 +10,8 @@ use toml_edit::Table;
 
 use super::document::{Fields, Problems};
 use super::{
-    Backend, BudgetPeriod, Config, Env, Ledger, LedgerStore, OnLedgerError, Policy, Pricing, Route, Server, Simulate,
-    Target, Usd, User,
+    Backend, BudgetPeriod, Cascade, Config, Env, Ledger, LedgerStore, OnLedgerError, Pacing, Policy, Pricing, Route,
+    Server, Simulate, Target, Usd, User,
 };
 use crate::secret::Secret;
 
@@ -30,6 +30,10 @@ const DEFAULT_MAX_QUEUE: u32 = 256;
 const DEFAULT_RETENTION_DAYS: u64 = 30;
 /// A small model on a CPU core: what hourly estimates assume unless told otherwise.
 const DEFAULT_EXPECTED_TOKENS_PER_S: u32 = 20;
+/// A mean token log-probability below this (about 37% average token probability) is unsure.
+const DEFAULT_CASCADE_THRESHOLD: f64 = -1.0;
+/// Budget share a paced user may run ahead of the period's elapsed share.
+const DEFAULT_PACING_SLACK: f64 = 0.05;
 const DEFAULT_SIMULATED_TEXT: &str = "This answer comes from a simulated Tollgate backend.";
 
 pub(super) fn config(root: &Table, p: &mut Problems<'_>, env: &dyn Env) -> Config {
@@ -310,7 +314,27 @@ fn route(f: &mut Fields<'_>, p: &mut Problems<'_>, backends: &[Arc<Backend>]) ->
     }
     let default_max_tokens =
         positive(f, p, "default_max_tokens").map_or(DEFAULT_MAX_TOKENS, |v| u32::try_from(v).unwrap_or(u32::MAX));
-    Route { model, backends: indexes, default_max_tokens }
+    let cascade = f.table(p, "cascade").map(|mut c| {
+        let threshold = c.optional::<f64>(p, "threshold").unwrap_or(DEFAULT_CASCADE_THRESHOLD);
+        match c.optional::<String>(p, "metric").as_deref() {
+            None | Some("mean_logprob") => {}
+            Some(other) => {
+                let message = format!("`{other}` is not a known confidence metric (\"mean_logprob\")");
+                p.at_line(c.line_of(p, "metric"), &c.path_of("metric"), message);
+            }
+        }
+        let target_premium_share = c.optional::<f64>(p, "target_premium_share");
+        if let Some(share) = target_premium_share.filter(|s| !(0.0..=1.0).contains(s)) {
+            let message = format!("must be between 0 and 1, got {share}");
+            p.at_line(c.line_of(p, "target_premium_share"), &c.path_of("target_premium_share"), message);
+        }
+        c.finish(p);
+        Cascade { threshold, target_premium_share }
+    });
+    if cascade.is_some() && indexes.len() < 2 {
+        p.at_line(f.line_of(p, "cascade"), &f.path_of("cascade"), "a cascade needs at least two backends");
+    }
+    Route { model, backends: indexes, default_max_tokens, cascade }
 }
 
 fn user(f: &mut Fields<'_>, p: &mut Problems<'_>) -> User {
@@ -352,7 +376,30 @@ fn user(f: &mut Fields<'_>, p: &mut Problems<'_>) -> User {
     }
     let rpm = positive(f, p, "rpm").map(|v| u32::try_from(v).unwrap_or(u32::MAX));
     let tpm = positive(f, p, "tpm");
-    User { name, key_sha256, policy, budget_usd, budget_period, max_request_usd, min_quality, rpm, tpm }
+    let pacing_on = f.optional::<bool>(p, "pacing").unwrap_or(false);
+    let slack = f.optional::<f64>(p, "pacing_slack").unwrap_or(DEFAULT_PACING_SLACK);
+    if !(0.0..=1.0).contains(&slack) {
+        p.at_line(
+            f.line_of(p, "pacing_slack"),
+            &f.path_of("pacing_slack"),
+            format!("must be between 0 and 1, got {slack}"),
+        );
+    }
+    let pacing = pacing_on.then_some(Pacing { slack });
+    let clamp_max_tokens = f.optional::<bool>(p, "clamp_max_tokens").unwrap_or(false);
+    User {
+        name,
+        key_sha256,
+        policy,
+        budget_usd,
+        budget_period,
+        max_request_usd,
+        min_quality,
+        rpm,
+        tpm,
+        pacing,
+        clamp_max_tokens,
+    }
 }
 
 /// A backend named by `*_env` is read now: a missing variable is a config problem, not a

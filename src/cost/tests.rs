@@ -57,7 +57,38 @@ fn an_hourly_estimate_is_the_exclusive_time_at_the_expected_speed() {
     assert_eq!(pricing.estimate(50, 200, 20), usd(0.001));
 }
 
+#[test]
+fn the_affordable_completion_is_the_largest_that_fits() {
+    let per_token =
+        Pricing::PerToken { input_per_mtok: usd(1.0), output_per_mtok: usd(2.0), cached_input_per_mtok: None };
+    // $0.001 pays 100 prompt tokens ($0.0001) and 450 completion tokens ($0.0009).
+    assert_eq!(per_token.affordable_completion(100, usd(0.001), 20), 450);
+    assert_eq!(per_token.affordable_completion(2000, usd(0.001), 20), 0, "the prompt alone is over");
+    let per_hour = Pricing::PerHour { hourly_usd: usd(0.36) };
+    // $0.001 buys 10 s at 20 tokens/s.
+    assert_eq!(per_hour.affordable_completion(50, usd(0.001), 20), 200);
+}
+
 proptest! {
+    #[test]
+    fn the_affordable_completion_fits_and_one_more_does_not(
+        input in 0i64..5_000_000_000_000, output in 1i64..5_000_000_000_000, prompt in 0u64..10_000, budget in 0i64..1_000_000_000_000,
+    ) {
+        let pricing = Pricing::PerToken {
+            input_per_mtok: Usd::from_pico(input),
+            output_per_mtok: Usd::from_pico(output),
+            cached_input_per_mtok: None,
+        };
+        let budget = Usd::from_pico(budget);
+        let n = pricing.affordable_completion(prompt, budget, 20);
+        if pricing.estimate(prompt, 0, 20) <= budget {
+            prop_assert!(pricing.estimate(prompt, n, 20) <= budget);
+            prop_assert!(pricing.estimate(prompt, n + 1, 20) > budget);
+        } else {
+            prop_assert_eq!(n, 0);
+        }
+    }
+
     #[test]
     fn per_token_cost_is_additive_over_requests(
         input in 0u32..100_000_000, output in 0u32..100_000_000,

@@ -2,6 +2,7 @@
 //! data out, no clock and no I/O. The dispatcher gathers the facts (health, capacity, budget,
 //! estimates) and acts on the decision.
 
+pub mod pacing;
 mod reason;
 
 pub use reason::Reason;
@@ -39,6 +40,9 @@ pub struct Facts<'a> {
     pub max_request: Option<Usd>,
     /// Budget left (budget − spent − reserved); `None` when the user has no budget.
     pub remaining: Option<Usd>,
+    /// The user paces its budget and is ahead of the pace line: quality-first then takes the
+    /// cheapest candidate that meets its floor.
+    pub paced: bool,
 }
 
 /// The backends to try, chosen first (later ones are fallbacks for failures before the first
@@ -104,6 +108,15 @@ pub fn decide(facts: &Facts<'_>) -> Result<Decision, Refusal> {
         a.estimated_cost.cmp(&b.estimated_cost).then(b.quality.total_cmp(&a.quality))
     };
     let reason = match facts.policy {
+        Policy::QualityFirst if facts.paced => {
+            let best = ready.iter().copied().min_by(by_quality).map(|x| x.index);
+            ready.sort_by(by_cost);
+            if best == Some(ready[0].index) {
+                Reason::QualityFirst
+            } else {
+                Reason::Paced
+            }
+        }
         Policy::QualityFirst => {
             ready.sort_by(by_quality);
             // The ideal: the best backend this request could use if money and load allowed.

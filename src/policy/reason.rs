@@ -11,6 +11,8 @@ pub enum Reason {
     BudgetDowngrade,
     /// Quality-first, but the best candidate is at capacity.
     Spill,
+    /// Quality-first with pacing, ahead of the pace line: a cheaper candidate meets the floor.
+    Paced,
     /// Cost-first: the cheapest candidate.
     CostFirst,
     /// Cost-first, escalated: the cheapest candidate is below the quality floor.
@@ -19,6 +21,8 @@ pub enum Reason {
     EscalatedContext,
     /// Cost-first, escalated: the cheapest candidate is at capacity.
     EscalatedCapacity,
+    /// Cascade: the cheaper backend's answer was not confident enough; asked again one up.
+    EscalatedConfidence,
     /// The named backend failed (now or recently: its circuit is open).
     Fallback(String),
 }
@@ -30,10 +34,12 @@ impl Reason {
             Self::QualityFirst => "quality-first".into(),
             Self::BudgetDowngrade => "budget-downgrade".into(),
             Self::Spill => "spill".into(),
+            Self::Paced => "paced".into(),
             Self::CostFirst => "cost-first".into(),
             Self::EscalatedQuality => "escalated:quality".into(),
             Self::EscalatedContext => "escalated:context".into(),
             Self::EscalatedCapacity => "escalated:capacity".into(),
+            Self::EscalatedConfidence => "escalated:confidence".into(),
             Self::Fallback(backend) => format!("fallback:{backend}").into(),
         }
     }

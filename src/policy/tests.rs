@@ -24,7 +24,7 @@ fn cheap() -> Candidate<'static> {
 }
 
 fn facts(policy: Policy, candidates: Vec<Candidate<'static>>) -> Facts<'static> {
-    Facts { candidates, pinned: false, policy, min_quality: 0.0, max_request: None, remaining: None }
+    Facts { candidates, pinned: false, policy, min_quality: 0.0, max_request: None, remaining: None, paced: false }
 }
 
 fn decided(f: &Facts<'_>) -> (Vec<usize>, String) {
@@ -143,4 +143,13 @@ fn a_pinned_backend_ignores_the_quality_floor_but_not_the_budget() {
 fn with_no_budget_set_everything_is_affordable() {
     let f = Facts { remaining: None, ..facts(Policy::QualityFirst, both()) };
     assert_eq!(decided(&f).1, "quality-first");
+}
+
+#[test]
+fn a_paced_quality_first_user_ahead_of_pace_takes_the_cheaper_backend_that_meets_its_floor() {
+    let f = Facts { paced: true, min_quality: 0.3, ..facts(Policy::QualityFirst, both()) };
+    assert_eq!(decided(&f), (vec![1, 0], "paced".into()));
+    // A floor only premium meets keeps premium, paced or not.
+    let strict = Facts { paced: true, min_quality: 0.5, ..facts(Policy::QualityFirst, both()) };
+    assert_eq!(decided(&strict), (vec![0], "quality-first".into()));
 }
