@@ -46,6 +46,8 @@ pub struct AppState {
     pub env: Arc<dyn Env + Send + Sync>,
     /// One reload at a time.
     pub reload_lock: tokio::sync::Mutex<()>,
+    /// Confidence-cascade thresholds per route, calibrated online; they survive reloads.
+    pub calibrators: dashmap::DashMap<String, crate::cascade::Calibrator>,
 }
 
 /// Why the gateway could not start.
@@ -80,6 +82,7 @@ impl AppState {
             config_path,
             env,
             reload_lock: tokio::sync::Mutex::new(()),
+            calibrators: dashmap::DashMap::new(),
         }))
     }
 }

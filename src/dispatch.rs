@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use crate::app::AppState;
-use crate::config::{Policy, User};
+use crate::config::{Cascade, Policy, User};
 use crate::cost::Usd;
 use crate::error::ApiError;
 use crate::ledger::{self, period};
@@ -60,6 +60,8 @@ pub struct RequestContext {
     pub arrived_ms: i64,
     /// `max_tokens` as shortened to what the budget pays (`clamp_max_tokens`).
     pub clamped: Option<u64>,
+    /// What earlier calls for this request cost (a cascade's unsure first answer).
+    pub prior_cost: Usd,
 }
 
 /// What one route (or pinned backend) offers this request, computed once.
@@ -72,16 +74,19 @@ struct Plan<'s> {
     /// Estimated cost per candidate, in `candidates` order.
     estimates: Vec<Usd>,
     baseline: Option<Baseline>,
+    /// The route's confidence cascade, when this request can go through it (non-streamed text).
+    cascade: Option<Cascade>,
 }
 
 fn plan<'s>(snapshot: &'s Snapshot, request: &ProxyRequest) -> Result<Plan<'s>, ApiError> {
-    let (route, candidates, default_max, pinned) = match snapshot.resolve(&request.model) {
+    let (route, candidates, default_max, pinned, cascade) = match snapshot.resolve(&request.model) {
         Some(ModelTarget::Route(i)) => {
             let route = &snapshot.config.routes[i];
-            (route.model.as_str(), route.backends.clone(), u64::from(route.default_max_tokens), false)
+            let cascade = route.cascade.filter(|_| !request.stream && request.endpoint != Endpoint::Embeddings);
+            (route.model.as_str(), route.backends.clone(), u64::from(route.default_max_tokens), false, cascade)
         }
         Some(ModelTarget::Backend(i)) => {
-            (snapshot.config.backends[i].name.as_str(), vec![i], PINNED_DEFAULT_MAX_TOKENS, true)
+            (snapshot.config.backends[i].name.as_str(), vec![i], PINNED_DEFAULT_MAX_TOKENS, true, None)
         }
         None => return Err(ApiError::UnknownModel(request.model.clone())),
     };
@@ -99,7 +104,7 @@ fn plan<'s>(snapshot: &'s Snapshot, request: &ProxyRequest) -> Result<Plan<'s>, 
         let b = &snapshot.config.backends[i];
         Baseline { pricing: b.pricing, tokens_per_s: b.expected_tokens_per_s }
     });
-    Ok(Plan { route, candidates, pinned, prompt_tokens, completion_tokens, estimates, baseline })
+    Ok(Plan { route, candidates, pinned, prompt_tokens, completion_tokens, estimates, baseline, cascade })
 }
 
 pub async fn run(state: &Arc<AppState>, mut ctx: RequestContext) -> Result<Response, ApiError> {
@@ -115,12 +120,18 @@ pub async fn run(state: &Arc<AppState>, mut ctx: RequestContext) -> Result<Respo
     let queue_deadline = ctx.started + snapshot.config.server.queue_timeout;
     let mut queue_place: Option<QueuePlace<'_>> = None;
     let mut rounds = 0;
+    // After an unsure cascade answer: only backends better than the one that gave it.
+    let mut escalated_from: Option<f64> = None;
     loop {
         let unix = crate::clock::unix_now();
         let remaining = state.ledger.remaining(user, unix).await?;
         let now = Instant::now();
+        let mut candidates = candidates(&snapshot, &plan, now);
+        if let Some(quality) = escalated_from {
+            candidates.retain(|c| c.quality > quality);
+        }
         let facts = Facts {
-            candidates: candidates(&snapshot, &plan, now),
+            candidates,
             pinned: plan.pinned,
             policy,
             min_quality,
@@ -129,14 +140,38 @@ pub async fn run(state: &Arc<AppState>, mut ctx: RequestContext) -> Result<Respo
             paced: ahead_of_pace(user, policy, remaining, unix),
         };
         let refusal = match policy::decide(&facts) {
-            Ok(decision) => match attempt(state, &ctx, &plan, decision, &mut tokens_held).await? {
-                Some(response) => return Ok(response),
-                None if rounds < MAX_DECISION_ROUNDS => {
-                    rounds += 1;
-                    continue;
+            Ok(mut decision) => {
+                let probe = match (plan.cascade, escalated_from) {
+                    (_, Some(_)) => {
+                        decision.reason = Reason::EscalatedConfidence;
+                        None
+                    }
+                    // Worth probing only when a better backend is there to escalate to.
+                    (Some(cascade), None) => {
+                        let first = facts.candidates.iter().find(|c| Some(&c.index) == decision.order.first());
+                        let better = first.is_some_and(|f| facts.candidates.iter().any(|c| c.quality > f.quality));
+                        better.then_some(Probe {
+                            route: plan.route,
+                            cascade,
+                            quality: first.map_or(0.0, |f| f.quality),
+                        })
+                    }
+                    (None, None) => None,
+                };
+                match attempt(state, &ctx, &plan, decision, &mut tokens_held, probe.as_ref()).await? {
+                    Outcome::Answered(response) => return Ok(response),
+                    Outcome::Unsure { quality, cost } => {
+                        escalated_from = Some(quality);
+                        ctx.prior_cost = ctx.prior_cost.saturating_add(cost);
+                        continue;
+                    }
+                    Outcome::NotStarted if rounds < MAX_DECISION_ROUNDS => {
+                        rounds += 1;
+                        continue;
+                    }
+                    Outcome::NotStarted => Refusal::AtCapacity,
                 }
-                None => Refusal::AtCapacity,
-            },
+            }
             Err(refusal) => refusal,
         };
         match refusal {
@@ -314,15 +349,36 @@ impl Drop for ProbeGuard<'_> {
     }
 }
 
-/// Tries the decided backends in order. `Ok(None)`: none could be started (slots or budget
-/// taken by concurrent requests since the decision): decide again.
+/// A cascade's first call: judge the answer's confidence before returning it.
+struct Probe<'s> {
+    route: &'s str,
+    cascade: Cascade,
+    /// Quality of the backend probed (escalation goes above it).
+    quality: f64,
+}
+
+/// How an attempt over the decided backends ended.
+enum Outcome {
+    Answered(Response),
+    /// The probed backend's answer was unsure (metered and charged `cost`): escalate.
+    Unsure {
+        quality: f64,
+        cost: Usd,
+    },
+    /// None could be started (slots or budget taken by concurrent requests since the
+    /// decision): decide again.
+    NotStarted,
+}
+
+/// Tries the decided backends in order, falling back on failures before the first byte.
 async fn attempt(
     state: &Arc<AppState>,
     ctx: &RequestContext,
     plan: &Plan<'_>,
     decision: Decision,
     tokens_held: &mut TokenHold<'_>,
-) -> Result<Option<Response>, ApiError> {
+    probe: Option<&Probe<'_>>,
+) -> Result<Outcome, ApiError> {
     let snapshot = &ctx.snapshot;
     let mut reason = decision.reason;
     let mut last_error = None;
@@ -334,7 +390,7 @@ async fn attempt(
         if admission == Admission::Refused {
             continue;
         }
-        let mut probe = ProbeGuard { state: &upstream.state, armed: admission == Admission::Probe };
+        let mut breaker_probe = ProbeGuard { state: &upstream.state, armed: admission == Admission::Probe };
         let estimate = plan.candidates.iter().position(|&c| c == index).map_or(Usd::ZERO, |i| plan.estimates[i]);
         let unix = crate::clock::unix_now();
         let Ok((reservation, remaining)) = ledger::reserve(&state.ledger, &ctx.user, estimate, unix).await? else {
@@ -346,7 +402,8 @@ async fn attempt(
             state.metrics.overhead.with_label_values(&[endpoint_label(ctx.request.endpoint)]).observe(overhead);
         }
         let is_last = position + 1 == decision.order.len();
-        let failure = match upstream.send(&ctx.request).await {
+        let probe = probe.filter(|_| position == 0);
+        let failure = match upstream.send(&ctx.request, probe.is_some()).await {
             Ok(answer) if answer.status() == StatusCode::TOO_MANY_REQUESTS && !is_last => {
                 // Overloaded, not broken: try elsewhere without counting against its health.
                 UpstreamError::Status { backend: backend.name.clone(), status: 429 }
@@ -357,7 +414,10 @@ async fn attempt(
             }
             Ok(answer) => {
                 upstream.state.succeeded();
-                probe.armed = false;
+                breaker_probe.armed = false;
+                // The tpm allowance was taken once at admission; a second (cascade) call
+                // charges its own tokens on top.
+                let tokens_estimate = if tokens_held.armed { tokens_held.tokens } else { 0 };
                 tokens_held.armed = false;
                 let meter = Meter::new(
                     MeterStart {
@@ -370,7 +430,7 @@ async fn attempt(
                         started: ctx.started,
                         arrived_ms: ctx.arrived_ms,
                         prompt_estimate: plan.prompt_tokens,
-                        tokens_estimate: tokens_held.tokens,
+                        tokens_estimate,
                         baseline: if plan.pinned { None } else { plan.baseline },
                         slot,
                         reservation,
@@ -378,14 +438,15 @@ async fn attempt(
                     },
                     answer.status().as_u16(),
                 );
-                return respond(state, ctx, upstream, &reason, answer, meter, estimate, remaining).await.map(Some);
+                let answered = Answered { upstream, reason: &reason, estimate, remaining_after_reserve: remaining };
+                return respond(state, ctx, answered, answer, meter, probe).await;
             }
             Err(e) => {
                 upstream.state.failed(Instant::now());
                 e
             }
         };
-        probe.armed = false;
+        breaker_probe.armed = false;
         // Nothing reached the client: free everything and charge nothing for this attempt.
         upstream.state.occupancy.leave(ticket, Instant::now());
         drop((reservation, slot));
@@ -396,8 +457,16 @@ async fn attempt(
     }
     match last_error {
         Some(e) => Err(e.into()),
-        None => Ok(None),
+        None => Ok(Outcome::NotStarted),
     }
+}
+
+/// Where an answer came from and what the headers say of it.
+struct Answered<'a> {
+    upstream: &'a Upstream,
+    reason: &'a Reason,
+    estimate: Usd,
+    remaining_after_reserve: Option<Usd>,
 }
 
 fn endpoint_label(endpoint: Endpoint) -> &'static str {
@@ -408,17 +477,15 @@ fn endpoint_label(endpoint: Endpoint) -> &'static str {
     }
 }
 
-#[expect(clippy::too_many_arguments, reason = "the one place all of a response's parts meet")]
 async fn respond(
     state: &Arc<AppState>,
     ctx: &RequestContext,
-    upstream: &Upstream,
-    reason: &Reason,
+    answered: Answered<'_>,
     answer: http::Response<crate::upstream::UpstreamBody>,
     mut meter: Meter,
-    estimate: Usd,
-    remaining_after_reserve: Option<Usd>,
-) -> Result<Response, ApiError> {
+    probe: Option<&Probe<'_>>,
+) -> Result<Outcome, ApiError> {
+    let Answered { upstream, reason, estimate, remaining_after_reserve } = answered;
     let backend = &upstream.backend;
     let (head, body) = answer.into_parts();
     let deadline = ctx.started + backend.timeout;
@@ -464,7 +531,14 @@ async fn respond(
         }
         meter.end(Ending::Complete);
         let cost = meter.settle();
-        put(&mut headers, HEADER_COST, &cost.to_string());
+        let bytes = match probe.filter(|_| head.status.is_success()) {
+            Some(probe) => match judge(state, ctx, probe, &bytes) {
+                Judged::Unsure => return Ok(Outcome::Unsure { quality: probe.quality, cost }),
+                Judged::Sure(bytes) => bytes,
+            },
+            None => bytes,
+        };
+        put(&mut headers, HEADER_COST, &ctx.prior_cost.saturating_add(cost).to_string());
         if let Some(remaining) = state.ledger.remaining(&ctx.user, crate::clock::unix_now()).await? {
             put(&mut headers, HEADER_BUDGET_REMAINING, &remaining.to_string());
         }
@@ -473,7 +547,34 @@ async fn respond(
     let mut response = Response::new(body);
     *response.status_mut() = head.status;
     *response.headers_mut() = headers;
-    Ok(response)
+    Ok(Outcome::Answered(response))
+}
+
+enum Judged {
+    Unsure,
+    /// Confident: the answer to send, without the log-probabilities the client did not ask for.
+    Sure(Bytes),
+}
+
+/// The cascade's verdict on a probed answer (already metered).
+fn judge(state: &AppState, ctx: &RequestContext, probe: &Probe<'_>, bytes: &Bytes) -> Judged {
+    let Ok(mut answer) = serde_json::from_slice::<serde_json::Value>(bytes) else { return Judged::Sure(bytes.clone()) };
+    let Some(confidence) = crate::cascade::confidence(&answer) else {
+        tracing::debug!(route = probe.route, "cascade: the backend sent no log-probabilities; answer kept");
+        return Judged::Sure(bytes.clone());
+    };
+    let calibrator = state.calibrators.entry(probe.route.to_owned()).or_default();
+    let (unsure, threshold) =
+        calibrator.observe(confidence, probe.cascade.threshold, probe.cascade.target_premium_share);
+    state.metrics.cascade_threshold.with_label_values(&[probe.route]).set(threshold);
+    if unsure {
+        return Judged::Unsure;
+    }
+    if ctx.request.body.get("logprobs").is_none_or(|v| v.as_bool() == Some(false)) {
+        crate::cascade::strip_logprobs(&mut answer);
+        return Judged::Sure(Bytes::from(answer.to_string()));
+    }
+    Judged::Sure(bytes.clone())
 }
 
 /// The whole answer body, within the deadline and the size bound.

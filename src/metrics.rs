@@ -50,6 +50,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// `tollgate_queued_requests`: requests waiting for a free backend slot.
     pub queued: IntGauge,
+    /// `tollgate_cascade_threshold{route}`: the confidence threshold in force (calibrated).
+    pub cascade_threshold: GaugeVec,
     /// `tollgate_upstream_failures_total{backend,kind}`: connect, timeout, status.
     pub upstream_failures: IntCounterVec,
 }
@@ -137,6 +139,11 @@ impl Metrics {
         let config_reloads = counter("config_reloads_total", "Config reloads by result.", &["result"])?;
         let queued = IntGauge::new("queued_requests", "Requests waiting for a free backend slot.")?;
         registry.register(Box::new(queued.clone()))?;
+        let cascade_threshold = GaugeVec::new(
+            Opts::new("cascade_threshold", "Mean token log-probability under which a cascade escalates, per route."),
+            &["route"],
+        )?;
+        registry.register(Box::new(cascade_threshold.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -155,6 +162,7 @@ impl Metrics {
             overhead,
             config_reloads,
             queued,
+            cascade_threshold,
         })
     }
 

@@ -369,3 +369,41 @@ async fn clamp_max_tokens_shortens_a_request_to_what_the_budget_pays_and_refuses
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["code"], "budget_exceeded");
 }
+
+#[tokio::test]
+async fn a_cascade_escalates_unsure_answers_one_tier_up_and_meters_both_calls() {
+    let upstream = Upstream::start().await;
+    let backends =
+        backend("gpu", &upstream.base_url(), "echo", 0.9, "{ input_per_mtok = 1000, output_per_mtok = 1000 }", "")
+            + &backend("cpu", &upstream.base_url(), "echo", 0.4, "{ input_per_mtok = 100, output_per_mtok = 100 }", "");
+    let routes = "[[routes]]\nmodel = \"auto\"\nbackends = [\"gpu\", \"cpu\"]\ncascade = { threshold = -1.0, metric = \"mean_logprob\" }\n";
+    let gateway = Gateway::start(&config(&backends, routes, "policy = \"cost-first\""), ENV).await;
+    let ask = |text: &str| json!({"model": "auto", "messages": [{"role": "user", "content": text}]});
+
+    let easy = gateway.post("/v1/chat/completions", CAROL_KEY, &ask("an easy one")).await;
+    assert_eq!(header(&easy, "x-tollgate-backend"), "cpu");
+    assert_eq!(header(&easy, "x-tollgate-reason"), "cost-first");
+    assert_eq!(header(&easy, "x-tollgate-cost-usd"), "0.0018");
+    let body: Value = easy.json().await.unwrap();
+    assert!(body["choices"][0].get("logprobs").is_none(), "logprobs the client did not ask for are stripped");
+    assert_eq!(upstream.seen()[0].body["logprobs"], true, "the cheap call asked for logprobs");
+
+    let hard = gateway.post("/v1/chat/completions", CAROL_KEY, &ask("a hard one")).await;
+    assert_eq!(header(&hard, "x-tollgate-backend"), "gpu");
+    assert_eq!(header(&hard, "x-tollgate-reason"), "escalated:confidence");
+    // Both calls are paid: 18 tokens on cpu ($0.0018) and on gpu ($0.018).
+    assert_eq!(header(&hard, "x-tollgate-cost-usd"), "0.0198");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 3);
+    assert!(seen[2].body.get("logprobs").is_none(), "the escalated call is a plain one");
+    let usage = gateway.usage("carol").await;
+    assert_eq!(usage["requests"], 3);
+    assert_eq!(usage["by_backend"]["gpu"]["requests"], 1);
+    assert!((usage["spent_usd"].as_f64().unwrap() - 0.0216).abs() < 1e-12);
+
+    let mut wants = ask("an easy one");
+    wants["logprobs"] = json!(true);
+    let kept: Value = gateway.post("/v1/chat/completions", CAROL_KEY, &wants).await.json().await.unwrap();
+    assert!(kept["choices"][0]["logprobs"]["content"].is_array(), "asked-for logprobs are kept");
+    assert_eq!(gateway.metric("tollgate_cascade_threshold", &[("route", "auto")]).await, -1.0);
+}

@@ -39,8 +39,20 @@ async fn proxy(State(state): State<Arc<AppState>>, endpoint: Endpoint, headers: 
         let request = ProxyRequest::parse(endpoint, &bytes)?;
         let hints = hints(&headers)?;
         let arrived_ms = crate::clock::unix_now_ms();
-        dispatch::run(&state, RequestContext { snapshot, user, request, hints, started, arrived_ms, clamped: None })
-            .await
+        dispatch::run(
+            &state,
+            RequestContext {
+                snapshot,
+                user,
+                request,
+                hints,
+                started,
+                arrived_ms,
+                clamped: None,
+                prior_cost: crate::cost::Usd::ZERO,
+            },
+        )
+        .await
     }
     .await;
     result.unwrap_or_else(|error| {

@@ -10,9 +10,15 @@ use crate::request::{Endpoint, ProxyRequest};
 
 /// The JSON sent upstream. Every field but `model` and `stream_options.include_usage` is the
 /// client's, untouched (tools, response_format, logprobs, seed...).
-pub fn upstream_body(request: &ProxyRequest, backend_model: &str) -> Bytes {
+/// `with_logprobs`: a cascade's first call asks for log-probabilities to judge the answer.
+pub fn upstream_body(request: &ProxyRequest, backend_model: &str, with_logprobs: bool) -> Bytes {
     let mut body = request.body.clone();
     body.insert("model".into(), Value::String(backend_model.to_owned()));
+    if with_logprobs {
+        let value =
+            if request.endpoint == crate::request::Endpoint::Completions { Value::from(1) } else { Value::Bool(true) };
+        body.entry("logprobs").or_insert(value);
+    }
     if request.stream {
         // Usage makes the cost exact; the client still sees the usage chunk only if it asked.
         match body.get_mut("stream_options") {
@@ -58,7 +64,7 @@ mod tests {
         let raw = br#"{"model":"auto","messages":[{"role":"user","content":"x"}],"stream":true,
             "seed":7,"tools":[{"type":"function"}],"stream_options":{"foo":1}}"#;
         let request = ProxyRequest::parse(Endpoint::ChatCompletions, raw).unwrap();
-        let sent: Value = serde_json::from_slice(&upstream_body(&request, "llama-70b")).unwrap();
+        let sent: Value = serde_json::from_slice(&upstream_body(&request, "llama-70b", false)).unwrap();
         assert_eq!(sent["model"], "llama-70b");
         assert_eq!(sent["stream_options"]["include_usage"], true);
         assert_eq!(sent["stream_options"]["foo"], 1);

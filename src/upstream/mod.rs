@@ -132,11 +132,16 @@ impl Upstream {
 
     /// Sends `request` (model rewritten, usage asked for) and waits for the response head.
     /// Failing before the head is what allows a fallback to another backend.
-    pub async fn send(&self, request: &ProxyRequest) -> Result<Response<UpstreamBody>, UpstreamError> {
+    /// `with_logprobs`: ask for log-probabilities (a cascade's first call).
+    pub async fn send(
+        &self,
+        request: &ProxyRequest,
+        with_logprobs: bool,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         match &self.transport {
-            Transport::Simulated(sim) => Ok(simulate::respond(sim, &self.backend, request).await),
+            Transport::Simulated(sim) => Ok(simulate::respond(sim, &self.backend, request, with_logprobs).await),
             Transport::Http { client, base_url, authorization } => {
-                let body = forward::upstream_body(request, &self.backend.model);
+                let body = forward::upstream_body(request, &self.backend.model, with_logprobs);
                 let http_request = forward::build(base_url, request.endpoint, authorization.as_ref(), body)
                     .map_err(|reason| UpstreamError::Unusable { backend: self.backend.name.clone(), reason })?;
                 let timeout = self.backend.first_byte_timeout;

@@ -25,7 +25,13 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 const DEFAULT_MAX_TOKENS: u64 = 256;
 const EMBEDDING_DIMENSIONS: usize = 8;
 
-pub async fn respond(sim: &Simulate, backend: &Backend, request: &ProxyRequest) -> Response<UpstreamBody> {
+/// `with_logprobs`: report per-token log-probabilities (the gateway's cascade asks for them).
+pub async fn respond(
+    sim: &Simulate,
+    backend: &Backend,
+    request: &ProxyRequest,
+    with_logprobs: bool,
+) -> Response<UpstreamBody> {
     let words: Vec<&str> = sim.quality_text.split_whitespace().collect();
     let limit = request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
     let length = (words.len() as u64).min(limit);
@@ -50,7 +56,9 @@ pub async fn respond(sim: &Simulate, backend: &Backend, request: &ProxyRequest) 
 
     tokio::time::sleep(sim.ttft + per_token * u32::try_from(length).unwrap_or(u32::MAX)).await;
     let text: String = answer.concat();
-    let body = match request.endpoint {
+    let wants_logprobs = with_logprobs || request.body.get("logprobs").is_some_and(|v| v.as_bool() != Some(false));
+    let logprobs = wants_logprobs.then(|| token_logprobs(backend.quality, &request.body, answer.len()));
+    let mut body = match request.endpoint {
         Endpoint::ChatCompletions => json!({
             "id": format!("chatcmpl-sim-{id}"), "object": "chat.completion", "created": created,
             "model": backend.model,
@@ -69,6 +77,14 @@ pub async fn respond(sim: &Simulate, backend: &Backend, request: &ProxyRequest) 
             "usage": {"prompt_tokens": request.prompt_tokens_estimate, "total_tokens": request.prompt_tokens_estimate},
         }),
     };
+    if let (Some(values), Some(choice)) = (logprobs, body.pointer_mut("/choices/0")) {
+        choice["logprobs"] = match request.endpoint {
+            Endpoint::Completions => json!({ "token_logprobs": values }),
+            _ => {
+                json!({ "content": answer.iter().zip(values).map(|(t, lp)| json!({"token": t, "logprob": lp})).collect::<Vec<_>>() })
+            }
+        };
+    }
     let bytes = Bytes::from(body.to_string());
     let body = Full::new(bytes).map_err(|never| match never {}).boxed_unsync();
     let mut response = with_type(Response::new(body), "application/json");
@@ -134,6 +150,21 @@ async fn stream(
             return;
         }
     }
+}
+
+/// Per-token log-probabilities around `ln(quality)`, varying with the prompt: a better model
+/// is more sure of itself, and some prompts are harder than others. Deterministic.
+fn token_logprobs(quality: f64, body: &serde_json::Map<String, Value>, tokens: usize) -> Vec<f64> {
+    let prompt = body.get("messages").or_else(|| body.get("prompt")).map(Value::to_string).unwrap_or_default();
+    let seed = crate::auth::sha256(prompt.as_bytes());
+    // The prompt's difficulty moves the whole answer by up to ±0.8 nats.
+    let difficulty = f64::from(seed[0]) / 255.0 * 1.6 - 0.8;
+    (0..tokens)
+        .map(|i| {
+            let jitter = f64::from(seed[1 + i % 31]) / 255.0 * 0.4 - 0.2;
+            (quality.max(0.01).ln() + difficulty + jitter).min(0.0)
+        })
+        .collect()
 }
 
 /// Deterministic unit-ish vectors derived from the input text, one per input.

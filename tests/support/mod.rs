@@ -121,6 +121,11 @@ async fn handle(
         };
         let mut answer = json!({"id": "x", "object": "chat.completion", "created": 1, "model": model, "choices": [choice],
                                 "timings": {"predicted_ms": 1.0}});
+        if body["logprobs"] == json!(true) {
+            // Sure of easy questions, unsure of hard ones (a cascade's signal).
+            let logprob = if body.to_string().contains("hard") { -2.5 } else { -0.1 };
+            answer["choices"][0]["logprobs"] = json!({"content": [{"token": "hello", "logprob": logprob}]});
+        }
         if model != "no-usage" {
             answer["usage"] = usage;
         }
