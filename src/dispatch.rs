@@ -30,9 +30,6 @@ pub const HEADER_COST: &str = "x-tollgate-cost-usd";
 pub const HEADER_BUDGET_REMAINING: &str = "x-tollgate-budget-remaining-usd";
 pub const HEADER_MAX_TOKENS_CLAMPED: &str = "x-tollgate-max-tokens-clamped";
 
-/// Below this many completion tokens a clamped answer is of no use: refuse instead.
-const MIN_CLAMPED_TOKENS: u64 = 16;
-
 /// Completion estimate for a pinned backend when the request sets no `max_tokens`.
 const PINNED_DEFAULT_MAX_TOKENS: u64 = 512;
 /// A whole non-streamed answer is read before it is forwarded (to meter it exactly and put
@@ -241,36 +238,13 @@ fn ahead_of_pace(user: &User, policy: Policy, remaining: Option<Usd>, now: i64) 
     })
 }
 
-/// The completion length the budget (and the per-request cap) can pay on the candidate the
-/// user's policy prefers among those it could pay at least `MIN_CLAMPED_TOKENS` on; `None`
-/// when even that is out of reach.
+/// Clamping, with this request's sizes: what each candidate could generate within `limit`.
 fn clamp(snapshot: &Snapshot, plan: &Plan<'_>, facts: &Facts<'_>) -> Option<u64> {
-    if plan.completion_tokens <= MIN_CLAMPED_TOKENS {
-        return None;
-    }
-    let limit = match (facts.remaining, facts.max_request) {
-        (Some(left), Some(cap)) => left.min(cap),
-        (Some(left), None) => left,
-        (None, Some(cap)) => cap,
-        (None, None) => return None,
-    };
-    let mut usable: Vec<(&Candidate<'_>, u64)> = facts
-        .candidates
-        .iter()
-        .filter(|c| c.healthy && (facts.pinned || c.quality >= facts.min_quality))
-        .map(|c| {
-            let b = &snapshot.config.backends[c.index];
-            let room = b.context_window_room(plan.prompt_tokens);
-            let affordable = b.pricing.affordable_completion(plan.prompt_tokens, limit, b.expected_tokens_per_s);
-            (c, affordable.min(room).min(plan.completion_tokens))
-        })
-        .filter(|(_, tokens)| *tokens >= MIN_CLAMPED_TOKENS)
-        .collect();
-    match facts.policy {
-        Policy::QualityFirst => usable.sort_by(|a, b| b.0.quality.total_cmp(&a.0.quality)),
-        Policy::CostFirst => usable.sort_by_key(|(c, _)| c.estimated_cost),
-    }
-    usable.first().map(|(_, tokens)| *tokens)
+    policy::clamp(facts, plan.completion_tokens, |index, limit| {
+        let b = &snapshot.config.backends[index];
+        let affordable = b.pricing.affordable_completion(plan.prompt_tokens, limit, b.expected_tokens_per_s);
+        affordable.min(b.context_window_room(plan.prompt_tokens))
+    })
 }
 
 fn candidates<'s>(snapshot: &'s Snapshot, plan: &Plan<'_>, now: Instant) -> Vec<Candidate<'s>> {

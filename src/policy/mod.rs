@@ -146,6 +146,38 @@ pub fn decide(facts: &Facts<'_>) -> Result<Decision, Refusal> {
     Ok(Decision { order: ready.iter().map(|x| x.index).collect(), reason })
 }
 
+/// Below this many completion tokens a clamped answer is of no use: refuse instead.
+pub const MIN_CLAMPED_TOKENS: u64 = 16;
+
+/// Budget-clamped `max_tokens`: when a request's `wanted` completion cannot be paid, the
+/// length the budget (and the per-request cap) can pay on the candidate the user's policy
+/// prefers among those that can pay at least [`MIN_CLAMPED_TOKENS`]. `affordable(index, limit)`
+/// says how many completion tokens a candidate could generate for `limit` (and its context
+/// holds). `None`: refuse.
+pub fn clamp(facts: &Facts<'_>, wanted: u64, affordable: impl Fn(usize, Usd) -> u64) -> Option<u64> {
+    if wanted <= MIN_CLAMPED_TOKENS {
+        return None;
+    }
+    let limit = match (facts.remaining, facts.max_request) {
+        (Some(left), Some(cap)) => left.min(cap),
+        (Some(left), None) => left,
+        (None, Some(cap)) => cap,
+        (None, None) => return None,
+    };
+    let mut usable: Vec<(&Candidate<'_>, u64)> = facts
+        .candidates
+        .iter()
+        .filter(|c| c.healthy && (facts.pinned || c.quality >= facts.min_quality))
+        .map(|c| (c, affordable(c.index, limit).min(wanted)))
+        .filter(|(_, tokens)| *tokens >= MIN_CLAMPED_TOKENS)
+        .collect();
+    match facts.policy {
+        Policy::QualityFirst => usable.sort_by(|a, b| b.0.quality.total_cmp(&a.0.quality)),
+        Policy::CostFirst => usable.sort_by_key(|(c, _)| c.estimated_cost),
+    }
+    usable.first().map(|(_, tokens)| *tokens)
+}
+
 /// The most useful explanation when no candidate can serve the request at all.
 fn why_unservable(facts: &Facts<'_>) -> Refusal {
     let c = &facts.candidates;

@@ -153,3 +153,17 @@ fn a_paced_quality_first_user_ahead_of_pace_takes_the_cheaper_backend_that_meets
     let strict = Facts { paced: true, min_quality: 0.5, ..facts(Policy::QualityFirst, both()) };
     assert_eq!(decided(&strict), (vec![0], "quality-first".into()));
 }
+
+#[test]
+fn clamping_prefers_what_the_policy_prefers_and_refuses_below_the_minimum() {
+    let quality = Facts { remaining: Some(usd(5)), ..facts(Policy::QualityFirst, both()) };
+    // premium can pay 40 tokens, cpu 500: quality-first keeps premium with fewer tokens.
+    let affordable = |index: usize, _limit: Usd| if index == 0 { 40 } else { 500 };
+    assert_eq!(clamp(&quality, 1000, affordable), Some(40));
+    let cost = Facts { policy: Policy::CostFirst, ..quality.clone() };
+    assert_eq!(clamp(&cost, 1000, affordable), Some(500));
+    assert_eq!(clamp(&cost, 100, affordable), Some(100), "never more than asked");
+    assert_eq!(clamp(&quality, 1000, |_, _| 10), None, "below the useful minimum");
+    let unlimited = Facts { remaining: None, ..quality };
+    assert_eq!(clamp(&unlimited, 1000, affordable), None, "nothing to clamp to");
+}
