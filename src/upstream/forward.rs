@@ -4,36 +4,78 @@
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request};
 use http_body_util::Full;
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value};
 
 use crate::request::{Endpoint, ProxyRequest};
 
 /// The JSON sent upstream. Every field but `model` and `stream_options.include_usage` is the
-/// client's, untouched (tools, response_format, logprobs, seed...).
-/// `with_logprobs`: a cascade's first call asks for log-probabilities to judge the answer.
+/// client's, untouched (tools, response_format, logprobs, seed...). `with_logprobs`: a
+/// cascade's first call asks for log-probabilities to judge the answer.
+///
+/// Written straight from the validated object with the changes applied on the way: no copy of
+/// the client's (possibly large) body per attempt.
 pub fn upstream_body(request: &ProxyRequest, backend_model: &str, with_logprobs: bool) -> Bytes {
-    let mut body = request.body.clone();
-    body.insert("model".into(), Value::String(backend_model.to_owned()));
-    if with_logprobs {
-        let value =
-            if request.endpoint == crate::request::Endpoint::Completions { Value::from(1) } else { Value::Bool(true) };
-        body.entry("logprobs").or_insert(value);
-    }
-    if request.stream {
-        // Usage makes the cost exact; the client still sees the usage chunk only if it asked.
-        match body.get_mut("stream_options") {
-            Some(Value::Object(options)) => {
-                options.insert("include_usage".into(), Value::Bool(true));
-            }
-            _ => {
-                let mut options = Map::new();
-                options.insert("include_usage".into(), Value::Bool(true));
-                body.insert("stream_options".into(), Value::Object(options));
+    let logprobs =
+        with_logprobs.then(
+            || {
+                if request.endpoint == Endpoint::Completions {
+                    Value::from(1)
+                } else {
+                    Value::Bool(true)
+                }
+            },
+        );
+    let outgoing = Outgoing { body: &request.body, model: backend_model, logprobs, include_usage: request.stream };
+    // Serialising `Value`s with string keys cannot fail.
+    Bytes::from(serde_json::to_vec(&outgoing).unwrap_or_default())
+}
+
+struct Outgoing<'a> {
+    body: &'a Map<String, Value>,
+    model: &'a str,
+    /// Added when the client did not set `logprobs` itself.
+    logprobs: Option<Value>,
+    /// Streams always ask for usage: it makes the cost exact; the client still sees the usage
+    /// chunk only if it asked.
+    include_usage: bool,
+}
+
+impl Serialize for Outgoing<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        for (key, value) in self.body {
+            match key.as_str() {
+                "model" => map.serialize_entry(key, self.model)?,
+                "stream_options" if self.include_usage => map.serialize_entry(key, &WithUsage(value))?,
+                _ => map.serialize_entry(key, value)?,
             }
         }
+        if self.include_usage && !self.body.contains_key("stream_options") {
+            map.serialize_entry("stream_options", &WithUsage(&Value::Null))?;
+        }
+        if let Some(logprobs) = self.logprobs.as_ref().filter(|_| !self.body.contains_key("logprobs")) {
+            map.serialize_entry("logprobs", logprobs)?;
+        }
+        map.end()
     }
-    // Serialising a `Map` of `Value`s cannot fail (string keys, no custom serialisers).
-    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+}
+
+/// The client's `stream_options` (an object, or anything else, which is replaced) with
+/// `include_usage: true`.
+struct WithUsage<'a>(&'a Value);
+
+impl Serialize for WithUsage<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        if let Value::Object(options) = self.0 {
+            for (key, value) in options.iter().filter(|(k, _)| k.as_str() != "include_usage") {
+                map.serialize_entry(key, value)?;
+            }
+        }
+        map.serialize_entry("include_usage", &true)?;
+        map.end()
+    }
 }
 
 /// The HTTP request to `base_url` + the endpoint's path.
@@ -70,5 +112,19 @@ mod tests {
         assert_eq!(sent["stream_options"]["foo"], 1);
         assert_eq!(sent["seed"], 7);
         assert_eq!(sent["tools"][0]["type"], "function");
+        assert_eq!(sent.as_object().unwrap().len(), 6, "nothing added but what is needed");
+    }
+
+    #[test]
+    fn a_cascade_probe_asks_for_logprobs_unless_the_client_set_them() {
+        let raw = br#"{"model":"auto","messages":[{"role":"user","content":"x"}],"stream_options":null}"#;
+        let request = ProxyRequest::parse(Endpoint::ChatCompletions, raw).unwrap();
+        let sent: Value = serde_json::from_slice(&upstream_body(&request, "m", true)).unwrap();
+        assert_eq!(sent["logprobs"], true);
+        assert_eq!(sent["stream_options"], Value::Null, "not a stream: left as the client sent it");
+        let raw = br#"{"model":"auto","messages":[{"role":"user","content":"x"}],"logprobs":false}"#;
+        let request = ProxyRequest::parse(Endpoint::ChatCompletions, raw).unwrap();
+        let sent: Value = serde_json::from_slice(&upstream_body(&request, "m", true)).unwrap();
+        assert_eq!(sent["logprobs"], false);
     }
 }
