@@ -142,7 +142,7 @@ step "OpenAI Python SDK: routing, metering, escalation, latency"
 .venv/bin/python tests/e2e/drive.py traffic
 
 step "openai npm package"
-node --test --test-reporter=spec tests/e2e/
+node --test --test-reporter=spec tests/e2e/drive_node.test.mjs
 
 step "promtool check metrics on /metrics"
 curl -fsS --max-time 5 "$TOLLGATE_URL/metrics" >"$work/metrics.txt"
