@@ -128,6 +128,37 @@ async fn a_client_that_hangs_up_mid_stream_is_still_metered() {
 }
 
 #[tokio::test]
+async fn a_client_that_hangs_up_right_after_done_is_a_complete_answer_not_a_499() {
+    // llama.cpp keeps its side open a moment after `[DONE]`; the OpenAI SDKs close theirs as
+    // soon as they read it.
+    let (_upstream, gateway) = setup(&["linger-after-done"]).await;
+    let mut body = chat("auto");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let started = std::time::Instant::now();
+    let mut response = gateway.post("/v1/chat/completions", ALICE_KEY, &body).await;
+    let mut text = String::new();
+    while !text.contains("data: [DONE]") {
+        let chunk = response.chunk().await.unwrap().expect("stream ended before [DONE]");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(response);
+
+    let complete = [("backend", "linger-after-done"), ("status", "200")];
+    let hung_up = [("backend", "linger-after-done"), ("status", "499")];
+    let mut answered = 0.0;
+    while answered == 0.0 && started.elapsed() < LINGER_AFTER_DONE - Duration::from_millis(500) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        answered = gateway.metric("tollgate_requests_total", &complete).await;
+    }
+    assert_eq!(answered, 1.0, "settled as complete when the client left, before the backend closed");
+    assert_eq!(gateway.metric("tollgate_requests_total", &hung_up).await, 0.0);
+    assert_eq!(gateway.metric("tollgate_usage_estimated_total", &[("backend", "linger-after-done")]).await, 0.0);
+    let completion = [("user", "alice"), ("backend", "linger-after-done"), ("kind", "completion")];
+    assert_eq!(gateway.metric("tollgate_tokens_total", &completion).await, UPSTREAM_COMPLETION_TOKENS as f64);
+}
+
+#[tokio::test]
 async fn a_backend_without_usage_is_counted_locally() {
     let (_upstream, gateway) = setup(&["no-usage"]).await;
     let response = gateway.post("/v1/chat/completions", ALICE_KEY, &chat("auto")).await;

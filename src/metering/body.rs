@@ -84,8 +84,11 @@ impl MeteredBody {
 
 impl Drop for MeteredBody {
     fn drop(&mut self) {
-        // Dropped before its end: the client went away.
-        self.finish(Ending::ClientGone);
+        // Dropped before the backend closed the stream. After `[DONE]` the answer is whole:
+        // a client may hang up at once (the OpenAI SDKs do) while a backend such as llama.cpp
+        // has not closed its side yet. Before it, the client went away.
+        let ending = if self.scanner.saw_done() { Ending::Complete } else { Ending::ClientGone };
+        self.finish(ending);
     }
 }
 

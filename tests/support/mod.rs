@@ -32,7 +32,8 @@ pub struct Seen {
 /// `echo` answers normally, `no-usage` omits usage, `slow-stream` streams 200 chunks 20 ms
 /// apart, `slow-json*` answers after `SLOW_JSON_DELAY`, `bad-request` answers 400, `fail`
 /// answers 500, `hang` never answers in time, `garbage` answers 200 with HTML,
-/// `usage-on-last` puts usage on the final content chunk.
+/// `usage-on-last` puts usage on the final content chunk, `linger-after-done` keeps its
+/// stream open for `LINGER_AFTER_DONE` after `[DONE]`.
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
@@ -43,6 +44,8 @@ pub const UPSTREAM_PROMPT_TOKENS: u64 = 11;
 /// How long `slow-json*` models take to answer.
 pub const SLOW_JSON_DELAY: Duration = Duration::from_millis(1000);
 pub const UPSTREAM_COMPLETION_TOKENS: u64 = 7;
+/// How long `linger-after-done` keeps its stream open after `[DONE]`.
+pub const LINGER_AFTER_DONE: Duration = Duration::from_secs(3);
 pub const UPSTREAM_ERROR_BODY: &str = r#"{"error":{"message":"temperature is out of range","type":"invalid_request_error","param":"temperature","code":"bad_temperature"}}"#;
 
 impl Upstream {
@@ -159,6 +162,9 @@ async fn handle(
             let _ = tx.send(Ok(format!("data: {usage_chunk}\n\n"))).await;
         }
         let _ = tx.send(Ok("data: [DONE]\n\n".to_owned())).await;
+        if model == "linger-after-done" {
+            tokio::time::sleep(LINGER_AFTER_DONE).await;
+        }
     });
     let stream = futures_stream(rx);
     Response::builder().header("content-type", "text/event-stream").body(Body::from_stream(stream)).unwrap()
