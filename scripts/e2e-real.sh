@@ -163,6 +163,8 @@ print(f"Tollgate-added latency, non-streaming: {f['added_ms']:+.2f} ms "
       f"(median {f['through_ms']:.1f} ms through Tollgate vs {f['direct_ms']:.1f} ms direct, {f['runs']} runs each)")
 print(f"Tollgate-added latency, time to first token: {f['added_ttft_ms']:+.2f} ms "
       f"(median {f['through_ttft_ms']:.1f} ms vs {f['direct_ttft_ms']:.1f} ms direct)")
+print(f"Tollgate-added latency, one-token answers: {f['added_1tok_ms']:+.2f} ms "
+      f"(median {f['through_1tok_ms']:.1f} ms vs {f['direct_1tok_ms']:.1f} ms direct, {2 * f['runs']} runs each)")
 for user, c in f["cost_per_request"].items():
     parts = ", ".join(f"{b}: {v['requests']} × ${v['per_request_usd']:.9f}" for b, v in sorted(c["by_backend"].items()))
     print(f"cost per request, {user}: ${c['per_request_usd']:.9f} over {c['requests']} requests ({parts})")

@@ -346,9 +346,10 @@ def figures():
     runs = int(os.environ.get("LATENCY_RUNS", "9"))
     total = {"direct": [], "through": []}
     ttft = {"direct": [], "through": []}
+    short = {"direct": [], "through": []}
     speeds, tokens = [], set()
 
-    @check(f"latency: {runs} non-streaming and {runs} streaming runs, direct and through Tollgate")
+    @check(f"latency: {runs} non-streaming, {runs} streaming and {2 * runs} one-token runs, direct and through Tollgate")
     def _():
         for c, kind in ((direct, "direct"), (through, "through")):  # warm the prompt cache, connections
             c.chat.completions.create(model="auto", **body)
@@ -366,15 +367,23 @@ def figures():
                     if timings.get("predicted_per_second"):
                         speeds.append(timings["predicted_per_second"])
             for c, kind in ((direct, "direct"), (through, "through")):
-                t0 = time.perf_counter()
-                stream = c.chat.completions.create(model="auto", stream=True, **body)
-                for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        ttft[kind].append(time.perf_counter() - t0)
-                        break
-                stream.close()
+                # Read each stream to its end: a stream closed early keeps llama-server's one
+                # slot busy until it notices, and the next request would wait for it.
+                t0, first = time.perf_counter(), None
+                for chunk in c.chat.completions.create(model="auto", stream=True, **body):
+                    if first is None and chunk.choices and chunk.choices[0].delta.content:
+                        first = time.perf_counter() - t0
+                assert first is not None, f"{kind}: no content in the stream"
+                ttft[kind].append(first)
         assert len(tokens) == 1, f"the same request gave different lengths: {tokens}"
         assert speeds, "llama-server reported no timings"
+        # One-token answers: the generation's own jitter no longer hides the gateway's share.
+        one = dict(body, max_tokens=1)
+        for _ in range(runs * 2):
+            for c, kind in ((direct, "direct"), (through, "through")):
+                t0 = time.perf_counter()
+                c.chat.completions.create(model="auto", **one)
+                short[kind].append(time.perf_counter() - t0)
 
     if failed:
         return
@@ -389,6 +398,9 @@ def figures():
         "direct_ttft_ms": median_ms(ttft["direct"]),
         "through_ttft_ms": median_ms(ttft["through"]),
         "added_ttft_ms": median_ms(ttft["through"]) - median_ms(ttft["direct"]),
+        "direct_1tok_ms": median_ms(short["direct"]),
+        "through_1tok_ms": median_ms(short["through"]),
+        "added_1tok_ms": median_ms(short["through"]) - median_ms(short["direct"]),
         "cost_per_request": {},
     }
     for user in ("local-quality", "local-cost"):
@@ -450,6 +462,7 @@ def prometheus():
         empty, ran = [], 0
         for panel in dash["panels"]:
             for target in panel.get("targets", []):
+                where = f"{panel['title']} [{target['refId']}]"
                 expr = (
                     target["expr"]
                     .replace("$__rate_interval", "1m")
@@ -460,11 +473,13 @@ def prometheus():
                 result = query(expr)
                 ran += 1
                 if not result:
-                    empty.append(panel["title"])
+                    empty.append(where)
         assert ran >= 8, ran
-        for must in ("Cost per user (USD/h)", "Cost by backend (USD/h)", "Spend over the time range per user"):
-            assert must not in empty, f"panel {must!r} shows no data: empty panels {empty}"
-        print(f"   grafana: {ran} queries ran; panels without data in this short run: {empty or 'none'}")
+        for must in ("Cost per user (USD/h) [A]", "Cost by backend (USD/h) [A]", "Spend over the time range per user [A]",
+                     "Tier mix (share of requests) [A]", "Idle cost over the time range per backend [A]",
+                     "Time to first token (p50, p95) [A]", "Gateway overhead (p50, p99) [A]"):
+            assert must not in empty, f"{must!r} shows no data: empty queries {empty}"
+        print(f"   grafana: {ran} queries ran; without data in this short run: {empty or 'none'}")
 
 
 if __name__ == "__main__":
