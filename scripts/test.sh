@@ -16,5 +16,5 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
-TOLLGATE_BIN=target/debug/tollgate .venv/bin/python -m unittest discover -s tests/python -p 'test_*.py' -v
+TOLLGATE_BIN="${CARGO_TARGET_DIR:-target}/debug/tollgate" .venv/bin/python -m unittest discover -s tests/python -p 'test_*.py' -v
 echo "== all tests passed"

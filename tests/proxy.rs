@@ -135,7 +135,7 @@ async fn a_client_that_hangs_up_right_after_done_is_a_complete_answer_not_a_499(
     let mut body = chat("auto");
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let mut response = gateway.post("/v1/chat/completions", ALICE_KEY, &body).await;
     let mut text = String::new();
     while !text.contains("data: [DONE]") {
