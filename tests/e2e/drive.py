@@ -353,8 +353,11 @@ def figures():
     def _():
         for c, kind in ((direct, "direct"), (through, "through")):  # warm the prompt cache, connections
             c.chat.completions.create(model="auto", **body)
-        for _ in range(runs):
-            for c, kind in ((direct, "direct"), (through, "through")):
+        pairs = ((direct, "direct"), (through, "through"))
+        for i in range(runs):
+            # Which goes first alternates: neither side always follows the other's leftovers.
+            order = pairs if i % 2 == 0 else pairs[::-1]
+            for c, kind in order:
                 t0 = time.perf_counter()
                 raw = c.chat.completions.with_raw_response.create(model="auto", **body)
                 total[kind].append(time.perf_counter() - t0)
@@ -366,7 +369,7 @@ def figures():
                     timings = json.loads(raw.http_response.text).get("timings") or {}
                     if timings.get("predicted_per_second"):
                         speeds.append(timings["predicted_per_second"])
-            for c, kind in ((direct, "direct"), (through, "through")):
+            for c, kind in order:
                 # Read each stream to its end: a stream closed early keeps llama-server's one
                 # slot busy until it notices, and the next request would wait for it.
                 t0, first = time.perf_counter(), None
@@ -379,8 +382,8 @@ def figures():
         assert speeds, "llama-server reported no timings"
         # One-token answers: the generation's own jitter no longer hides the gateway's share.
         one = dict(body, max_tokens=1)
-        for _ in range(runs * 2):
-            for c, kind in ((direct, "direct"), (through, "through")):
+        for i in range(runs * 2):
+            for c, kind in pairs if i % 2 == 0 else pairs[::-1]:
                 t0 = time.perf_counter()
                 c.chat.completions.create(model="auto", **one)
                 short[kind].append(time.perf_counter() - t0)
