@@ -377,12 +377,25 @@ async fn attempt(
         }
         let is_last = position + 1 == decision.order.len();
         let probe = probe.filter(|_| position == 0);
-        let failure = match upstream.send(&ctx.request, probe.is_some()).await {
+        let sent = match upstream.send(&ctx.request, probe.is_some()).await {
+            // The estimate (characters / 4) can be far off for code or hex: when the backend
+            // itself says the prompt does not fit and a later candidate may, escalate.
+            Ok(answer) if answer.status() == StatusCode::BAD_REQUEST && !is_last => {
+                context_overflow(answer, ctx.started + backend.timeout, &backend.name).await
+            }
+            other => other,
+        };
+        let failure = match sent {
+            Err(UpstreamError::ContextOverflow { backend: name }) => {
+                upstream.state.succeeded();
+                UpstreamError::ContextOverflow { backend: name }
+            }
             Ok(answer) if answer.status() == StatusCode::TOO_MANY_REQUESTS && !is_last => {
                 // Overloaded, not broken: try elsewhere without counting against its health.
                 UpstreamError::Status { backend: backend.name.clone(), status: 429 }
             }
-            Ok(answer) if answer.status().is_server_error() => {
+            // 501: the backend does not offer this endpoint; that is an answer, not a fault.
+            Ok(answer) if answer.status().is_server_error() && answer.status() != StatusCode::NOT_IMPLEMENTED => {
                 upstream.state.failed(Instant::now());
                 UpstreamError::Status { backend: backend.name.clone(), status: answer.status().as_u16() }
             }
@@ -426,13 +439,36 @@ async fn attempt(
         drop((reservation, slot));
         state.metrics.upstream_failures.with_label_values(&[&backend.name, failure.kind()]).inc();
         tracing::warn!(backend = %backend.name, error = %failure, "backend attempt failed");
-        reason = Reason::Fallback(backend.name.clone());
+        reason = match failure {
+            UpstreamError::ContextOverflow { .. } => Reason::EscalatedContext,
+            _ => Reason::Fallback(backend.name.clone()),
+        };
         last_error = Some(failure);
     }
     match last_error {
         Some(e) => Err(e.into()),
         None => Ok(Outcome::NotStarted),
     }
+}
+
+/// Reads a 400 answer: a context-window overflow becomes `ContextOverflow` (try a larger
+/// backend); any other 400 is handed back whole, to be passed through.
+async fn context_overflow(
+    answer: http::Response<crate::upstream::UpstreamBody>,
+    deadline: Instant,
+    backend: &str,
+) -> Result<http::Response<crate::upstream::UpstreamBody>, UpstreamError> {
+    let (head, body) = answer.into_parts();
+    let bytes = match read_whole(body, deadline, backend).await {
+        Ok(bytes) => bytes,
+        Err(_) => return Err(UpstreamError::Broken { backend: backend.to_owned() }),
+    };
+    let text = String::from_utf8_lossy(&bytes).to_ascii_lowercase();
+    if text.contains("context") && ["length", "size", "window", "too long"].iter().any(|w| text.contains(w)) {
+        return Err(UpstreamError::ContextOverflow { backend: backend.to_owned() });
+    }
+    let body = http_body_util::Full::new(bytes).map_err(|never| match never {}).boxed_unsync();
+    Ok(http::Response::from_parts(head, body))
 }
 
 /// Where an answer came from and what the headers say of it.

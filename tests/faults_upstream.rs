@@ -151,3 +151,40 @@ async fn faults_open_the_circuit_while_other_backends_keep_serving() {
     assert_eq!(refused.status(), 503, "circuit open: refused at once");
     assert_eq!(faulty.requests(), before, "no traffic to an open circuit");
 }
+
+#[tokio::test]
+async fn a_backend_that_says_the_prompt_is_too_long_escalates_to_a_larger_one() {
+    let upstream = Upstream::start().await;
+    let config = format!(
+        "[[backends]]\nname = \"small\"\nbase_url = \"{0}\"\nmodel = \"tiny-context\"\nquality = 0.4\n\
+         pricing = {{ hourly_usd = 0.1 }}\n\n\
+         [[backends]]\nname = \"large\"\nbase_url = \"{0}\"\nmodel = \"echo\"\nquality = 0.9\n\
+         pricing = {{ input_per_mtok = 100, output_per_mtok = 100 }}\n\n\
+         [[routes]]\nmodel = \"auto\"\nbackends = [\"small\", \"large\"]\n\n\
+         [[users]]\nname = \"alice\"\nkey_sha256 = \"{1}\"\npolicy = \"cost-first\"\n",
+        upstream.base_url(),
+        key_hash(ALICE_KEY)
+    );
+    let gateway = Gateway::start(&config, ENV).await;
+    let response = gateway.post("/v1/chat/completions", ALICE_KEY, &chat("auto")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-tollgate-backend"], "large");
+    assert_eq!(response.headers()["x-tollgate-reason"], "escalated:context");
+    assert_eq!(gateway.metric("tollgate_backend_up", &[("backend", "small")]).await, 1.0, "not a health failure");
+    // Pinned to the small one, its own 400 comes back unchanged.
+    let pinned = gateway.post("/v1/chat/completions", ALICE_KEY, &chat("small")).await;
+    assert_eq!(pinned.status(), 400);
+    assert!(pinned.text().await.unwrap().contains("exceed_context_size_error"));
+}
+
+#[tokio::test]
+async fn a_501_for_an_endpoint_the_backend_lacks_is_passed_through_and_does_not_open_its_circuit() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config_for(&upstream.base_url(), &["not-implemented"], ""), ENV).await;
+    for _ in 0..4 {
+        let response = gateway.post("/v1/embeddings", ALICE_KEY, &json!({"model": "auto", "input": "x"})).await;
+        assert_eq!(response.status(), 501);
+    }
+    assert_eq!(gateway.metric("tollgate_backend_up", &[("backend", "not-implemented")]).await, 1.0);
+    assert_eq!(upstream.seen().len(), 4, "every request still reached the backend");
+}

@@ -46,6 +46,8 @@ pub enum UpstreamError {
     Timeout { backend: String, after: Duration },
     #[error("backend `{backend}` broke off its answer")]
     Broken { backend: String },
+    #[error("the prompt does not fit backend `{backend}`'s context window")]
+    ContextOverflow { backend: String },
     #[error("backend `{backend}` failed with HTTP {status}")]
     Status { backend: String, status: u16 },
     #[error("backend `{backend}` cannot be used: {reason}")]
@@ -64,6 +66,7 @@ impl UpstreamError {
             Self::Timeout { .. } => "timeout",
             Self::Status { .. } => "status",
             Self::Broken { .. } => "broken",
+            Self::ContextOverflow { .. } => "context",
             Self::Unusable { .. } => "unusable",
         }
     }

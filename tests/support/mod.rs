@@ -102,6 +102,14 @@ async fn handle(
             tokio::time::sleep(Duration::from_secs(30)).await;
             return StatusCode::OK.into_response();
         }
+        // llama.cpp's answer to a prompt over its context window, and to an endpoint it lacks.
+        "tiny-context" => {
+            let body = r#"{"error":{"code":400,"message":"the request exceeds the available context size, try increasing it","type":"exceed_context_size_error"}}"#;
+            return (StatusCode::BAD_REQUEST, [("content-type", "application/json")], body).into_response();
+        }
+        "not-implemented" => {
+            return (StatusCode::NOT_IMPLEMENTED, "This server does not support embeddings.").into_response();
+        }
         "garbage" => {
             return (StatusCode::OK, [("content-type", "application/json")], "<html>oops</html>").into_response()
         }
