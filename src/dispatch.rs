@@ -140,6 +140,13 @@ pub async fn run(state: &Arc<AppState>, mut ctx: RequestContext) -> Result<Respo
             }
             Err(refusal) => refusal,
         };
+        let clamped = ctx.clamped.is_some();
+        if let Some(tokens) = policy::plan::retry_clamped(&snapshot.config, user, &plan, &facts, &refusal, clamped) {
+            ctx.request.set_max_tokens(tokens);
+            ctx.clamped = Some(tokens);
+            plan = self::plan(&snapshot, &ctx.request)?;
+            continue;
+        }
         match refusal {
             Refusal::AtCapacity => {
                 if queue_place.is_none() {
@@ -153,16 +160,6 @@ pub async fn run(state: &Arc<AppState>, mut ctx: RequestContext) -> Result<Respo
                     return Err(Refusal::AtCapacity.into());
                 }
                 let _ = tokio::time::timeout_at(wait_until, notified).await;
-            }
-            Refusal::BudgetExceeded { .. } | Refusal::OverRequestCap { .. }
-                if user.clamp_max_tokens && ctx.clamped.is_none() =>
-            {
-                let Some(tokens) = policy::plan::clamp(&snapshot.config, &plan, &facts) else {
-                    return Err(refused(user, refusal, unix));
-                };
-                ctx.request.set_max_tokens(tokens);
-                ctx.clamped = Some(tokens);
-                plan = self::plan(&snapshot, &ctx.request)?;
             }
             Refusal::BudgetExceeded { .. } => return Err(refused(user, refusal, unix)),
             Refusal::ContextTooLong { .. } => {

@@ -6,7 +6,7 @@
 use crate::config::{Config, Policy, User};
 use crate::cost::{Baseline, Usd};
 use crate::ledger::period;
-use crate::policy::{self, Candidate, Facts};
+use crate::policy::{self, Candidate, Facts, Refusal};
 use crate::snapshot::ModelTarget;
 
 /// Completion estimate for a pinned backend when the request sets no `max_tokens`.
@@ -181,6 +181,23 @@ pub fn clamp(config: &Config, plan: &Plan<'_>, facts: &Facts<'_>) -> Option<u64>
         let affordable = b.pricing.affordable_completion(plan.prompt_tokens, limit, b.expected_tokens_per_s);
         affordable.min(b.context_window_room(plan.prompt_tokens))
     })
+}
+
+/// After a refusal: the `max_tokens` to decide again with when the budget or the per-request
+/// cap refused and the user clamps (once per request); `None`: the refusal stands.
+pub fn retry_clamped(
+    config: &Config,
+    user: &User,
+    plan: &Plan<'_>,
+    facts: &Facts<'_>,
+    refusal: &Refusal,
+    already_clamped: bool,
+) -> Option<u64> {
+    let money = matches!(refusal, Refusal::BudgetExceeded { .. } | Refusal::OverRequestCap { .. });
+    if !money || !user.clamp_max_tokens || already_clamped {
+        return None;
+    }
+    clamp(config, plan, facts)
 }
 
 /// The largest context window among the plan's candidates (for a context refusal's message).
