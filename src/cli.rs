@@ -112,13 +112,23 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
+/// `report` and `simulate` send nothing anywhere: the secrets a config names are not needed
+/// (an operator can run them where the gateway's keys are not set).
+fn no_secrets(_: &str) -> Option<String> {
+    Some(String::from("unused-offline"))
+}
+
 fn report(
     config: Option<PathBuf>,
     json: bool,
     since_ms: Option<i64>,
     export_trace: Option<PathBuf>,
 ) -> Result<(), CommandError> {
-    let (config, _) = load_for_serve(config)?;
+    let config = match config {
+        Some(path) => Config::load(&path, &no_secrets)?,
+        None if std::path::Path::new(DEFAULT_CONFIG).exists() => Config::load(DEFAULT_CONFIG.as_ref(), &no_secrets)?,
+        None => Config::parse(EMBEDDED_DEFAULT, "<embedded config/tollgate.toml>", &no_secrets)?,
+    };
     let path = match &config.ledger.store {
         crate::config::LedgerStore::Sqlite { path } => PathBuf::from(path),
         crate::config::LedgerStore::Memory => {
@@ -155,8 +165,6 @@ fn simulate(
     json: bool,
 ) -> Result<(), CommandError> {
     let trace = crate::simulate::trace::load(trace)?;
-    // Nothing is sent anywhere: secrets named by the config are not needed to replay it.
-    let no_secrets = |_: &str| Some(String::from("unused-by-the-simulator"));
     let mut runs = Vec::new();
     for path in std::iter::once(config).chain(compare.iter().map(PathBuf::as_path)) {
         let config = Config::load(path, &no_secrets)?;

@@ -147,7 +147,7 @@ mod tests {
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         assert_eq!(&png[12..16], b"IHDR");
         // 300 rows of 1 + 900 bytes in stored blocks of at most 65535 bytes, plus framing.
-        let raw = 300 * 901;
+        let raw: usize = 300 * 901;
         let blocks = raw.div_ceil(65_535);
         assert_eq!(png.len(), 8 + 25 + (12 + 2 + blocks * 5 + raw + 4) + 12);
         assert_eq!(canvas.get(150, 150), Some([0, 0, 0]));
