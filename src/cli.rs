@@ -1,4 +1,4 @@
-//! The command line: `serve`, `check`, `hash-key`.
+//! The command line: `serve`, `check`, `hash-key`, `report`, `simulate`.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -35,6 +35,69 @@ enum Command {
     Check { path: PathBuf },
     /// Read a key on standard input, print its lowercase hex SHA-256 (for `key_sha256`).
     HashKey,
+    /// Unit economics per user and backend from the ledger's request records.
+    Report {
+        /// The config whose `[ledger]` names the SQLite file (and whose routes and prices the
+        /// savings are computed with).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only records this recent: `30m`, `24h`, `7d`.
+        #[arg(long, value_parser = crate::report::parse_duration)]
+        since: Option<i64>,
+        /// Also write the records as a trace (JSONL) for `tollgate simulate`.
+        #[arg(long)]
+        export_trace: Option<PathBuf>,
+    },
+    /// Replay a request trace through the routing decision on a virtual clock.
+    Simulate {
+        /// The policy config to replay the trace against.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// More configs, shown side by side with the first (repeatable).
+        #[arg(long)]
+        compare: Vec<PathBuf>,
+        /// The trace: one JSON request per line.
+        #[arg(long)]
+        trace: PathBuf,
+        /// Draw spend over time per user against its budget line into this PNG file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Why `report` or `simulate` could not run.
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
+    #[error(transparent)]
+    Trace(#[from] crate::simulate::trace::TraceError),
+    #[error("{path}: cannot write: {source}")]
+    Write { path: String, source: std::io::Error },
+    #[error("the redis ledger cannot be read by `tollgate report` yet")]
+    RedisLedger,
+}
+
+fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), CommandError> {
+    std::fs::write(path, bytes).map_err(|source| CommandError::Write { path: path.display().to_string(), source })
+}
+
+fn finish(result: Result<(), CommandError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -42,7 +105,89 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve { config, listen } => serve(config, listen),
         Command::Check { path } => check(&path),
         Command::HashKey => hash_key(),
+        Command::Report { config, json, since, export_trace } => finish(report(config, json, since, export_trace)),
+        Command::Simulate { config, compare, trace, plot, json } => {
+            finish(simulate(&config, &compare, &trace, plot.as_deref(), json))
+        }
     }
+}
+
+/// `report` and `simulate` send nothing anywhere: the secrets a config names are not needed
+/// (an operator can run them where the gateway's keys are not set).
+fn no_secrets(_: &str) -> Option<String> {
+    Some(String::from("unused-offline"))
+}
+
+fn report(
+    config: Option<PathBuf>,
+    json: bool,
+    since_ms: Option<i64>,
+    export_trace: Option<PathBuf>,
+) -> Result<(), CommandError> {
+    let config = match config {
+        Some(path) => Config::load(&path, &no_secrets)?,
+        None if std::path::Path::new(DEFAULT_CONFIG).exists() => Config::load(DEFAULT_CONFIG.as_ref(), &no_secrets)?,
+        None => Config::parse(EMBEDDED_DEFAULT, "<embedded config/tollgate.toml>", &no_secrets)?,
+    };
+    let path = match &config.ledger.store {
+        crate::config::LedgerStore::Sqlite { path } => PathBuf::from(path),
+        crate::config::LedgerStore::Memory => {
+            println!(
+                "the ledger is in memory ([ledger] backend = \"memory\"): nothing is persisted, so there is nothing to \
+                 report; use backend = \"sqlite\", or GET /admin/requests on the running gateway"
+            );
+            return Ok(());
+        }
+        crate::config::LedgerStore::Redis { .. } => return Err(CommandError::RedisLedger),
+    };
+    let now_ms = crate::clock::unix_now_ms();
+    let from_ms = since_ms.map_or(0, |since| now_ms.saturating_sub(since));
+    let (records, spend) = crate::ledger::sqlite::read_report(&path, from_ms)?;
+    let start_ms = if since_ms.is_some() { from_ms } else { records.first().map_or(now_ms, |r| r.at_ms) };
+    let window = crate::report::Window { start_ms, end_ms: now_ms };
+    let report = crate::report::build(&config, &records, &spend, window);
+    if let Some(out) = export_trace {
+        write_file(&out, crate::simulate::trace::from_records(&records).as_bytes())?;
+    }
+    if json {
+        println!("{:#}", crate::report::render::json(&report));
+    } else {
+        print!("{}", crate::report::render::table(&report));
+    }
+    Ok(())
+}
+
+fn simulate(
+    config: &std::path::Path,
+    compare: &[PathBuf],
+    trace: &std::path::Path,
+    plot: Option<&std::path::Path>,
+    json: bool,
+) -> Result<(), CommandError> {
+    let trace = crate::simulate::trace::load(trace)?;
+    let mut runs = Vec::new();
+    for path in std::iter::once(config).chain(compare.iter().map(PathBuf::as_path)) {
+        let config = Config::load(path, &no_secrets)?;
+        let name = path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
+        runs.push((name, crate::simulate::run(&config, &trace)));
+    }
+    if let Some(plot) = plot {
+        write_file(plot, &crate::simulate::plot::draw(&runs))?;
+    }
+    if json {
+        println!("{:#}", crate::simulate::render::json(&runs));
+    } else {
+        print!("{}", crate::simulate::render::table(&runs));
+        if let Some(plot) = plot {
+            let colours: Vec<String> = runs
+                .iter()
+                .zip(crate::simulate::plot::SERIES_NAMES)
+                .map(|((name, _), colour)| format!("{name} {colour}"))
+                .collect();
+            println!("\nplot: {} ({}; budget red dashed, pace grey)", plot.display(), colours.join(", "));
+        }
+    }
+    Ok(())
 }
 
 fn check(path: &std::path::Path) -> ExitCode {

@@ -55,6 +55,11 @@ impl Usd {
         Self(self.0.saturating_sub(other.0))
     }
 
+    /// `self * n / d`, rounded half up (`None` when `d` is zero): pro-rating without floats.
+    pub fn mul_div(self, n: i64, d: i64) -> Option<Self> {
+        (d != 0).then(|| self.scale(i128::from(n), i128::from(d)))
+    }
+
     /// `self * n / d`, rounded half up, in 128-bit so nothing overflows on the way.
     fn scale(self, n: i128, d: i128) -> Self {
         let product = i128::from(self.0) * n;
@@ -139,6 +144,33 @@ impl Pricing {
 
     pub fn is_per_hour(&self) -> bool {
         matches!(self, Self::PerHour { .. })
+    }
+}
+
+/// What the "always premium" baseline (the route's most expensive candidate) would charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Baseline {
+    pub pricing: Pricing,
+    pub tokens_per_s: u32,
+}
+
+impl Baseline {
+    /// The baseline's price for `usage`: per token, the exact price; per hour, the exclusive
+    /// time the completion takes at the backend's expected speed (its occupancy is unknowable
+    /// for a request it did not serve).
+    pub fn price(&self, usage: &Usage) -> Usd {
+        match self.pricing {
+            Pricing::PerToken { .. } => self.pricing.price_tokens(usage),
+            Pricing::PerHour { .. } => {
+                self.pricing.estimate(usage.prompt_tokens, usage.completion_tokens, self.tokens_per_s)
+            }
+        }
+    }
+
+    /// What serving `usage` at `cost` saved against the baseline; never negative (a request
+    /// that happened to cost more than the baseline saved nothing, it did not lose savings).
+    pub fn savings(&self, usage: &Usage, cost: Usd) -> Usd {
+        self.price(usage).saturating_sub(cost).max(Usd::ZERO)
     }
 }
 

@@ -12,12 +12,12 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use crate::app::AppState;
-use crate::config::{Cascade, Policy, User};
+use crate::config::{Cascade, User};
 use crate::cost::Usd;
 use crate::error::ApiError;
 use crate::ledger::{self, period};
-use crate::metering::{meter_json, Baseline, Ending, Meter, MeterStart, MeteredBody};
-use crate::policy::{self, Candidate, Decision, Facts, Reason, Refusal};
+use crate::metering::{meter_json, Ending, Meter, MeterStart, MeteredBody};
+use crate::policy::{self, Candidate, Decision, Reason, Refusal};
 use crate::request::{Endpoint, ProxyRequest};
 use crate::snapshot::{ModelTarget, Snapshot};
 use crate::upstream::health::Admission;
@@ -30,8 +30,6 @@ pub const HEADER_COST: &str = "x-tollgate-cost-usd";
 pub const HEADER_BUDGET_REMAINING: &str = "x-tollgate-budget-remaining-usd";
 pub const HEADER_MAX_TOKENS_CLAMPED: &str = "x-tollgate-max-tokens-clamped";
 
-/// Completion estimate for a pinned backend when the request sets no `max_tokens`.
-const PINNED_DEFAULT_MAX_TOKENS: u64 = 512;
 /// A whole non-streamed answer is read before it is forwarded (to meter it exactly and put
 /// its cost in a header); beyond this size it is refused as a broken backend answer.
 const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
@@ -39,12 +37,7 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
 /// reservation: each round sees less budget, so this ends quickly.
 const MAX_DECISION_ROUNDS: usize = 8;
 
-/// Per-request routing hints from headers; they may raise quality, never lower it.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Hints {
-    pub policy: Option<Policy>,
-    pub min_quality: Option<f64>,
-}
+pub use crate::policy::plan::Hints;
 
 /// The request's context as it goes through: who asks, for what.
 pub struct RequestContext {
@@ -61,47 +54,33 @@ pub struct RequestContext {
     pub prior_cost: Usd,
 }
 
-/// What one route (or pinned backend) offers this request, computed once.
+/// The shared plan (see [`policy::plan`]) and the route's cascade when this request can go
+/// through it (non-streamed text).
 struct Plan<'s> {
-    route: &'s str,
-    candidates: Vec<usize>,
-    pinned: bool,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    /// Estimated cost per candidate, in `candidates` order.
-    estimates: Vec<Usd>,
-    baseline: Option<Baseline>,
-    /// The route's confidence cascade, when this request can go through it (non-streamed text).
+    shared: policy::plan::Plan<'s>,
     cascade: Option<Cascade>,
 }
 
+impl<'s> std::ops::Deref for Plan<'s> {
+    type Target = policy::plan::Plan<'s>;
+    fn deref(&self) -> &Self::Target {
+        &self.shared
+    }
+}
+
 fn plan<'s>(snapshot: &'s Snapshot, request: &ProxyRequest) -> Result<Plan<'s>, ApiError> {
-    let (route, candidates, default_max, pinned, cascade) = match snapshot.resolve(&request.model) {
-        Some(ModelTarget::Route(i)) => {
-            let route = &snapshot.config.routes[i];
-            let cascade = route.cascade.filter(|_| !request.stream && request.endpoint != Endpoint::Embeddings);
-            (route.model.as_str(), route.backends.clone(), u64::from(route.default_max_tokens), false, cascade)
-        }
-        Some(ModelTarget::Backend(i)) => {
-            (snapshot.config.backends[i].name.as_str(), vec![i], PINNED_DEFAULT_MAX_TOKENS, true, None)
-        }
-        None => return Err(ApiError::UnknownModel(request.model.clone())),
+    let target = snapshot.resolve(&request.model).ok_or_else(|| ApiError::UnknownModel(request.model.clone()))?;
+    let embeddings = request.endpoint == Endpoint::Embeddings;
+    let shape = policy::plan::Shape {
+        prompt_tokens: request.prompt_tokens_estimate,
+        max_tokens: request.max_tokens,
+        embeddings,
     };
-    let completion_tokens =
-        if request.endpoint == Endpoint::Embeddings { 0 } else { request.max_tokens.unwrap_or(default_max) };
-    let prompt_tokens = request.prompt_tokens_estimate;
-    let estimates: Vec<Usd> = candidates
-        .iter()
-        .map(|&i| {
-            let b = &snapshot.config.backends[i];
-            b.pricing.estimate(prompt_tokens, completion_tokens, b.expected_tokens_per_s)
-        })
-        .collect();
-    let baseline = candidates.iter().zip(&estimates).max_by_key(|(_, cost)| **cost).map(|(&i, _)| {
-        let b = &snapshot.config.backends[i];
-        Baseline { pricing: b.pricing, tokens_per_s: b.expected_tokens_per_s }
-    });
-    Ok(Plan { route, candidates, pinned, prompt_tokens, completion_tokens, estimates, baseline, cascade })
+    let cascade = match target {
+        ModelTarget::Route(i) => snapshot.config.routes[i].cascade.filter(|_| !request.stream && !embeddings),
+        ModelTarget::Backend(_) => None,
+    };
+    Ok(Plan { shared: policy::plan::plan(&snapshot.config, target, shape), cascade })
 }
 
 pub async fn run(state: &Arc<AppState>, mut ctx: RequestContext) -> Result<Response, ApiError> {
@@ -112,8 +91,6 @@ pub async fn run(state: &Arc<AppState>, mut ctx: RequestContext) -> Result<Respo
     state.limiter.admit(user, tokens_estimate, Instant::now())?;
     let mut tokens_held = TokenHold { state, user, tokens: tokens_estimate, armed: true };
 
-    let policy = ctx.hints.policy.unwrap_or(user.policy);
-    let min_quality = ctx.hints.min_quality.map_or(user.min_quality, |hint| hint.max(user.min_quality));
     let queue_deadline = ctx.started + snapshot.config.server.queue_timeout;
     let mut queue_place: Option<QueuePlace<'_>> = None;
     let mut rounds = 0;
@@ -127,15 +104,7 @@ pub async fn run(state: &Arc<AppState>, mut ctx: RequestContext) -> Result<Respo
         if let Some(quality) = escalated_from {
             candidates.retain(|c| c.quality > quality);
         }
-        let facts = Facts {
-            candidates,
-            pinned: plan.pinned,
-            policy,
-            min_quality,
-            max_request: user.max_request_usd,
-            remaining,
-            paced: ahead_of_pace(user, policy, remaining, unix),
-        };
+        let facts = policy::plan::facts(user, ctx.hints, &plan, candidates, remaining, unix);
         let refusal = match policy::decide(&facts) {
             Ok(mut decision) => {
                 let probe = match (plan.cascade, escalated_from) {
@@ -171,6 +140,13 @@ pub async fn run(state: &Arc<AppState>, mut ctx: RequestContext) -> Result<Respo
             }
             Err(refusal) => refusal,
         };
+        let clamped = ctx.clamped.is_some();
+        if let Some(tokens) = policy::plan::retry_clamped(&snapshot.config, user, &plan, &facts, &refusal, clamped) {
+            ctx.request.set_max_tokens(tokens);
+            ctx.clamped = Some(tokens);
+            plan = self::plan(&snapshot, &ctx.request)?;
+            continue;
+        }
         match refusal {
             Refusal::AtCapacity => {
                 if queue_place.is_none() {
@@ -185,24 +161,9 @@ pub async fn run(state: &Arc<AppState>, mut ctx: RequestContext) -> Result<Respo
                 }
                 let _ = tokio::time::timeout_at(wait_until, notified).await;
             }
-            Refusal::BudgetExceeded { .. } | Refusal::OverRequestCap { .. }
-                if user.clamp_max_tokens && ctx.clamped.is_none() =>
-            {
-                let Some(tokens) = clamp(&snapshot, &plan, &facts) else {
-                    return Err(refused(user, refusal, unix));
-                };
-                ctx.request.set_max_tokens(tokens);
-                ctx.clamped = Some(tokens);
-                plan = self::plan(&snapshot, &ctx.request)?;
-            }
             Refusal::BudgetExceeded { .. } => return Err(refused(user, refusal, unix)),
             Refusal::ContextTooLong { .. } => {
-                let largest = plan
-                    .candidates
-                    .iter()
-                    .map(|&i| u64::from(snapshot.config.backends[i].context_window))
-                    .max()
-                    .unwrap_or(0);
+                let largest = policy::plan::largest_context(&snapshot.config, &plan);
                 return Err(Refusal::ContextTooLong { needed: tokens_estimate, largest }.into());
             }
             other => return Err(other.into()),
@@ -225,47 +186,12 @@ fn refused(user: &User, refusal: Refusal, now: i64) -> ApiError {
     ApiError::Refused { refusal, retry_after, remaining }
 }
 
-/// Whether a pacing quality-first user is ahead of its pace line now.
-fn ahead_of_pace(user: &User, policy: Policy, remaining: Option<Usd>, now: i64) -> bool {
-    let (Some(pacing), Some(budget), Some(left), Policy::QualityFirst) =
-        (user.pacing, user.budget_usd, remaining, policy)
-    else {
-        return false;
-    };
-    let start = period::start(user.budget_period, now);
-    period::end(user.budget_period, now).is_some_and(|end| {
-        crate::policy::pacing::ahead_of_pace(budget.saturating_sub(left), budget, start, end, now, pacing.slack)
-    })
-}
-
-/// Clamping, with this request's sizes: what each candidate could generate within `limit`.
-fn clamp(snapshot: &Snapshot, plan: &Plan<'_>, facts: &Facts<'_>) -> Option<u64> {
-    policy::clamp(facts, plan.completion_tokens, |index, limit| {
-        let b = &snapshot.config.backends[index];
-        let affordable = b.pricing.affordable_completion(plan.prompt_tokens, limit, b.expected_tokens_per_s);
-        affordable.min(b.context_window_room(plan.prompt_tokens))
-    })
-}
-
+/// The candidates as the backends' live state (circuit, in-flight count) has them now.
 fn candidates<'s>(snapshot: &'s Snapshot, plan: &Plan<'_>, now: Instant) -> Vec<Candidate<'s>> {
-    let needed = plan.prompt_tokens + plan.completion_tokens;
-    plan.candidates
-        .iter()
-        .zip(&plan.estimates)
-        .map(|(&index, &estimated_cost)| {
-            let upstream = &snapshot.upstreams[index];
-            let backend = &upstream.backend;
-            Candidate {
-                index,
-                name: &backend.name,
-                quality: backend.quality,
-                fits_context: u64::from(backend.context_window) >= needed,
-                healthy: upstream.state.is_available(now),
-                has_capacity: upstream.state.in_flight() < backend.max_concurrency,
-                estimated_cost,
-            }
-        })
-        .collect()
+    policy::plan::candidates(&snapshot.config, plan, |index| {
+        let upstream = &snapshot.upstreams[index];
+        (upstream.state.is_available(now), upstream.state.in_flight() < upstream.backend.max_concurrency)
+    })
 }
 
 /// The tokens a request took from its user's tpm allowance at admission: given back if it is
@@ -418,7 +344,8 @@ async fn attempt(
                         arrived_ms: ctx.arrived_ms,
                         prompt_estimate: plan.prompt_tokens,
                         tokens_estimate,
-                        baseline: if plan.pinned { None } else { plan.baseline },
+                        baseline: plan.baseline,
+                        premium: plan.premium == Some(index),
                         slot,
                         reservation,
                         ticket,

@@ -21,6 +21,9 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// `tollgate_tokens_total{user,backend,kind}`: kind is `prompt` or `completion`.
     pub tokens: IntCounterVec,
+    /// `tollgate_premium_tokens_total{user}`: tokens served by the route's highest-quality
+    /// backend; divided by `tollgate_tokens_total` it is the user's premium token share.
+    pub premium_tokens: IntCounterVec,
     /// `tollgate_rejected_requests_total{code}`: refused before any backend (bad key, bad body...).
     pub rejected: IntCounterVec,
     /// `tollgate_usage_estimated_total{backend}`: requests whose usage was counted locally
@@ -71,6 +74,11 @@ impl Metrics {
             &["backend", "tier", "reason", "status"],
         )?;
         let tokens = counter("tokens_total", "Tokens metered per user and backend.", &["user", "backend", "kind"])?;
+        let premium_tokens = counter(
+            "premium_tokens_total",
+            "Tokens served by the route's highest-quality backend, per user (the premium token share's numerator).",
+            &["user"],
+        )?;
         let rejected = counter(
             "rejected_requests_total",
             "Requests refused before reaching a backend, by error code.",
@@ -148,6 +156,7 @@ impl Metrics {
             registry,
             requests,
             tokens,
+            premium_tokens,
             rejected,
             usage_estimated,
             request_duration,

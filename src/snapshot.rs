@@ -30,6 +30,27 @@ pub struct Snapshot {
     pub model_ids: Vec<String>,
 }
 
+/// What each model name a client may ask for resolves to, and the names in a stable order.
+/// Precedence when names collide: route alias, then backend name, then upstream model (the
+/// first backend serving it). Config validation forbids route/backend name clashes.
+pub fn model_index(config: &Config) -> (HashMap<String, ModelTarget>, Vec<String>) {
+    let mut models = HashMap::new();
+    let mut model_ids = Vec::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        models.insert(route.model.clone(), ModelTarget::Route(i));
+        model_ids.push(route.model.clone());
+    }
+    for (i, backend) in config.backends.iter().enumerate() {
+        for id in [&backend.name, &backend.model] {
+            if !models.contains_key(id) {
+                models.insert(id.clone(), ModelTarget::Backend(i));
+                model_ids.push(id.clone());
+            }
+        }
+    }
+    (models, model_ids)
+}
+
 impl Snapshot {
     /// Builds the runtime for `config`. Backends that `previous` already had keep their state
     /// (in-flight count, health, occupancy clock) under the same name, at the new price.
@@ -45,22 +66,7 @@ impl Snapshot {
             };
             upstreams.push(Upstream::new(Arc::clone(backend), state)?);
         }
-        // Precedence when names collide: route alias, then backend name, then upstream model
-        // (the first backend serving it). Config validation forbids route/backend name clashes.
-        let mut models = HashMap::new();
-        let mut model_ids = Vec::new();
-        for (i, route) in config.routes.iter().enumerate() {
-            models.insert(route.model.clone(), ModelTarget::Route(i));
-            model_ids.push(route.model.clone());
-        }
-        for (i, backend) in config.backends.iter().enumerate() {
-            for id in [&backend.name, &backend.model] {
-                if !models.contains_key(id) {
-                    models.insert(id.clone(), ModelTarget::Backend(i));
-                    model_ids.push(id.clone());
-                }
-            }
-        }
+        let (models, model_ids) = model_index(&config);
         Ok(Self { keys: KeyTable::new(&config.users), upstreams, models, model_ids, config })
     }
 

@@ -130,3 +130,23 @@ proptest! {
         prop_assert!((Usd::from_config(parsed).unwrap().pico() - pico).abs() <= 1);
     }
 }
+
+#[test]
+fn savings_are_the_baseline_price_of_the_same_usage_minus_the_cost_never_negative() {
+    let per_mtok = |usd: i64| Usd::from_pico(usd * 1_000_000_000_000);
+    let premium = Baseline {
+        pricing: Pricing::PerToken {
+            input_per_mtok: per_mtok(2),
+            output_per_mtok: per_mtok(8),
+            cached_input_per_mtok: None,
+        },
+        tokens_per_s: 20,
+    };
+    let usage = Usage::new(1_000, 500); // 1000 × 2 + 500 × 8 = 6000 µ$
+    assert_eq!(premium.price(&usage), Usd::from_pico(6_000_000_000));
+    assert_eq!(premium.savings(&usage, Usd::from_pico(1_000_000_000)), Usd::from_pico(5_000_000_000));
+    assert_eq!(premium.savings(&usage, Usd::from_pico(7_000_000_000)), Usd::ZERO);
+    // An hourly baseline: the completion's exclusive time at its expected speed.
+    let hourly = Baseline { pricing: Pricing::PerHour { hourly_usd: per_mtok(36) }, tokens_per_s: 50 };
+    assert_eq!(hourly.price(&usage), Usd::from_pico(100_000_000_000)); // 10 s at $0.01/s
+}

@@ -47,6 +47,14 @@ pub struct RequestRecord {
     pub latency_ms: u64,
 }
 
+/// Spend of one user in one budget period, as the SQLite ledger's `spend` table keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeriodSpend {
+    pub user: String,
+    pub period_start: i64,
+    pub spent: Usd,
+}
+
 /// The atomic budget operations. `reserve` and `usage` may wait on a remote store (Redis);
 /// `settle` and `release` never make the caller wait: a store that must do I/O does it on its
 /// own and reconciles failures itself, because they run when a response ends or is dropped.

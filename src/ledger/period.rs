@@ -45,6 +45,54 @@ pub fn rfc3339(unix: i64) -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
+/// Unix milliseconds of an RFC 3339 timestamp: `2026-03-01T09:30:00Z`, with optional
+/// fractional seconds and a `±HH:MM` offset instead of `Z`. `None` when malformed.
+pub fn parse_rfc3339(text: &str) -> Option<i64> {
+    // ASCII only: every slice below then falls on a character boundary.
+    if !text.is_ascii() {
+        return None;
+    }
+    let bytes = text.as_bytes();
+    let number = |range: std::ops::Range<usize>| -> Option<i64> {
+        let part = text.get(range)?;
+        part.bytes().all(|b| b.is_ascii_digit()).then(|| part.parse().ok())?
+    };
+    if bytes.len() < 20 || bytes[4] != b'-' || bytes[7] != b'-' || !matches!(bytes[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    if bytes[13] != b':' || bytes[16] != b':' {
+        return None;
+    }
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    let mut rest = &text[19..];
+    let mut millis = 0;
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let ms = format!("{:0<3}", &fraction[..digits.min(3)]);
+        millis = ms.parse::<i64>().ok()?;
+        rest = &fraction[digits..];
+    }
+    let offset_s = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 && matches!(&rest[..1], "+" | "-") && &rest[3..4] == ":" => {
+            let sign = if rest.starts_with('-') { -1 } else { 1 };
+            let (h, m) = (rest[1..3].parse::<i64>().ok()?, rest[4..6].parse::<i64>().ok()?);
+            sign * (h * 3600 + m * 60)
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(year, u32::try_from(month).ok()?, u32::try_from(day).ok()?);
+    let seconds = days * SECONDS_PER_DAY + hour * 3600 + minute * 60 + second - offset_s;
+    Some(seconds * 1000 + millis)
+}
+
 /// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
 fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     let year = if month <= 2 { year - 1 } else { year };
@@ -95,6 +143,22 @@ mod tests {
         let leap = days_from_civil(2028, 2, 29) * SECONDS_PER_DAY;
         assert_eq!(rfc3339(leap), "2028-02-29T00:00:00Z");
         assert_eq!(end(BudgetPeriod::Month, leap).map(rfc3339).as_deref(), Some("2028-03-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn rfc3339_parses_what_rfc3339_prints_and_offsets() {
+        assert_eq!(parse_rfc3339(&rfc3339(NOW)), Some(NOW * 1000));
+        assert_eq!(parse_rfc3339("2026-11-28T04:20:00.25Z"), Some(NOW * 1000 + 250));
+        assert_eq!(parse_rfc3339("2026-11-28T05:20:00+01:00"), Some(NOW * 1000));
+        for bad in [
+            "2026-11-28",
+            "2026-13-01T00:00:00Z",
+            "2026-11-28T04:20:00",
+            "2026-11-28T04:20:00.Z",
+            "x026-11-28T04:20:00Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
     }
 
     #[test]

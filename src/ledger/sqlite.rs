@@ -16,7 +16,7 @@ use rusqlite::{params, Connection};
 use tokio::sync::oneshot;
 
 use super::accounts::Accounts;
-use super::{Account, BoxFuture, Ledger, LedgerError, RequestRecord, Reserve, Totals};
+use super::{Account, BoxFuture, Ledger, LedgerError, PeriodSpend, RequestRecord, Reserve, Totals};
 use crate::config::User;
 use crate::cost::Usd;
 
@@ -250,26 +250,54 @@ impl Ledger for SqliteLedger {
     }
 }
 
+/// What `tollgate report` reads from a ledger file, without opening it for writing (a running
+/// gateway may hold it; WAL lets both work): the request records since `since_ms`, oldest
+/// first, and the spend of every user's periods.
+pub fn read_report(path: &Path, since_ms: i64) -> Result<(Vec<RequestRecord>, Vec<PeriodSpend>), LedgerError> {
+    let display = path.display().to_string();
+    if !path.exists() {
+        return Err(LedgerError::Storage(format!("{display}: no ledger file (has the gateway run with this config?)")));
+    }
+    let conn =
+        Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(storage(&display))?;
+    let read = || -> rusqlite::Result<_> {
+        let mut statement = conn.prepare(&format!("{RECORD_COLUMNS} WHERE at_ms >= ?1 ORDER BY at_ms, rowid"))?;
+        let records = statement.query_map(params![since_ms], record_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut statement =
+            conn.prepare("SELECT user, period_start, SUM(spent_pico) FROM spend GROUP BY user, period_start")?;
+        let spend = statement
+            .query_map([], |row| {
+                Ok(PeriodSpend { user: row.get(0)?, period_start: row.get(1)?, spent: Usd::from_pico(row.get(2)?) })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok((records, spend))
+    };
+    read().map_err(storage(&display))
+}
+
+const RECORD_COLUMNS: &str =
+    "SELECT at_ms, user, route, backend, reason, prompt_tokens, completion_tokens, cost_pico, status, latency_ms
+     FROM requests";
+
+fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRecord> {
+    Ok(RequestRecord {
+        at_ms: row.get(0)?,
+        user: row.get(1)?,
+        route: row.get(2)?,
+        backend: row.get(3)?,
+        reason: row.get(4)?,
+        prompt_tokens: row.get::<_, i64>(5)?.try_into().unwrap_or(0),
+        completion_tokens: row.get::<_, i64>(6)?.try_into().unwrap_or(0),
+        cost: Usd::from_pico(row.get(7)?),
+        status: row.get(8)?,
+        latency_ms: row.get::<_, i64>(9)?.try_into().unwrap_or(0),
+    })
+}
+
 fn read_records(path: &str, limit: usize) -> rusqlite::Result<Vec<RequestRecord>> {
     let conn = Connection::open(path)?;
-    let mut statement = conn.prepare(
-        "SELECT at_ms, user, route, backend, reason, prompt_tokens, completion_tokens, cost_pico, status, latency_ms
-         FROM requests ORDER BY rowid DESC LIMIT ?1",
-    )?;
-    let rows = statement.query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
-        Ok(RequestRecord {
-            at_ms: row.get(0)?,
-            user: row.get(1)?,
-            route: row.get(2)?,
-            backend: row.get(3)?,
-            reason: row.get(4)?,
-            prompt_tokens: row.get::<_, i64>(5)?.try_into().unwrap_or(0),
-            completion_tokens: row.get::<_, i64>(6)?.try_into().unwrap_or(0),
-            cost: Usd::from_pico(row.get(7)?),
-            status: row.get(8)?,
-            latency_ms: row.get::<_, i64>(9)?.try_into().unwrap_or(0),
-        })
-    })?;
+    let mut statement = conn.prepare(&format!("{RECORD_COLUMNS} ORDER BY rowid DESC LIMIT ?1"))?;
+    let rows = statement.query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], record_from_row)?;
     let mut records = rows.collect::<rusqlite::Result<Vec<_>>>()?;
     records.reverse();
     Ok(records)

@@ -12,6 +12,7 @@ pub use body::{meter_json, MeteredBody};
 
 use crate::app::AppState;
 use crate::config::{Backend, User};
+pub use crate::cost::Baseline;
 use crate::cost::{Pricing, Usd};
 use crate::ledger::{RequestRecord, Reservation};
 use crate::openai::Usage;
@@ -43,13 +44,6 @@ impl Ending {
     }
 }
 
-/// What the "always premium" baseline would have charged, for the savings metric.
-#[derive(Debug, Clone, Copy)]
-pub struct Baseline {
-    pub pricing: Pricing,
-    pub tokens_per_s: u32,
-}
-
 /// Everything one dispatched request holds until it is settled.
 pub struct MeterStart {
     pub state: Arc<AppState>,
@@ -66,6 +60,8 @@ pub struct MeterStart {
     /// Tokens taken from the user's tpm allowance at admission.
     pub tokens_estimate: u64,
     pub baseline: Option<Baseline>,
+    /// Served by the route's highest-quality backend: its tokens count as premium tokens.
+    pub premium: bool,
     pub slot: Slot,
     pub reservation: Reservation,
     pub ticket: Ticket,
@@ -166,13 +162,10 @@ impl Meter {
         m.tokens.with_label_values(&[user, backend, "completion"]).inc_by(usage.completion_tokens);
         m.cost.with_label_values(&[user, backend]).inc_by(cost.as_f64());
         if let Some(baseline) = s.baseline {
-            let would_have = match baseline.pricing {
-                Pricing::PerToken { .. } => baseline.pricing.price_tokens(&usage),
-                Pricing::PerHour { .. } => {
-                    baseline.pricing.estimate(usage.prompt_tokens, usage.completion_tokens, baseline.tokens_per_s)
-                }
-            };
-            m.savings.with_label_values(&[user]).inc_by(would_have.saturating_sub(cost).max(Usd::ZERO).as_f64());
+            m.savings.with_label_values(&[user]).inc_by(baseline.savings(&usage, cost).as_f64());
+        }
+        if s.premium {
+            m.premium_tokens.with_label_values(&[user]).inc_by(usage.prompt_tokens + usage.completion_tokens);
         }
         if estimated {
             m.usage_estimated.with_label_values(&[backend]).inc();

@@ -3,6 +3,7 @@
 //! estimates) and acts on the decision.
 
 pub mod pacing;
+pub mod plan;
 mod reason;
 
 pub use reason::Reason;
@@ -71,6 +72,20 @@ pub enum Refusal {
     /// Every eligible backend is at `max_concurrency`: the dispatcher may wait and decide again.
     #[error("every backend for this model is at capacity")]
     AtCapacity,
+}
+
+impl Refusal {
+    /// The OpenAI-shaped error `code` this refusal answers with (also the simulator's tally).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::ContextTooLong { .. } => "context_length_exceeded",
+            Self::QualityUnavailable { .. } => "quality_unavailable",
+            Self::OverRequestCap { .. } => "max_request_cost_exceeded",
+            Self::BudgetExceeded { .. } => "budget_exceeded",
+            Self::Unavailable => "backend_unavailable",
+            Self::AtCapacity => "capacity_exceeded",
+        }
+    }
 }
 
 /// Decides for one request; see the module doc.

@@ -1,0 +1,198 @@
+//! `tollgate report`: unit economics from the ledger's request records. Pure: records, the
+//! current periods' spend and the config in; figures out. The CLI reads the SQLite file.
+//!
+//! Savings and the premium share of a record are computed against its route as the config
+//! has it *now* (the route's most expensive and highest-quality candidates, priced with the
+//! record's actual tokens, through the same [`plan`] helpers as live traffic): a record whose
+//! route is gone, or that pinned a backend, has no baseline and is left out of both.
+
+pub mod render;
+
+use std::collections::BTreeMap;
+
+use crate::config::Config;
+use crate::cost::Usd;
+pub use crate::ledger::PeriodSpend;
+use crate::ledger::{period, RequestRecord};
+use crate::openai::Usage;
+use crate::policy::plan;
+use crate::snapshot::ModelTarget;
+
+const MS_PER_HOUR: i64 = 3_600_000;
+
+/// What the report covers, in Unix milliseconds; `end` is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start_ms: i64,
+    pub end_ms: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserReport {
+    pub user: String,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: Usd,
+    pub savings: Usd,
+    /// Tokens served by their route's highest-quality backend.
+    pub premium_tokens: u64,
+    /// Tokens of records whose route is known (the premium share's denominator).
+    pub routed_tokens: u64,
+    /// Records left out of savings and premium share (route gone, or a pinned backend).
+    pub unrouted: u64,
+    pub budget: Option<Usd>,
+    /// Spend in the current budget period (from the ledger's totals, not the window).
+    pub period_spend: Option<Usd>,
+    /// `period_spend` extrapolated linearly to the period's end.
+    pub projected: Option<Usd>,
+}
+
+impl UserReport {
+    pub fn cost_per_request(&self) -> Option<Usd> {
+        self.cost.mul_div(1, i64::try_from(self.requests).ok()?).filter(|_| self.requests > 0)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendReport {
+    pub backend: String,
+    pub tier: Option<String>,
+    pub requests: u64,
+    pub tokens: u64,
+    /// What its requests were charged.
+    pub cost: Usd,
+    /// Hourly backends: milliseconds with at least one request in flight within the window.
+    pub busy_ms: Option<i64>,
+    /// Hourly backends: the hourly cost of the window's time with nothing in flight.
+    pub idle_cost: Option<Usd>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub window: Window,
+    pub users: Vec<UserReport>,
+    pub backends: Vec<BackendReport>,
+}
+
+/// The report over `records` (those within `window`), with the current period spend `spend`.
+pub fn build(config: &Config, records: &[RequestRecord], spend: &[PeriodSpend], window: Window) -> Report {
+    let (models, _) = crate::snapshot::model_index(config);
+    let mut users: BTreeMap<String, UserReport> = BTreeMap::new();
+    let mut backends: BTreeMap<String, BackendReport> = BTreeMap::new();
+    let mut intervals: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();
+    let in_window = records.iter().filter(|r| r.at_ms >= window.start_ms && r.at_ms <= window.end_ms);
+    for r in in_window {
+        let tokens = r.prompt_tokens + r.completion_tokens;
+        let u =
+            users.entry(r.user.clone()).or_insert_with(|| UserReport { user: r.user.clone(), ..UserReport::default() });
+        u.requests += 1;
+        u.prompt_tokens += r.prompt_tokens;
+        u.completion_tokens += r.completion_tokens;
+        u.cost = u.cost.saturating_add(r.cost);
+        match models.get(&r.route) {
+            Some(&ModelTarget::Route(i)) => {
+                let candidates = &config.routes[i].backends;
+                let estimates = plan::estimates(config, candidates, r.prompt_tokens, r.completion_tokens);
+                if let Some(baseline) = plan::baseline(config, candidates, &estimates) {
+                    let usage = Usage::new(r.prompt_tokens, r.completion_tokens);
+                    u.savings = u.savings.saturating_add(baseline.savings(&usage, r.cost));
+                }
+                u.routed_tokens += tokens;
+                let premium = plan::premium(config, candidates).map(|p| config.backends[p].name.as_str());
+                if premium == Some(r.backend.as_str()) {
+                    u.premium_tokens += tokens;
+                }
+            }
+            _ => u.unrouted += 1,
+        }
+        let b = backends
+            .entry(r.backend.clone())
+            .or_insert_with(|| BackendReport { backend: r.backend.clone(), ..BackendReport::default() });
+        b.requests += 1;
+        b.tokens += tokens;
+        b.cost = b.cost.saturating_add(r.cost);
+        let latency = i64::try_from(r.latency_ms).unwrap_or(i64::MAX);
+        intervals.entry(r.backend.clone()).or_default().push((r.at_ms, r.at_ms.saturating_add(latency)));
+    }
+    let now = window.end_ms.div_euclid(1000);
+    for user in &config.users {
+        let u = users
+            .entry(user.name.clone())
+            .or_insert_with(|| UserReport { user: user.name.clone(), ..UserReport::default() });
+        u.budget = user.budget_usd;
+        let start = period::start(user.budget_period, now);
+        let spent = spend
+            .iter()
+            .filter(|s| s.user == user.name && s.period_start == start)
+            .fold(Usd::ZERO, |sum, s| sum.saturating_add(s.spent));
+        u.period_spend = Some(spent);
+        u.projected = period::end(user.budget_period, now).and_then(|end| project(spent, start, end, now));
+    }
+    for backend in &config.backends {
+        let b = backends
+            .entry(backend.name.clone())
+            .or_insert_with(|| BackendReport { backend: backend.name.clone(), ..BackendReport::default() });
+        b.tier = Some(backend.tier.clone());
+        if let crate::cost::Pricing::PerHour { hourly_usd } = backend.pricing {
+            let busy = busy_ms(intervals.remove(&backend.name).unwrap_or_default(), window);
+            let idle = (window.end_ms - window.start_ms - busy).max(0);
+            b.busy_ms = Some(busy);
+            b.idle_cost = hourly_usd.mul_div(idle, MS_PER_HOUR);
+        }
+    }
+    // Configured users first, in config order; users the config no longer has after them.
+    let mut ordered: Vec<UserReport> = config.users.iter().filter_map(|user| users.remove(&user.name)).collect();
+    ordered.extend(users.into_values());
+    let mut backend_list: Vec<BackendReport> =
+        config.backends.iter().filter_map(|b| backends.remove(&b.name)).collect();
+    backend_list.extend(backends.into_values());
+    Report { window, users: ordered, backends: backend_list }
+}
+
+/// Linear projection of a period's spend to its end: `spent × period / elapsed`.
+pub fn project(spent: Usd, start: i64, end: i64, now: i64) -> Option<Usd> {
+    let elapsed = now - start;
+    (elapsed > 0 && end > start).then(|| spent.mul_div(end - start, elapsed)).flatten()
+}
+
+/// Length of the union of `[start, end]` intervals, clipped to the window.
+pub fn busy_ms(mut intervals: Vec<(i64, i64)>, window: Window) -> i64 {
+    intervals.sort_unstable();
+    let mut busy = 0;
+    let mut current: Option<(i64, i64)> = None;
+    for (start, end) in intervals {
+        let (start, end) = (start.max(window.start_ms), end.min(window.end_ms));
+        if end <= start {
+            continue;
+        }
+        current = match current {
+            Some((a, b)) if start <= b => Some((a, b.max(end))),
+            Some((a, b)) => {
+                busy += b - a;
+                Some((start, end))
+            }
+            None => Some((start, end)),
+        };
+    }
+    busy + current.map_or(0, |(a, b)| b - a)
+}
+
+/// `30s`, `15m`, `24h`, `7d` as milliseconds.
+pub fn parse_duration(text: &str) -> Result<i64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: i64 = digits.parse().map_err(|_| format!("`{text}`: expected a number and a unit, e.g. 7d or 24h"))?;
+    let unit_ms = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => MS_PER_HOUR,
+        "d" => 24 * MS_PER_HOUR,
+        _ => return Err(format!("`{text}`: the unit must be s, m, h or d")),
+    };
+    n.checked_mul(unit_ms).ok_or_else(|| format!("`{text}` is too long"))
+}
+
+#[cfg(test)]
+mod tests;

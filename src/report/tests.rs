@@ -1,0 +1,103 @@
+use super::*;
+
+const MARCH_10: i64 = 1_773_100_800; // 2026-03-10T00:00:00Z
+
+fn config() -> Config {
+    let text = format!(
+        r#"
+[[backends]]
+name = "premium"
+tier = "quality"
+base_url = "http://127.0.0.1:9/v1"
+model = "big"
+quality = 0.9
+pricing = {{ input_per_mtok = 1.0, output_per_mtok = 10.0 }}
+
+[[backends]]
+name = "cpu"
+tier = "economy"
+base_url = "http://127.0.0.1:9/v1"
+model = "small"
+quality = 0.4
+pricing = {{ hourly_usd = 0.36 }}
+
+[[routes]]
+model = "auto"
+backends = ["premium", "cpu"]
+
+[[users]]
+name = "u"
+key_sha256 = "{}"
+budget_usd = 10.0
+"#,
+        "ab".repeat(32)
+    );
+    let no_env = |_: &str| None;
+    Config::parse(&text, "r.toml", &no_env).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn record(at_ms: i64, route: &str, backend: &str, cost_pico: i64, latency_ms: u64) -> RequestRecord {
+    RequestRecord {
+        at_ms,
+        user: "u".into(),
+        route: route.into(),
+        backend: backend.into(),
+        reason: "x".into(),
+        prompt_tokens: 100,
+        completion_tokens: 100,
+        cost: Usd::from_pico(cost_pico),
+        status: 200,
+        latency_ms,
+    }
+}
+
+#[test]
+fn busy_time_is_the_union_of_request_intervals_within_the_window() {
+    let window = Window { start_ms: 0, end_ms: 100 };
+    assert_eq!(busy_ms(vec![(10, 20), (15, 30), (40, 50), (95, 120), (-5, 2)], window), 20 + 10 + 5 + 2);
+    assert_eq!(busy_ms(Vec::new(), window), 0);
+}
+
+#[test]
+fn projection_is_linear_in_the_elapsed_share_of_the_period() {
+    let usd = Usd::from_pico(3_000_000_000_000);
+    assert_eq!(project(usd, 0, 30, 10), Some(Usd::from_pico(9_000_000_000_000)));
+    assert_eq!(project(usd, 0, 30, 0), None, "nothing elapsed: no rate");
+}
+
+#[test]
+fn savings_premium_share_and_idle_cost_come_from_the_route_as_configured() {
+    let cfg = config();
+    let at = MARCH_10 * 1000;
+    let records = [
+        // Premium: 100 × $1/M + 100 × $10/M = $0.0011, the route's most expensive: no savings.
+        record(at, "auto", "premium", 1_100_000_000, 1_000),
+        // CPU for $0.0001 instead of $0.0011 (its own estimate, 5 s at $0.36/h, is $0.0005): saves $0.001.
+        record(at + 500, "auto", "cpu", 100_000_000, 1_000),
+        // Pinned, and a route the config no longer has: neither savings nor premium share.
+        record(at + 10_000, "cpu", "cpu", 100_000_000, 2_000),
+        record(at + 20_000, "gone", "premium", 1_100_000_000, 1_000),
+    ];
+    let spend =
+        [PeriodSpend { user: "u".into(), period_start: 1_772_323_200, spent: Usd::from_pico(4_500_000_000_000) }];
+    // 2026-03-10T00:01:00Z: the window is the minute since midnight.
+    let window = Window { start_ms: at, end_ms: at + 60_000 };
+    let report = build(&cfg, &records, &spend, window);
+    let u = &report.users[0];
+    assert_eq!((u.requests, u.unrouted), (4, 2));
+    assert_eq!(u.savings, Usd::from_pico(1_000_000_000));
+    assert_eq!((u.premium_tokens, u.routed_tokens), (200, 400));
+    assert_eq!(u.cost_per_request(), Some(Usd::from_pico(600_000_000)));
+    // $4.50 spent in the first 9 days and 1 minute of March's 31: projected ≈ $15.49.
+    let projected = u.projected.unwrap();
+    assert!(
+        projected > Usd::from_pico(15_480_000_000_000) && projected < Usd::from_pico(15_500_000_000_000),
+        "{projected}"
+    );
+    let cpu = &report.backends[1];
+    // Busy 1.5 s ([0.5, 1.5] and [10, 12]) minus overlap: [at+500, at+1500] ∪ [at+10000, at+12000] = 3 s.
+    assert_eq!(cpu.busy_ms, Some(3_000));
+    // Idle 57 s at $0.36/h = $0.0057.
+    assert_eq!(cpu.idle_cost, Some(Usd::from_pico(5_700_000_000)));
+    assert_eq!(report.backends[0].busy_ms, None, "per-token backends have no idle cost");
+}

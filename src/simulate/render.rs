@@ -1,0 +1,187 @@
+//! The simulator's output: a side-by-side table (one column per config) or JSON.
+
+use serde_json::{json, Value};
+
+use super::{Run, UserRun};
+use crate::cost::Usd;
+use crate::ledger::period;
+
+const DAY: i64 = 86_400;
+
+/// `part / whole` as a percentage with one decimal, in integer arithmetic (stable output).
+pub fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        return "-".into();
+    }
+    let per_mille = (u128::from(part) * 1000 + u128::from(whole) / 2) / u128::from(whole);
+    format!("{}.{}%", per_mille / 10, per_mille % 10)
+}
+
+/// Dollars with two decimals (rounded half up); the exact amounts are in the JSON.
+pub fn dollars(usd: Usd) -> String {
+    let cents = usd.mul_div(1, 10_000_000_000).unwrap_or_default().pico();
+    let sign = if cents < 0 { "-" } else { "" };
+    format!("{sign}${}.{:02}", cents.abs() / 100, cents.abs() % 100)
+}
+
+/// The spend over the whole trace (all periods) by the end of `at` (Unix seconds).
+fn total_by(user: &UserRun, at: i64) -> Usd {
+    user.spend.iter().take_while(|p| p.at <= at).last().map_or(Usd::ZERO, |p| p.total)
+}
+
+fn mix(user: &UserRun, tokens: bool) -> String {
+    let whole = if tokens { user.tokens() } else { user.served };
+    let parts: Vec<String> = user
+        .tiers
+        .iter()
+        .map(|(tier, m)| format!("{tier} {}", percent(if tokens { m.tokens } else { m.requests }, whole)))
+        .collect();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+fn refusals(user: &UserRun) -> String {
+    if user.refusals.is_empty() {
+        return "0".into();
+    }
+    user.refusals.iter().map(|(code, n)| format!("{n} {code}")).collect::<Vec<_>>().join(", ")
+}
+
+fn exhausted(user: &UserRun) -> String {
+    user.exhausted_at.map_or_else(|| "never".into(), |t| period::rfc3339(t)[..16].replace('T', " "))
+}
+
+/// The comparison table: per user, one row per figure, one column per (config name, run).
+pub fn table(runs: &[(String, Run)]) -> String {
+    let mut users: Vec<&str> = Vec::new();
+    for (_, run) in runs {
+        for u in &run.users {
+            if !users.contains(&u.user.as_str()) {
+                users.push(&u.user);
+            }
+        }
+    }
+    let span = runs.iter().find_map(|(_, r)| r.span);
+    let thirds = span.map(|(a, b)| [a + (b - a) / 3, a + (b - a) * 2 / 3, b]);
+    let mut rows: Vec<Vec<String>> =
+        vec![std::iter::once(String::new()).chain(runs.iter().map(|(n, _)| n.clone())).collect()];
+    for name in users {
+        let found: Vec<Option<&UserRun>> = runs.iter().map(|(_, r)| r.users.iter().find(|u| u.user == name)).collect();
+        let budget = found.iter().flatten().next().map_or_else(String::new, |u| match u.budget {
+            Some(b) => format!(" (budget {} per {})", dollars(b), period::name(u.period)),
+            None => " (no budget)".into(),
+        });
+        rows.push(vec![format!("{name}{budget}")]);
+        let mut row = |label: &str, cell: &dyn Fn(&UserRun) -> String| {
+            let cells = found.iter().map(|u| u.map_or_else(|| "-".into(), cell));
+            rows.push(std::iter::once(format!("  {label}")).chain(cells).collect());
+        };
+        row("policy", &|u| u.policy.clone());
+        row("served / requests", &|u| format!("{} / {}", u.served, u.requests));
+        row("refused", &refusals);
+        row("spend", &|u| dollars(u.spent));
+        if let Some(at) = thirds {
+            row("spend at 1/3, 2/3 of trace", &|u| {
+                format!("{} {}", dollars(total_by(u, at[0])), dollars(total_by(u, at[1])))
+            });
+        }
+        row("cost per request", &|u| {
+            u.spent.mul_div(1, i64::try_from(u.served).unwrap_or(i64::MAX)).map_or("-".into(), dollars_fine)
+        });
+        row("savings vs premium", &|u| dollars(u.savings));
+        row("premium token share", &|u| percent(u.premium_tokens, u.tokens()));
+        row("tier mix (requests)", &|u| mix(u, false));
+        row("tier mix (tokens)", &|u| mix(u, true));
+        row("clamped max_tokens", &|u| u.clamped.to_string());
+        row("budget exhausted", &exhausted);
+    }
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    for (name, run) in runs {
+        if run.unknown_users > 0 {
+            out.push_str(&format!("{name}: {} requests from users the config does not know\n", run.unknown_users));
+        }
+    }
+    out
+}
+
+/// Small amounts (a request's cost) with four significant decimals.
+fn dollars_fine(usd: Usd) -> String {
+    let tenth_mills = usd.mul_div(1, 100_000_000).unwrap_or_default().pico();
+    format!("${}.{:04}", tenth_mills / 10_000, tenth_mills % 10_000)
+}
+
+pub fn json(runs: &[(String, Run)]) -> Value {
+    let configs: Vec<Value> = runs
+        .iter()
+        .map(|(name, run)| {
+            let users: Vec<Value> = run.users.iter().map(|u| user_json(u, run.span)).collect();
+            json!({"config": name, "users": users, "unknown_users": run.unknown_users})
+        })
+        .collect();
+    json!({"configs": configs})
+}
+
+fn user_json(u: &UserRun, span: Option<(i64, i64)>) -> Value {
+    let tiers: serde_json::Map<String, Value> =
+        u.tiers.iter().map(|(tier, m)| (tier.clone(), json!({"requests": m.requests, "tokens": m.tokens}))).collect();
+    #[expect(clippy::cast_precision_loss, reason = "a share for display")]
+    let premium_share = (u.tokens() > 0).then(|| u.premium_tokens as f64 / u.tokens() as f64);
+    // Spend over time: the trace-wide total at the end of each day.
+    let daily: Vec<Value> = span
+        .map(|(a, b)| {
+            let first = a.div_euclid(DAY);
+            (first..=b.div_euclid(DAY))
+                .map(|d| {
+                    let end = (d + 1) * DAY - 1;
+                    json!({"day": &period::rfc3339(d * DAY)[..10], "spent_usd": total_by(u, end).as_f64()})
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "user": u.user,
+        "policy": u.policy,
+        "budget_usd": u.budget.map(Usd::as_f64),
+        "budget_period": period::name(u.period),
+        "requests": u.requests,
+        "served": u.served,
+        "refusals": u.refusals,
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "spent_usd": u.spent.as_f64(),
+        "savings_usd": u.savings.as_f64(),
+        "premium_token_share": premium_share,
+        "tiers": tiers,
+        "reasons": u.reasons,
+        "clamped": u.clamped,
+        "budget_exhausted_at": u.exhausted_at.map(period::rfc3339),
+        "spend_daily": daily,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentages_and_dollars_round_half_up_in_integers() {
+        assert_eq!(percent(1, 3), "33.3%");
+        assert_eq!(percent(2, 3), "66.7%");
+        assert_eq!(percent(0, 0), "-");
+        assert_eq!(dollars(Usd::from_pico(1_234_999_999_999)), "$1.23");
+        assert_eq!(dollars(Usd::from_pico(1_235_000_000_000)), "$1.24");
+        assert_eq!(dollars_fine(Usd::from_pico(10_500_000_000)), "$0.0105");
+    }
+}
