@@ -109,7 +109,7 @@ pub async fn run(state: &Arc<AppState>, mut ctx: RequestContext) -> Result<Respo
     let mut plan = plan(&snapshot, &ctx.request)?;
     let user = &ctx.user;
     let tokens_estimate = plan.prompt_tokens + plan.completion_tokens;
-    state.limiter.admit(user, tokens_estimate, Instant::now())?;
+    state.limiter.admit(user, tokens_estimate, Instant::now()).await?;
     let mut tokens_held = TokenHold { state, user, tokens: tokens_estimate, armed: true };
 
     let policy = ctx.hints.policy.unwrap_or(user.policy);
