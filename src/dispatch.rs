@@ -549,7 +549,14 @@ async fn respond(
             None => bytes,
         };
         put(&mut headers, HEADER_COST, &ctx.prior_cost.saturating_add(cost).to_string());
-        if let Some(remaining) = state.ledger.remaining(&ctx.user, crate::clock::unix_now()).await? {
+        // The answer is served and charged by now: a ledger that cannot be read any more must
+        // not turn it into an error (the client would be charged for a 503). The header then
+        // says what was left at the reservation, corrected by the actual cost.
+        let remaining = match state.ledger.remaining(&ctx.user, crate::clock::unix_now()).await {
+            Ok(remaining) => remaining,
+            Err(_) => remaining_after_reserve.map(|r| r.saturating_add(estimate).saturating_sub(cost).max(Usd::ZERO)),
+        };
+        if let Some(remaining) = remaining {
             put(&mut headers, HEADER_BUDGET_REMAINING, &remaining.to_string());
         }
         Body::from(bytes)
