@@ -77,6 +77,8 @@ pub enum LedgerStore {
 pub struct RedisStore {
     /// `redis://` or `rediss://`; it may carry a password, so it never prints.
     pub url: Secret,
+    /// The Redis password (`AUTH`), from `password_env`: keeps it out of the config file.
+    pub password: Option<Secret>,
     /// Every key starts with it, so several gateways (or environments) can share one Redis.
     pub key_prefix: String,
     /// Deadline of one Redis operation (a reservation, a read, a settlement).

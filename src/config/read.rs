@@ -44,7 +44,8 @@ const DEFAULT_SIMULATED_TEXT: &str = "This answer comes from a simulated Tollgat
 pub(super) fn config(root: &Table, p: &mut Problems<'_>, env: &dyn Env) -> Config {
     let mut top = Fields::new("", root, 1);
     let server = top.table(p, "server").map_or_else(default_server, |mut f| server(&mut f, p, env));
-    let (ledger, ttl_line) = top.table(p, "ledger").map_or_else(|| (default_ledger(), 0), |mut f| ledger(&mut f, p));
+    let (ledger, ttl_line) =
+        top.table(p, "ledger").map_or_else(|| (default_ledger(), 0), |mut f| ledger(&mut f, p, env));
     let mut backend_fields = top.array_of_tables(p, "backends");
     let backends: Vec<Arc<Backend>> = backend_fields.iter_mut().map(|f| Arc::new(backend(f, p, env))).collect();
     let mut route_fields = top.array_of_tables(p, "routes");
@@ -142,11 +143,11 @@ fn server(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> Server {
 }
 
 /// The `[ledger]` table, and the line of `reservation_ttl_s` (checked against the backends).
-fn ledger(f: &mut Fields<'_>, p: &mut Problems<'_>) -> (Ledger, usize) {
+fn ledger(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> (Ledger, usize) {
     let kind = f.optional::<String>(p, "backend").unwrap_or_else(|| "memory".to_owned());
     let path = f.optional::<String>(p, "path");
     let url = f.optional::<String>(p, "url");
-    let redis = redis_settings(f, p);
+    let redis = redis_settings(f, p, env);
     let store = match kind.as_str() {
         "memory" => LedgerStore::Memory,
         "sqlite" => LedgerStore::Sqlite { path: path.unwrap_or_else(|| "data/tollgate.db".to_owned()) },
@@ -186,7 +187,7 @@ fn ledger(f: &mut Fields<'_>, p: &mut Problems<'_>) -> (Ledger, usize) {
 }
 
 /// The Redis keys other than `url` (read whatever the backend, so none is an unknown key).
-fn redis_settings(f: &mut Fields<'_>, p: &mut Problems<'_>) -> RedisStore {
+fn redis_settings(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> RedisStore {
     let key_prefix = f.optional::<String>(p, "key_prefix").unwrap_or_else(|| DEFAULT_REDIS_KEY_PREFIX.to_owned());
     let ok = key_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/'));
     if key_prefix.is_empty() || !ok {
@@ -196,8 +197,10 @@ fn redis_settings(f: &mut Fields<'_>, p: &mut Problems<'_>) -> RedisStore {
     let timeout_ms = positive(f, p, "timeout_ms").unwrap_or(DEFAULT_REDIS_TIMEOUT_MS);
     let connect_ms = positive(f, p, "connect_timeout_ms").unwrap_or(DEFAULT_REDIS_CONNECT_TIMEOUT_MS);
     let reservation_ttl = positive(f, p, "reservation_ttl_s").map(Duration::from_secs);
+    let password = secret(f, p, env, "password_env");
     RedisStore {
         url: Secret::new(String::new()),
+        password,
         key_prefix,
         timeout: Duration::from_millis(timeout_ms),
         connect_timeout: Duration::from_millis(connect_ms),

@@ -13,6 +13,7 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Persistence directory (AOF on) — kept across a kill and a restart.
     dir: Option<tempfile::TempDir>,
+    extra: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -22,7 +23,13 @@ fn free_port() -> u16 {
 impl RedisServer {
     /// `redis-server --port <free> --save '' --appendonly no`: hermetic, nothing on disk.
     pub fn start() -> Self {
-        let mut server = Self { port: free_port(), child: None, dir: None };
+        Self::start_with(&[])
+    }
+
+    /// With extra `redis-server` arguments (`--requirepass`, ...).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let extra = extra.iter().map(|a| (*a).to_owned()).collect();
+        let mut server = Self { port: free_port(), child: None, dir: None, extra };
         server.spawn();
         server
     }
@@ -31,7 +38,7 @@ impl RedisServer {
     /// `appendfsync everysec`, in a temporary directory.
     pub fn persistent() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut server = Self { port: free_port(), child: None, dir: Some(dir) };
+        let mut server = Self { port: free_port(), child: None, dir: Some(dir), extra: Vec::new() };
         server.spawn();
         server
     }
@@ -47,6 +54,7 @@ impl RedisServer {
                 command.args(["--appendonly", "no"]);
             }
         }
+        command.args(&self.extra);
         let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -66,7 +74,10 @@ impl RedisServer {
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else { return false };
         let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
         let mut answer = [0u8; 7];
-        stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut answer).is_ok() && &answer == b"+PONG\r\n"
+        // `-NOAUTH` also proves it is up (a server with `--requirepass`).
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut answer).is_ok()
+            && matches!(answer[0], b'+' | b'-')
     }
 
     pub fn url(&self) -> String {

@@ -122,8 +122,15 @@ impl Store {
     /// Prepares the client; the connection is made on first use (and re-made by the
     /// connection manager after a failure), so a gateway starts while Redis is still down.
     pub fn open(settings: &RedisStore, policy: OnLedgerError, metrics: Arc<Metrics>) -> Result<Arc<Self>, LedgerError> {
-        let client = redis::Client::open(settings.url.expose())
-            .map_err(|e| LedgerError::Storage(format!("redis url: {}", e.category())))?;
+        use redis::IntoConnectionInfo;
+        // Errors name the category only: the URL may hold a password.
+        let bad_url = |e: redis::RedisError| LedgerError::Storage(format!("redis url: {}", e.category()));
+        let mut info = settings.url.expose().into_connection_info().map_err(bad_url)?;
+        if let Some(password) = &settings.password {
+            let redis = info.redis_settings().clone().set_password(password.expose());
+            info = info.set_redis_settings(redis);
+        }
+        let client = redis::Client::open(info).map_err(bad_url)?;
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| LedgerError::Storage("the redis ledger needs a tokio runtime".into()))?;
         let store = Arc::new(Self {
