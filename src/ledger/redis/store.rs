@@ -150,7 +150,6 @@ impl Store {
             wake: Notify::new(),
             runtime,
         });
-        store.metrics.ledger_up.set(0);
         store.runtime.spawn(reconcile_loop(Arc::downgrade(&store)));
         Ok(store)
     }
