@@ -60,20 +60,23 @@ fn record(cost: i64) -> RequestRecord {
 }
 
 #[tokio::test]
-async fn a_dead_replicas_reservation_stops_counting_when_its_ttl_passes() {
+async fn a_dead_replicas_reservation_expires_with_its_ttl_and_a_live_ones_is_kept() {
     let redis = RedisServer::start();
     let config = parse(&config_text(&redis.url(), "reservation_ttl_s = 2", "budget_usd = 100"));
-    let dying = open(&config);
-    let survivor = open(&config);
-    assert!(matches!(reserve(&dying, &config, 60 * USD, NOW).await, Reserve::Reserved { .. }));
+    let (dying, living, other) = (open(&config), open(&config), open(&config));
+    assert!(matches!(reserve(&dying, &config, 40 * USD, NOW).await, Reserve::Reserved { .. }));
+    let Reserve::Reserved { id, .. } = reserve(&living, &config, 40 * USD, NOW).await else { panic!() };
     drop(dying); // never settles nor releases: as if its process were killed
 
-    assert_eq!(
-        reserve(&survivor, &config, 60 * USD, NOW).await,
-        Reserve::Refused { remaining: Usd::from_pico(40 * USD) }
-    );
-    tokio::time::sleep(Duration::from_millis(2300)).await;
-    assert!(matches!(reserve(&survivor, &config, 60 * USD, NOW).await, Reserve::Reserved { .. }));
+    assert_eq!(reserve(&other, &config, 30 * USD, NOW).await, Reserve::Refused { remaining: Usd::from_pico(20 * USD) });
+    // Past the TTL: the dead replica's reservation is gone; the living one (a long stream)
+    // was renewed by its replica and still counts.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let user = &config.users[0];
+    assert_eq!(other.remaining(user, NOW).await.unwrap(), Some(Usd::from_pico(60 * USD)));
+    living.release(user, id, Usd::from_pico(40 * USD), NOW);
+    living.flush().await.unwrap();
+    assert_eq!(other.remaining(user, NOW).await.unwrap(), Some(Usd::from_pico(100 * USD)));
 }
 
 #[tokio::test]

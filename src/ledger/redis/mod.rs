@@ -3,8 +3,10 @@
 //! Each operation is one server-side script ([`scripts`]), run with `EVALSHA`: a reservation
 //! checks `spent + reserved + estimate <= budget` and adds to `reserved` in one atomic step
 //! across replicas, a settlement swaps a reservation for its cost, a release drops it.
-//! Reservations expire on Redis's clock ([`RedisLedger::requests_last_at_most`]): a replica that
-//! dies cannot hold budget for longer than the longest request could have lived.
+//! Reservations expire on Redis's clock, a TTL longer than the longest backend timeout
+//! ([`RedisLedger::requests_last_at_most`]); the replica that holds one pushes its expiry back
+//! while its request lives (a stream may outlive any timeout), so only a dead replica's
+//! reservations expire, and within one TTL.
 //!
 //! `settle` and `release` run when a response ends or is dropped, so they never wait: they
 //! are applied on their own task, and what Redis cannot take goes to a backlog retried until
@@ -21,8 +23,10 @@ pub mod scripts;
 mod store;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
+
+use dashmap::DashMap;
 
 pub use limits::RedisLimiter;
 pub use store::Store;
@@ -44,10 +48,44 @@ pub struct RedisLedger {
     /// Makes reservation ids unique across replicas (and restarts of one).
     replica: String,
     next_id: AtomicU64,
-    /// Reservation lifetime; fixed by `reservation_ttl_s`, else follows the backends' timeouts.
-    ttl_ms: AtomicU64,
+    held: Arc<Held>,
     fixed_ttl: bool,
     retention: Duration,
+}
+
+/// This replica's open Redis reservations, kept alive by [`renew_loop`].
+#[derive(Debug, Default)]
+struct Held {
+    /// Reservation id → (user, member in the user's `holds`).
+    open: DashMap<u64, (String, String)>,
+    /// Reservation lifetime; fixed by `reservation_ttl_s`, else follows the backends' timeouts.
+    ttl_ms: AtomicU64,
+}
+
+/// Every third of a TTL, pushes back the expiry of the reservations still open here.
+async fn renew_loop(store: Weak<Store>, held: Weak<Held>) {
+    loop {
+        let pause = {
+            let Some(held) = held.upgrade() else { return };
+            Duration::from_millis(held.ttl_ms.load(Ordering::Relaxed) / 3)
+                .clamp(Duration::from_secs(1), Duration::from_secs(60))
+        };
+        tokio::time::sleep(pause).await;
+        let (Some(store), Some(held)) = (store.upgrade(), held.upgrade()) else { return };
+        let mut by_user: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
+        for entry in &held.open {
+            let (user, member) = entry.value();
+            by_user.entry(user.clone()).or_default().push(member.clone());
+        }
+        let ttl = held.ttl_ms.load(Ordering::Relaxed).to_string();
+        for (user, members) in by_user {
+            let keys = [store.keys.reserved(&user), store.keys.holds(&user)];
+            let args: Vec<String> = std::iter::once(ttl.clone()).chain(members).collect();
+            // A failure is counted and logged by the store; the next round tries again, well
+            // before the reservations could expire.
+            let _ = store.script::<i64>(Op::Renew, &store.scripts.renew, &keys, &args).await;
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisLedger {
@@ -151,11 +189,16 @@ fn set_total(totals: &mut Totals, name: &str, value: &str) {
 impl RedisLedger {
     pub fn new(store: Arc<Store>, retention: Duration, reservation_ttl: Option<Duration>) -> Self {
         let ttl = reservation_ttl.unwrap_or(TTL_MARGIN);
+        let held = Arc::new(Held {
+            open: DashMap::new(),
+            ttl_ms: AtomicU64::new(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+        });
+        store.runtime.spawn(renew_loop(Arc::downgrade(&store), Arc::downgrade(&held)));
         Self {
             store,
             replica: replica_id(),
             next_id: AtomicU64::new(1),
-            ttl_ms: AtomicU64::new(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+            held,
             fixed_ttl: reservation_ttl.is_some(),
             retention,
         }
@@ -216,8 +259,9 @@ impl Ledger for RedisLedger {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let keys = self.hold_keys(&user.name, period_start);
             let budget = user.budget_usd.map(|b| b.pico().to_string()).unwrap_or_default();
-            let ttl = self.ttl_ms.load(Ordering::Relaxed).to_string();
-            let args = [self.member(id, amount), amount.pico().to_string(), budget, ttl];
+            let ttl = self.held.ttl_ms.load(Ordering::Relaxed).to_string();
+            let member = self.member(id, amount);
+            let args = [member.clone(), amount.pico().to_string(), budget, ttl];
             let answer =
                 self.store.script::<(i64, String, String)>(Op::Reserve, &self.store.scripts.reserve, &keys, &args);
             let (granted, spent, reserved) = match answer.await {
@@ -227,6 +271,7 @@ impl Ledger for RedisLedger {
             let (spent, reserved) = (parse_usd(&spent), parse_usd(&reserved));
             let used = spent.saturating_add(reserved);
             if granted == 1 {
+                self.held.open.insert(id, (user.name.clone(), member));
                 let reserved = reserved.saturating_add(amount);
                 self.store.local.seen(&user.name, period_start, spent, reserved);
                 let remaining = user.budget_usd.map(|b| b.saturating_sub(used).saturating_sub(amount).max(Usd::ZERO));
@@ -244,6 +289,7 @@ impl Ledger for RedisLedger {
             self.store.local.release_held(&user.name, amount);
             return;
         }
+        self.held.open.remove(&id);
         let keys = vec![self.store.keys.reserved(&user.name), self.store.keys.holds(&user.name)];
         let write = Write {
             script: WriteScript::Release,
@@ -258,6 +304,9 @@ impl Ledger for RedisLedger {
 
     fn settle(&self, user: &User, id: u64, reserved: Usd, record: RequestRecord, now: i64) {
         let local = id & LOCAL != 0;
+        if !local {
+            self.held.open.remove(&id);
+        }
         let period_start = period::start(user.budget_period, now);
         self.store.local.settled(&user.name, local.then_some(reserved), record.cost);
         let keys = &self.store.keys;
@@ -341,7 +390,7 @@ impl Ledger for RedisLedger {
     fn requests_last_at_most(&self, longest: Duration) {
         if !self.fixed_ttl {
             let ttl = longest.saturating_add(TTL_MARGIN);
-            self.ttl_ms.store(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+            self.held.ttl_ms.store(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
         }
     }
 }

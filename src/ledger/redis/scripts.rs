@@ -161,6 +161,23 @@ end
 return 0
 ";
 
+/// KEYS: reserved, holds. ARGV: ttl ms, members. Pushes back the expiry of this replica's
+/// reservations that are still open (a long stream); one already expired stays gone, since
+/// its amount has left the reserved sum.
+const RENEW: &str = r"
+local now = now_ms()
+prune(KEYS[1], KEYS[2], now)
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[2], 'XX', now + ttl, ARGV[i])
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], ttl + 60000)
+  redis.call('PEXPIRE', KEYS[2], ttl + 60000)
+end
+return 1
+";
+
 /// KEYS: reserved, holds, spend. ARGV: 'all' for every spend field, else only `spent`.
 /// Returns {reserved, spent, {field, value, ...} when 'all'}.
 const READ: &str = r"
@@ -215,6 +232,7 @@ pub struct Scripts {
     pub reserve: Script,
     pub settle: Script,
     pub release: Script,
+    pub renew: Script,
     pub read: Script,
     pub rate: Script,
     pub rate_settle: Script,
@@ -227,6 +245,7 @@ impl Default for Scripts {
             reserve: with_common(RESERVE),
             settle: with_common(SETTLE),
             release: with_common(RELEASE),
+            renew: with_common(RENEW),
             read: with_common(READ),
             rate: with_common(RATE),
             rate_settle: with_common(RATE_SETTLE),
@@ -235,7 +254,7 @@ impl Default for Scripts {
 }
 
 impl Scripts {
-    pub fn all(&self) -> [&Script; 6] {
-        [&self.reserve, &self.settle, &self.release, &self.read, &self.rate, &self.rate_settle]
+    pub fn all(&self) -> [&Script; 7] {
+        [&self.reserve, &self.settle, &self.release, &self.renew, &self.read, &self.rate, &self.rate_settle]
     }
 }

@@ -34,6 +34,7 @@ pub enum Op {
     Reserve,
     Settle,
     Release,
+    Renew,
     Read,
     Records,
     RateLimit,
@@ -46,6 +47,7 @@ impl Op {
             Self::Reserve => "reserve",
             Self::Settle => "settle",
             Self::Release => "release",
+            Self::Renew => "renew",
             Self::Read => "read",
             Self::Records => "records",
             Self::RateLimit => "rate_limit",
@@ -104,7 +106,7 @@ pub struct Store {
     in_flight: AtomicUsize,
     settled: Notify,
     wake: Notify,
-    runtime: tokio::runtime::Handle,
+    pub runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for Store {
