@@ -21,7 +21,7 @@ fn config(redis_url: &str, on_error: &str, user: &str) -> String {
     format!(
         "[server]\nadmin_key_env = \"TEST_ADMIN_KEY\"\nmax_queue = 1024\nqueue_timeout_ms = 10000\n\n\
          [ledger]\nbackend = \"redis\"\nurl = \"{redis_url}\"\nkey_prefix = \"{PREFIX}\"\non_ledger_error = \"{on_error}\"\n\
-         timeout_ms = 300\n\n\
+         timeout_ms = 2000\n\n\
          [[backends]]\nname = \"sim\"\nmodel = \"sim\"\nquality = 0.5\nmax_concurrency = 512\ntimeout_s = 10\n\
          simulate = {{ ttft_ms = 5, tokens_per_s = 2000, quality_text = \"{}\" }}\n\
          pricing = {{ input_per_mtok = 0, output_per_mtok = 1000000 }}\n\n\

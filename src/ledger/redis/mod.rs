@@ -94,12 +94,16 @@ impl std::fmt::Debug for RedisLedger {
     }
 }
 
-/// A random-enough replica id without a random-number crate: a hash of what differs between
-/// two processes (pid, start time, an address in this one).
+/// A replica id unique across processes and ledgers: the kernel's random UUID where there is
+/// one, mixed with what differs anyway (pid, time, a per-process counter, an address), hashed.
 fn replica_id() -> String {
     use sha2::Digest;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let random = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap_or_default();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let marker = 0u8;
-    let seed = format!("{}:{}:{:p}", std::process::id(), crate::clock::unix_now_ms(), &marker);
+    let seed =
+        format!("{random}:{}:{nanos}:{}:{:p}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), &marker);
     let digest = sha2::Sha256::digest(seed.as_bytes());
     crate::config::hex(&digest[..8])
 }

@@ -116,7 +116,10 @@ if ARGV[3] ~= '' and not le(add(add(parts(spent), parts(reserved)), parts(ARGV[2
   return {0, spent, reserved}
 end
 local ttl = tonumber(ARGV[4])
-redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
+-- A member already there would be counted twice in `reserved` and freed once: refuse it.
+if redis.call('ZADD', KEYS[2], 'NX', now + ttl, ARGV[1]) == 0 then
+  return redis.error_reply('duplicate reservation id ' .. ARGV[1])
+end
 redis.call('INCRBY', KEYS[1], ARGV[2])
 -- Both keys outlive their last reservation, then vanish together with an idle user.
 redis.call('PEXPIRE', KEYS[1], ttl + 60000)
