@@ -130,8 +130,10 @@ impl Replica {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut said = Vec::new();
         let addr = loop {
-            let line = lines.next().expect("tollgate exited").unwrap();
+            let Some(Ok(line)) = lines.next() else { panic!("tollgate exited:\n{}", said.join("\n")) };
+            said.push(line.clone());
             if let Some(rest) = line.split("listen=").nth(1) {
                 break rest.split_whitespace().next().unwrap().to_owned();
             }
