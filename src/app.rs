@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use crate::config::{Config, Env};
 use crate::ledger::{self, Ledger};
 use crate::metrics::Metrics;
-use crate::ratelimit::RateLimiter;
+use crate::ratelimit::Limiter;
 use crate::snapshot::Snapshot;
 
 /// State shared by every request.
@@ -33,7 +33,7 @@ pub struct AppState {
     pub snapshot: ArcSwap<Snapshot>,
     pub metrics: Arc<Metrics>,
     pub ledger: Arc<dyn Ledger>,
-    pub limiter: RateLimiter,
+    pub limiter: Limiter,
     /// Notified whenever a backend slot is freed: queued requests decide again.
     pub freed: Arc<Notify>,
     /// Requests waiting for a slot (bounded by `server.max_queue`).
@@ -68,14 +68,15 @@ impl AppState {
         env: Arc<dyn Env + Send + Sync>,
     ) -> Result<Arc<Self>, StartError> {
         let metrics = Arc::new(Metrics::new()?);
-        let ledger = ledger::open(&config.ledger)?;
+        let (ledger, limiter) = ledger::open(&config.ledger, &metrics)?;
+        ledger.requests_last_at_most(config.longest_request());
         let freed = Arc::new(Notify::new());
         let snapshot = Snapshot::new(config, None, &freed)?;
         Ok(Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
             ledger,
-            limiter: RateLimiter::default(),
+            limiter,
             freed,
             queued: AtomicU32::new(0),
             draining: AtomicBool::new(false),

@@ -88,7 +88,7 @@ pub async fn run(state: &Arc<AppState>, mut ctx: RequestContext) -> Result<Respo
     let mut plan = plan(&snapshot, &ctx.request)?;
     let user = &ctx.user;
     let tokens_estimate = plan.prompt_tokens + plan.completion_tokens;
-    state.limiter.admit(user, tokens_estimate, Instant::now())?;
+    state.limiter.admit(user, tokens_estimate, Instant::now()).await?;
     let mut tokens_held = TokenHold { state, user, tokens: tokens_estimate, armed: true };
 
     let queue_deadline = ctx.started + snapshot.config.server.queue_timeout;
@@ -476,7 +476,14 @@ async fn respond(
             None => bytes,
         };
         put(&mut headers, HEADER_COST, &ctx.prior_cost.saturating_add(cost).to_string());
-        if let Some(remaining) = state.ledger.remaining(&ctx.user, crate::clock::unix_now()).await? {
+        // The answer is served and charged by now: a ledger that cannot be read any more must
+        // not turn it into an error (the client would be charged for a 503). The header then
+        // says what was left at the reservation, corrected by the actual cost.
+        let remaining = match state.ledger.remaining(&ctx.user, crate::clock::unix_now()).await {
+            Ok(remaining) => remaining,
+            Err(_) => remaining_after_reserve.map(|r| r.saturating_add(estimate).saturating_sub(cost).max(Usd::ZERO)),
+        };
+        if let Some(remaining) = remaining {
             put(&mut headers, HEADER_BUDGET_REMAINING, &remaining.to_string());
         }
         Body::from(bytes)

@@ -9,7 +9,7 @@ use crate::dispatch::HEADER_BUDGET_REMAINING;
 use crate::ledger::LedgerError;
 use crate::openai::{ErrorBody, ErrorDetail};
 use crate::policy::Refusal;
-use crate::ratelimit::RateLimited;
+use crate::ratelimit::{LimitError, RateLimited};
 use crate::upstream::UpstreamError;
 
 /// A failed request, as the client will see it (OpenAI error shape).
@@ -50,6 +50,15 @@ pub enum ApiError {
     ReloadRefused(String),
     #[error("internal error")]
     Internal,
+}
+
+impl From<LimitError> for ApiError {
+    fn from(error: LimitError) -> Self {
+        match error {
+            LimitError::Limited(limited) => Self::RateLimited(limited),
+            LimitError::Unavailable(ledger) => Self::Ledger(ledger),
+        }
+    }
 }
 
 impl From<Refusal> for ApiError {

@@ -1,8 +1,8 @@
 //! Every metric family, declared once on a private registry with the `tollgate_` prefix.
 
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Buckets for whole LLM requests: from a cached embedding (ms) to a long generation (minutes).
@@ -11,6 +11,8 @@ const REQUEST_BUCKETS: &[f64] =
 /// Buckets for the gateway's own added latency: tens of microseconds to a few milliseconds.
 const OVERHEAD_BUCKETS: &[f64] =
     &[0.000_025, 0.000_05, 0.0001, 0.000_25, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1];
+/// Buckets for one ledger operation: a Redis round trip on a LAN (~100 µs) to a timeout.
+const LEDGER_BUCKETS: &[f64] = &[0.000_05, 0.0001, 0.000_25, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0];
 /// Buckets for the time to first token: what a streaming user waits before text appears.
 const TTFT_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
@@ -57,6 +59,19 @@ pub struct Metrics {
     pub cascade_threshold: GaugeVec,
     /// `tollgate_upstream_failures_total{backend,kind}`: connect, timeout, status.
     pub upstream_failures: IntCounterVec,
+    /// `tollgate_ledger_operation_duration_seconds{operation}`: shared-ledger (Redis) calls.
+    pub ledger_duration: HistogramVec,
+    /// `tollgate_ledger_errors_total{operation}`: shared-ledger calls that failed or timed out.
+    pub ledger_errors: IntCounterVec,
+    /// `tollgate_ledger_up`: 1 while the shared ledger answers, 0 after a failed call.
+    pub ledger_up: IntGauge,
+    /// `tollgate_ledger_reconcile_backlog`: settlements and releases waiting for Redis.
+    pub ledger_backlog: IntGauge,
+    /// `tollgate_ledger_reconciled_total`: writes applied to Redis after it came back.
+    pub ledger_reconciled: IntCounter,
+    /// `tollgate_ledger_fail_open_reservations_total`: reservations granted by this replica's
+    /// own accounting because Redis could not be reached (`on_ledger_error = "fail-open"`).
+    pub ledger_fail_open: IntCounter,
 }
 
 impl Metrics {
@@ -152,6 +167,39 @@ impl Metrics {
             &["route"],
         )?;
         registry.register(Box::new(cascade_threshold.clone()))?;
+        let ledger_duration = HistogramVec::new(
+            HistogramOpts::new("ledger_operation_duration_seconds", "Shared ledger (Redis) operations, by operation.")
+                .buckets(LEDGER_BUCKETS.to_vec()),
+            &["operation"],
+        )?;
+        registry.register(Box::new(ledger_duration.clone()))?;
+        let ledger_errors = counter(
+            "ledger_errors_total",
+            "Shared ledger (Redis) operations that failed or timed out, by operation.",
+            &["operation"],
+        )?;
+        let int_gauge_one = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let ledger_up =
+            int_gauge_one("ledger_up", "1 while the shared ledger (Redis) answers, 0 after a failed call.")?;
+        let ledger_backlog = int_gauge_one(
+            "ledger_reconcile_backlog",
+            "Settlements and releases waiting for the shared ledger (Redis) to come back.",
+        )?;
+        let int_counter_one = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let ledger_reconciled =
+            int_counter_one("ledger_reconciled_total", "Writes applied to the shared ledger after it came back.")?;
+        let ledger_fail_open = int_counter_one(
+            "ledger_fail_open_reservations_total",
+            "Reservations granted by this replica alone because the shared ledger was unreachable (fail-open).",
+        )?;
         Ok(Self {
             registry,
             requests,
@@ -172,6 +220,12 @@ impl Metrics {
             config_reloads,
             queued,
             cascade_threshold,
+            ledger_duration,
+            ledger_errors,
+            ledger_up,
+            ledger_backlog,
+            ledger_reconciled,
+            ledger_fail_open,
         })
     }
 

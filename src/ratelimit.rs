@@ -3,6 +3,10 @@
 //!
 //! Tokens are taken at admission from the request's estimate (prompt + max completion) and
 //! corrected when it settles, so a user is limited by what requests really use.
+//!
+//! [`RateLimiter`] keeps the buckets in this process (with the memory and SQLite ledgers);
+//! with the Redis ledger they live in Redis, shared by every replica
+//! ([`crate::ledger::redis::RedisLimiter`]). [`Limiter`] is whichever the config chose.
 
 use std::time::Duration;
 
@@ -44,6 +48,40 @@ pub struct RateLimited {
     pub limit: &'static str,
     pub capacity: u64,
     pub retry_after: Duration,
+}
+
+/// Why a request was not admitted: a limit, or a shared store that could not say.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    #[error(transparent)]
+    Limited(#[from] RateLimited),
+    #[error(transparent)]
+    Unavailable(#[from] crate::ledger::LedgerError),
+}
+
+/// The rate limiter that goes with the ledger.
+#[derive(Debug)]
+pub enum Limiter {
+    Local(RateLimiter),
+    Redis(crate::ledger::redis::RedisLimiter),
+}
+
+impl Limiter {
+    /// Admits one request of about `tokens` tokens, or says which limit refuses it.
+    pub async fn admit(&self, user: &User, tokens: u64, now: Instant) -> Result<(), LimitError> {
+        match self {
+            Self::Local(limiter) => Ok(limiter.admit(user, tokens, now)?),
+            Self::Redis(limiter) => limiter.admit(user, tokens, now).await,
+        }
+    }
+
+    /// Corrects the token bucket once the real usage is known; never waits.
+    pub fn settle_tokens(&self, user: &User, estimated: u64, actual: u64) {
+        match self {
+            Self::Local(limiter) => limiter.settle_tokens(user, estimated, actual),
+            Self::Redis(limiter) => limiter.settle_tokens(user, estimated, actual),
+        }
+    }
 }
 
 #[derive(Debug, Default)]

@@ -56,7 +56,10 @@ fn prepare_and_swap(state: &Arc<AppState>) -> Result<Applied, ReloadError> {
     // The socket is bound once; a `--listen` override must survive reloads too.
     config.server.listen = current.config.server.listen;
     let applied = Applied { backends: config.backends.len(), routes: config.routes.len(), users: config.users.len() };
+    let longest = config.longest_request();
     let snapshot = Snapshot::new(config, Some(&current), &state.freed)?;
+    // Reservations made from now on must outlive the new longest timeout.
+    state.ledger.requests_last_at_most(longest);
     state.snapshot.store(Arc::new(snapshot));
     Ok(applied)
 }

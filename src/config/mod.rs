@@ -69,7 +69,24 @@ pub struct Ledger {
 pub enum LedgerStore {
     Memory,
     Sqlite { path: String },
-    Redis { url: String },
+    Redis(RedisStore),
+}
+
+/// `[ledger] backend = "redis"`: one Redis shared by every replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisStore {
+    /// `redis://` or `rediss://`; it may carry a password, so it never prints.
+    pub url: Secret,
+    /// The Redis password (`AUTH`), from `password_env`: keeps it out of the config file.
+    pub password: Option<Secret>,
+    /// Every key starts with it, so several gateways (or environments) can share one Redis.
+    pub key_prefix: String,
+    /// Deadline of one Redis operation (a reservation, a read, a settlement).
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// How long a reservation holds budget if its replica dies before settling it. `None`:
+    /// the longest backend `timeout_s` plus a margin, recomputed on reload.
+    pub reservation_ttl: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,6 +277,11 @@ impl Config {
         } else {
             Err(ConfigError::Invalid(problems.into_vec()))
         }
+    }
+
+    /// The longest a request may live: the longest backend `timeout_s`.
+    pub fn longest_request(&self) -> Duration {
+        self.backends.iter().map(|b| b.timeout).max().unwrap_or_default()
     }
 
     /// Index of the backend called `name`.

@@ -10,8 +10,8 @@ use toml_edit::Table;
 
 use super::document::{Fields, Problems};
 use super::{
-    Backend, BudgetPeriod, Cascade, Config, Env, Ledger, LedgerStore, OnLedgerError, Pacing, Policy, Pricing, Route,
-    Server, Simulate, Target, Usd, User,
+    Backend, BudgetPeriod, Cascade, Config, Env, Ledger, LedgerStore, OnLedgerError, Pacing, Policy, Pricing,
+    RedisStore, Route, Server, Simulate, Target, Usd, User,
 };
 use crate::secret::Secret;
 
@@ -28,6 +28,11 @@ const DEFAULT_BODY_READ_TIMEOUT_S: u64 = 30;
 const DEFAULT_MAX_HEADER_BYTES: u64 = 8192;
 const DEFAULT_MAX_QUEUE: u32 = 256;
 const DEFAULT_RETENTION_DAYS: u64 = 30;
+const DEFAULT_REDIS_KEY_PREFIX: &str = "tollgate:";
+/// A Redis round trip is well under a millisecond on a LAN; past this, something is wrong and
+/// the failure policy decides rather than the client waiting.
+const DEFAULT_REDIS_TIMEOUT_MS: u64 = 500;
+const DEFAULT_REDIS_CONNECT_TIMEOUT_MS: u64 = 1_000;
 /// A small model on a CPU core: what hourly estimates assume unless told otherwise.
 const DEFAULT_EXPECTED_TOKENS_PER_S: u32 = 20;
 /// A mean token log-probability below this (about 37% average token probability) is unsure.
@@ -39,7 +44,8 @@ const DEFAULT_SIMULATED_TEXT: &str = "This answer comes from a simulated Tollgat
 pub(super) fn config(root: &Table, p: &mut Problems<'_>, env: &dyn Env) -> Config {
     let mut top = Fields::new("", root, 1);
     let server = top.table(p, "server").map_or_else(default_server, |mut f| server(&mut f, p, env));
-    let ledger = top.table(p, "ledger").map_or_else(default_ledger, |mut f| ledger(&mut f, p));
+    let (ledger, ttl_line) =
+        top.table(p, "ledger").map_or_else(|| (default_ledger(), 0), |mut f| ledger(&mut f, p, env));
     let mut backend_fields = top.array_of_tables(p, "backends");
     let backends: Vec<Arc<Backend>> = backend_fields.iter_mut().map(|f| Arc::new(backend(f, p, env))).collect();
     let mut route_fields = top.array_of_tables(p, "routes");
@@ -62,6 +68,16 @@ pub(super) fn config(root: &Table, p: &mut Problems<'_>, env: &dyn Env) -> Confi
         }
     }
 
+    if let LedgerStore::Redis(RedisStore { reservation_ttl: Some(ttl), .. }) = &ledger.store {
+        let longest = backends.iter().map(|b| b.timeout).max().unwrap_or_default();
+        if *ttl <= longest {
+            let message = format!(
+                "must be longer than the longest backend `timeout_s` ({} s), or a live request's reservation could expire",
+                longest.as_secs()
+            );
+            p.at_line(ttl_line, "ledger.reservation_ttl_s", message);
+        }
+    }
     for f in backend_fields.into_iter().chain(route_fields).chain(user_fields) {
         f.finish(p);
     }
@@ -126,16 +142,24 @@ fn server(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> Server {
     }
 }
 
-fn ledger(f: &mut Fields<'_>, p: &mut Problems<'_>) -> Ledger {
+/// The `[ledger]` table, and the line of `reservation_ttl_s` (checked against the backends).
+fn ledger(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> (Ledger, usize) {
     let kind = f.optional::<String>(p, "backend").unwrap_or_else(|| "memory".to_owned());
     let path = f.optional::<String>(p, "path");
     let url = f.optional::<String>(p, "url");
+    let redis = redis_settings(f, p, env);
     let store = match kind.as_str() {
         "memory" => LedgerStore::Memory,
         "sqlite" => LedgerStore::Sqlite { path: path.unwrap_or_else(|| "data/tollgate.db".to_owned()) },
         "redis" => match url {
-            Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => LedgerStore::Redis { url },
-            _ => {
+            Some(url) if redis_url_ok(&url) => LedgerStore::Redis(RedisStore { url: Secret::new(url), ..redis }),
+            Some(_) => {
+                // The URL may hold a password: the message never repeats it.
+                let message = "not a valid `redis://[:password@]host:port[/db]` or `rediss://` URL";
+                p.at_line(f.line_of(p, "url"), &f.path_of("url"), message);
+                LedgerStore::Memory
+            }
+            None => {
                 p.at_line(f.line_of(p, "url"), &f.path_of("url"), "redis needs `url = \"redis://host:port\"`");
                 LedgerStore::Memory
             }
@@ -156,8 +180,37 @@ fn ledger(f: &mut Fields<'_>, p: &mut Problems<'_>) -> Ledger {
         }
     };
     let retention_days = positive(f, p, "retention_days").unwrap_or(DEFAULT_RETENTION_DAYS);
+    let ttl_line = f.line_of(p, "reservation_ttl_s");
     f.finish(p);
-    Ledger { store, on_ledger_error, retention: Duration::from_secs(retention_days.saturating_mul(86_400)) }
+    let retention = Duration::from_secs(retention_days.saturating_mul(86_400));
+    (Ledger { store, on_ledger_error, retention }, ttl_line)
+}
+
+/// The Redis keys other than `url` (read whatever the backend, so none is an unknown key).
+fn redis_settings(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> RedisStore {
+    let key_prefix = f.optional::<String>(p, "key_prefix").unwrap_or_else(|| DEFAULT_REDIS_KEY_PREFIX.to_owned());
+    let ok = key_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/'));
+    if key_prefix.is_empty() || !ok {
+        let message = "must be non-empty and hold only letters, digits, `-`, `_`, `.`, `:` and `/`";
+        p.at_line(f.line_of(p, "key_prefix"), &f.path_of("key_prefix"), message);
+    }
+    let timeout_ms = positive(f, p, "timeout_ms").unwrap_or(DEFAULT_REDIS_TIMEOUT_MS);
+    let connect_ms = positive(f, p, "connect_timeout_ms").unwrap_or(DEFAULT_REDIS_CONNECT_TIMEOUT_MS);
+    let reservation_ttl = positive(f, p, "reservation_ttl_s").map(Duration::from_secs);
+    let password = secret(f, p, env, "password_env");
+    RedisStore {
+        url: Secret::new(String::new()),
+        password,
+        key_prefix,
+        timeout: Duration::from_millis(timeout_ms),
+        connect_timeout: Duration::from_millis(connect_ms),
+        reservation_ttl,
+    }
+}
+
+fn redis_url_ok(url: &str) -> bool {
+    use redis::IntoConnectionInfo;
+    (url.starts_with("redis://") || url.starts_with("rediss://")) && url.into_connection_info().is_ok()
 }
 
 fn backend(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> Backend {

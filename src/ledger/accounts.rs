@@ -36,7 +36,7 @@ impl Accounts {
 
     pub fn reserve(&self, user: &User, amount: Usd, now: i64) -> Reserve {
         self.with(user, now, |a| match a.reserve(amount, user.budget_usd) {
-            Ok(()) => Reserve::Reserved { remaining: user.budget_usd.map(|b| a.remaining(b)) },
+            Ok(()) => Reserve::Reserved { id: 0, remaining: user.budget_usd.map(|b| a.remaining(b)) },
             Err(remaining) => Reserve::Refused { remaining },
         })
     }

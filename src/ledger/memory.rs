@@ -35,11 +35,11 @@ impl Ledger for MemoryLedger {
         Box::pin(std::future::ready(Ok(answer)))
     }
 
-    fn release(&self, user: &User, amount: Usd, now: i64) {
+    fn release(&self, user: &User, _id: u64, amount: Usd, now: i64) {
         self.accounts.release(user, amount, now);
     }
 
-    fn settle(&self, user: &User, reserved: Usd, record: RequestRecord, now: i64) {
+    fn settle(&self, user: &User, _id: u64, reserved: Usd, record: RequestRecord, now: i64) {
         self.accounts.settle(user, reserved, &record, now);
         let mut records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
         let oldest_kept = record.at_ms.saturating_sub(self.retention_ms);

@@ -2,15 +2,19 @@
 //! under concurrency: reserving is one atomic check-and-add of `spent + reserved + estimate <=
 //! budget`.
 //!
-//! Both stores keep the live accounts in memory (a sharded map: the reservation is a lock on
-//! one user's entry, not on the whole ledger). `memory` keeps nothing across restarts;
-//! `sqlite` persists every settlement with group commit (see [`sqlite`]). Reservations are
-//! never persisted: a crash drops them, as it drops the requests they were for.
+//! The in-process stores keep the live accounts in memory (a sharded map: the reservation is a
+//! lock on one user's entry, not on the whole ledger). `memory` keeps nothing across restarts;
+//! `sqlite` persists every settlement with group commit (see [`sqlite`]). Their reservations
+//! are never persisted: a crash drops them, as it drops the requests they were for.
+//!
+//! `redis` keeps everything in one Redis shared by every replica (see [`redis`]): each
+//! operation is one atomic server-side script, and reservations expire on their own.
 
 pub mod account;
 mod accounts;
 pub mod memory;
 pub mod period;
+pub mod redis;
 pub mod sqlite;
 
 use std::future::Future;
@@ -29,6 +33,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub enum LedgerError {
     #[error("ledger storage failed: {0}")]
     Storage(String),
+    /// The shared store (Redis) did not answer in time or refused; the failure policy decides.
+    #[error("ledger store unavailable during {operation}: {reason}")]
+    Unavailable { operation: &'static str, reason: String },
 }
 
 /// One request as the ledger keeps it: the raw material of reports and replays.
@@ -61,9 +68,10 @@ pub struct PeriodSpend {
 pub trait Ledger: Send + Sync + 'static {
     /// Reserves `amount` for `user` if it fits the budget; `Err(Refused)` carries what is left.
     fn reserve<'a>(&'a self, user: &'a User, amount: Usd, now: i64) -> BoxFuture<'a, Result<Reserve, LedgerError>>;
-    fn release(&self, user: &User, amount: Usd, now: i64);
-    /// Replaces the reservation `reserved` by the actual cost in `record`.
-    fn settle(&self, user: &User, reserved: Usd, record: RequestRecord, now: i64);
+    /// Frees reservation `id` (of `amount`) without charging anything.
+    fn release(&self, user: &User, id: u64, amount: Usd, now: i64);
+    /// Replaces reservation `id` (of `reserved`) by the actual cost in `record`.
+    fn settle(&self, user: &User, id: u64, reserved: Usd, record: RequestRecord, now: i64);
     /// Budget left for `user` now (budget − spent − reserved); `None` when it has no budget.
     fn remaining<'a>(&'a self, user: &'a User, now: i64) -> BoxFuture<'a, Result<Option<Usd>, LedgerError>>;
     /// The user's account for the current period.
@@ -72,13 +80,17 @@ pub trait Ledger: Send + Sync + 'static {
     fn records(&self, limit: usize) -> BoxFuture<'_, Result<Vec<RequestRecord>, LedgerError>>;
     /// Waits until every settlement so far is durable (shutdown, tests).
     fn flush(&self) -> BoxFuture<'_, Result<(), LedgerError>>;
+    /// The longest a request can now live (the longest backend timeout): a store whose
+    /// reservations expire keeps them longer than that. Called at start and on every reload.
+    fn requests_last_at_most(&self, _longest: std::time::Duration) {}
 }
 
 /// The answer to a reservation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reserve {
-    /// Reserved; the budget left after it (`None`: no budget).
-    Reserved { remaining: Option<Usd> },
+    /// Reserved as `id` (what settles or releases it); the budget left after it (`None`: no
+    /// budget).
+    Reserved { id: u64, remaining: Option<Usd> },
     /// Does not fit; what is left.
     Refused { remaining: Usd },
 }
@@ -88,6 +100,7 @@ pub enum Reserve {
 pub struct Reservation {
     ledger: Arc<dyn Ledger>,
     user: Arc<User>,
+    id: u64,
     amount: Usd,
     open: bool,
 }
@@ -105,14 +118,14 @@ impl Reservation {
 
     pub fn settle(mut self, record: RequestRecord, now: i64) {
         self.open = false;
-        self.ledger.settle(&self.user, self.amount, record, now);
+        self.ledger.settle(&self.user, self.id, self.amount, record, now);
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         if self.open {
-            self.ledger.release(&self.user, self.amount, crate::clock::unix_now());
+            self.ledger.release(&self.user, self.id, self.amount, crate::clock::unix_now());
         }
     }
 }
@@ -125,23 +138,35 @@ pub async fn reserve(
     now: i64,
 ) -> Result<Result<(Reservation, Option<Usd>), Usd>, LedgerError> {
     Ok(match ledger.reserve(user, amount, now).await? {
-        Reserve::Reserved { remaining } => {
-            let reservation = Reservation { ledger: Arc::clone(ledger), user: Arc::clone(user), amount, open: true };
+        Reserve::Reserved { id, remaining } => {
+            let reservation =
+                Reservation { ledger: Arc::clone(ledger), user: Arc::clone(user), id, amount, open: true };
             Ok((reservation, remaining))
         }
         Reserve::Refused { remaining } => Err(remaining),
     })
 }
 
-/// Opens the store the config names.
-pub fn open(config: &crate::config::Ledger) -> Result<Arc<dyn Ledger>, LedgerError> {
+/// Opens the store the config names, with the rate limiter that goes with it: in-process
+/// buckets beside an in-process ledger, buckets in Redis beside a Redis ledger (so that every
+/// replica draws from one allowance).
+pub fn open(
+    config: &crate::config::Ledger,
+    metrics: &Arc<crate::metrics::Metrics>,
+) -> Result<(Arc<dyn Ledger>, crate::ratelimit::Limiter), LedgerError> {
+    use crate::ratelimit::{Limiter, RateLimiter};
     match &config.store {
-        crate::config::LedgerStore::Memory => Ok(Arc::new(memory::MemoryLedger::new(config.retention))),
-        crate::config::LedgerStore::Sqlite { path } => {
-            Ok(Arc::new(sqlite::SqliteLedger::open(path.as_ref(), config.retention)?))
+        crate::config::LedgerStore::Memory => {
+            Ok((Arc::new(memory::MemoryLedger::new(config.retention)), Limiter::Local(RateLimiter::default())))
         }
-        crate::config::LedgerStore::Redis { .. } => Err(LedgerError::Storage(
-            "the redis ledger is not available in this build; use \"memory\" or \"sqlite\"".into(),
+        crate::config::LedgerStore::Sqlite { path } => Ok((
+            Arc::new(sqlite::SqliteLedger::open(path.as_ref(), config.retention)?),
+            Limiter::Local(RateLimiter::default()),
         )),
+        crate::config::LedgerStore::Redis(settings) => {
+            let store = redis::Store::open(settings, config.on_ledger_error, Arc::clone(metrics))?;
+            let ledger = redis::RedisLedger::new(Arc::clone(&store), config.retention, settings.reservation_ttl);
+            Ok((Arc::new(ledger), Limiter::Redis(redis::RedisLimiter::new(store))))
+        }
     }
 }

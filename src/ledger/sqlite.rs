@@ -209,11 +209,11 @@ impl Ledger for SqliteLedger {
         Box::pin(std::future::ready(Ok(self.accounts.reserve(user, amount, now))))
     }
 
-    fn release(&self, user: &User, amount: Usd, now: i64) {
+    fn release(&self, user: &User, _id: u64, amount: Usd, now: i64) {
         self.accounts.release(user, amount, now);
     }
 
-    fn settle(&self, user: &User, reserved: Usd, record: RequestRecord, now: i64) {
+    fn settle(&self, user: &User, _id: u64, reserved: Usd, record: RequestRecord, now: i64) {
         let period_start = self.accounts.settle(user, reserved, &record, now);
         if !self.send(Write::Settled { period_start, record }) {
             tracing::error!(user = %user.name, "ledger writer is gone: a settlement was not persisted");

@@ -20,6 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 use tollgate::app::AppState;
 use tollgate::config::Config;
 
+pub mod fleet;
+
 /// What the upstream received.
 #[derive(Debug, Clone)]
 pub struct Seen {

@@ -1,0 +1,429 @@
+//! The Redis ledger: budgets, reservations, spend and rate limits shared by every replica.
+//!
+//! Each operation is one server-side script ([`scripts`]), run with `EVALSHA`: a reservation
+//! checks `spent + reserved + estimate <= budget` and adds to `reserved` in one atomic step
+//! across replicas, a settlement swaps a reservation for its cost, a release drops it.
+//! Reservations expire on Redis's clock, a TTL longer than the longest backend timeout
+//! ([`RedisLedger::requests_last_at_most`]); the replica that holds one pushes its expiry back
+//! while its request lives (a stream may outlive any timeout), so only a dead replica's
+//! reservations expire, and within one TTL.
+//!
+//! `settle` and `release` run when a response ends or is dropped, so they never wait: they
+//! are applied on their own task, and what Redis cannot take goes to a backlog retried until
+//! it lands ([`store`]). Settlements carry an id, remembered by Redis for a while, so a retry
+//! of one whose answer was lost is not charged twice.
+//!
+//! When Redis cannot be reached, `on_ledger_error` decides: `fail-closed` answers 503
+//! `ledger_unavailable` (nothing is served unmetered), `fail-open` admits against what this
+//! replica last knew ([`local`]), and its settlements reach Redis when it is back.
+
+mod limits;
+mod local;
+pub mod scripts;
+mod store;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+pub use limits::RedisLimiter;
+pub use store::Store;
+
+use super::{period, Account, BoxFuture, Ledger, LedgerError, RequestRecord, Reserve, Totals};
+use crate::config::{BudgetPeriod, OnLedgerError, User};
+use crate::cost::Usd;
+use scripts::{DEDUPE_WINDOW_MS, MAX_RECORDS};
+use store::{Op, Write, WriteScript};
+
+/// Reservation ids with this bit were made locally while Redis was away (fail-open).
+const LOCAL: u64 = 1 << 63;
+/// Added to the longest request timeout to make the reservation TTL: covers the settlement's
+/// own trip to Redis and a queue before it.
+const TTL_MARGIN: Duration = Duration::from_secs(60);
+
+pub struct RedisLedger {
+    store: Arc<Store>,
+    /// Makes reservation ids unique across replicas (and restarts of one).
+    replica: String,
+    next_id: AtomicU64,
+    held: Arc<Held>,
+    fixed_ttl: bool,
+    retention: Duration,
+}
+
+/// This replica's open Redis reservations, kept alive by [`renew_loop`].
+#[derive(Debug, Default)]
+struct Held {
+    /// Reservation id → (user, member in the user's `holds`).
+    open: DashMap<u64, (String, String)>,
+    /// Reservation lifetime; fixed by `reservation_ttl_s`, else follows the backends' timeouts.
+    ttl_ms: AtomicU64,
+}
+
+/// Every third of a TTL, pushes back the expiry of the reservations still open here.
+async fn renew_loop(store: Weak<Store>, held: Weak<Held>) {
+    loop {
+        let pause = {
+            let Some(held) = held.upgrade() else { return };
+            Duration::from_millis(held.ttl_ms.load(Ordering::Relaxed) / 3)
+                .clamp(Duration::from_secs(1), Duration::from_secs(60))
+        };
+        tokio::time::sleep(pause).await;
+        let (Some(store), Some(held)) = (store.upgrade(), held.upgrade()) else { return };
+        let mut by_user: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
+        for entry in &held.open {
+            let (user, member) = entry.value();
+            by_user.entry(user.clone()).or_default().push(member.clone());
+        }
+        let ttl = held.ttl_ms.load(Ordering::Relaxed).to_string();
+        for (user, members) in by_user {
+            let keys = [store.keys.reserved(&user), store.keys.holds(&user)];
+            let args: Vec<String> = std::iter::once(ttl.clone()).chain(members).collect();
+            // A failure is counted and logged by the store; the next round tries again, well
+            // before the reservations could expire.
+            let _ = store.script::<i64>(Op::Renew, &store.scripts.renew, &keys, &args).await;
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLedger").field("replica", &self.replica).finish_non_exhaustive()
+    }
+}
+
+/// A replica id unique across processes and ledgers: the kernel's random UUID where there is
+/// one, mixed with what differs anyway (pid, time, a per-process counter, an address), hashed.
+fn replica_id() -> String {
+    use sha2::Digest;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let random = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap_or_default();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let marker = 0u8;
+    let seed =
+        format!("{random}:{}:{nanos}:{}:{:p}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), &marker);
+    let digest = sha2::Sha256::digest(seed.as_bytes());
+    crate::config::hex(&digest[..8])
+}
+
+fn parse_usd(text: &str) -> Usd {
+    Usd::from_pico(text.parse().unwrap_or(0))
+}
+
+fn parse_u64(text: &str) -> u64 {
+    text.parse().unwrap_or(0)
+}
+
+/// A record as stored in Redis (JSON, money in pico-USD).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredRecord {
+    at_ms: i64,
+    user: String,
+    route: String,
+    backend: String,
+    reason: String,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    cost_pico: i64,
+    status: u16,
+    latency_ms: u64,
+}
+
+impl From<&RequestRecord> for StoredRecord {
+    fn from(r: &RequestRecord) -> Self {
+        Self {
+            at_ms: r.at_ms,
+            user: r.user.clone(),
+            route: r.route.clone(),
+            backend: r.backend.clone(),
+            reason: r.reason.clone(),
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            cost_pico: r.cost.pico(),
+            status: r.status,
+            latency_ms: r.latency_ms,
+        }
+    }
+}
+
+impl From<StoredRecord> for RequestRecord {
+    fn from(r: StoredRecord) -> Self {
+        Self {
+            at_ms: r.at_ms,
+            user: r.user,
+            route: r.route,
+            backend: r.backend,
+            reason: r.reason,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            cost: Usd::from_pico(r.cost_pico),
+            status: r.status,
+            latency_ms: r.latency_ms,
+        }
+    }
+}
+
+/// A user's period spend from the fields of its spend hash.
+fn account(period_start: i64, reserved: Usd, fields: &[String]) -> Account {
+    let mut account = Account::new(period_start);
+    account.reserved = reserved;
+    for pair in fields.chunks_exact(2) {
+        let (field, value) = (pair[0].as_str(), pair[1].as_str());
+        let (totals, name) = match field.strip_prefix("b/").and_then(|rest| rest.rsplit_once('/')) {
+            Some((backend, name)) => (account.by_backend.entry(backend.to_owned()).or_default(), name),
+            None => (&mut account.totals, field),
+        };
+        set_total(totals, name, value);
+    }
+    account
+}
+
+fn set_total(totals: &mut Totals, name: &str, value: &str) {
+    match name {
+        "spent" => totals.spent = parse_usd(value),
+        "requests" => totals.requests = parse_u64(value),
+        "prompt_tokens" => totals.prompt_tokens = parse_u64(value),
+        "completion_tokens" => totals.completion_tokens = parse_u64(value),
+        _ => {}
+    }
+}
+
+impl RedisLedger {
+    pub fn new(store: Arc<Store>, retention: Duration, reservation_ttl: Option<Duration>) -> Self {
+        let ttl = reservation_ttl.unwrap_or(TTL_MARGIN);
+        let held = Arc::new(Held {
+            open: DashMap::new(),
+            ttl_ms: AtomicU64::new(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+        });
+        store.runtime.spawn(renew_loop(Arc::downgrade(&store), Arc::downgrade(&held)));
+        Self {
+            store,
+            replica: replica_id(),
+            next_id: AtomicU64::new(1),
+            held,
+            fixed_ttl: reservation_ttl.is_some(),
+            retention,
+        }
+    }
+
+    /// `<replica>:<id>:<amount>`: the reservation's member in the user's `holds`.
+    fn member(&self, id: u64, amount: Usd) -> String {
+        format!("{}:{id}:{}", self.replica, amount.pico())
+    }
+
+    fn hold_keys(&self, user: &str, period_start: i64) -> Vec<String> {
+        let keys = &self.store.keys;
+        vec![keys.reserved(user), keys.holds(user), keys.spend(user, period_start)]
+    }
+
+    /// When a period's spend may be forgotten: the retention after the period ends.
+    fn spend_expires_at(&self, period: BudgetPeriod, now: i64) -> String {
+        let retention = i64::try_from(self.retention.as_secs()).unwrap_or(i64::MAX);
+        period::end(period, now).map(|end| end.saturating_add(retention).to_string()).unwrap_or_default()
+    }
+
+    fn reserve_locally(
+        &self,
+        user: &User,
+        amount: Usd,
+        period_start: i64,
+        error: LedgerError,
+    ) -> Result<Reserve, LedgerError> {
+        if self.store.policy == OnLedgerError::FailClosed || self.store.backlog_full() {
+            return Err(error);
+        }
+        self.store.metrics.ledger_fail_open.inc();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) | LOCAL;
+        Ok(match self.store.local.reserve(user, amount, period_start) {
+            Ok(remaining) => Reserve::Reserved { id, remaining },
+            Err(remaining) => Reserve::Refused { remaining },
+        })
+    }
+
+    async fn read(&self, user: &User, now: i64, all: bool) -> Result<Account, LedgerError> {
+        let period_start = period::start(user.budget_period, now);
+        let keys = self.hold_keys(&user.name, period_start);
+        let arg = if all { "all" } else { "" };
+        let (reserved, spent, fields): (String, String, Vec<String>) =
+            self.store.script(Op::Read, &self.store.scripts.read, &keys, &[arg.to_owned()]).await?;
+        let (reserved, spent) = (parse_usd(&reserved), parse_usd(&spent));
+        self.store.local.seen(&user.name, period_start, spent, reserved);
+        let mut account = account(period_start, reserved, &fields);
+        account.totals.spent = spent;
+        Ok(account)
+    }
+}
+
+impl Ledger for RedisLedger {
+    fn reserve<'a>(&'a self, user: &'a User, amount: Usd, now: i64) -> BoxFuture<'a, Result<Reserve, LedgerError>> {
+        Box::pin(async move {
+            let period_start = period::start(user.budget_period, now);
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let keys = self.hold_keys(&user.name, period_start);
+            let budget = user.budget_usd.map(|b| b.pico().to_string()).unwrap_or_default();
+            let ttl = self.held.ttl_ms.load(Ordering::Relaxed).to_string();
+            let member = self.member(id, amount);
+            let args = [member.clone(), amount.pico().to_string(), budget, ttl];
+            let answer =
+                self.store.script::<(i64, String, String)>(Op::Reserve, &self.store.scripts.reserve, &keys, &args);
+            let (granted, spent, reserved) = match answer.await {
+                Ok(answer) => answer,
+                Err(e) => return self.reserve_locally(user, amount, period_start, e),
+            };
+            let (spent, reserved) = (parse_usd(&spent), parse_usd(&reserved));
+            let used = spent.saturating_add(reserved);
+            if granted == 1 {
+                self.held.open.insert(id, (user.name.clone(), member));
+                let reserved = reserved.saturating_add(amount);
+                self.store.local.seen(&user.name, period_start, spent, reserved);
+                let remaining = user.budget_usd.map(|b| b.saturating_sub(used).saturating_sub(amount).max(Usd::ZERO));
+                Ok(Reserve::Reserved { id, remaining })
+            } else {
+                self.store.local.seen(&user.name, period_start, spent, reserved);
+                let remaining = user.budget_usd.map_or(Usd::ZERO, |b| b.saturating_sub(used).max(Usd::ZERO));
+                Ok(Reserve::Refused { remaining })
+            }
+        })
+    }
+
+    fn release(&self, user: &User, id: u64, amount: Usd, _now: i64) {
+        if id & LOCAL != 0 {
+            self.store.local.release_held(&user.name, amount);
+            return;
+        }
+        self.held.open.remove(&id);
+        let keys = vec![self.store.keys.reserved(&user.name), self.store.keys.holds(&user.name)];
+        let write = Write {
+            script: WriteScript::Release,
+            keys,
+            args: vec![self.member(id, amount)],
+            user: user.name.clone(),
+            cost: Usd::ZERO,
+            must_land: true,
+        };
+        self.store.submit(write);
+    }
+
+    fn settle(&self, user: &User, id: u64, reserved: Usd, record: RequestRecord, now: i64) {
+        let local = id & LOCAL != 0;
+        if !local {
+            self.held.open.remove(&id);
+        }
+        let period_start = period::start(user.budget_period, now);
+        self.store.local.settled(&user.name, local.then_some(reserved), record.cost);
+        let keys = &self.store.keys;
+        let member = if local { String::new() } else { self.member(id, reserved) };
+        let record_json = serde_json::to_string(&StoredRecord::from(&record)).unwrap_or_default();
+        let args = vec![
+            member,
+            format!("{}:{id}", self.replica),
+            record.cost.pico().to_string(),
+            record.prompt_tokens.to_string(),
+            record.completion_tokens.to_string(),
+            record.backend.clone(),
+            self.spend_expires_at(user.budget_period, now),
+            record_json,
+            MAX_RECORDS.to_string(),
+            DEDUPE_WINDOW_MS.to_string(),
+        ];
+        let write = Write {
+            script: WriteScript::Settle,
+            keys: vec![
+                keys.reserved(&user.name),
+                keys.holds(&user.name),
+                keys.spend(&user.name, period_start),
+                keys.settled(&user.name),
+                keys.records(),
+            ],
+            args,
+            user: user.name.clone(),
+            cost: record.cost,
+            must_land: true,
+        };
+        self.store.submit(write);
+    }
+
+    fn remaining<'a>(&'a self, user: &'a User, now: i64) -> BoxFuture<'a, Result<Option<Usd>, LedgerError>> {
+        Box::pin(async move {
+            // No budget, nothing to ask Redis.
+            let Some(budget) = user.budget_usd else { return Ok(None) };
+            match self.read(user, now, false).await {
+                Ok(account) => Ok(Some(account.remaining(budget))),
+                Err(e) if self.store.policy == OnLedgerError::FailOpen => {
+                    let _ = e;
+                    Ok(self.store.local.remaining(user, period::start(user.budget_period, now)))
+                }
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn usage<'a>(&'a self, user: &'a User, now: i64) -> BoxFuture<'a, Result<Account, LedgerError>> {
+        Box::pin(self.read(user, now, true))
+    }
+
+    fn records(&self, limit: usize) -> BoxFuture<'_, Result<Vec<RequestRecord>, LedgerError>> {
+        Box::pin(async move {
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let last = isize::try_from(limit).unwrap_or(isize::MAX) - 1;
+            let mut command = redis::cmd("LRANGE");
+            command.arg(self.store.keys.records()).arg(0).arg(last);
+            let texts: Vec<String> = self.store.command(Op::Records, command).await?;
+            let retention_ms = i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX);
+            let oldest = crate::clock::unix_now_ms().saturating_sub(retention_ms);
+            // Stored newest first; answered oldest first, like the other stores.
+            let mut records: Vec<RequestRecord> = texts
+                .iter()
+                .filter_map(|t| serde_json::from_str::<StoredRecord>(t).ok())
+                .filter(|r| r.at_ms >= oldest)
+                .map(RequestRecord::from)
+                .collect();
+            records.reverse();
+            Ok(records)
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), LedgerError>> {
+        Box::pin(self.store.flush())
+    }
+
+    fn requests_last_at_most(&self, longest: Duration) {
+        if !self.fixed_ttl {
+            let ttl = longest.saturating_add(TTL_MARGIN);
+            self.held.ttl_ms.store(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spend_hash_reads_back_as_an_account_with_its_backends() {
+        let fields: Vec<String> = [
+            ("spent", "1500000000000000000"),
+            ("requests", "3"),
+            ("prompt_tokens", "30"),
+            ("completion_tokens", "12"),
+            ("b/gpu.a/spent", "1000000000000000000"),
+            ("b/gpu.a/requests", "2"),
+            ("b/cpu/spent", "500000000000000000"),
+        ]
+        .iter()
+        .flat_map(|(k, v)| [(*k).to_owned(), (*v).to_owned()])
+        .collect();
+        let a = account(86_400, Usd::from_pico(7), &fields);
+        assert_eq!(a.totals.spent, Usd::from_pico(1_500_000_000_000_000_000));
+        assert_eq!((a.totals.requests, a.totals.prompt_tokens, a.totals.completion_tokens), (3, 30, 12));
+        assert_eq!(a.by_backend["gpu.a"].spent, Usd::from_pico(1_000_000_000_000_000_000));
+        assert_eq!(a.by_backend["gpu.a"].requests, 2);
+        assert_eq!(a.by_backend["cpu"].spent, Usd::from_pico(500_000_000_000_000_000));
+        assert_eq!(a.reserved, Usd::from_pico(7));
+        assert_eq!(a.period_start, 86_400);
+    }
+}

@@ -1,0 +1,359 @@
+//! The connection to Redis and what every Redis-backed part shares: one auto-reconnecting
+//! multiplexed connection, the scripts, per-operation latency and error metrics, a short
+//! fail-fast window after a failure, and the backlog of writes waiting for Redis to return.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, Script};
+use tokio::sync::{Notify, OnceCell};
+use tokio::time::Instant;
+
+use super::local::Local;
+use super::scripts::{Keys, Scripts};
+use crate::config::{OnLedgerError, RedisStore};
+use crate::cost::Usd;
+use crate::ledger::LedgerError;
+use crate::metrics::Metrics;
+
+/// After a failed call, calls fail at once for this long instead of each waiting for the
+/// timeout: a Redis outage costs requests microseconds, not `timeout_ms` each.
+const FAIL_FAST: Duration = Duration::from_millis(250);
+/// How often the backlog is retried while Redis is away.
+const RECONCILE_EVERY: Duration = Duration::from_millis(250);
+/// Writes waiting for Redis at most. Past it, fail-open stops admitting (it answers as
+/// fail-closed would) rather than let unrecorded spend grow without bound.
+pub const MAX_BACKLOG: usize = 100_000;
+
+/// The operations, as the bounded `operation` label of the ledger metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Reserve,
+    Settle,
+    Release,
+    Renew,
+    Read,
+    Records,
+    RateLimit,
+    RateSettle,
+}
+
+impl Op {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Reserve => "reserve",
+            Self::Settle => "settle",
+            Self::Release => "release",
+            Self::Renew => "renew",
+            Self::Read => "read",
+            Self::Records => "records",
+            Self::RateLimit => "rate_limit",
+            Self::RateSettle => "rate_settle",
+        }
+    }
+}
+
+/// Which script a deferred write runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteScript {
+    Settle,
+    Release,
+    RateSettle,
+}
+
+/// A write that does not make its caller wait: run at once on its own task, and, if Redis
+/// cannot take it and it `must_land`, kept in the backlog until Redis is back.
+#[derive(Debug, Clone)]
+pub struct Write {
+    pub script: WriteScript,
+    pub keys: Vec<String>,
+    pub args: Vec<String>,
+    /// The user and the cost it carries, to clear from the local accounting once applied.
+    pub user: String,
+    pub cost: Usd,
+    /// Spend and reservations must land; a rate-limit correction may be lost.
+    pub must_land: bool,
+}
+
+impl Write {
+    fn op(&self) -> Op {
+        match self.script {
+            WriteScript::Settle => Op::Settle,
+            WriteScript::Release => Op::Release,
+            WriteScript::RateSettle => Op::RateSettle,
+        }
+    }
+}
+
+pub struct Store {
+    client: redis::Client,
+    connection: OnceCell<ConnectionManager>,
+    pub keys: Keys,
+    pub scripts: Scripts,
+    pub policy: OnLedgerError,
+    pub metrics: Arc<Metrics>,
+    /// What this replica knows of budgets while Redis is away (fail-open).
+    pub local: Local,
+    timeout: Duration,
+    connect_timeout: Duration,
+    /// Calls fail at once until then (set by a failure).
+    fail_fast_until: Mutex<Option<Instant>>,
+    backlog: Mutex<VecDeque<Write>>,
+    /// Deferred writes running now (not yet applied nor in the backlog).
+    in_flight: AtomicUsize,
+    settled: Notify,
+    wake: Notify,
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the URL: it may carry a password.
+        f.debug_struct("Store").field("keys", &self.keys).field("policy", &self.policy).finish_non_exhaustive()
+    }
+}
+
+fn unavailable(op: Op, reason: impl Into<String>) -> LedgerError {
+    LedgerError::Unavailable { operation: op.label(), reason: reason.into() }
+}
+
+impl Store {
+    /// Prepares the client; the connection is made on first use (and re-made by the
+    /// connection manager after a failure), so a gateway starts while Redis is still down.
+    pub fn open(settings: &RedisStore, policy: OnLedgerError, metrics: Arc<Metrics>) -> Result<Arc<Self>, LedgerError> {
+        use redis::IntoConnectionInfo;
+        // Errors name the category only: the URL may hold a password.
+        let bad_url = |e: redis::RedisError| LedgerError::Storage(format!("redis url: {}", e.category()));
+        let mut info = settings.url.expose().into_connection_info().map_err(bad_url)?;
+        if let Some(password) = &settings.password {
+            let redis = info.redis_settings().clone().set_password(password.expose());
+            info = info.set_redis_settings(redis);
+        }
+        let client = redis::Client::open(info).map_err(bad_url)?;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| LedgerError::Storage("the redis ledger needs a tokio runtime".into()))?;
+        let store = Arc::new(Self {
+            client,
+            connection: OnceCell::new(),
+            keys: Keys::new(&settings.key_prefix),
+            scripts: Scripts::default(),
+            policy,
+            metrics,
+            local: Local::default(),
+            timeout: settings.timeout,
+            connect_timeout: settings.connect_timeout,
+            fail_fast_until: Mutex::new(None),
+            backlog: Mutex::new(VecDeque::new()),
+            in_flight: AtomicUsize::new(0),
+            settled: Notify::new(),
+            wake: Notify::new(),
+            runtime,
+        });
+        store.runtime.spawn(reconcile_loop(Arc::downgrade(&store)));
+        Ok(store)
+    }
+
+    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        let connect = || async {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(self.connect_timeout))
+                .set_response_timeout(Some(self.timeout))
+                .set_number_of_retries(1)
+                .set_min_delay(Duration::from_millis(50))
+                .set_max_delay(Duration::from_millis(500));
+            let mut connection = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+            // Loaded once up front; `EVALSHA` reloads one after a NOSCRIPT (a restarted Redis).
+            for script in self.scripts.all() {
+                script.load_async(&mut connection).await?;
+            }
+            tracing::info!("connected to the redis ledger");
+            Ok::<_, redis::RedisError>(connection)
+        };
+        self.connection.get_or_try_init(connect).await.cloned()
+    }
+
+    fn failing_fast(&self) -> bool {
+        let until = self.fail_fast_until.lock().unwrap_or_else(PoisonError::into_inner);
+        until.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn outcome(&self, op: Op, ok: bool, started: Instant) {
+        let m = &self.metrics;
+        m.ledger_duration.with_label_values(&[op.label()]).observe(started.elapsed().as_secs_f64());
+        let mut until = self.fail_fast_until.lock().unwrap_or_else(PoisonError::into_inner);
+        if ok {
+            if until.take().is_some() {
+                tracing::info!("the redis ledger answers again");
+            }
+            m.ledger_up.set(1);
+        } else {
+            m.ledger_errors.with_label_values(&[op.label()]).inc();
+            m.ledger_up.set(0);
+            *until = Some(Instant::now() + FAIL_FAST);
+        }
+    }
+
+    /// Runs `script` with `keys` and `args`, within the operation timeout.
+    pub async fn script<T: FromRedisValue>(
+        &self,
+        op: Op,
+        script: &Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<T, LedgerError> {
+        if self.failing_fast() {
+            self.metrics.ledger_errors.with_label_values(&[op.label()]).inc();
+            return Err(unavailable(op, "redis failed moments ago; retrying shortly"));
+        }
+        let started = Instant::now();
+        let call = async {
+            let mut connection = self.connection().await?;
+            let mut invocation = script.prepare_invoke();
+            for key in keys {
+                invocation.key(key);
+            }
+            for arg in args {
+                invocation.arg(arg);
+            }
+            invocation.invoke_async::<T>(&mut connection).await
+        };
+        let result = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            // The error text names the failure (refused, timed out...), never the URL.
+            Ok(Err(e)) => Err(unavailable(op, e.to_string())),
+            Err(_) => Err(unavailable(op, format!("no answer within {} ms", self.timeout.as_millis()))),
+        };
+        self.outcome(op, result.is_ok(), started);
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "redis ledger operation failed");
+        }
+        result
+    }
+
+    /// Runs a plain command (reads that need no atomicity).
+    pub async fn command<T: FromRedisValue>(&self, op: Op, command: redis::Cmd) -> Result<T, LedgerError> {
+        if self.failing_fast() {
+            self.metrics.ledger_errors.with_label_values(&[op.label()]).inc();
+            return Err(unavailable(op, "redis failed moments ago; retrying shortly"));
+        }
+        let started = Instant::now();
+        let call = async {
+            let mut connection = self.connection().await?;
+            command.query_async::<T>(&mut connection).await
+        };
+        let result = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(unavailable(op, e.to_string())),
+            Err(_) => Err(unavailable(op, format!("no answer within {} ms", self.timeout.as_millis()))),
+        };
+        self.outcome(op, result.is_ok(), started);
+        result
+    }
+
+    async fn apply(&self, write: &Write) -> Result<(), LedgerError> {
+        let script = match write.script {
+            WriteScript::Settle => &self.scripts.settle,
+            WriteScript::Release => &self.scripts.release,
+            WriteScript::RateSettle => &self.scripts.rate_settle,
+        };
+        self.script::<i64>(write.op(), script, &write.keys, &write.args).await?;
+        self.local.confirmed(&write.user, write.cost);
+        Ok(())
+    }
+
+    pub fn backlog_len(&self) -> usize {
+        self.backlog.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    pub fn backlog_full(&self) -> bool {
+        self.backlog_len() >= MAX_BACKLOG
+    }
+
+    fn defer(&self, write: Write) {
+        if !write.must_land {
+            return;
+        }
+        let mut backlog = self.backlog.lock().unwrap_or_else(PoisonError::into_inner);
+        if backlog.len() >= MAX_BACKLOG {
+            // Only reachable past the bound fail-open stops at; say so loudly.
+            tracing::error!(user = %write.user, "the ledger backlog is full: a write to redis was dropped");
+            return;
+        }
+        backlog.push_back(write);
+        self.metrics.ledger_backlog.set(i64::try_from(backlog.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Applies `write` on its own task; the caller never waits (it runs in a `Drop`).
+    pub fn submit(self: &Arc<Self>, write: Write) {
+        if self.failing_fast() || self.backlog_len() > 0 {
+            // Redis is away: straight to the backlog, in order behind the others.
+            self.defer(write);
+            self.wake.notify_one();
+            return;
+        }
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let store = Arc::clone(self);
+        self.runtime.spawn(async move {
+            if store.apply(&write).await.is_err() {
+                store.defer(write);
+            }
+            store.in_flight.fetch_sub(1, Ordering::AcqRel);
+            store.settled.notify_waiters();
+        });
+    }
+
+    /// Tries every write in the backlog, in order, until one fails. Returns what is left.
+    async fn drain(&self) -> usize {
+        loop {
+            let next = self.backlog.lock().unwrap_or_else(PoisonError::into_inner).front().cloned();
+            let Some(write) = next else { return 0 };
+            if self.apply(&write).await.is_err() {
+                return self.backlog_len();
+            }
+            let mut backlog = self.backlog.lock().unwrap_or_else(PoisonError::into_inner);
+            backlog.pop_front();
+            self.metrics.ledger_reconciled.inc();
+            self.metrics.ledger_backlog.set(i64::try_from(backlog.len()).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Waits for the writes in flight, then tries the backlog once.
+    pub async fn flush(&self) -> Result<(), LedgerError> {
+        loop {
+            let settled = self.settled.notified();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            // A short cap: a notification racing the check costs milliseconds, not a hang.
+            let _ = tokio::time::timeout(Duration::from_millis(20), settled).await;
+        }
+        // The fail-fast window must not turn a flush into an instant failure.
+        *self.fail_fast_until.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        match self.drain().await {
+            0 => Ok(()),
+            left => Err(LedgerError::Unavailable {
+                operation: "settle",
+                reason: format!("{left} settlement(s) are still waiting for redis"),
+            }),
+        }
+    }
+}
+
+/// Retries the backlog while the store lives.
+async fn reconcile_loop(store: Weak<Store>) {
+    loop {
+        let Some(strong) = store.upgrade() else { return };
+        if strong.backlog_len() > 0 && !strong.failing_fast() {
+            let left = strong.drain().await;
+            if left == 0 {
+                tracing::info!("every settlement made while redis was away is now in redis");
+            }
+        }
+        let wake = async { strong.wake.notified().await };
+        let _ = tokio::time::timeout(RECONCILE_EVERY, wake).await;
+        drop(strong);
+    }
+}

@@ -1,0 +1,176 @@
+//! Real `redis-server` children on free ports, and real `tollgate serve` processes: the parts
+//! the scale-out tests run against. Every child is killed when its handle drops.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A `redis-server` of our own. Without persistence unless started with `persistent`.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    /// Persistence directory (AOF on) — kept across a kill and a restart.
+    dir: Option<tempfile::TempDir>,
+    extra: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl RedisServer {
+    /// `redis-server --port <free> --save '' --appendonly no`: hermetic, nothing on disk.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// With extra `redis-server` arguments (`--requirepass`, ...).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let extra = extra.iter().map(|a| (*a).to_owned()).collect();
+        let mut server = Self { port: free_port(), child: None, dir: None, extra };
+        server.spawn();
+        server
+    }
+
+    /// With persistence (`appendonly yes`) in a temporary directory. `appendfsync always`:
+    /// with `everysec` Redis may answer before it has written a command to the AOF (while a
+    /// background fsync is slow), so a SIGKILL could lose acknowledged spend and make an exact
+    /// count flaky; see the README.
+    pub fn persistent() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = Self { port: free_port(), child: None, dir: Some(dir), extra: Vec::new() };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let mut command = Command::new("redis-server");
+        command.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""]);
+        match &self.dir {
+            Some(dir) => {
+                command.args(["--appendonly", "yes", "--appendfsync", "always", "--dir"]).arg(dir.path());
+            }
+            None => {
+                command.args(["--appendonly", "no"]);
+            }
+        }
+        command.args(&self.extra);
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is needed for this test: apt-get install redis-server (.ci/run does)");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if self.ping() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("redis-server on port {} did not answer PING", self.port);
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut answer = [0u8; 7];
+        // `-NOAUTH` also proves it is up (a server with `--requirepass`).
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut answer).is_ok()
+            && matches!(answer[0], b'+' | b'-')
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: no shutdown, no final save.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// On the same port (and directory, when persistent).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A real `tollgate serve` process on 127.0.0.1:0.
+pub struct Replica {
+    child: Child,
+    pub addr: String,
+    _dir: PathBuf,
+}
+
+impl Replica {
+    /// Serves `config` (written to `dir/<name>.toml`), with the test admin key.
+    pub fn start(dir: &Path, name: &str, config: &str) -> Self {
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, config).unwrap();
+        // TOLLGATE_BIN: a copy of the binary, when the target directory is shared with another
+        // checkout that may rebuild `tollgate` while these tests run.
+        let bin = std::env::var("TOLLGATE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tollgate").to_owned());
+        let mut child = Command::new(bin)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&path)
+            .env("NO_COLOR", "1")
+            .env("TEST_ADMIN_KEY", super::ADMIN_KEY)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut said = Vec::new();
+        let addr = loop {
+            let Some(Ok(line)) = lines.next() else { panic!("tollgate exited:\n{}", said.join("\n")) };
+            said.push(line.clone());
+            if let Some(rest) = line.split("listen=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { child, addr, _dir: dir.to_owned() }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn usage(&self, user: &str) -> serde_json::Value {
+        let response = reqwest::Client::new()
+            .get(self.url(&format!("/admin/usage/{user}")))
+            .bearer_auth(super::ADMIN_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap();
+        super::metric_value(&text, name, &[])
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
