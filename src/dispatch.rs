@@ -83,7 +83,24 @@ fn plan<'s>(snapshot: &'s Snapshot, request: &ProxyRequest) -> Result<Plan<'s>, 
     Ok(Plan { shared: policy::plan::plan(&snapshot.config, target, shape), cascade })
 }
 
-pub async fn run(state: &Arc<AppState>, mut ctx: RequestContext) -> Result<Response, ApiError> {
+pub async fn run(state: &Arc<AppState>, ctx: RequestContext) -> Result<Response, ApiError> {
+    let mut unsure_answer = None;
+    match decide_and_send(state, ctx, &mut unsure_answer).await {
+        // A cascade's escalation that cannot happen (budget spent by the first call, every
+        // better backend down, the ledger gone) still leaves a paid-for answer: serve it.
+        Err(e) if unsure_answer.is_some() => {
+            tracing::info!(error = %e, "cascade escalation not possible; serving the first answer");
+            unsure_answer.ok_or(e)
+        }
+        result => result,
+    }
+}
+
+async fn decide_and_send(
+    state: &Arc<AppState>,
+    mut ctx: RequestContext,
+    unsure_answer: &mut Option<Response>,
+) -> Result<Response, ApiError> {
     let snapshot = Arc::clone(&ctx.snapshot);
     let mut plan = plan(&snapshot, &ctx.request)?;
     let user = &ctx.user;
@@ -126,9 +143,10 @@ pub async fn run(state: &Arc<AppState>, mut ctx: RequestContext) -> Result<Respo
                 };
                 match attempt(state, &ctx, &plan, decision, &mut tokens_held, probe.as_ref()).await? {
                     Outcome::Answered(response) => return Ok(response),
-                    Outcome::Unsure { quality, cost } => {
+                    Outcome::Unsure { quality, cost, answer } => {
                         escalated_from = Some(quality);
                         ctx.prior_cost = ctx.prior_cost.saturating_add(cost);
+                        *unsure_answer = Some(answer);
                         continue;
                     }
                     Outcome::NotStarted if rounds < MAX_DECISION_ROUNDS => {
@@ -260,10 +278,12 @@ struct Probe<'s> {
 /// How an attempt over the decided backends ended.
 enum Outcome {
     Answered(Response),
-    /// The probed backend's answer was unsure (metered and charged `cost`): escalate.
+    /// The probed backend's answer was unsure (metered and charged `cost`): escalate, and
+    /// serve `answer` if escalating fails.
     Unsure {
         quality: f64,
         cost: Usd,
+        answer: Response,
     },
     /// None could be started (slots or budget taken by concurrent requests since the
     /// decision): decide again.
@@ -444,6 +464,7 @@ async fn respond(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
+    let mut unsure = None;
     let body = if ctx.request.stream && head.status.is_success() && is_sse {
         // Streamed: the cost is known only at the end; the headers carry the estimate.
         put(&mut headers, HEADER_COST, &estimate.to_string());
@@ -469,10 +490,11 @@ async fn respond(
         meter.end(Ending::Complete);
         let cost = meter.settle();
         let bytes = match probe.filter(|_| head.status.is_success()) {
-            Some(probe) => match judge(state, ctx, probe, &bytes) {
-                Judged::Unsure => return Ok(Outcome::Unsure { quality: probe.quality, cost }),
-                Judged::Sure(bytes) => bytes,
-            },
+            Some(probe) => {
+                let (is_unsure, bytes) = judge(state, ctx, probe, bytes);
+                unsure = is_unsure.then_some((probe.quality, cost));
+                bytes
+            }
             None => bytes,
         };
         put(&mut headers, HEADER_COST, &ctx.prior_cost.saturating_add(cost).to_string());
@@ -491,34 +513,29 @@ async fn respond(
     let mut response = Response::new(body);
     *response.status_mut() = head.status;
     *response.headers_mut() = headers;
-    Ok(Outcome::Answered(response))
+    Ok(match unsure {
+        Some((quality, cost)) => Outcome::Unsure { quality, cost, answer: response },
+        None => Outcome::Answered(response),
+    })
 }
 
-enum Judged {
-    Unsure,
-    /// Confident: the answer to send, without the log-probabilities the client did not ask for.
-    Sure(Bytes),
-}
-
-/// The cascade's verdict on a probed answer (already metered).
-fn judge(state: &AppState, ctx: &RequestContext, probe: &Probe<'_>, bytes: &Bytes) -> Judged {
-    let Ok(mut answer) = serde_json::from_slice::<serde_json::Value>(bytes) else { return Judged::Sure(bytes.clone()) };
+/// The cascade's verdict on a probed answer (already metered): whether it is unsure, and the
+/// answer as a client should see it (without the log-probabilities it did not ask for).
+fn judge(state: &AppState, ctx: &RequestContext, probe: &Probe<'_>, bytes: Bytes) -> (bool, Bytes) {
+    let Ok(mut answer) = serde_json::from_slice::<serde_json::Value>(&bytes) else { return (false, bytes) };
     let Some(confidence) = crate::cascade::confidence(&answer) else {
         tracing::debug!(route = probe.route, "cascade: the backend sent no log-probabilities; answer kept");
-        return Judged::Sure(bytes.clone());
+        return (false, bytes);
     };
     let calibrator = state.calibrators.entry(probe.route.to_owned()).or_default();
     let (unsure, threshold) =
         calibrator.observe(confidence, probe.cascade.threshold, probe.cascade.target_premium_share);
     state.metrics.cascade_threshold.with_label_values(&[probe.route]).set(threshold);
-    if unsure {
-        return Judged::Unsure;
-    }
     if ctx.request.body.get("logprobs").is_none_or(|v| v.as_bool() == Some(false)) {
         crate::cascade::strip_logprobs(&mut answer);
-        return Judged::Sure(Bytes::from(answer.to_string()));
+        return (unsure, Bytes::from(answer.to_string()));
     }
-    Judged::Sure(bytes.clone())
+    (unsure, bytes)
 }
 
 /// The whole answer body, within the deadline and the size bound.

@@ -407,3 +407,21 @@ async fn a_cascade_escalates_unsure_answers_one_tier_up_and_meters_both_calls() 
     assert!(kept["choices"][0]["logprobs"]["content"].is_array(), "asked-for logprobs are kept");
     assert_eq!(gateway.metric("tollgate_cascade_threshold", &[("route", "auto")]).await, -1.0);
 }
+
+#[tokio::test]
+async fn an_escalation_the_budget_cannot_pay_serves_the_first_answer_instead_of_an_error() {
+    let upstream = Upstream::start().await;
+    let backends =
+        backend("gpu", &upstream.base_url(), "echo", 0.9, "{ input_per_mtok = 1000, output_per_mtok = 1000 }", "")
+            + &backend("cpu", &upstream.base_url(), "echo", 0.4, "{ input_per_mtok = 100, output_per_mtok = 100 }", "");
+    let routes = "[[routes]]\nmodel = \"auto\"\nbackends = [\"gpu\", \"cpu\"]\ncascade = { threshold = -1.0 }\n";
+    let gateway = Gateway::start(&config(&backends, routes, "policy = \"cost-first\"\nbudget_usd = 0.01"), ENV).await;
+    let hard = json!({"model": "auto", "max_tokens": 10, "messages": [{"role": "user", "content": "a hard one"}]});
+    let response = gateway.post("/v1/chat/completions", CAROL_KEY, &hard).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-tollgate-backend"), "cpu");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "hello from upstream");
+    assert!(body["choices"][0].get("logprobs").is_none());
+    assert_eq!(gateway.usage("carol").await["requests"], 1, "only the call that happened is charged");
+}
