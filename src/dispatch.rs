@@ -302,6 +302,7 @@ async fn attempt(
     let snapshot = &ctx.snapshot;
     let mut reason = decision.reason;
     let mut last_error = None;
+    let mut before_send = None;
     for (position, &index) in decision.order.iter().enumerate() {
         let upstream = &snapshot.upstreams[index];
         let backend = &upstream.backend;
@@ -317,10 +318,9 @@ async fn attempt(
             continue;
         };
         let ticket = upstream.state.occupancy.enter(Instant::now());
-        if position == 0 {
-            let overhead = ctx.started.elapsed().as_secs_f64();
-            state.metrics.overhead.with_label_values(&[endpoint_label(ctx.request.endpoint)]).observe(overhead);
-        }
+        // The gateway's time before the first backend call; the time spent on its answer is
+        // added in `respond`, and the sum observed as `tollgate_overhead_seconds`.
+        let gateway_before = *before_send.get_or_insert_with(|| ctx.started.elapsed());
         let is_last = position + 1 == decision.order.len();
         let probe = probe.filter(|_| position == 0);
         let sent = match upstream.send(&ctx.request, probe.is_some()).await {
@@ -372,7 +372,13 @@ async fn attempt(
                     },
                     answer.status().as_u16(),
                 );
-                let answered = Answered { upstream, reason: &reason, estimate, remaining_after_reserve: remaining };
+                let answered = Answered {
+                    upstream,
+                    reason: &reason,
+                    estimate,
+                    remaining_after_reserve: remaining,
+                    before_send: gateway_before,
+                };
                 return respond(state, ctx, answered, answer, meter, probe).await;
             }
             Err(e) => {
@@ -424,6 +430,8 @@ struct Answered<'a> {
     reason: &'a Reason,
     estimate: Usd,
     remaining_after_reserve: Option<Usd>,
+    /// The gateway's time before the backend was called.
+    before_send: std::time::Duration,
 }
 
 fn endpoint_label(endpoint: Endpoint) -> &'static str {
@@ -442,8 +450,11 @@ async fn respond(
     mut meter: Meter,
     probe: Option<&Probe<'_>>,
 ) -> Result<Outcome, ApiError> {
-    let Answered { upstream, reason, estimate, remaining_after_reserve } = answered;
+    let Answered { upstream, reason, estimate, remaining_after_reserve, before_send } = answered;
     let backend = &upstream.backend;
+    // The gateway's own time after the backend answered: from here (the head; for a
+    // non-streamed answer, from its last byte) until the response is handed to the server.
+    let mut answered_at = Instant::now();
     let (head, body) = answer.into_parts();
     let deadline = ctx.started + backend.timeout;
     let mut headers = HeaderMap::new();
@@ -482,6 +493,7 @@ async fn respond(
                 return Err(e);
             }
         };
+        answered_at = Instant::now();
         if head.status.is_success() && !meter_json(&bytes, &mut meter) {
             meter.end(Ending::BackendBroke);
             meter.settle();
@@ -515,7 +527,12 @@ async fn respond(
     *response.headers_mut() = headers;
     Ok(match unsure {
         Some((quality, cost)) => Outcome::Unsure { quality, cost, answer: response },
-        None => Outcome::Answered(response),
+        None => {
+            let overhead = before_send + answered_at.elapsed();
+            let endpoint = endpoint_label(ctx.request.endpoint);
+            state.metrics.overhead.with_label_values(&[endpoint]).observe(overhead.as_secs_f64());
+            Outcome::Answered(response)
+        }
     })
 }
 

@@ -8,9 +8,10 @@ use prometheus::{
 /// Buckets for whole LLM requests: from a cached embedding (ms) to a long generation (minutes).
 const REQUEST_BUCKETS: &[f64] =
     &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
-/// Buckets for the gateway's own added latency: tens of microseconds to a few milliseconds.
+/// Buckets for the gateway's own added latency: a few microseconds (its usual figure on an idle
+/// core: see docs/PERFORMANCE.md) to the tens of milliseconds of an overloaded host.
 const OVERHEAD_BUCKETS: &[f64] =
-    &[0.000_025, 0.000_05, 0.0001, 0.000_25, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1];
+    &[0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.0001, 0.000_25, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1];
 /// Buckets for one ledger operation: a Redis round trip on a LAN (~100 µs) to a timeout.
 const LEDGER_BUCKETS: &[f64] = &[0.000_05, 0.0001, 0.000_25, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0];
 /// Buckets for the time to first token: what a streaming user waits before text appears.
@@ -48,8 +49,10 @@ pub struct Metrics {
     pub idle_cost: CounterVec,
     /// `tollgate_budget_remaining_usd{user}`: set at each scrape for users with a budget.
     pub budget_remaining: GaugeVec,
-    /// `tollgate_overhead_seconds`: gateway time before the backend is called (auth, parsing,
-    /// decision, reservation).
+    /// `tollgate_overhead_seconds{endpoint}`: the gateway's own time in a request answered
+    /// through a backend: before the backend is called (auth, body, parsing, decision,
+    /// reservation) plus after it answered (metering a whole answer, headers), without the
+    /// time spent waiting on the backend.
     pub overhead: HistogramVec,
     /// `tollgate_config_reloads_total{result}`: `success` or `failure`.
     pub config_reloads: IntCounterVec,
@@ -125,8 +128,11 @@ impl Metrics {
             TTFT_BUCKETS,
         )?;
         let overhead = HistogramVec::new(
-            HistogramOpts::new("overhead_seconds", "Gateway time before the backend is called.")
-                .buckets(OVERHEAD_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "overhead_seconds",
+                "Gateway's own time per request answered through a backend, without the time waiting on it.",
+            )
+            .buckets(OVERHEAD_BUCKETS.to_vec()),
             &["endpoint"],
         )?;
         registry.register(Box::new(overhead.clone()))?;

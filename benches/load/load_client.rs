@@ -99,7 +99,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let report = if hold > 0 {
         runtime.block_on(hold_streams(target, hold, watch_pid, Duration::from_secs(hold_timeout_s)))
     } else {
-        runtime.block_on(closed_loop(target, concurrency, Duration::from_secs_f64(warmup_s), Duration::from_secs_f64(duration_s)))
+        runtime.block_on(closed_loop(
+            target,
+            concurrency,
+            Duration::from_secs_f64(warmup_s),
+            Duration::from_secs_f64(duration_s),
+        ))
     };
     println!("{report}");
     Ok(())

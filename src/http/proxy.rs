@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -15,20 +15,23 @@ use crate::dispatch::{self, Hints, RequestContext};
 use crate::error::ApiError;
 use crate::request::{Endpoint, ProxyRequest};
 
-pub async fn chat_completions(state: State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    proxy(state, Endpoint::ChatCompletions, headers, body).await
+pub async fn chat_completions(state: State<Arc<AppState>>, request: Request) -> Response {
+    proxy(state, Endpoint::ChatCompletions, request).await
 }
 
-pub async fn completions(state: State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    proxy(state, Endpoint::Completions, headers, body).await
+pub async fn completions(state: State<Arc<AppState>>, request: Request) -> Response {
+    proxy(state, Endpoint::Completions, request).await
 }
 
-pub async fn embeddings(state: State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    proxy(state, Endpoint::Embeddings, headers, body).await
+pub async fn embeddings(state: State<Arc<AppState>>, request: Request) -> Response {
+    proxy(state, Endpoint::Embeddings, request).await
 }
 
-async fn proxy(State(state): State<Arc<AppState>>, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+/// Takes the whole request rather than axum's `HeaderMap` extractor, which clones every header.
+async fn proxy(State(state): State<Arc<AppState>>, endpoint: Endpoint, request: Request) -> Response {
     let started = Instant::now();
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     let result = async {
         let snapshot = state.snapshot.load_full();
         let user = Arc::clone(snapshot.keys.authenticate(&headers)?);

@@ -21,6 +21,13 @@ impl Accounts {
     /// Runs `f` on `user`'s account for the period holding `now`, under that user's lock.
     pub fn with<T>(&self, user: &User, now: i64, f: impl FnOnce(&mut Account) -> T) -> T {
         let start = period::start(user.budget_period, now);
+        // The common case, a user already seen: looked up by `&str`, so the four calls a
+        // request makes (remaining, reserve, settle, remaining) allocate no key.
+        if let Some(mut entry) = self.live.get_mut(user.name.as_str()) {
+            if entry.period_start >= start {
+                return f(&mut entry);
+            }
+        }
         let mut entry = self.live.entry(user.name.clone()).or_insert_with(|| self.take_restored(&user.name, start));
         if entry.period_start < start {
             let reserved = entry.reserved;
