@@ -203,12 +203,15 @@ pid {tmp}/nginx.pid;
 events {{ worker_connections 8192; }}
 http {{
     access_log off;
+    # nginx closes a client connection after 1,000 requests by default; the load client
+    # keeps its connections, as the other targets allow.
+    keepalive_requests 1000000;
     client_body_temp_path {tmp}/client_body;
     proxy_temp_path {tmp}/proxy;
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
-    upstream mock {{ server 127.0.0.1:{upstream}; keepalive 256; }}
+    upstream mock {{ server 127.0.0.1:{upstream}; keepalive 256; keepalive_requests 1000000; }}
     server {{
         listen 127.0.0.1:{port};
         location / {{
@@ -522,6 +525,8 @@ def main():
     p.add_argument("--out", default="benches/load/out")
     p.add_argument("--keep-tmp", action="store_true")
     args = p.parse_args()
+    # SIGTERM (a timeout, a kill by pid) still stops every server this run started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.targets = [t for t in args.targets.split(",") if t]
     if "direct" not in args.targets:
         args.targets.insert(0, "direct")
