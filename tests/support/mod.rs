@@ -341,3 +341,20 @@ pub const ENV: &[(&str, &str)] = &[("TEST_BACKEND_KEY", BACKEND_KEY), ("TEST_ADM
 pub fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "Say hello"}], "temperature": 0.2, "seed": 42})
 }
+
+/// `promtool check metrics` finds nothing to say about `text`.
+pub fn promtool_accepts(text: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is needed for this test: apt-get install prometheus (.ci/run does)");
+    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let output = promtool.wait_with_output().unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success() && report.trim().is_empty(), "promtool check metrics:\n{report}");
+}
