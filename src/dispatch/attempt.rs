@@ -1,0 +1,198 @@
+//! One decision carried out: the decided backends tried in order, falling back on failures
+//! before the first byte; a cascade's probe call is marked for judging.
+
+use std::sync::Arc;
+
+use axum::response::Response;
+use http::StatusCode;
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+
+use super::guards::{ProbeGuard, TokenHold};
+use super::respond::{read_whole, respond};
+use super::{Plan, RequestContext};
+use crate::app::AppState;
+use crate::config::Cascade;
+use crate::cost::Usd;
+use crate::error::ApiError;
+use crate::ledger;
+use crate::metering::{Meter, MeterStart};
+use crate::policy::{Decision, Reason};
+use crate::request::Endpoint;
+use crate::upstream::health::Admission;
+use crate::upstream::{Upstream, UpstreamError};
+
+/// A cascade's first call: judge the answer's confidence before returning it.
+pub(super) struct Probe<'s> {
+    pub(super) route: &'s str,
+    pub(super) cascade: Cascade,
+    /// Quality of the backend probed (escalation goes above it).
+    pub(super) quality: f64,
+}
+
+/// How an attempt over the decided backends ended.
+pub(super) enum Outcome {
+    Answered(Response),
+    /// The probed backend's answer was unsure (metered and charged `cost`): escalate, and
+    /// serve `answer` if escalating fails.
+    Unsure {
+        quality: f64,
+        cost: Usd,
+        answer: Response,
+    },
+    /// None could be started (slots or budget taken by concurrent requests since the
+    /// decision): decide again.
+    NotStarted,
+}
+
+/// Tries the decided backends in order, falling back on failures before the first byte.
+pub(super) async fn attempt(
+    state: &Arc<AppState>,
+    ctx: &RequestContext,
+    plan: &Plan<'_>,
+    decision: Decision,
+    tokens_held: &mut TokenHold<'_>,
+    probe: Option<&Probe<'_>>,
+) -> Result<Outcome, ApiError> {
+    let snapshot = &ctx.snapshot;
+    let mut reason = decision.reason;
+    let mut last_error = None;
+    let mut before_send = None;
+    for (position, &index) in decision.order.iter().enumerate() {
+        let upstream = &snapshot.upstreams[index];
+        let backend = &upstream.backend;
+        let Some(slot) = upstream.state.try_slot(backend.max_concurrency) else { continue };
+        let admission = upstream.state.admit(Instant::now());
+        if admission == Admission::Refused {
+            continue;
+        }
+        let mut breaker_probe = ProbeGuard { state: &upstream.state, armed: admission == Admission::Probe };
+        let estimate = plan.candidates.iter().position(|&c| c == index).map_or(Usd::ZERO, |i| plan.estimates[i]);
+        let unix = crate::clock::unix_now();
+        let Ok((reservation, remaining)) = ledger::reserve(&state.ledger, &ctx.user, estimate, unix).await? else {
+            continue;
+        };
+        let ticket = upstream.state.occupancy.enter(Instant::now());
+        // The gateway's time before the first backend call; the time spent on its answer is
+        // added in `respond`, and the sum observed as `tollgate_overhead_seconds`.
+        let gateway_before = *before_send.get_or_insert_with(|| ctx.started.elapsed());
+        let is_last = position + 1 == decision.order.len();
+        let probe = probe.filter(|_| position == 0);
+        let sent = match upstream.send(&ctx.request, probe.is_some()).await {
+            // The estimate (characters / 4) can be far off for code or hex: when the backend
+            // itself says the prompt does not fit and a later candidate may, escalate.
+            Ok(answer) if answer.status() == StatusCode::BAD_REQUEST && !is_last => {
+                context_overflow(answer, ctx.started + backend.timeout, &backend.name).await
+            }
+            other => other,
+        };
+        let failure = match sent {
+            Err(UpstreamError::ContextOverflow { backend: name }) => {
+                upstream.state.succeeded();
+                UpstreamError::ContextOverflow { backend: name }
+            }
+            Ok(answer) if answer.status() == StatusCode::TOO_MANY_REQUESTS && !is_last => {
+                // Overloaded, not broken: try elsewhere without counting against its health.
+                UpstreamError::Status { backend: backend.name.clone(), status: 429 }
+            }
+            // 501: the backend does not offer this endpoint; that is an answer, not a fault.
+            Ok(answer) if answer.status().is_server_error() && answer.status() != StatusCode::NOT_IMPLEMENTED => {
+                upstream.state.failed(Instant::now());
+                UpstreamError::Status { backend: backend.name.clone(), status: answer.status().as_u16() }
+            }
+            Ok(answer) => {
+                upstream.state.succeeded();
+                breaker_probe.armed = false;
+                // The tpm allowance was taken once at admission; a second (cascade) call
+                // charges its own tokens on top.
+                let tokens_estimate = if tokens_held.armed { tokens_held.tokens } else { 0 };
+                tokens_held.armed = false;
+                let meter = Meter::new(
+                    MeterStart {
+                        state: Arc::clone(state),
+                        user: Arc::clone(&ctx.user),
+                        backend: Arc::clone(backend),
+                        backend_state: Arc::clone(&upstream.state),
+                        route: plan.route.to_owned(),
+                        reason: reason.label().into_owned(),
+                        started: ctx.started,
+                        arrived_ms: ctx.arrived_ms,
+                        prompt_estimate: plan.prompt_tokens,
+                        tokens_estimate,
+                        baseline: plan.baseline,
+                        premium: plan.premium == Some(index),
+                        slot,
+                        reservation,
+                        ticket,
+                    },
+                    answer.status().as_u16(),
+                );
+                let answered = Answered {
+                    upstream,
+                    reason: &reason,
+                    estimate,
+                    remaining_after_reserve: remaining,
+                    before_send: gateway_before,
+                };
+                return respond(state, ctx, answered, answer, meter, probe).await;
+            }
+            Err(e) => {
+                upstream.state.failed(Instant::now());
+                e
+            }
+        };
+        breaker_probe.armed = false;
+        // Nothing reached the client: free everything and charge nothing for this attempt.
+        upstream.state.occupancy.leave(ticket, Instant::now());
+        drop((reservation, slot));
+        state.metrics.upstream_failures.with_label_values(&[&backend.name, failure.kind()]).inc();
+        tracing::warn!(backend = %backend.name, error = %failure, "backend attempt failed");
+        reason = match failure {
+            UpstreamError::ContextOverflow { .. } => Reason::EscalatedContext,
+            _ => Reason::Fallback(backend.name.clone()),
+        };
+        last_error = Some(failure);
+    }
+    match last_error {
+        Some(e) => Err(e.into()),
+        None => Ok(Outcome::NotStarted),
+    }
+}
+
+/// Reads a 400 answer: a context-window overflow becomes `ContextOverflow` (try a larger
+/// backend); any other 400 is handed back whole, to be passed through.
+pub(super) async fn context_overflow(
+    answer: http::Response<crate::upstream::UpstreamBody>,
+    deadline: Instant,
+    backend: &str,
+) -> Result<http::Response<crate::upstream::UpstreamBody>, UpstreamError> {
+    let (head, body) = answer.into_parts();
+    let bytes = match read_whole(body, deadline, backend).await {
+        Ok(bytes) => bytes,
+        Err(_) => return Err(UpstreamError::Broken { backend: backend.to_owned() }),
+    };
+    let text = String::from_utf8_lossy(&bytes).to_ascii_lowercase();
+    if text.contains("context") && ["length", "size", "window", "too long"].iter().any(|w| text.contains(w)) {
+        return Err(UpstreamError::ContextOverflow { backend: backend.to_owned() });
+    }
+    let body = http_body_util::Full::new(bytes).map_err(|never| match never {}).boxed_unsync();
+    Ok(http::Response::from_parts(head, body))
+}
+
+/// Where an answer came from and what the headers say of it.
+pub(super) struct Answered<'a> {
+    pub(super) upstream: &'a Upstream,
+    pub(super) reason: &'a Reason,
+    pub(super) estimate: Usd,
+    pub(super) remaining_after_reserve: Option<Usd>,
+    /// The gateway's time before the backend was called.
+    pub(super) before_send: std::time::Duration,
+}
+
+pub(super) fn endpoint_label(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::ChatCompletions => "chat_completions",
+        Endpoint::Completions => "completions",
+        Endpoint::Embeddings => "embeddings",
+    }
+}

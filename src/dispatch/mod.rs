@@ -1,0 +1,212 @@
+//! One request's life after authentication and parsing: rate limits → decide → reserve →
+//! send (falling back on failures before the first byte) → meter → `x-tollgate-*` headers.
+
+use std::sync::Arc;
+
+use axum::response::Response;
+use tokio::time::Instant;
+
+mod attempt;
+mod guards;
+mod respond;
+
+use attempt::{attempt, Outcome, Probe};
+use guards::{QueuePlace, TokenHold};
+
+use crate::app::AppState;
+use crate::config::{Cascade, User};
+use crate::cost::Usd;
+use crate::error::ApiError;
+use crate::ledger::period;
+use crate::policy::{self, Candidate, Reason, Refusal};
+use crate::request::{Endpoint, ProxyRequest};
+use crate::snapshot::{ModelTarget, Snapshot};
+
+pub const HEADER_BACKEND: &str = "x-tollgate-backend";
+pub const HEADER_TIER: &str = "x-tollgate-tier";
+pub const HEADER_REASON: &str = "x-tollgate-reason";
+pub const HEADER_COST: &str = "x-tollgate-cost-usd";
+pub const HEADER_BUDGET_REMAINING: &str = "x-tollgate-budget-remaining-usd";
+pub const HEADER_MAX_TOKENS_CLAMPED: &str = "x-tollgate-max-tokens-clamped";
+
+/// A whole non-streamed answer is read before it is forwarded (to meter it exactly and put
+/// its cost in a header); beyond this size it is refused as a broken backend answer.
+const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
+/// Decisions re-taken when concurrent requests spent the budget between decision and
+/// reservation: each round sees less budget, so this ends quickly.
+const MAX_DECISION_ROUNDS: usize = 8;
+
+pub use crate::policy::plan::Hints;
+
+/// The request's context as it goes through: who asks, for what.
+pub struct RequestContext {
+    pub snapshot: Arc<Snapshot>,
+    pub user: Arc<User>,
+    pub request: ProxyRequest,
+    pub hints: Hints,
+    /// When the gateway received the request (for durations and deadlines).
+    pub started: Instant,
+    pub arrived_ms: i64,
+    /// `max_tokens` as shortened to what the budget pays (`clamp_max_tokens`).
+    pub clamped: Option<u64>,
+    /// What earlier calls for this request cost (a cascade's unsure first answer).
+    pub prior_cost: Usd,
+}
+
+/// The shared plan (see [`policy::plan`]) and the route's cascade when this request can go
+/// through it (non-streamed text).
+struct Plan<'s> {
+    shared: policy::plan::Plan<'s>,
+    cascade: Option<Cascade>,
+}
+
+impl<'s> std::ops::Deref for Plan<'s> {
+    type Target = policy::plan::Plan<'s>;
+    fn deref(&self) -> &Self::Target {
+        &self.shared
+    }
+}
+
+fn plan<'s>(snapshot: &'s Snapshot, request: &ProxyRequest) -> Result<Plan<'s>, ApiError> {
+    let target = snapshot.resolve(&request.model).ok_or_else(|| ApiError::UnknownModel(request.model.clone()))?;
+    let embeddings = request.endpoint == Endpoint::Embeddings;
+    let shape = policy::plan::Shape {
+        prompt_tokens: request.prompt_tokens_estimate,
+        max_tokens: request.max_tokens,
+        embeddings,
+    };
+    let cascade = match target {
+        ModelTarget::Route(i) => snapshot.config.routes[i].cascade.filter(|_| !request.stream && !embeddings),
+        ModelTarget::Backend(_) => None,
+    };
+    Ok(Plan { shared: policy::plan::plan(&snapshot.config, target, shape), cascade })
+}
+
+pub async fn run(state: &Arc<AppState>, ctx: RequestContext) -> Result<Response, ApiError> {
+    let mut unsure_answer = None;
+    match decide_and_send(state, ctx, &mut unsure_answer).await {
+        // A cascade's escalation that cannot happen (budget spent by the first call, every
+        // better backend down, the ledger gone) still leaves a paid-for answer: serve it.
+        Err(e) if unsure_answer.is_some() => {
+            tracing::info!(error = %e, "cascade escalation not possible; serving the first answer");
+            unsure_answer.ok_or(e)
+        }
+        result => result,
+    }
+}
+
+async fn decide_and_send(
+    state: &Arc<AppState>,
+    mut ctx: RequestContext,
+    unsure_answer: &mut Option<Response>,
+) -> Result<Response, ApiError> {
+    let snapshot = Arc::clone(&ctx.snapshot);
+    let mut plan = plan(&snapshot, &ctx.request)?;
+    let user = &ctx.user;
+    let tokens_estimate = plan.prompt_tokens + plan.completion_tokens;
+    state.limiter.admit(user, tokens_estimate, Instant::now()).await?;
+    let mut tokens_held = TokenHold { state, user, tokens: tokens_estimate, armed: true };
+
+    let queue_deadline = ctx.started + snapshot.config.server.queue_timeout;
+    let mut queue_place: Option<QueuePlace<'_>> = None;
+    let mut rounds = 0;
+    // After an unsure cascade answer: only backends better than the one that gave it.
+    let mut escalated_from: Option<f64> = None;
+    loop {
+        let unix = crate::clock::unix_now();
+        let remaining = state.ledger.remaining(user, unix).await?;
+        let now = Instant::now();
+        let mut candidates = candidates(&snapshot, &plan, now);
+        if let Some(quality) = escalated_from {
+            candidates.retain(|c| c.quality > quality);
+        }
+        let facts = policy::plan::facts(user, ctx.hints, &plan, candidates, remaining, unix);
+        let refusal = match policy::decide(&facts) {
+            Ok(mut decision) => {
+                let probe = match (plan.cascade, escalated_from) {
+                    (_, Some(_)) => {
+                        decision.reason = Reason::EscalatedConfidence;
+                        None
+                    }
+                    // Worth probing only when a better backend is there to escalate to.
+                    (Some(cascade), None) => {
+                        let first = facts.candidates.iter().find(|c| Some(&c.index) == decision.order.first());
+                        let better = first.is_some_and(|f| facts.candidates.iter().any(|c| c.quality > f.quality));
+                        better.then_some(Probe {
+                            route: plan.route,
+                            cascade,
+                            quality: first.map_or(0.0, |f| f.quality),
+                        })
+                    }
+                    (None, None) => None,
+                };
+                match attempt(state, &ctx, &plan, decision, &mut tokens_held, probe.as_ref()).await? {
+                    Outcome::Answered(response) => return Ok(response),
+                    Outcome::Unsure { quality, cost, answer } => {
+                        escalated_from = Some(quality);
+                        ctx.prior_cost = ctx.prior_cost.saturating_add(cost);
+                        *unsure_answer = Some(answer);
+                        continue;
+                    }
+                    Outcome::NotStarted if rounds < MAX_DECISION_ROUNDS => {
+                        rounds += 1;
+                        continue;
+                    }
+                    Outcome::NotStarted => Refusal::AtCapacity,
+                }
+            }
+            Err(refusal) => refusal,
+        };
+        let clamped = ctx.clamped.is_some();
+        if let Some(tokens) = policy::plan::retry_clamped(&snapshot.config, user, &plan, &facts, &refusal, clamped) {
+            ctx.request.set_max_tokens(tokens);
+            ctx.clamped = Some(tokens);
+            plan = self::plan(&snapshot, &ctx.request)?;
+            continue;
+        }
+        match refusal {
+            Refusal::AtCapacity => {
+                if queue_place.is_none() {
+                    queue_place = Some(QueuePlace::take(state, snapshot.config.server.max_queue)?);
+                }
+                let notified = state.freed.notified();
+                // The notification can race with the decision above; a short cap on the wait
+                // makes a missed wake-up cost milliseconds, not the whole queue timeout.
+                let wait_until = queue_deadline.min(Instant::now() + std::time::Duration::from_millis(50));
+                if Instant::now() >= queue_deadline {
+                    return Err(Refusal::AtCapacity.into());
+                }
+                let _ = tokio::time::timeout_at(wait_until, notified).await;
+            }
+            Refusal::BudgetExceeded { .. } => return Err(refused(user, refusal, unix)),
+            Refusal::ContextTooLong { .. } => {
+                let largest = policy::plan::largest_context(&snapshot.config, &plan);
+                return Err(Refusal::ContextTooLong { needed: tokens_estimate, largest }.into());
+            }
+            other => return Err(other.into()),
+        }
+    }
+}
+
+/// A budget refusal, with `Retry-After` until the period resets.
+fn refused(user: &User, refusal: Refusal, now: i64) -> ApiError {
+    let remaining = match &refusal {
+        Refusal::BudgetExceeded { remaining, .. } => Some(*remaining),
+        _ => None,
+    };
+    let retry_after = match refusal {
+        Refusal::BudgetExceeded { .. } => {
+            period::end(user.budget_period, now).map(|end| u64::try_from(end - now).unwrap_or(0))
+        }
+        _ => None,
+    };
+    ApiError::Refused { refusal, retry_after, remaining }
+}
+
+/// The candidates as the backends' live state (circuit, in-flight count) has them now.
+fn candidates<'s>(snapshot: &'s Snapshot, plan: &Plan<'_>, now: Instant) -> Vec<Candidate<'s>> {
+    policy::plan::candidates(&snapshot.config, plan, |index| {
+        let upstream = &snapshot.upstreams[index];
+        (upstream.state.is_available(now), upstream.state.in_flight() < upstream.backend.max_concurrency)
+    })
+}

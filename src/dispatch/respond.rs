@@ -1,0 +1,156 @@
+//! The answer on its way to the client: streamed through a `MeteredBody`, or read whole,
+//! metered, judged (cascade) and sent with its exact cost; `x-tollgate-*` headers either way.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue};
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+
+use super::attempt::{endpoint_label, Answered, Outcome, Probe};
+use super::{
+    RequestContext, HEADER_BACKEND, HEADER_BUDGET_REMAINING, HEADER_COST, HEADER_MAX_TOKENS_CLAMPED, HEADER_REASON,
+    HEADER_TIER, MAX_ANSWER_BYTES,
+};
+use crate::app::AppState;
+use crate::cost::Usd;
+use crate::error::ApiError;
+use crate::metering::{meter_json, Ending, Meter, MeteredBody};
+use crate::upstream::UpstreamError;
+
+pub(super) async fn respond(
+    state: &Arc<AppState>,
+    ctx: &RequestContext,
+    answered: Answered<'_>,
+    answer: http::Response<crate::upstream::UpstreamBody>,
+    mut meter: Meter,
+    probe: Option<&Probe<'_>>,
+) -> Result<Outcome, ApiError> {
+    let Answered { upstream, reason, estimate, remaining_after_reserve, before_send } = answered;
+    let backend = &upstream.backend;
+    // The gateway's own time after the backend answered: from here (the head; for a
+    // non-streamed answer, from its last byte) until the response is handed to the server.
+    let mut answered_at = Instant::now();
+    let (head, body) = answer.into_parts();
+    let deadline = ctx.started + backend.timeout;
+    let mut headers = HeaderMap::new();
+    for name in [header::CONTENT_TYPE, header::CACHE_CONTROL] {
+        if let Some(value) = head.headers.get(&name) {
+            headers.insert(name, value.clone());
+        }
+    }
+    put(&mut headers, HEADER_BACKEND, &backend.name);
+    put(&mut headers, HEADER_TIER, &backend.tier);
+    put(&mut headers, HEADER_REASON, &reason.label());
+    if let Some(clamped) = ctx.clamped {
+        put(&mut headers, HEADER_MAX_TOKENS_CLAMPED, &clamped.to_string());
+    }
+
+    let is_sse = head
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let mut unsure = None;
+    let body = if ctx.request.stream && head.status.is_success() && is_sse {
+        // Streamed: the cost is known only at the end; the headers carry the estimate.
+        put(&mut headers, HEADER_COST, &estimate.to_string());
+        if let Some(remaining) = remaining_after_reserve {
+            put(&mut headers, HEADER_BUDGET_REMAINING, &remaining.to_string());
+        }
+        Body::new(MeteredBody::new(body, meter, !ctx.request.client_wants_usage, backend.timeout))
+    } else {
+        let bytes = match read_whole(body, deadline, backend.name.as_str()).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let timed_out = matches!(&e, ApiError::Upstream(u) if u.is_timeout());
+                meter.end(if timed_out { Ending::Deadline } else { Ending::BackendBroke });
+                meter.settle();
+                return Err(e);
+            }
+        };
+        answered_at = Instant::now();
+        if head.status.is_success() && !meter_json(&bytes, &mut meter) {
+            meter.end(Ending::BackendBroke);
+            meter.settle();
+            return Err(ApiError::UpstreamGarbage);
+        }
+        meter.end(Ending::Complete);
+        let cost = meter.settle();
+        let bytes = match probe.filter(|_| head.status.is_success()) {
+            Some(probe) => {
+                let (is_unsure, bytes) = judge(state, ctx, probe, bytes);
+                unsure = is_unsure.then_some((probe.quality, cost));
+                bytes
+            }
+            None => bytes,
+        };
+        put(&mut headers, HEADER_COST, &ctx.prior_cost.saturating_add(cost).to_string());
+        // The answer is served and charged by now: a ledger that cannot be read any more must
+        // not turn it into an error (the client would be charged for a 503). The header then
+        // says what was left at the reservation, corrected by the actual cost.
+        let remaining = match state.ledger.remaining(&ctx.user, crate::clock::unix_now()).await {
+            Ok(remaining) => remaining,
+            Err(_) => remaining_after_reserve.map(|r| r.saturating_add(estimate).saturating_sub(cost).max(Usd::ZERO)),
+        };
+        if let Some(remaining) = remaining {
+            put(&mut headers, HEADER_BUDGET_REMAINING, &remaining.to_string());
+        }
+        Body::from(bytes)
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = head.status;
+    *response.headers_mut() = headers;
+    Ok(match unsure {
+        Some((quality, cost)) => Outcome::Unsure { quality, cost, answer: response },
+        None => {
+            let overhead = before_send + answered_at.elapsed();
+            let endpoint = endpoint_label(ctx.request.endpoint);
+            state.metrics.overhead.with_label_values(&[endpoint]).observe(overhead.as_secs_f64());
+            Outcome::Answered(response)
+        }
+    })
+}
+
+/// The cascade's verdict on a probed answer (already metered): whether it is unsure, and the
+/// answer as a client should see it (without the log-probabilities it did not ask for).
+pub(super) fn judge(state: &AppState, ctx: &RequestContext, probe: &Probe<'_>, bytes: Bytes) -> (bool, Bytes) {
+    let Ok(mut answer) = serde_json::from_slice::<serde_json::Value>(&bytes) else { return (false, bytes) };
+    let Some(confidence) = crate::cascade::confidence(&answer) else {
+        tracing::debug!(route = probe.route, "cascade: the backend sent no log-probabilities; answer kept");
+        return (false, bytes);
+    };
+    let calibrator = state.calibrators.entry(probe.route.to_owned()).or_default();
+    let (unsure, threshold) =
+        calibrator.observe(confidence, probe.cascade.threshold, probe.cascade.target_premium_share);
+    state.metrics.cascade_threshold.with_label_values(&[probe.route]).set(threshold);
+    if ctx.request.body.get("logprobs").is_none_or(|v| v.as_bool() == Some(false)) {
+        crate::cascade::strip_logprobs(&mut answer);
+        return (unsure, Bytes::from(answer.to_string()));
+    }
+    (unsure, bytes)
+}
+
+/// The whole answer body, within the deadline and the size bound.
+pub(super) async fn read_whole(
+    body: crate::upstream::UpstreamBody,
+    deadline: Instant,
+    backend: &str,
+) -> Result<Bytes, ApiError> {
+    let limited = http_body_util::Limited::new(body, MAX_ANSWER_BYTES);
+    match tokio::time::timeout_at(deadline, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::UpstreamGarbage),
+        Ok(Err(_)) => Err(UpstreamError::Broken { backend: backend.to_owned() }.into()),
+        Err(_) => Err(UpstreamError::Timeout { backend: backend.to_owned(), after: deadline.elapsed() }.into()),
+    }
+}
+
+pub(super) fn put(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name, value);
+    }
+}
