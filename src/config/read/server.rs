@@ -1,0 +1,153 @@
+//! `[server]` and `[ledger]`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::{positive, secret};
+use crate::config::document::{Fields, Problems};
+use crate::config::{Env, Ledger, LedgerStore, OnLedgerError, RedisStore, Server};
+use crate::secret::Secret;
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+const DEFAULT_MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
+const DEFAULT_SHUTDOWN_GRACE_S: u64 = 30;
+const DEFAULT_QUEUE_TIMEOUT_MS: u64 = 5_000;
+const DEFAULT_MAX_CONNECTIONS: u64 = 4096;
+const DEFAULT_HEADER_READ_TIMEOUT_S: u64 = 10;
+const DEFAULT_BODY_READ_TIMEOUT_S: u64 = 30;
+const DEFAULT_MAX_HEADER_BYTES: u64 = 8192;
+const DEFAULT_MAX_QUEUE: u32 = 256;
+const DEFAULT_RETENTION_DAYS: u64 = 30;
+const DEFAULT_REDIS_KEY_PREFIX: &str = "tollgate:";
+/// A Redis round trip is well under a millisecond on a LAN; past this, something is wrong and
+/// the failure policy decides rather than the client waiting.
+const DEFAULT_REDIS_TIMEOUT_MS: u64 = 500;
+const DEFAULT_REDIS_CONNECT_TIMEOUT_MS: u64 = 1_000;
+
+pub(super) fn default_ledger() -> Ledger {
+    Ledger {
+        store: LedgerStore::Memory,
+        on_ledger_error: OnLedgerError::FailClosed,
+        retention: Duration::from_secs(DEFAULT_RETENTION_DAYS * 86_400),
+    }
+}
+
+pub(super) fn default_server() -> Server {
+    Server {
+        listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        max_body_bytes: DEFAULT_MAX_BODY_BYTES as usize,
+        admin_key: None,
+        shutdown_grace: Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_S),
+        queue_timeout: Duration::from_millis(DEFAULT_QUEUE_TIMEOUT_MS),
+        max_queue: DEFAULT_MAX_QUEUE,
+        max_connections: DEFAULT_MAX_CONNECTIONS as usize,
+        header_read_timeout: Duration::from_secs(DEFAULT_HEADER_READ_TIMEOUT_S),
+        body_read_timeout: Duration::from_secs(DEFAULT_BODY_READ_TIMEOUT_S),
+        max_header_bytes: DEFAULT_MAX_HEADER_BYTES as usize,
+        metrics_key: None,
+    }
+}
+
+pub(super) fn server(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> Server {
+    let listen_text = f.optional::<String>(p, "listen").unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    let listen = listen_text.parse().unwrap_or_else(|_| {
+        let message = format!("`{listen_text}` is not an address like 127.0.0.1:8080");
+        p.at_line(f.line_of(p, "listen"), &f.path_of("listen"), message);
+        default_server().listen
+    });
+    let max_body_bytes = positive(f, p, "max_body_bytes").unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    let admin_key = secret(f, p, env, "admin_key_env");
+    let grace = f.optional::<u64>(p, "shutdown_grace_s").unwrap_or(DEFAULT_SHUTDOWN_GRACE_S);
+    let queue_timeout_ms = f.optional::<u64>(p, "queue_timeout_ms").unwrap_or(DEFAULT_QUEUE_TIMEOUT_MS);
+    let max_queue = f.optional::<u32>(p, "max_queue").unwrap_or(DEFAULT_MAX_QUEUE);
+    let max_connections = positive(f, p, "max_connections").unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    let header_read_timeout_s = positive(f, p, "header_read_timeout_s").unwrap_or(DEFAULT_HEADER_READ_TIMEOUT_S);
+    let body_read_timeout_s = positive(f, p, "body_read_timeout_s").unwrap_or(DEFAULT_BODY_READ_TIMEOUT_S);
+    let max_header_bytes = positive(f, p, "max_header_bytes").unwrap_or(DEFAULT_MAX_HEADER_BYTES);
+    let metrics_key = secret(f, p, env, "metrics_key_env");
+    f.finish(p);
+    Server {
+        listen,
+        max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
+        admin_key,
+        shutdown_grace: Duration::from_secs(grace),
+        queue_timeout: Duration::from_millis(queue_timeout_ms),
+        max_queue,
+        max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+        header_read_timeout: Duration::from_secs(header_read_timeout_s),
+        body_read_timeout: Duration::from_secs(body_read_timeout_s),
+        max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
+        metrics_key,
+    }
+}
+
+/// The `[ledger]` table, and the line of `reservation_ttl_s` (checked against the backends).
+pub(super) fn ledger(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> (Ledger, usize) {
+    let kind = f.optional::<String>(p, "backend").unwrap_or_else(|| "memory".to_owned());
+    let path = f.optional::<String>(p, "path");
+    let url = f.optional::<String>(p, "url");
+    let redis = redis_settings(f, p, env);
+    let store = match kind.as_str() {
+        "memory" => LedgerStore::Memory,
+        "sqlite" => LedgerStore::Sqlite { path: path.unwrap_or_else(|| "data/tollgate.db".to_owned()) },
+        "redis" => match url {
+            Some(url) if redis_url_ok(&url) => LedgerStore::Redis(RedisStore { url: Secret::new(url), ..redis }),
+            Some(_) => {
+                // The URL may hold a password: the message never repeats it.
+                let message = "not a valid `redis://[:password@]host:port[/db]` or `rediss://` URL";
+                p.at_line(f.line_of(p, "url"), &f.path_of("url"), message);
+                LedgerStore::Memory
+            }
+            None => {
+                p.at_line(f.line_of(p, "url"), &f.path_of("url"), "redis needs `url = \"redis://host:port\"`");
+                LedgerStore::Memory
+            }
+        },
+        other => {
+            let message = format!("`{other}` is not one of \"memory\", \"sqlite\", \"redis\"");
+            p.at_line(f.line_of(p, "backend"), &f.path_of("backend"), message);
+            LedgerStore::Memory
+        }
+    };
+    let on_ledger_error = match f.optional::<String>(p, "on_ledger_error").as_deref() {
+        None | Some("fail-closed") => OnLedgerError::FailClosed,
+        Some("fail-open") => OnLedgerError::FailOpen,
+        Some(other) => {
+            let message = format!("`{other}` is not one of \"fail-closed\", \"fail-open\"");
+            p.at_line(f.line_of(p, "on_ledger_error"), &f.path_of("on_ledger_error"), message);
+            OnLedgerError::FailClosed
+        }
+    };
+    let retention_days = positive(f, p, "retention_days").unwrap_or(DEFAULT_RETENTION_DAYS);
+    let ttl_line = f.line_of(p, "reservation_ttl_s");
+    f.finish(p);
+    let retention = Duration::from_secs(retention_days.saturating_mul(86_400));
+    (Ledger { store, on_ledger_error, retention }, ttl_line)
+}
+
+/// The Redis keys other than `url` (read whatever the backend, so none is an unknown key).
+fn redis_settings(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> RedisStore {
+    let key_prefix = f.optional::<String>(p, "key_prefix").unwrap_or_else(|| DEFAULT_REDIS_KEY_PREFIX.to_owned());
+    let ok = key_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/'));
+    if key_prefix.is_empty() || !ok {
+        let message = "must be non-empty and hold only letters, digits, `-`, `_`, `.`, `:` and `/`";
+        p.at_line(f.line_of(p, "key_prefix"), &f.path_of("key_prefix"), message);
+    }
+    let timeout_ms = positive(f, p, "timeout_ms").unwrap_or(DEFAULT_REDIS_TIMEOUT_MS);
+    let connect_ms = positive(f, p, "connect_timeout_ms").unwrap_or(DEFAULT_REDIS_CONNECT_TIMEOUT_MS);
+    let reservation_ttl = positive(f, p, "reservation_ttl_s").map(Duration::from_secs);
+    let password = secret(f, p, env, "password_env");
+    RedisStore {
+        url: Secret::new(String::new()),
+        password,
+        key_prefix,
+        timeout: Duration::from_millis(timeout_ms),
+        connect_timeout: Duration::from_millis(connect_ms),
+        reservation_ttl,
+    }
+}
+
+fn redis_url_ok(url: &str) -> bool {
+    use redis::IntoConnectionInfo;
+    (url.starts_with("redis://") || url.starts_with("rediss://")) && url.into_connection_info().is_ok()
+}
