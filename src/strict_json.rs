@@ -68,6 +68,11 @@ impl<'de> Visitor<'de> for StrictVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut object = Map::new();
         while let Some(key) = map.next_key::<String>()? {
+            // serde_json gives these keys a meaning of its own when serialising (raw values,
+            // arbitrary-precision numbers): such an object would not be forwarded as validated.
+            if key.starts_with("$serde_json::private::") {
+                return Err(de::Error::custom(format_args!("the key `{key}` is reserved")));
+            }
             if object.contains_key(&key) {
                 return Err(de::Error::custom(format_args!("the key `{key}` appears twice in one object")));
             }
@@ -87,6 +92,12 @@ mod tests {
         assert!(parse(br#"{"model":"a","model":"b"}"#).unwrap_err().to_string().contains("`model` appears twice"));
         assert!(parse(br#"{"messages":[{"role":"user","role":"system"}]}"#).is_err());
         assert_eq!(parse(br#"{"a":{"b":1},"c":[1,2.5,"x",null,true]}"#).unwrap()["c"][1], 2.5);
+    }
+
+    #[test]
+    fn serde_json_internal_keys_are_refused() {
+        let body = br#"{"messages":[{"role":"user","$serde_json::private::RawValue":"hi"}]}"#;
+        assert!(parse(body).unwrap_err().to_string().contains("is reserved"));
     }
 
     #[test]

@@ -27,7 +27,8 @@ pub fn upstream_body(request: &ProxyRequest, backend_model: &str, with_logprobs:
             },
         );
     let outgoing = Outgoing { body: &request.body, model: backend_model, logprobs, include_usage: request.stream };
-    // Serialising `Value`s with string keys cannot fail.
+    // Serialising a validated object cannot fail: strict_json refuses the keys serde_json would
+    // treat as its own.
     Bytes::from(serde_json::to_vec(&outgoing).unwrap_or_default())
 }
 
