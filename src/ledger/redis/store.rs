@@ -204,29 +204,19 @@ impl Store {
         keys: &[String],
         args: &[String],
     ) -> Result<T, LedgerError> {
-        if self.failing_fast() {
-            self.metrics.ledger_errors.with_label_values(&[op.label()]).inc();
-            return Err(unavailable(op, "redis failed moments ago; retrying shortly"));
-        }
-        let started = Instant::now();
-        let call = async {
-            let mut connection = self.connection().await?;
-            let mut invocation = script.prepare_invoke();
-            for key in keys {
-                invocation.key(key);
-            }
-            for arg in args {
-                invocation.arg(arg);
-            }
-            invocation.invoke_async::<T>(&mut connection).await
-        };
-        let result = match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(value)) => Ok(value),
-            // The error text names the failure (refused, timed out...), never the URL.
-            Ok(Err(e)) => Err(unavailable(op, e.to_string())),
-            Err(_) => Err(unavailable(op, format!("no answer within {} ms", self.timeout.as_millis()))),
-        };
-        self.outcome(op, result.is_ok(), started);
+        let result = self
+            .guarded(op, async {
+                let mut connection = self.connection().await?;
+                let mut invocation = script.prepare_invoke();
+                for key in keys {
+                    invocation.key(key);
+                }
+                for arg in args {
+                    invocation.arg(arg);
+                }
+                invocation.invoke_async::<T>(&mut connection).await
+            })
+            .await;
         if let Err(e) = &result {
             tracing::warn!(error = %e, "redis ledger operation failed");
         }
@@ -235,17 +225,28 @@ impl Store {
 
     /// Runs a plain command (reads that need no atomicity).
     pub async fn command<T: FromRedisValue>(&self, op: Op, command: redis::Cmd) -> Result<T, LedgerError> {
+        self.guarded(op, async {
+            let mut connection = self.connection().await?;
+            command.query_async::<T>(&mut connection).await
+        })
+        .await
+    }
+
+    /// One Redis call as every operation makes it: refused at once while failing fast, bounded
+    /// by the operation timeout, timed and counted.
+    async fn guarded<T>(
+        &self,
+        op: Op,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, LedgerError> {
         if self.failing_fast() {
             self.metrics.ledger_errors.with_label_values(&[op.label()]).inc();
             return Err(unavailable(op, "redis failed moments ago; retrying shortly"));
         }
         let started = Instant::now();
-        let call = async {
-            let mut connection = self.connection().await?;
-            command.query_async::<T>(&mut connection).await
-        };
         let result = match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
+            // The error text names the failure (refused, timed out...), never the URL.
             Ok(Err(e)) => Err(unavailable(op, e.to_string())),
             Err(_) => Err(unavailable(op, format!("no answer within {} ms", self.timeout.as_millis()))),
         };
