@@ -28,6 +28,10 @@ pub struct Snapshot {
     models: HashMap<String, ModelTarget>,
     /// `GET /v1/models` ids, in a stable order: routes, then backends.
     pub model_ids: Vec<String>,
+    /// SHA-256 of the admin key and of the metrics key, hashed once here: presented keys are
+    /// hashed and compared with these (see `auth`).
+    pub admin_key_sha256: Option<[u8; 32]>,
+    pub metrics_key_sha256: Option<[u8; 32]>,
 }
 
 /// What each model name a client may ask for resolves to, and the names in a stable order.
@@ -67,7 +71,17 @@ impl Snapshot {
             upstreams.push(Upstream::new(Arc::clone(backend), state)?);
         }
         let (models, model_ids) = model_index(&config);
-        Ok(Self { keys: KeyTable::new(&config.users), upstreams, models, model_ids, config })
+        let admin_key_sha256 = config.server.admin_key.as_ref().map(|k| crate::auth::sha256(k.expose().as_bytes()));
+        let metrics_key_sha256 = config.server.metrics_key.as_ref().map(|k| crate::auth::sha256(k.expose().as_bytes()));
+        Ok(Self {
+            keys: KeyTable::new(&config.users),
+            upstreams,
+            models,
+            model_ids,
+            admin_key_sha256,
+            metrics_key_sha256,
+            config,
+        })
     }
 
     pub fn resolve(&self, model: &str) -> Option<ModelTarget> {

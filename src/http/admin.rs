@@ -19,9 +19,9 @@ use crate::ledger::{period, Account, Totals};
 /// not depend on how much of a guess is right.
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let snapshot = state.snapshot.load();
-    let Some(admin_key) = &snapshot.config.server.admin_key else { return Err(ApiError::AdminDisabled) };
+    let Some(admin_key_sha256) = snapshot.admin_key_sha256 else { return Err(ApiError::AdminDisabled) };
     let presented = bearer(headers)?;
-    if sha256(presented.as_bytes()) == sha256(admin_key.expose().as_bytes()) {
+    if sha256(presented.as_bytes()) == admin_key_sha256 {
         Ok(())
     } else {
         Err(AuthError::Unknown.into())

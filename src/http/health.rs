@@ -26,9 +26,9 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 /// The scrape. Open by default (Prometheus convention on an internal network: it shows user
 /// names and spend, never keys or key hashes); `server.metrics_key_env` puts it behind a key.
 pub async fn metrics(State(state): State<Arc<AppState>>, headers: axum::http::HeaderMap) -> Response {
-    if let Some(key) = &state.snapshot.load().config.server.metrics_key {
+    if let Some(key_sha256) = state.snapshot.load().metrics_key_sha256 {
         let presented = crate::auth::bearer(&headers).map(|k| crate::auth::sha256(k.as_bytes()));
-        if presented.ok() != Some(crate::auth::sha256(key.expose().as_bytes())) {
+        if presented.ok() != Some(key_sha256) {
             return crate::error::ApiError::from(crate::auth::AuthError::Unknown).into_response();
         }
     }
