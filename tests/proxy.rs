@@ -95,6 +95,22 @@ async fn usage_on_the_last_content_chunk_is_metered_and_hidden() {
 }
 
 #[tokio::test]
+async fn a_stream_longer_than_the_timeout_is_not_cut_while_the_backend_keeps_talking() {
+    // 200 chunks 20 ms apart: 4 s in all, never silent for the 1 s timeout.
+    let upstream = Upstream::start().await;
+    let config = config_for(&upstream.base_url(), &["slow-stream"], "").replace("timeout_s = 10", "timeout_s = 1");
+    let gateway = Gateway::start(&config, ENV).await;
+    let mut body = chat("auto");
+    body["stream"] = json!(true);
+    let response = gateway.post("/v1/chat/completions", ALICE_KEY, &body).await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert_eq!(text.matches("\"tok \"").count(), 200);
+    assert!(!text.contains("upstream_timeout"));
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+}
+
+#[tokio::test]
 async fn a_client_that_hangs_up_mid_stream_is_still_metered() {
     let (_upstream, gateway) = setup(&["slow-stream"]).await;
     let mut body = chat("auto");

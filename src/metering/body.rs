@@ -22,9 +22,12 @@ use crate::upstream::{BodyError, UpstreamBody};
 pub struct MeteredBody {
     inner: UpstreamBody,
     scanner: SseScanner,
-    /// Fires after `silence` without a byte from the backend.
+    /// Fires after `silence` without a byte from the backend. Moved forward only when it fires
+    /// (to `last_byte + silence`), not on every chunk: re-arming a timer per chunk costs more
+    /// than relaying the chunk.
     deadline: Pin<Box<Sleep>>,
     silence: Duration,
+    last_byte: Instant,
     meter: Option<Meter>,
     first_byte_seen: bool,
     /// An event still to send before ending (an error notice for a stream cut short).
@@ -40,6 +43,7 @@ impl MeteredBody {
             scanner: SseScanner::new(hide_usage),
             deadline: Box::pin(tokio::time::sleep(silence)),
             silence,
+            last_byte: Instant::now(),
             meter: Some(meter),
             first_byte_seen: false,
             trailer: None,
@@ -104,14 +108,18 @@ impl Body for MeteredBody {
         if this.meter.is_none() {
             return Poll::Ready(None);
         }
-        if this.deadline.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(this.cut(Ending::Deadline).map(|b| Ok(Frame::data(b))));
+        while this.deadline.as_mut().poll(cx).is_ready() {
+            let silent_until = this.last_byte + this.silence;
+            if silent_until <= Instant::now() {
+                return Poll::Ready(this.cut(Ending::Deadline).map(|b| Ok(Frame::data(b))));
+            }
+            this.deadline.as_mut().reset(silent_until);
         }
         loop {
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(bytes) => {
-                        this.deadline.as_mut().reset(Instant::now() + this.silence);
+                        this.last_byte = Instant::now();
                         let out = this.take_bytes(bytes);
                         // A partial event is held back until complete; poll on for more.
                         if out.is_empty() {

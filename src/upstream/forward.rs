@@ -2,7 +2,7 @@
 //! for, the backend's own key, and nothing of the client's credentials.
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request};
+use http::{header, HeaderValue, Method, Request, Uri};
 use http_body_util::Full;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value};
@@ -79,23 +79,66 @@ impl Serialize for WithUsage<'_> {
     }
 }
 
-/// The HTTP request to `base_url` + the endpoint's path.
-pub fn build(
-    base_url: &str,
-    endpoint: Endpoint,
-    authorization: Option<&HeaderValue>,
-    body: Bytes,
-) -> Result<Request<Full<Bytes>>, String> {
-    let mut builder = Request::builder()
-        .method(Method::POST)
-        .uri(format!("{base_url}{}", endpoint.path()))
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::ACCEPT, "application/json, text/event-stream")
-        .header(header::USER_AGENT, concat!("tollgate/", env!("CARGO_PKG_VERSION")));
-    if let Some(value) = authorization {
-        builder = builder.header(header::AUTHORIZATION, value.clone());
+/// Where a backend's requests go, prepared once per config load: the path of each endpoint
+/// under `base_url`, the `Host` header and the backend's own key.
+#[derive(Debug)]
+pub struct Destination {
+    chat_completions: Uri,
+    completions: Uri,
+    embeddings: Uri,
+    host: HeaderValue,
+    authorization: Option<HeaderValue>,
+}
+
+impl Destination {
+    /// Also returns scheme://authority, what the connector dials.
+    pub fn new(base_url: &str, authorization: Option<HeaderValue>) -> Result<(Self, Uri), String> {
+        let invalid = |e: &dyn std::fmt::Display| format!("its base_url is not a valid URL: {e}");
+        let url: Uri = base_url.parse().map_err(|e| invalid(&e))?;
+        let (Some(scheme), Some(authority)) = (url.scheme(), url.authority()) else {
+            return Err("its base_url needs a scheme and a host".into());
+        };
+        let origin = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| invalid(&e))?;
+        let prefix = url.path().trim_end_matches('/');
+        let path = |endpoint: Endpoint| -> Result<Uri, String> {
+            format!("{prefix}{}", endpoint.path()).parse().map_err(|e| invalid(&e))
+        };
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|e| invalid(&e))?;
+        let destination = Self {
+            chat_completions: path(Endpoint::ChatCompletions)?,
+            completions: path(Endpoint::Completions)?,
+            embeddings: path(Endpoint::Embeddings)?,
+            host,
+            authorization,
+        };
+        Ok((destination, origin))
     }
-    builder.body(Full::new(body)).map_err(|e| format!("invalid upstream request: {e}"))
+
+    /// The HTTP request for `endpoint`, in origin form.
+    pub fn request(&self, endpoint: Endpoint, body: Bytes) -> Request<Full<Bytes>> {
+        let uri = match endpoint {
+            Endpoint::ChatCompletions => &self.chat_completions,
+            Endpoint::Completions => &self.completions,
+            Endpoint::Embeddings => &self.embeddings,
+        };
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri.clone();
+        let headers = request.headers_mut();
+        headers.insert(header::HOST, self.host.clone());
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json, text/event-stream"));
+        headers.insert(header::USER_AGENT, HeaderValue::from_static(concat!("tollgate/", env!("CARGO_PKG_VERSION"))));
+        if let Some(value) = &self.authorization {
+            headers.insert(header::AUTHORIZATION, value.clone());
+        }
+        request
+    }
 }
 
 #[cfg(test)]
@@ -127,5 +170,21 @@ mod tests {
         let request = ProxyRequest::parse(Endpoint::ChatCompletions, raw).unwrap();
         let sent: Value = serde_json::from_slice(&upstream_body(&request, "m", true)).unwrap();
         assert_eq!(sent["logprobs"], false);
+    }
+
+    #[test]
+    fn requests_go_to_the_endpoint_under_the_base_url_path_with_host_and_key() {
+        let key = HeaderValue::from_static("Bearer sk-backend");
+        let (destination, origin) = Destination::new("https://api.example.com:8443/openai/v1", Some(key)).unwrap();
+        assert_eq!(origin.to_string(), "https://api.example.com:8443/");
+        let request = destination.request(Endpoint::ChatCompletions, Bytes::from_static(b"{}"));
+        assert_eq!(request.uri().to_string(), "/openai/v1/chat/completions");
+        assert_eq!(request.headers()[header::HOST], "api.example.com:8443");
+        assert_eq!(request.headers()[header::AUTHORIZATION], "Bearer sk-backend");
+        let (destination, origin) = Destination::new("http://127.0.0.1:9000", None).unwrap();
+        assert_eq!(origin.to_string(), "http://127.0.0.1:9000/");
+        let request = destination.request(Endpoint::Embeddings, Bytes::new());
+        assert_eq!(request.uri().to_string(), "/embeddings");
+        assert!(request.headers().get(header::AUTHORIZATION).is_none());
     }
 }

@@ -3,6 +3,7 @@
 
 mod forward;
 pub mod health;
+mod pool;
 mod simulate;
 pub mod sse;
 pub mod state;
@@ -14,11 +15,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Response};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
-use hyper_rustls::HttpsConnector;
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use std::sync::Arc;
 
 use crate::config::{Backend, Simulate, Target};
@@ -72,8 +70,6 @@ impl UpstreamError {
     }
 }
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
-
 /// A configured backend, ready to send to.
 pub struct Upstream {
     pub backend: Arc<Backend>,
@@ -83,7 +79,7 @@ pub struct Upstream {
 }
 
 enum Transport {
-    Http { client: Box<HttpClient>, base_url: String, authorization: Option<HeaderValue> },
+    Http { pool: Arc<pool::Pool>, destination: Box<forward::Destination> },
     Simulated(Simulate),
 }
 
@@ -114,10 +110,6 @@ impl Upstream {
                     .https_or_http()
                     .enable_http1()
                     .wrap_connector(http);
-                let client = Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-                    .pool_max_idle_per_host(backend.max_concurrency as usize)
-                    .build(tls);
                 let authorization = match api_key {
                     Some(key) => {
                         let mut value = HeaderValue::try_from(format!("Bearer {}", key.expose()))
@@ -127,7 +119,9 @@ impl Upstream {
                     }
                     None => None,
                 };
-                Transport::Http { client: Box::new(client), base_url: base_url.clone(), authorization }
+                let (destination, origin) = forward::Destination::new(base_url, authorization).map_err(unusable)?;
+                let pool = pool::Pool::new(tls, origin, backend.max_concurrency as usize, POOL_IDLE_TIMEOUT);
+                Transport::Http { pool, destination: Box::new(destination) }
             }
         };
         Ok(Self { backend, state, transport })
@@ -143,12 +137,11 @@ impl Upstream {
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         match &self.transport {
             Transport::Simulated(sim) => Ok(simulate::respond(sim, &self.backend, request, with_logprobs).await),
-            Transport::Http { client, base_url, authorization } => {
+            Transport::Http { pool, destination } => {
                 let body = forward::upstream_body(request, &self.backend.model, with_logprobs);
-                let http_request = forward::build(base_url, request.endpoint, authorization.as_ref(), body)
-                    .map_err(|reason| UpstreamError::Unusable { backend: self.backend.name.clone(), reason })?;
+                let http_request = destination.request(request.endpoint, body);
                 let timeout = self.backend.first_byte_timeout;
-                let response = match tokio::time::timeout(timeout, client.request(http_request)).await {
+                let response = match tokio::time::timeout(timeout, pool.send(http_request)).await {
                     Err(_) => {
                         return Err(UpstreamError::Timeout { backend: self.backend.name.clone(), after: timeout })
                     }
@@ -158,7 +151,7 @@ impl Upstream {
                     }
                     Ok(Ok(response)) => response,
                 };
-                Ok(response.map(|b| b.map_err(BodyError::Broken).boxed_unsync()))
+                Ok(response.map(BodyExt::boxed_unsync))
             }
         }
     }
