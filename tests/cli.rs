@@ -127,6 +127,21 @@ fn check_rejects_wrong_types_and_unknown_sections() {
 }
 
 #[test]
+fn check_refuses_credentials_in_a_base_url_without_echoing_them() {
+    let text = "[[backends]]\nname = \"b\"\nbase_url = \"https://user:s3cret@api.example.com/v1\"\nmodel = \"m\"\n\
+                quality = 0.5\npricing = { hourly_usd = 1 }\n";
+    let (_dir, path) = write_config(text);
+    let output = tollgate(&["check", &path], &[]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let expected = format!(
+        "{path}:3: backends[0].base_url: must not carry credentials (user:password@); give the backend's key with `api_key_env`"
+    );
+    assert!(stderr.lines().any(|l| l == expected), "missing `{expected}` in:\n{stderr}");
+    assert!(!stderr.contains("s3cret"));
+}
+
+#[test]
 fn hash_key_prints_the_lowercase_hex_sha256_of_stdin() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .arg("hash-key")

@@ -83,6 +83,15 @@ fn target(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> Target {
             if !(url.starts_with("http://") || url.starts_with("https://")) || url.parse::<http::Uri>().is_err() {
                 // The URL itself is not echoed: it may carry credentials.
                 p.at_line(f.line_of(p, "base_url"), &f.path_of("base_url"), "is not an http:// or https:// URL");
+            } else if url.parse::<http::Uri>().ok().and_then(|u| u.authority().map(|a| a.as_str().contains('@')))
+                == Some(true)
+            {
+                // It would travel in every request's Host header and in logs of either side.
+                p.at_line(
+                    f.line_of(p, "base_url"),
+                    &f.path_of("base_url"),
+                    "must not carry credentials (user:password@); give the backend's key with `api_key_env`",
+                );
             }
             Target::Http { base_url: url.trim_end_matches('/').to_owned(), api_key }
         }
