@@ -1,5 +1,5 @@
-//! The client side: one [`Upstream`] per configured backend, over a pooled hyper client or an
-//! in-process simulation.
+//! The client side: one [`Upstream`] per configured backend, over our own keep-alive connections
+//! (`pool`) or an in-process simulation.
 
 mod forward;
 pub mod health;

@@ -9,6 +9,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -60,6 +61,8 @@ pub struct Pool {
     idle: Mutex<Vec<Idle>>,
     max_idle: usize,
     idle_timeout: Duration,
+    /// Whether the task closing expired idle connections runs (started with the first idle one).
+    sweeping: AtomicBool,
 }
 
 impl Pool {
@@ -69,7 +72,8 @@ impl Pool {
         max_idle: usize,
         idle_timeout: Duration,
     ) -> Arc<Self> {
-        Arc::new(Self { connector, origin, idle: Mutex::new(Vec::new()), max_idle, idle_timeout })
+        let idle = Mutex::new(Vec::new());
+        Arc::new(Self { connector, origin, idle, max_idle, idle_timeout, sweeping: AtomicBool::new(false) })
     }
 
     /// Sends `request` (origin-form URI, `Host` set) and waits for the answer's head. A reused
@@ -126,13 +130,39 @@ impl Pool {
         }
     }
 
-    fn checkin(&self, live: Live) {
+    fn checkin(self: &Arc<Self>, live: Live) {
+        self.close_expired();
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < self.max_idle {
+            idle.push(Idle { live, since: Instant::now() });
+        }
+        drop(idle);
+        if !self.sweeping.swap(true, Ordering::Relaxed) {
+            self.sweep_in_background();
+        }
+    }
+
+    fn close_expired(&self) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         idle.retain(|i| now.duration_since(i.since) < self.idle_timeout);
-        if idle.len() < self.max_idle {
-            idle.push(Idle { live, since: now });
-        }
+    }
+
+    /// Without traffic nothing else would close idle connections after a burst (each holds a
+    /// socket and its buffers). The task ends with the pool, i.e. with the config that made it.
+    fn sweep_in_background(self: &Arc<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let pool = Arc::downgrade(self);
+        let period = self.idle_timeout / 2;
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                match pool.upgrade() {
+                    Some(pool) => pool.close_expired(),
+                    None => return,
+                }
+            }
+        });
     }
 }
 
@@ -217,5 +247,67 @@ impl Body for ConnBody {
 
     fn size_hint(&self) -> SizeHint {
         self.incoming.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A backend that answers one request per connection read and reports when Tollgate's side
+    /// closes the connection.
+    async fn backend() -> (Uri, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin: Uri = format!("http://{}/", listener.local_addr().unwrap()).parse().unwrap();
+        let (closed, closes) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let closed = closed.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while tcp.read(&mut buf).await.unwrap_or(0) > 0 {
+                        let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        tcp.write_all(answer.as_bytes()).await.unwrap();
+                    }
+                    let _ = closed.send(());
+                });
+            }
+        });
+        (origin, closes)
+    }
+
+    fn pool(origin: Uri, idle_timeout: Duration) -> Arc<Pool> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let tls = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .unwrap()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Pool::new(tls, origin, 4, idle_timeout)
+    }
+
+    async fn get(pool: &Arc<Pool>, origin: &Uri) {
+        let mut request = Request::new(Full::new(Bytes::new()));
+        let host = origin.authority().unwrap().as_str().parse().unwrap();
+        request.headers_mut().insert(http::header::HOST, host);
+        let response = pool.send(request).await.unwrap();
+        let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_after_the_idle_timeout_without_further_traffic() {
+        let (origin, mut closes) = backend().await;
+        let pool = pool(origin.clone(), Duration::from_millis(200));
+        get(&pool, &origin).await;
+        get(&pool, &origin).await;
+        assert!(closes.try_recv().is_err(), "kept open and reused between requests");
+        let closed = tokio::time::timeout(Duration::from_secs(2), closes.recv()).await;
+        assert!(matches!(closed, Ok(Some(()))), "closed by the sweep");
+        assert_eq!(pool.idle.lock().unwrap().len(), 0);
     }
 }
