@@ -16,7 +16,6 @@ use bytes::Bytes;
 use http::{HeaderValue, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
-use hyper_util::client::legacy::connect::HttpConnector;
 use std::sync::Arc;
 
 use crate::config::{Backend, Simulate, Target};
@@ -100,16 +99,6 @@ impl Upstream {
             Target::Simulated(sim) => Transport::Simulated(sim.clone()),
             Target::Http { base_url, api_key } => {
                 let unusable = |reason: String| UpstreamError::Unusable { backend: backend.name.clone(), reason };
-                let mut http = HttpConnector::new();
-                http.enforce_http(false);
-                http.set_nodelay(true);
-                http.set_connect_timeout(Some(backend.connect_timeout));
-                let tls = hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-                    .map_err(|e| unusable(format!("TLS setup failed: {e}")))?
-                    .https_or_http()
-                    .enable_http1()
-                    .wrap_connector(http);
                 let authorization = match api_key {
                     Some(key) => {
                         let mut value = HeaderValue::try_from(format!("Bearer {}", key.expose()))
@@ -120,7 +109,9 @@ impl Upstream {
                     None => None,
                 };
                 let (destination, origin) = forward::Destination::new(base_url, authorization).map_err(unusable)?;
-                let pool = pool::Pool::new(tls, origin, backend.max_concurrency as usize, POOL_IDLE_TIMEOUT);
+                let max_idle = backend.max_concurrency as usize;
+                let pool = pool::Pool::new(origin, backend.connect_timeout, max_idle, POOL_IDLE_TIMEOUT)
+                    .map_err(|e| unusable(format!("TLS setup failed: {e}")))?;
                 Transport::Http { pool, destination: Box::new(destination) }
             }
         };

@@ -66,14 +66,25 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// Dials `origin` (scheme://authority), over TLS for https; keeps at most `max_idle`
+    /// connections waiting, each for at most `idle_timeout`.
     pub fn new(
-        connector: HttpsConnector<HttpConnector>,
         origin: Uri,
+        connect_timeout: Duration,
         max_idle: usize,
         idle_timeout: Duration,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, rustls::Error> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let idle = Mutex::new(Vec::new());
-        Arc::new(Self { connector, origin, idle, max_idle, idle_timeout, sweeping: AtomicBool::new(false) })
+        Ok(Arc::new(Self { connector, origin, idle, max_idle, idle_timeout, sweeping: AtomicBool::new(false) }))
     }
 
     /// Sends `request` (origin-form URI, `Host` set) and waits for the answer's head. A reused
@@ -278,18 +289,6 @@ mod tests {
         (origin, closes)
     }
 
-    fn pool(origin: Uri, idle_timeout: Duration) -> Arc<Pool> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        let tls = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .unwrap()
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        Pool::new(tls, origin, 4, idle_timeout)
-    }
-
     async fn get(pool: &Arc<Pool>, origin: &Uri) {
         let mut request = Request::new(Full::new(Bytes::new()));
         let host = origin.authority().unwrap().as_str().parse().unwrap();
@@ -302,7 +301,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_connection_is_closed_after_the_idle_timeout_without_further_traffic() {
         let (origin, mut closes) = backend().await;
-        let pool = pool(origin.clone(), Duration::from_millis(200));
+        let pool = Pool::new(origin.clone(), Duration::from_secs(1), 4, Duration::from_millis(200)).unwrap();
         get(&pool, &origin).await;
         get(&pool, &origin).await;
         assert!(closes.try_recv().is_err(), "kept open and reused between requests");
