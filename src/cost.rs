@@ -74,9 +74,16 @@ impl std::fmt::Display for Usd {
         let sign = if self.0 < 0 { "-" } else { "" };
         let abs = self.0.unsigned_abs();
         let (whole, fraction) = (abs / PICO_PER_USD.unsigned_abs(), abs % PICO_PER_USD.unsigned_abs());
-        let fraction = format!("{fraction:012}");
-        let fraction = fraction.trim_end_matches('0');
-        let fraction = if fraction.is_empty() { "0" } else { fraction };
+        // Twelve decimals without trailing zeros, on the stack: this runs for the cost and
+        // budget headers of every request.
+        let mut digits = [b'0'; 12];
+        let mut rest = fraction;
+        for digit in digits.iter_mut().rev() {
+            *digit = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        let len = digits.iter().rposition(|&d| d != b'0').map_or(1, |last| last + 1);
+        let fraction = std::str::from_utf8(&digits[..len]).unwrap_or("0");
         write!(f, "{sign}{whole}.{fraction}")
     }
 }
