@@ -23,7 +23,7 @@ import time
 import urllib.request
 
 CELLS = [("json", 1), ("json", 64), ("sse", 1), ("sse", 64)]
-TARGETS = ["direct", "nginx", "litellm", "tollgate"]
+TARGETS = ["direct", "nginx", "hyper", "litellm", "tollgate"]
 TOLLGATE_KEY = "tg-load-harness-key"
 ADMIN_KEY = "tg-load-harness-admin"
 LITELLM_KEY = "sk-load-harness-master"
@@ -142,7 +142,7 @@ class Stack:
 
     def up(self):
         a, bins = self.args, self.args.bin_dir
-        for name in ("mock", "slow", "nginx", "litellm", "tollgate"):
+        for name in ("mock", "slow", "nginx", "hyper", "litellm", "tollgate"):
             self.ports[name] = free_port()
         mock = [f"{bins}/examples/mock_upstream", "--chunks", "32", "--latency-ms", str(a.latency_ms)]
         self.start("mock", mock + ["--listen", f"127.0.0.1:{self.ports['mock']}"])
@@ -158,6 +158,12 @@ class Stack:
                 f.write(NGINX_CONF.format(tmp=self.tmp, port=self.ports["nginx"], upstream=self.ports["mock"]))
             self.start("nginx", [a.nginx, "-p", self.tmp, "-c", conf, "-g", "daemon off;"])
             wait_port(self.ports["nginx"], 10, "nginx")
+
+        if "hyper" in a.targets:
+            # The stack's floor: the same crates as Tollgate, proxying and nothing else.
+            self.start("hyper", [f"{bins}/examples/bare_proxy", "--listen", f"127.0.0.1:{self.ports['hyper']}",
+                                 "--upstream", f"127.0.0.1:{self.ports['mock']}"])
+            wait_port(self.ports["hyper"], 10, "bare hyper proxy")
 
         if "litellm" in a.targets:
             conf = os.path.join(self.tmp, "litellm.yaml")
@@ -481,7 +487,7 @@ def plot(summary, med, path):
     import matplotlib.pyplot as plt
 
     targets = [t for t in summary["targets"] if t != "direct"]
-    colors = {"direct": "#999999", "nginx": "#4c9a2a", "litellm": "#c0504d", "tollgate": "#1f77b4"}
+    colors = {"direct": "#999999", "nginx": "#4c9a2a", "hyper": "#9467bd", "litellm": "#c0504d", "tollgate": "#1f77b4"}
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     panels = [
         ("added p50 latency, c=1 (ms, log)", lambda t, cell: med[t][cell]["p50_ms"] - med["direct"][cell]["p50_ms"],

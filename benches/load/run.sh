@@ -24,7 +24,7 @@ if [ ! -x "$venv/bin/litellm" ] || ! "$venv/bin/python" -c 'import matplotlib' 2
 fi
 
 target="${CARGO_TARGET_DIR:-target}"
-cargo build --release --locked --bin tollgate --example mock_upstream --example load_client
+cargo build --release --locked --bin tollgate --example mock_upstream --example load_client --example bare_proxy
 
 # 1,000 client sockets, as many proxied ones and their upstream connections.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
