@@ -7,6 +7,7 @@
 //! only a power loss can take the last commits. At start, the spend of each user's current
 //! period is read back; reservations are not stored, so a crash drops them.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -164,27 +165,32 @@ fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Write>, retention_ms: i64
     }
 }
 
+/// A batch's spend per (user, period, backend): one upsert each instead of one per request.
+#[derive(Default)]
+struct SpendDelta {
+    spent_pico: i64,
+    requests: i64,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+}
+
 fn commit(conn: &mut Connection, batch: &[Write]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
-        let mut spend = tx.prepare_cached(
-            "INSERT INTO spend (user, period_start, backend, spent_pico, requests, prompt_tokens, completion_tokens)
-             VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6)
-             ON CONFLICT (user, period_start, backend) DO UPDATE SET
-               spent_pico = spent_pico + excluded.spent_pico,
-               requests = requests + 1,
-               prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-               completion_tokens = completion_tokens + excluded.completion_tokens",
-        )?;
         let mut request = tx.prepare_cached(
             "INSERT INTO requests (at_ms, user, route, backend, reason, prompt_tokens, completion_tokens, cost_pico, status, latency_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?;
+        let mut spend: HashMap<(&str, i64, &str), SpendDelta> = HashMap::new();
         for write in batch {
             let Write::Settled { period_start, record: r } = write else { continue };
             let prompt = i64::try_from(r.prompt_tokens).unwrap_or(i64::MAX);
             let completion = i64::try_from(r.completion_tokens).unwrap_or(i64::MAX);
-            spend.execute(params![r.user, period_start, r.backend, r.cost.pico(), prompt, completion])?;
+            let delta = spend.entry((r.user.as_str(), *period_start, r.backend.as_str())).or_default();
+            delta.spent_pico = delta.spent_pico.saturating_add(r.cost.pico());
+            delta.requests += 1;
+            delta.prompt_tokens = delta.prompt_tokens.saturating_add(prompt);
+            delta.completion_tokens = delta.completion_tokens.saturating_add(completion);
             request.execute(params![
                 r.at_ms,
                 r.user,
@@ -196,6 +202,26 @@ fn commit(conn: &mut Connection, batch: &[Write]) -> rusqlite::Result<()> {
                 r.cost.pico(),
                 r.status,
                 i64::try_from(r.latency_ms).unwrap_or(i64::MAX)
+            ])?;
+        }
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO spend (user, period_start, backend, spent_pico, requests, prompt_tokens, completion_tokens)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (user, period_start, backend) DO UPDATE SET
+               spent_pico = spent_pico + excluded.spent_pico,
+               requests = requests + excluded.requests,
+               prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+               completion_tokens = completion_tokens + excluded.completion_tokens",
+        )?;
+        for ((user, period_start, backend), d) in spend {
+            upsert.execute(params![
+                user,
+                period_start,
+                backend,
+                d.spent_pico,
+                d.requests,
+                d.prompt_tokens,
+                d.completion_tokens
             ])?;
         }
     }
@@ -299,4 +325,74 @@ fn read_records(path: &str, limit: usize) -> rusqlite::Result<Vec<RequestRecord>
     let mut records = rows.collect::<rusqlite::Result<Vec<_>>>()?;
     records.reverse();
     Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::{BudgetPeriod, Policy};
+
+    fn user(name: &str) -> User {
+        User {
+            name: name.to_owned(),
+            key_sha256: [0; 32],
+            policy: Policy::QualityFirst,
+            budget_usd: Some(Usd::from_pico(1_000_000)),
+            budget_period: BudgetPeriod::Day,
+            max_request_usd: None,
+            min_quality: 0.0,
+            rpm: None,
+            tpm: None,
+            pacing: None,
+            clamp_max_tokens: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn settlements_committed_together_add_up_per_user_and_backend_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let retention = Duration::from_secs(86_400);
+        let now = crate::clock::unix_now();
+        let (alice, bob) = (user("alice"), user("bob"));
+        let ledger = SqliteLedger::open(&path, retention).unwrap();
+        // One group-commit window: the batch holds several rows per (user, backend).
+        for (who, backend, pico) in
+            [(&alice, "a", 1), (&alice, "a", 2), (&alice, "b", 4), (&bob, "a", 8), (&alice, "a", 16)]
+        {
+            let Reserve::Reserved { id, .. } = ledger.reserve(who, Usd::from_pico(100), now).await.unwrap() else {
+                panic!("within budget")
+            };
+            let record = RequestRecord {
+                at_ms: now * 1000,
+                user: who.name.clone(),
+                route: "auto".into(),
+                backend: backend.into(),
+                reason: "quality-first".into(),
+                prompt_tokens: 10,
+                completion_tokens: 1,
+                cost: Usd::from_pico(pico),
+                status: 200,
+                latency_ms: 1,
+            };
+            ledger.settle(who, id, Usd::from_pico(100), record, now);
+        }
+        ledger.flush().await.unwrap();
+        drop(ledger);
+
+        let reopened = SqliteLedger::open(&path, retention).unwrap();
+        let account = reopened.usage(&alice, now).await.unwrap();
+        assert_eq!(account.totals.spent, Usd::from_pico(23));
+        assert_eq!(
+            (account.totals.requests, account.totals.prompt_tokens, account.totals.completion_tokens),
+            (4, 40, 4)
+        );
+        assert_eq!(account.by_backend["a"].spent, Usd::from_pico(19));
+        assert_eq!(account.by_backend["a"].requests, 3);
+        assert_eq!(account.by_backend["b"].requests, 1);
+        let account = reopened.usage(&bob, now).await.unwrap();
+        assert_eq!((account.totals.spent, account.totals.requests), (Usd::from_pico(8), 1));
+        assert_eq!(reopened.records(10).await.unwrap().len(), 5);
+    }
 }

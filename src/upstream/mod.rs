@@ -127,7 +127,9 @@ impl Upstream {
         with_logprobs: bool,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         match &self.transport {
-            Transport::Simulated(sim) => Ok(simulate::respond(sim, &self.backend, request, with_logprobs).await),
+            Transport::Simulated(sim) => {
+                Ok(Box::pin(simulate::respond(sim, &self.backend, request, with_logprobs)).await)
+            }
             Transport::Http { pool, destination } => {
                 let body = forward::upstream_body(request, &self.backend.model, with_logprobs);
                 let http_request = destination.request(request.endpoint, body);

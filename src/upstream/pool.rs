@@ -42,10 +42,12 @@ pub enum SendError {
     Exchange(#[source] hyper::Error),
 }
 
-/// An open connection, between two requests or serving one.
+/// An open connection, between two requests or serving one. The connection (hyper's state
+/// and buffers, the TLS session) is boxed: every future and body that holds a `Live` would
+/// otherwise carry, and copy on each move, its kilobytes.
 struct Live {
     sender: Sender,
-    connection: Connection,
+    connection: Box<Connection>,
 }
 
 struct Idle {
@@ -94,7 +96,8 @@ impl Pool {
         loop {
             let (mut live, reused) = match self.checkout().await {
                 Some(live) => (live, true),
-                None => (self.connect().await?, false),
+                // Boxed: dialing and the TLS handshake make a large future, and it is rare.
+                None => (Box::pin(self.connect()).await?, false),
             };
             let answer = live.sender.try_send_request(request);
             let (answer, connection_ended) = drive(&mut live.connection, answer).await;
@@ -118,7 +121,7 @@ impl Pool {
             self.connector.clone().oneshot(self.origin.clone()).await.map_err(|e| SendError::Connect(e.to_string()))?;
         let (sender, connection) =
             http1::Builder::new().handshake(io).await.map_err(|e| SendError::Connect(e.to_string()))?;
-        Ok(Live { sender, connection })
+        Ok(Live { sender, connection: Box::new(connection) })
     }
 
     /// The most recently used idle connection that is still open; older and closed ones are
