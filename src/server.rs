@@ -2,18 +2,21 @@
 //! clients are bounded (header read timeout, connection limit, header size and count); shutdown
 //! is graceful and bounded.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
+use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tower::ServiceExt;
 
 use crate::app::{app, AppState};
 
@@ -68,7 +71,18 @@ pub async fn serve(
             tokio::spawn(refuse(tcp));
             continue;
         };
-        let service = TowerToHyperService::new(router.clone());
+        // The per-header limit, then the routes (see `http::refuse_oversized_header`).
+        let (routes, limits) = (router.clone(), Arc::clone(&state));
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let refused = crate::http::refuse_oversized_header(&limits, &request);
+            let router = routes.clone();
+            async move {
+                match refused {
+                    Some(response) => Ok::<_, Infallible>(response),
+                    None => router.oneshot(request).await,
+                }
+            }
+        });
         let connection = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {

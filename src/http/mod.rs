@@ -27,24 +27,19 @@ pub fn routes(state: Arc<AppState>) -> Router {
         .route("/admin/requests", get(admin::requests))
         .route("/admin/reload", post(admin::reload))
         .fallback(not_found)
-        // Outermost: a header over the per-header limit is refused before any handler runs.
-        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), limit_headers))
         .with_state(state)
 }
 
 /// hyper bounds the whole head and the header count; this bounds each header, as a careful
-/// edge proxy does (431).
-async fn limit_headers(
-    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
+/// edge proxy does (431). Called by the server before routing: as an axum `from_fn` layer it
+/// cost every request a clone of the routing stack and a boxed future, 8% of its CPU.
+pub fn refuse_oversized_header<B>(state: &AppState, request: &http::Request<B>) -> Option<axum::response::Response> {
     let limit = state.snapshot.load().config.server.max_header_bytes;
     if request.headers().iter().any(|(name, value)| name.as_str().len() + value.len() > limit) {
         state.metrics.rejected.with_label_values(&["header_too_large"]).inc();
-        return axum::response::IntoResponse::into_response(ApiError::HeaderTooLarge(limit));
+        return Some(axum::response::IntoResponse::into_response(ApiError::HeaderTooLarge(limit)));
     }
-    next.run(request).await
+    None
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
