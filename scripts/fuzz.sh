@@ -14,8 +14,13 @@ scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 for target in request_decoder sse_scanner config_loader; do
   mkdir -p "$scratch/$target"
-  echo "== fuzz $target for ${seconds}s"
-  if [ -n "${FUZZ_RUNS:-}" ]; then budget=(-runs="$FUZZ_RUNS" -seed=1); else budget=(-max_total_time="$seconds"); fi
+  if [ -n "${FUZZ_RUNS:-}" ]; then
+    echo "== fuzz $target: $FUZZ_RUNS inputs from seed 1"
+    budget=(-runs="$FUZZ_RUNS" -seed=1)
+  else
+    echo "== fuzz $target for ${seconds}s"
+    budget=(-max_total_time="$seconds")
+  fi
   cargo fuzz run "$target" "$scratch/$target" "fuzz/corpus/$target" -- \
     "${budget[@]}" -max_len=65536 -print_final_stats=1 2>&1 \
     | grep -E '^(#[0-9]+.*(DONE|pulse)|stat::number_of_executed_units|stat::new_units_added|==[0-9]+==|SUMMARY|thread .* panicked)' || true
