@@ -29,3 +29,4 @@ pub mod simulate;
 pub mod snapshot;
 pub mod strict_json;
 pub mod upstream;
+mod wake;

@@ -84,12 +84,12 @@ pub async fn serve(
             }
         });
         let connection = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
-        tokio::spawn(async move {
+        tokio::spawn(crate::wake::absorb_self_wakes(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             drop(permit);
-        });
+        }));
     }
     drop(listener);
     tracing::info!(grace_s = grace.as_secs(), "shutting down: no new connections, finishing in-flight requests");
