@@ -19,6 +19,7 @@ use tollgate::policy::{decide, Candidate, Facts};
 use tollgate::request::{Endpoint, ProxyRequest};
 use tollgate::snapshot::Snapshot;
 use tollgate::upstream::sse::SseScanner;
+use tollgate::upstream::upstream_body;
 
 const BATCHES: usize = 15;
 
@@ -140,9 +141,15 @@ fn main() {
 
     let body = br#"{"model":"auto","messages":[{"role":"system","content":"You are terse."},
         {"role":"user","content":"Summarise the plot of Hamlet in two sentences."}],"max_tokens":128,"temperature":0.2}"#;
+    let body = Bytes::from_static(body);
     measure("request::ProxyRequest::parse (chat)", 100_000, || {
-        black_box(ProxyRequest::parse(Endpoint::ChatCompletions, black_box(body)).ok());
+        black_box(ProxyRequest::parse(Endpoint::ChatCompletions, black_box(body.clone())).ok());
     });
+    if let Ok(request) = ProxyRequest::parse(Endpoint::ChatCompletions, body.clone()) {
+        measure("upstream::upstream_body (chat)", 100_000, || {
+            black_box(upstream_body(black_box(&request), "llama-3.1-8b-instruct", false));
+        });
+    }
 
     let stream = sse_stream(32);
     measure("sse::SseScanner, 32-chunk stream, usage hidden", 20_000, || {

@@ -167,7 +167,7 @@ impl IntoResponse for ApiError {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if let Self::Refused { remaining: Some(remaining), .. } = &self {
-            if let Ok(value) = HeaderValue::from_str(&remaining.to_string()) {
+            if let Some(value) = crate::dispatch::usd_value(*remaining) {
                 headers.insert(HEADER_BUDGET_REMAINING, value);
             }
         }

@@ -27,6 +27,5 @@ pub mod secret;
 pub mod server;
 pub mod simulate;
 pub mod snapshot;
-pub mod strict_json;
 pub mod upstream;
 mod wake;

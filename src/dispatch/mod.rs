@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use axum::response::Response;
+use http::HeaderName;
 use tokio::time::Instant;
 
 mod attempt;
@@ -22,12 +23,12 @@ use crate::policy::{self, Candidate, Reason, Refusal};
 use crate::request::{Endpoint, ProxyRequest};
 use crate::snapshot::{ModelTarget, Snapshot};
 
-pub const HEADER_BACKEND: &str = "x-tollgate-backend";
-pub const HEADER_TIER: &str = "x-tollgate-tier";
-pub const HEADER_REASON: &str = "x-tollgate-reason";
-pub const HEADER_COST: &str = "x-tollgate-cost-usd";
-pub const HEADER_BUDGET_REMAINING: &str = "x-tollgate-budget-remaining-usd";
-pub const HEADER_MAX_TOKENS_CLAMPED: &str = "x-tollgate-max-tokens-clamped";
+pub const HEADER_BACKEND: HeaderName = HeaderName::from_static("x-tollgate-backend");
+pub const HEADER_TIER: HeaderName = HeaderName::from_static("x-tollgate-tier");
+pub const HEADER_REASON: HeaderName = HeaderName::from_static("x-tollgate-reason");
+pub const HEADER_COST: HeaderName = HeaderName::from_static("x-tollgate-cost-usd");
+pub const HEADER_BUDGET_REMAINING: HeaderName = HeaderName::from_static("x-tollgate-budget-remaining-usd");
+pub const HEADER_MAX_TOKENS_CLAMPED: HeaderName = HeaderName::from_static("x-tollgate-max-tokens-clamped");
 
 /// A whole non-streamed answer is read before it is forwarded (to meter it exactly and put
 /// its cost in a header); beyond this size it is refused as a broken backend answer.
@@ -37,6 +38,7 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
 const MAX_DECISION_ROUNDS: usize = 8;
 
 pub use crate::policy::plan::Hints;
+pub(crate) use respond::usd_value;
 
 /// The request's context as it goes through: who asks, for what.
 pub struct RequestContext {

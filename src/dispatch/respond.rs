@@ -1,12 +1,14 @@
 //! The answer on its way to the client: streamed through a `MeteredBody`, or read whole,
 //! metered, judged (cascade) and sent with its exact cost; `x-tollgate-*` headers either way.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue};
+use http::{header, HeaderMap, HeaderName, HeaderValue};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
@@ -19,6 +21,7 @@ use crate::app::AppState;
 use crate::cost::Usd;
 use crate::error::ApiError;
 use crate::metering::{meter_json, Ending, Meter, MeteredBody};
+use crate::policy::Reason;
 use crate::upstream::UpstreamError;
 
 pub(super) async fn respond(
@@ -36,17 +39,18 @@ pub(super) async fn respond(
     let mut answered_at = Instant::now();
     let (head, body) = answer.into_parts();
     let deadline = ctx.started + backend.timeout;
-    let mut headers = HeaderMap::new();
+    // Room for what follows and the server's own: growing a header map reallocates it.
+    let mut headers = HeaderMap::with_capacity(12);
     for name in [header::CONTENT_TYPE, header::CACHE_CONTROL] {
         if let Some(value) = head.headers.get(&name) {
             headers.insert(name, value.clone());
         }
     }
-    put(&mut headers, HEADER_BACKEND, &backend.name);
-    put(&mut headers, HEADER_TIER, &backend.tier);
-    put(&mut headers, HEADER_REASON, &reason.label());
+    put(&mut headers, HEADER_BACKEND, upstream.name_header.clone());
+    put(&mut headers, HEADER_TIER, upstream.tier_header.clone());
+    put(&mut headers, HEADER_REASON, reason_value(reason));
     if let Some(clamped) = ctx.clamped {
-        put(&mut headers, HEADER_MAX_TOKENS_CLAMPED, &clamped.to_string());
+        headers.insert(HEADER_MAX_TOKENS_CLAMPED, HeaderValue::from(clamped));
     }
 
     let is_sse = head
@@ -57,9 +61,9 @@ pub(super) async fn respond(
     let mut unsure = None;
     let body = if ctx.request.stream && head.status.is_success() && is_sse {
         // Streamed: the cost is known only at the end; the headers carry the estimate.
-        put(&mut headers, HEADER_COST, &estimate.to_string());
+        put(&mut headers, HEADER_COST, usd_value(estimate));
         if let Some(remaining) = remaining_after_reserve {
-            put(&mut headers, HEADER_BUDGET_REMAINING, &remaining.to_string());
+            put(&mut headers, HEADER_BUDGET_REMAINING, usd_value(remaining));
         }
         Body::new(MeteredBody::new(body, meter, !ctx.request.client_wants_usage, backend.timeout))
     } else {
@@ -88,7 +92,7 @@ pub(super) async fn respond(
             }
             None => bytes,
         };
-        put(&mut headers, HEADER_COST, &ctx.prior_cost.saturating_add(cost).to_string());
+        put(&mut headers, HEADER_COST, usd_value(ctx.prior_cost.saturating_add(cost)));
         // The answer is served and charged by now: a ledger that cannot be read any more must
         // not turn it into an error (the client would be charged for a 503). The header then
         // says what was left at the reservation, corrected by the actual cost.
@@ -97,7 +101,7 @@ pub(super) async fn respond(
             Err(_) => remaining_after_reserve.map(|r| r.saturating_add(estimate).saturating_sub(cost).max(Usd::ZERO)),
         };
         if let Some(remaining) = remaining {
-            put(&mut headers, HEADER_BUDGET_REMAINING, &remaining.to_string());
+            put(&mut headers, HEADER_BUDGET_REMAINING, usd_value(remaining));
         }
         Body::from(bytes)
     };
@@ -127,7 +131,7 @@ pub(super) fn judge(state: &AppState, ctx: &RequestContext, probe: &Probe<'_>, b
     let (unsure, threshold) =
         calibrator.observe(confidence, probe.cascade.threshold, probe.cascade.target_premium_share);
     state.metrics.cascade_threshold.with_label_values(&[probe.route]).set(threshold);
-    if ctx.request.body.get("logprobs").is_none_or(|v| v.as_bool() == Some(false)) {
+    if ctx.request.member_value("logprobs").is_none_or(|v| v.as_bool() == Some(false)) {
         crate::cascade::strip_logprobs(&mut answer);
         return (unsure, Bytes::from(answer.to_string()));
     }
@@ -149,8 +153,37 @@ pub(super) async fn read_whole(
     }
 }
 
-pub(super) fn put(headers: &mut HeaderMap, name: &'static str, value: &str) {
-    if let Ok(value) = HeaderValue::from_str(value) {
+fn put(headers: &mut HeaderMap, name: HeaderName, value: Option<HeaderValue>) {
+    if let Some(value) = value {
         headers.insert(name, value);
+    }
+}
+
+fn reason_value(reason: &Reason) -> Option<HeaderValue> {
+    match reason.label() {
+        Cow::Borrowed(label) => Some(HeaderValue::from_static(label)),
+        Cow::Owned(label) => HeaderValue::from_str(&label).ok(),
+    }
+}
+
+/// A dollar amount as a header value, formatted on the stack: the value's bytes are then
+/// the only allocation.
+pub(crate) fn usd_value(usd: Usd) -> Option<HeaderValue> {
+    let mut text = StackText { bytes: [0; 48], len: 0 };
+    write!(text, "{usd}").ok()?;
+    HeaderValue::from_bytes(&text.bytes[..text.len]).ok()
+}
+
+struct StackText {
+    bytes: [u8; 48],
+    len: usize,
+}
+
+impl std::fmt::Write for StackText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        self.bytes.get_mut(self.len..end).ok_or(std::fmt::Error)?.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }

@@ -39,7 +39,7 @@ async fn proxy(State(state): State<Arc<AppState>>, endpoint: Endpoint, request: 
         let bytes = tokio::time::timeout(server.body_read_timeout, read_body(&headers, body, server.max_body_bytes))
             .await
             .map_err(|_| ApiError::BodyTimeout(server.body_read_timeout.as_secs()))??;
-        let request = ProxyRequest::parse(endpoint, &bytes)?;
+        let request = ProxyRequest::parse(endpoint, bytes)?;
         let hints = hints(&headers)?;
         let arrived_ms = crate::clock::unix_now_ms();
         dispatch::run(

@@ -4,6 +4,7 @@
 mod body;
 pub mod occupancy;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use tokio::time::Instant;
@@ -140,22 +141,8 @@ impl Meter {
             s.backend_state.failed(now);
         }
         let latency = now.saturating_duration_since(s.started);
-        let record = RequestRecord {
-            at_ms: s.arrived_ms,
-            user: s.user.name.clone(),
-            route: s.route.clone(),
-            backend: s.backend.name.clone(),
-            reason: s.reason.clone(),
-            prompt_tokens: usage.prompt_tokens,
-            completion_tokens: usage.completion_tokens,
-            cost,
-            status,
-            latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
-        };
-        s.reservation.settle(record, crate::clock::unix_now());
         let total_tokens = usage.prompt_tokens + usage.completion_tokens;
         s.state.limiter.settle_tokens(&s.user, s.tokens_estimate, total_tokens);
-        drop(s.slot);
 
         let (m, user, backend) = (&s.state.metrics, s.user.name.as_str(), s.backend.name.as_str());
         m.tokens.with_label_values(&[user, backend, "prompt"]).inc_by(usage.prompt_tokens);
@@ -170,13 +157,42 @@ impl Meter {
         if estimated {
             m.usage_estimated.with_label_values(&[backend]).inc();
         }
-        m.requests.with_label_values(&[backend, &s.backend.tier, &s.reason, &status.to_string()]).inc();
+        m.requests.with_label_values(&[backend, &s.backend.tier, &s.reason, &status_label(status)]).inc();
         m.request_duration.with_label_values(&[backend]).observe(latency.as_secs_f64());
         tracing::debug!(
             user, backend, reason = %s.reason, status, prompt_tokens = usage.prompt_tokens,
             completion_tokens = usage.completion_tokens, cost_usd = %cost, estimated, "request settled"
         );
+        let record = RequestRecord {
+            at_ms: s.arrived_ms,
+            user: s.user.name.clone(),
+            route: s.route,
+            backend: s.backend.name.clone(),
+            reason: s.reason,
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cost,
+            status,
+            latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+        };
+        s.reservation.settle(record, crate::clock::unix_now());
+        drop(s.slot);
         cost
+    }
+}
+
+/// The `status` label: the common ones without formatting a string per request.
+fn status_label(status: u16) -> Cow<'static, str> {
+    match status {
+        200 => "200".into(),
+        400 => "400".into(),
+        429 => "429".into(),
+        499 => "499".into(),
+        500 => "500".into(),
+        502 => "502".into(),
+        503 => "503".into(),
+        504 => "504".into(),
+        other => other.to_string().into(),
     }
 }
 

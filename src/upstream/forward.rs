@@ -4,79 +4,127 @@
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Uri};
 use http_body_util::Full;
-use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value};
 
 use crate::request::{Endpoint, ProxyRequest};
 
-/// The JSON sent upstream. Every field but `model` and `stream_options.include_usage` is the
-/// client's, untouched (tools, response_format, logprobs, seed...). `with_logprobs`: a
-/// cascade's first call asks for log-probabilities to judge the answer.
-///
-/// Written straight from the validated object with the changes applied on the way: no copy of
-/// the client's (possibly large) body per attempt.
+/// The JSON sent upstream: the client's bytes, member by member, with `model` set to the
+/// backend's, streams asking for usage (`stream_options.include_usage`: it makes the cost exact;
+/// the client still sees the usage chunk only if it asked), a clamped `max_tokens`, and for a
+/// cascade's first call (`with_logprobs`) log-probabilities to judge the answer by, unless the
+/// client set `logprobs` itself. Every other member (tools, response_format, seed...) goes as
+/// the client wrote it.
 pub fn upstream_body(request: &ProxyRequest, backend_model: &str, with_logprobs: bool) -> Bytes {
-    let logprobs =
-        with_logprobs.then(
-            || {
-                if request.endpoint == Endpoint::Completions {
-                    Value::from(1)
+    let clamped = request.clamped_field().zip(request.max_tokens);
+    let mut out = Json { bytes: Vec::with_capacity(request.body_len() + backend_model.len() + 64), first: true };
+    out.bytes.push(b'{');
+    let (mut has_stream_options, mut has_logprobs, mut has_clamped) = (false, false, false);
+    for (key, raw) in request.members() {
+        match key {
+            "model" => out.member(key, &Quoted(backend_model)),
+            "stream_options" if request.stream => {
+                has_stream_options = true;
+                if request.client_wants_usage {
+                    out.member(key, &Raw(raw));
                 } else {
-                    Value::Bool(true)
+                    out.member(key, &with_usage(request.member_value(key)));
+                }
+            }
+            _ => match clamped {
+                Some((field, tokens)) if key == field => {
+                    has_clamped = true;
+                    out.member(key, &tokens);
+                }
+                _ => {
+                    has_logprobs |= key == "logprobs";
+                    out.member(key, &Raw(raw));
                 }
             },
-        );
-    let outgoing = Outgoing { body: &request.body, model: backend_model, logprobs, include_usage: request.stream };
-    // Serialising a validated object cannot fail: strict_json refuses the keys serde_json would
-    // treat as its own.
-    Bytes::from(serde_json::to_vec(&outgoing).unwrap_or_default())
+        }
+    }
+    if request.stream && !has_stream_options {
+        out.member("stream_options", &with_usage(None));
+    }
+    if with_logprobs && !has_logprobs {
+        match request.endpoint {
+            Endpoint::Completions => out.member("logprobs", &1),
+            _ => out.member("logprobs", &true),
+        }
+    }
+    if let Some((field, tokens)) = clamped.filter(|_| !has_clamped) {
+        out.member(field, &tokens);
+    }
+    out.bytes.push(b'}');
+    Bytes::from(out.bytes)
 }
 
-struct Outgoing<'a> {
-    body: &'a Map<String, Value>,
-    model: &'a str,
-    /// Added when the client did not set `logprobs` itself.
-    logprobs: Option<Value>,
-    /// Streams always ask for usage: it makes the cost exact; the client still sees the usage
-    /// chunk only if it asked.
-    include_usage: bool,
+/// An object being written member by member.
+struct Json {
+    bytes: Vec<u8>,
+    first: bool,
 }
 
-impl Serialize for Outgoing<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(None)?;
-        for (key, value) in self.body {
-            match key.as_str() {
-                "model" => map.serialize_entry(key, self.model)?,
-                "stream_options" if self.include_usage => map.serialize_entry(key, &WithUsage(value))?,
-                _ => map.serialize_entry(key, value)?,
-            }
+impl Json {
+    fn member(&mut self, key: &str, value: &dyn WriteJson) {
+        if !std::mem::take(&mut self.first) {
+            self.bytes.push(b',');
         }
-        if self.include_usage && !self.body.contains_key("stream_options") {
-            map.serialize_entry("stream_options", &WithUsage(&Value::Null))?;
-        }
-        if let Some(logprobs) = self.logprobs.as_ref().filter(|_| !self.body.contains_key("logprobs")) {
-            map.serialize_entry("logprobs", logprobs)?;
-        }
-        map.end()
+        Quoted(key).write(&mut self.bytes);
+        self.bytes.push(b':');
+        value.write(&mut self.bytes);
     }
 }
 
-/// The client's `stream_options` (an object, or anything else, which is replaced) with
+trait WriteJson {
+    fn write(&self, out: &mut Vec<u8>);
+}
+
+/// JSON text as the client wrote it (already checked).
+struct Raw<'a>(&'a [u8]);
+
+impl WriteJson for Raw<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.0);
+    }
+}
+
+/// A string, escaped.
+struct Quoted<'a>(&'a str);
+
+impl WriteJson for Quoted<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        // Writing a &str into a Vec cannot fail.
+        let _ = serde_json::to_writer(out, self.0);
+    }
+}
+
+impl WriteJson for u64 {
+    fn write(&self, out: &mut Vec<u8>) {
+        let _ = serde_json::to_writer(out, self);
+    }
+}
+
+impl WriteJson for bool {
+    fn write(&self, out: &mut Vec<u8>) {
+        let _ = serde_json::to_writer(out, self);
+    }
+}
+
+impl WriteJson for Map<String, Value> {
+    fn write(&self, out: &mut Vec<u8>) {
+        let _ = serde_json::to_writer(out, self);
+    }
+}
+
+/// The client's `stream_options` (an object; `null` or absent is replaced) with
 /// `include_usage: true`.
-struct WithUsage<'a>(&'a Value);
-
-impl Serialize for WithUsage<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(None)?;
-        if let Value::Object(options) = self.0 {
-            for (key, value) in options.iter().filter(|(k, _)| k.as_str() != "include_usage") {
-                map.serialize_entry(key, value)?;
-            }
-        }
-        map.serialize_entry("include_usage", &true)?;
-        map.end()
-    }
+fn with_usage(options: Option<Value>) -> Map<String, Value> {
+    let mut options = match options {
+        Some(Value::Object(options)) => options,
+        _ => Map::new(),
+    };
+    options.insert("include_usage".to_owned(), Value::Bool(true));
+    options
 }
 
 /// Where a backend's requests go, prepared once per config load: the path of each endpoint
@@ -149,7 +197,7 @@ mod tests {
     fn rewrites_model_and_asks_for_usage_keeping_other_fields() {
         let raw = br#"{"model":"auto","messages":[{"role":"user","content":"x"}],"stream":true,
             "seed":7,"tools":[{"type":"function"}],"stream_options":{"foo":1}}"#;
-        let request = ProxyRequest::parse(Endpoint::ChatCompletions, raw).unwrap();
+        let request = ProxyRequest::parse(Endpoint::ChatCompletions, Bytes::from_static(raw)).unwrap();
         let sent: Value = serde_json::from_slice(&upstream_body(&request, "llama-70b", false)).unwrap();
         assert_eq!(sent["model"], "llama-70b");
         assert_eq!(sent["stream_options"]["include_usage"], true);
@@ -162,14 +210,39 @@ mod tests {
     #[test]
     fn a_cascade_probe_asks_for_logprobs_unless_the_client_set_them() {
         let raw = br#"{"model":"auto","messages":[{"role":"user","content":"x"}],"stream_options":null}"#;
-        let request = ProxyRequest::parse(Endpoint::ChatCompletions, raw).unwrap();
+        let request = ProxyRequest::parse(Endpoint::ChatCompletions, Bytes::from_static(raw)).unwrap();
         let sent: Value = serde_json::from_slice(&upstream_body(&request, "m", true)).unwrap();
         assert_eq!(sent["logprobs"], true);
         assert_eq!(sent["stream_options"], Value::Null, "not a stream: left as the client sent it");
         let raw = br#"{"model":"auto","messages":[{"role":"user","content":"x"}],"logprobs":false}"#;
-        let request = ProxyRequest::parse(Endpoint::ChatCompletions, raw).unwrap();
+        let request = ProxyRequest::parse(Endpoint::ChatCompletions, Bytes::from_static(raw)).unwrap();
         let sent: Value = serde_json::from_slice(&upstream_body(&request, "m", true)).unwrap();
         assert_eq!(sent["logprobs"], false);
+    }
+
+    #[test]
+    fn the_clients_bytes_go_as_written_but_for_the_members_tollgate_sets() {
+        let raw = br#"{"mod\u0065l2":1, "model":"auto","messages":[{"role":"user","content":"caf\u00e9 \"x\""}],
+            "temperature":1.0e0,"max_completion_tokens":900,"n":1}"#;
+        let mut request = ProxyRequest::parse(Endpoint::ChatCompletions, Bytes::from_static(raw)).unwrap();
+        request.set_max_tokens(50);
+        let sent = upstream_body(&request, "we\"ird", false);
+        let text = std::str::from_utf8(&sent).unwrap();
+        assert!(text.contains(r#""temperature":1.0e0"#), "numbers as the client wrote them: {text}");
+        assert!(text.contains(r#""content":"caf\u00e9 \"x\"""#), "strings as the client wrote them: {text}");
+        let sent: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(sent["model"], "we\"ird");
+        assert_eq!(sent["model2"], 1);
+        assert_eq!(sent["max_completion_tokens"], 50, "clamped in the member the client used");
+        assert!(sent.get("max_tokens").is_none());
+        let keys: Vec<&str> = sent.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys.len(), 6);
+
+        let raw = br#"{"model":"auto","messages":[{"role":"user","content":"x"}]}"#;
+        let mut request = ProxyRequest::parse(Endpoint::ChatCompletions, Bytes::from_static(raw)).unwrap();
+        request.set_max_tokens(9);
+        let sent: Value = serde_json::from_slice(&upstream_body(&request, "m", false)).unwrap();
+        assert_eq!(sent["max_tokens"], 9, "added when the client set no limit");
     }
 
     #[test]

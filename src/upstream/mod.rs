@@ -8,6 +8,7 @@ mod simulate;
 pub mod sse;
 pub mod state;
 
+pub use forward::upstream_body;
 pub use state::{BackendState, Slot};
 
 use std::time::Duration;
@@ -72,6 +73,10 @@ impl UpstreamError {
 /// A configured backend, ready to send to.
 pub struct Upstream {
     pub backend: Arc<Backend>,
+    /// The backend's name and tier as response header values, made once (`None`: a name a
+    /// header cannot carry).
+    pub name_header: Option<HeaderValue>,
+    pub tier_header: Option<HeaderValue>,
     /// Survives reloads: capacity, health and the occupancy clock.
     pub state: Arc<BackendState>,
     transport: Transport,
@@ -115,7 +120,9 @@ impl Upstream {
                 Transport::Http { pool, destination: Box::new(destination) }
             }
         };
-        Ok(Self { backend, state, transport })
+        let name_header = HeaderValue::from_str(&backend.name).ok();
+        let tier_header = HeaderValue::from_str(&backend.tier).ok();
+        Ok(Self { backend, name_header, tier_header, state, transport })
     }
 
     /// Sends `request` (model rewritten, usage asked for) and waits for the response head.

@@ -56,8 +56,8 @@ pub async fn respond(
 
     tokio::time::sleep(sim.ttft + per_token * u32::try_from(length).unwrap_or(u32::MAX)).await;
     let text: String = answer.concat();
-    let wants_logprobs = with_logprobs || request.body.get("logprobs").is_some_and(|v| v.as_bool() != Some(false));
-    let logprobs = wants_logprobs.then(|| token_logprobs(backend.quality, &request.body, answer.len()));
+    let wants_logprobs = with_logprobs || request.member_value("logprobs").is_some_and(|v| v.as_bool() != Some(false));
+    let logprobs = wants_logprobs.then(|| token_logprobs(backend.quality, request, answer.len()));
     let mut body = match request.endpoint {
         Endpoint::ChatCompletions => json!({
             "id": format!("chatcmpl-sim-{id}"), "object": "chat.completion", "created": created,
@@ -73,7 +73,7 @@ pub async fn respond(
         }),
         Endpoint::Embeddings => json!({
             "object": "list", "model": backend.model,
-            "data": embeddings(request.body.get("input").unwrap_or(&Value::Null)),
+            "data": embeddings(&request.member_value("input").unwrap_or(Value::Null)),
             "usage": {"prompt_tokens": request.prompt_tokens_estimate, "total_tokens": request.prompt_tokens_estimate},
         }),
     };
@@ -154,8 +154,12 @@ async fn stream(
 
 /// Per-token log-probabilities around `ln(quality)`, varying with the prompt: a better model
 /// is more sure of itself, and some prompts are harder than others. Deterministic.
-fn token_logprobs(quality: f64, body: &serde_json::Map<String, Value>, tokens: usize) -> Vec<f64> {
-    let prompt = body.get("messages").or_else(|| body.get("prompt")).map(Value::to_string).unwrap_or_default();
+fn token_logprobs(quality: f64, request: &ProxyRequest, tokens: usize) -> Vec<f64> {
+    let prompt = request
+        .member_value("messages")
+        .or_else(|| request.member_value("prompt"))
+        .map(|v| v.to_string())
+        .unwrap_or_default();
     let seed = crate::auth::sha256(prompt.as_bytes());
     // The prompt's difficulty moves the whole answer by up to ±0.8 nats.
     let difficulty = f64::from(seed[0]) / 255.0 * 1.6 - 0.8;
