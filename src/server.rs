@@ -16,7 +16,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tower::ServiceExt;
 
 use crate::app::{app, AppState};
 
@@ -71,17 +70,10 @@ pub async fn serve(
             tokio::spawn(refuse(tcp));
             continue;
         };
-        // The per-header limit, then the routes (see `http::refuse_oversized_header`).
-        let (routes, limits) = (router.clone(), Arc::clone(&state));
+        let (router, state) = (router.clone(), Arc::clone(&state));
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            let refused = crate::http::refuse_oversized_header(&limits, &request);
-            let router = routes.clone();
-            async move {
-                match refused {
-                    Some(response) => Ok::<_, Infallible>(response),
-                    None => router.oneshot(request).await,
-                }
-            }
+            let (router, state) = (router.clone(), Arc::clone(&state));
+            async move { Ok::<_, Infallible>(crate::http::handle(router, &state, request).await) }
         });
         let connection = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
         tokio::spawn(crate::wake::absorb_self_wakes(async move {

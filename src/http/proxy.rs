@@ -28,7 +28,7 @@ pub async fn embeddings(state: State<Arc<AppState>>, request: Request) -> Respon
 }
 
 /// Takes the whole request rather than axum's `HeaderMap` extractor, which clones every header.
-async fn proxy(State(state): State<Arc<AppState>>, endpoint: Endpoint, request: Request) -> Response {
+pub(super) async fn proxy(State(state): State<Arc<AppState>>, endpoint: Endpoint, request: Request) -> Response {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
