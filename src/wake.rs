@@ -11,7 +11,8 @@
 //! is inside its own poll asks for one more round of that poll instead; any other wake (the
 //! socket became readable while the task waits) reaches the task as usual.
 
-use std::future::{poll_fn, Future};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
@@ -20,10 +21,28 @@ use std::task::{Context, Poll, Wake, Waker};
 const MAX_ROUNDS: usize = 8;
 
 /// Runs `future` with wakes from inside its own poll turned into immediate re-polls.
-pub async fn absorb_self_wakes<F: Future>(future: F) -> F::Output {
-    let waker = LocalWaker::new();
-    let mut future = std::pin::pin!(future);
-    poll_fn(|cx| waker.poll(cx, |cx| future.as_mut().poll(cx))).await
+pub fn absorb_self_wakes<F: Future>(future: F) -> AbsorbSelfWakes<F> {
+    AbsorbSelfWakes { future, waker: LocalWaker::new() }
+}
+
+pin_project_lite::pin_project! {
+    /// A struct rather than an `async fn`: the latter's state would hold the future twice
+    /// (as its argument and as the pinned local), doubling every connection task's size.
+    pub struct AbsorbSelfWakes<F> {
+        #[pin]
+        future: F,
+        waker: LocalWaker,
+    }
+}
+
+impl<F: Future> Future for AbsorbSelfWakes<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let mut future = this.future;
+        this.waker.poll(cx, |cx| future.as_mut().poll(cx))
+    }
 }
 
 struct LocalWaker {

@@ -64,19 +64,36 @@ pub(super) async fn proxy(State(state): State<Arc<AppState>>, endpoint: Endpoint
     })
 }
 
+/// The most a body's declared length makes us allocate before its bytes arrive.
+const PREALLOCATED_BODY_BYTES: u64 = 64 * 1024;
+
 /// The whole body, refused early when its declared length is over `limit`, and cut off at
 /// `limit` when it is not declared.
+///
+/// Copied into a buffer of its own, even when it came in one piece: that piece is a view into
+/// the connection's read buffer, and the request keeps its body for as long as it runs (a
+/// stream, minutes): it would keep kilobytes of read buffer alive per open stream.
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(ApiError::BodyTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(ApiError::BodyTooLarge { limit }),
-        Err(_) => Err(ApiError::BodyUnreadable),
+    let mut body = Limited::new(body, limit);
+    // Sized by the declared length, up to a bound: a declared length is only a promise.
+    let mut bytes = Vec::with_capacity(declared.map_or(0, |len| len.min(PREALLOCATED_BODY_BYTES) as usize));
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    bytes.extend_from_slice(data);
+                }
+            }
+            Err(e) if e.is::<LengthLimitError>() => return Err(ApiError::BodyTooLarge { limit }),
+            Err(_) => return Err(ApiError::BodyUnreadable),
+        }
     }
+    Ok(bytes::Bytes::from(bytes))
 }
 
 pub const HEADER_POLICY_HINT: &str = "x-tollgate-policy";
