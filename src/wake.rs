@@ -26,8 +26,8 @@ pub fn absorb_self_wakes<F: Future>(future: F) -> AbsorbSelfWakes<F> {
 }
 
 pin_project_lite::pin_project! {
-    /// A struct rather than an `async fn`: the latter's state would hold the future twice
-    /// (as its argument and as the pinned local), doubling every connection task's size.
+    /// A struct rather than an `async fn`, whose state can hold the future twice (as its
+    /// argument and as the pinned local): every connection's task would carry both.
     pub struct AbsorbSelfWakes<F> {
         #[pin]
         future: F,

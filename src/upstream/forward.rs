@@ -21,7 +21,7 @@ pub fn upstream_body(request: &ProxyRequest, backend_model: &str, with_logprobs:
     let (mut has_stream_options, mut has_logprobs, mut has_clamped) = (false, false, false);
     for (key, raw) in request.members() {
         match key {
-            "model" => out.member(key, &Quoted(backend_model)),
+            "model" => out.member(key, &backend_model),
             "stream_options" if request.stream => {
                 has_stream_options = true;
                 if request.client_wants_usage {
@@ -69,7 +69,7 @@ impl Json {
         if !std::mem::take(&mut self.first) {
             self.bytes.push(b',');
         }
-        Quoted(key).write(&mut self.bytes);
+        key.write(&mut self.bytes);
         self.bytes.push(b':');
         value.write(&mut self.bytes);
     }
@@ -88,30 +88,10 @@ impl WriteJson for Raw<'_> {
     }
 }
 
-/// A string, escaped.
-struct Quoted<'a>(&'a str);
-
-impl WriteJson for Quoted<'_> {
+/// Anything serde writes: strings (escaped), numbers, `stream_options`.
+impl<T: serde::Serialize> WriteJson for T {
     fn write(&self, out: &mut Vec<u8>) {
-        // Writing a &str into a Vec cannot fail.
-        let _ = serde_json::to_writer(out, self.0);
-    }
-}
-
-impl WriteJson for u64 {
-    fn write(&self, out: &mut Vec<u8>) {
-        let _ = serde_json::to_writer(out, self);
-    }
-}
-
-impl WriteJson for bool {
-    fn write(&self, out: &mut Vec<u8>) {
-        let _ = serde_json::to_writer(out, self);
-    }
-}
-
-impl WriteJson for Map<String, Value> {
-    fn write(&self, out: &mut Vec<u8>) {
+        // Writing into a Vec cannot fail, nor can these values (no non-string map keys).
         let _ = serde_json::to_writer(out, self);
     }
 }
