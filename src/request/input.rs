@@ -63,7 +63,7 @@ impl<'de> Visitor<'de> for Top<'_> {
             if element != Kind::Message && self.0.first_without_role.is_none() {
                 self.0.first_without_role = Some(index);
             }
-            self.0.not_all_objects |= element == Kind::Other;
+            self.0.not_all_objects |= !matches!(element, Kind::Message | Kind::Object);
             index += 1;
         }
         self.0.elements = Some(index);
@@ -99,16 +99,17 @@ impl<'de> Visitor<'de> for Top<'_> {
     }
 }
 
-/// What an element of an array input is.
+/// What an element of an array input (or a message's `role`) is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     /// An object with a string `role`.
     Message,
     Object,
+    String,
     Other,
 }
 
-/// An element of an array input: counted, and told apart.
+/// An element of an array input, or a message's `role`: counted, and told apart.
 struct Element<'a>(&'a mut u64);
 
 impl<'de> DeserializeSeed<'de> for Element<'_> {
@@ -130,7 +131,7 @@ impl<'de> Visitor<'de> for Element<'_> {
         let mut has_role = false;
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             if key == "role" {
-                has_role = map.next_value_seed(Role(&mut *self.0))?;
+                has_role = map.next_value_seed(Element(&mut *self.0))? == Kind::String;
             } else {
                 map.next_value_seed(Chars(&mut *self.0))?;
             }
@@ -143,7 +144,7 @@ impl<'de> Visitor<'de> for Element<'_> {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Kind, E> {
-        Chars(self.0).visit_str(v).map(|()| Kind::Other)
+        Chars(self.0).visit_str(v).map(|()| Kind::String)
     }
 
     fn visit_u64<E: de::Error>(self, _: u64) -> Result<Kind, E> {
@@ -167,60 +168,6 @@ impl<'de> Visitor<'de> for Element<'_> {
 
     fn visit_unit<E: de::Error>(self) -> Result<Kind, E> {
         Ok(Kind::Other)
-    }
-}
-
-/// A message's `role`: counted, and whether it is a string.
-struct Role<'a>(&'a mut u64);
-
-impl<'de> DeserializeSeed<'de> for Role<'_> {
-    type Value = bool;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Role<'_> {
-    type Value = bool;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
-        Chars(self.0).visit_str(v).map(|()| true)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<bool, A::Error> {
-        Chars(self.0).visit_map(map).map(|()| false)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<bool, A::Error> {
-        Chars(self.0).visit_seq(seq).map(|()| false)
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<bool, E> {
-        *self.0 += CHARS_PER_TOKEN;
-        Ok(false)
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<bool, E> {
-        *self.0 += CHARS_PER_TOKEN;
-        Ok(false)
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<bool, E> {
-        *self.0 += CHARS_PER_TOKEN;
-        Ok(false)
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<bool, E> {
-        Ok(false)
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
-        Ok(false)
     }
 }
 
