@@ -139,14 +139,18 @@ impl ProxyRequest {
 
     /// Whether the client set the top-level member `key`.
     pub fn has_member(&self, key: &str) -> bool {
-        self.members.iter().any(|m| m.key.is(&self.body, key))
+        self.find(key).is_some()
     }
 
     /// The top-level member `key`, parsed: for the paths that are not per request (the
     /// simulated backend, the cascade's probes).
     pub fn member_value(&self, key: &str) -> Option<Value> {
-        let member = self.members.iter().find(|m| m.key.is(&self.body, key))?;
+        let member = self.find(key)?;
         serde_json::from_slice(&self.body[member.value.clone()]).ok()
+    }
+
+    fn find(&self, key: &str) -> Option<&Member> {
+        find(&self.members, &self.body, key)
     }
 
     /// The top-level members in the client's order: name and JSON text.
@@ -188,6 +192,10 @@ impl MemberKey {
     }
 }
 
+fn find<'m>(members: &'m [Member], body: &[u8], key: &str) -> Option<&'m Member> {
+    members.iter().find(|m| m.key.is(body, key))
+}
+
 /// The members while the body is being checked, read as text.
 struct Fields<'a> {
     text: &'a str,
@@ -196,7 +204,7 @@ struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     fn get(&self, key: &str) -> Option<&'a str> {
-        let member = self.members.iter().find(|m| m.key.is(self.text.as_bytes(), key))?;
+        let member = find(self.members, self.text.as_bytes(), key)?;
         self.text.get(member.value.clone())
     }
 
