@@ -2,9 +2,10 @@
 //! by one writer thread with group commit.
 //!
 //! Durability window: a settlement is committed at most `GROUP_COMMIT_WINDOW` (20 ms) plus one
-//! commit after it happens, well under 100 ms. The database runs in WAL mode with
-//! `synchronous = NORMAL`: a commit survives `kill -9` of the gateway (it is in the OS's hands);
-//! only a power loss can take the last commits. At start, the spend of each user's current
+//! commit after it happens, well under 100 ms, on a host with CPU to spare (the writer runs at
+//! nice 10: on one saturated by other work, commits come later and larger). The database runs
+//! in WAL mode with `synchronous = NORMAL`: a commit survives `kill -9` of the gateway (it is in
+//! the OS's hands); only a power loss can take the last commits. At start, the spend of each user's current
 //! period is read back; reservations are not stored, so a crash drops them.
 
 use std::collections::HashMap;
