@@ -5,8 +5,8 @@
 //! commit after it happens, well under 100 ms, on a host with CPU to spare (the writer runs at
 //! nice 10: on one saturated by other work, commits come later and larger). The database runs
 //! in WAL mode with `synchronous = NORMAL`: a commit survives `kill -9` of the gateway (it is in
-//! the OS's hands); only a power loss can take the last commits. At start, the spend of each user's current
-//! period is read back; reservations are not stored, so a crash drops them.
+//! the OS's hands); only a power loss can take the last commits. At start, the spend of each
+//! user's current period is read back; reservations are not stored, so a crash drops them.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -24,6 +24,8 @@ use crate::cost::Usd;
 const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(20);
 /// How often old request records are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// The writer thread's name, as `ps -T` and `/proc/<pid>/task/*/comm` show it.
+const WRITER_THREAD: &str = "tollgate-ledger";
 /// The writer's niceness (Linux): see [`yield_to_requests`].
 const WRITER_NICE: i32 = 10;
 /// Spend older than this is not read back at start (no period is longer than a month).
@@ -94,7 +96,7 @@ impl SqliteLedger {
         let (tx, rx) = mpsc::channel();
         let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         std::thread::Builder::new()
-            .name("tollgate-ledger".into())
+            .name(WRITER_THREAD.into())
             .spawn(move || write_loop(conn, rx, retention_ms))
             .map_err(|e| LedgerError::Storage(format!("cannot start the ledger writer: {e}")))?;
         Ok(Self { accounts, writer: tx, path: display })
@@ -381,7 +383,7 @@ mod tests {
                     let stat = std::fs::read_to_string(task.join("stat")).ok()?;
                     // Fields after the command's closing parenthesis; nice is the 19th field.
                     let nice = stat.rsplit_once(')')?.1.split_whitespace().nth(16)?.parse().ok()?;
-                    (comm.trim() == "tollgate-ledger").then_some(nice)
+                    (comm.trim() == WRITER_THREAD).then_some(nice)
                 })
                 .collect()
         };
