@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The load harness: one run measures the same workload through (1) the mock upstream directly,
 (2) nginx as a plain reverse proxy, (3) the LiteLLM proxy and (4) Tollgate with routing, budgets
-(SQLite ledger), metering and metrics on. Started by benches/load/run.sh, which builds and
-installs what it needs; see docs/PERFORMANCE.md.
+(SQLite ledger), metering and metrics on: the profile-guided release build (scripts/build-pgo.sh)
+and, as `tollgate-plain`, the plain `cargo build --release` one. Started by benches/load/run.sh,
+which builds and installs what it needs; see docs/PERFORMANCE.md.
 
 Everything listens on 127.0.0.1. Every client run is bounded in time (load_client stops at the
 end of its window plus a grace); every server is stopped at exit.
@@ -23,7 +24,9 @@ import time
 import urllib.request
 
 CELLS = [("json", 1), ("json", 64), ("sse", 1), ("sse", 64)]
-TARGETS = ["direct", "nginx", "hyper", "litellm", "tollgate"]
+TARGETS = ["direct", "nginx", "hyper", "litellm", "tollgate", "tollgate-plain"]
+# The same gateway twice: the build measured against the targets and the plain release build.
+TOLLGATES = ("tollgate", "tollgate-plain")
 TOLLGATE_KEY = "tg-load-harness-key"
 ADMIN_KEY = "tg-load-harness-admin"
 LITELLM_KEY = "sk-load-harness-master"
@@ -142,7 +145,7 @@ class Stack:
 
     def up(self):
         a, bins = self.args, self.args.bin_dir
-        for name in ("mock", "slow", "nginx", "hyper", "litellm", "tollgate"):
+        for name in ("mock", "slow", "nginx", "hyper", "litellm") + TOLLGATES:
             self.ports[name] = free_port()
         mock = [f"{bins}/examples/mock_upstream", "--chunks", "32", "--latency-ms", str(a.latency_ms)]
         self.start("mock", mock + ["--listen", f"127.0.0.1:{self.ports['mock']}"])
@@ -178,24 +181,29 @@ class Stack:
             )
             wait_http(f"http://127.0.0.1:{self.ports['litellm']}/health/liveliness", 180, what="LiteLLM")
 
-        conf = os.path.join(self.tmp, "tollgate.toml")
-        with open(conf, "w") as f:
-            f.write(TOLLGATE_CONF.format(
-                tmp=self.tmp, upstream=upstream, slow=f"http://127.0.0.1:{self.ports['slow']}",
-                key_sha256=__import__("hashlib").sha256(TOLLGATE_KEY.encode()).hexdigest()))
-        self.start(
-            "tollgate",
-            [f"{bins}/tollgate", "serve", "--config", conf, "--listen", f"127.0.0.1:{self.ports['tollgate']}"],
-            env={"TOLLGATE_ADMIN_KEY": ADMIN_KEY, "TOLLGATE_LOG": "warn"},
-        )
-        wait_http(f"http://127.0.0.1:{self.ports['tollgate']}/readyz", 20, what="Tollgate")
+        for name in TOLLGATES:
+            if name not in a.targets:
+                continue
+            conf = os.path.join(self.tmp, f"{name}.toml")
+            with open(conf, "w") as f:
+                f.write(TOLLGATE_CONF.format(
+                    ledger=os.path.join(self.tmp, f"{name}.db"), upstream=upstream,
+                    slow=f"http://127.0.0.1:{self.ports['slow']}",
+                    key_sha256=__import__("hashlib").sha256(TOLLGATE_KEY.encode()).hexdigest()))
+            binary = a.tollgate if name == "tollgate" else a.tollgate_plain
+            self.start(
+                name,
+                [binary, "serve", "--config", conf, "--listen", f"127.0.0.1:{self.ports[name]}"],
+                env={"TOLLGATE_ADMIN_KEY": ADMIN_KEY, "TOLLGATE_LOG": "warn"},
+            )
+            wait_http(f"http://127.0.0.1:{self.ports[name]}/readyz", 20, what=name)
 
     def url(self, target):
         port = {"direct": self.ports["mock"]}.get(target) or self.ports[target]
         return f"http://127.0.0.1:{port}/v1/chat/completions"
 
     def key(self, target):
-        return {"tollgate": TOLLGATE_KEY, "litellm": LITELLM_KEY}.get(target)
+        return TOLLGATE_KEY if target in TOLLGATES else {"litellm": LITELLM_KEY}.get(target)
 
     def pid(self, target):
         return self.procs["mock" if target == "direct" else target].pid
@@ -254,7 +262,7 @@ max_queue = 4096
 
 [ledger]
 backend = "sqlite"
-path = "{tmp}/ledger.db"
+path = "{ledger}"
 
 [[backends]]
 name = "mock-premium"
@@ -487,7 +495,8 @@ def plot(summary, med, path):
     import matplotlib.pyplot as plt
 
     targets = [t for t in summary["targets"] if t != "direct"]
-    colors = {"direct": "#999999", "nginx": "#4c9a2a", "hyper": "#9467bd", "litellm": "#c0504d", "tollgate": "#1f77b4"}
+    colors = {"direct": "#999999", "nginx": "#4c9a2a", "hyper": "#9467bd", "litellm": "#c0504d", "tollgate": "#1f77b4",
+              "tollgate-plain": "#aec7e8"}
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     panels = [
         ("added p50 latency, c=1 (ms, log)", lambda t, cell: med[t][cell]["p50_ms"] - med["direct"][cell]["p50_ms"],
@@ -520,7 +529,9 @@ def plot(summary, med, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--bin-dir", required=True, help="cargo's release directory (tollgate, examples/)")
+    p.add_argument("--bin-dir", required=True, help="cargo's release directory (examples/)")
+    p.add_argument("--tollgate", help="the Tollgate binary measured against the targets (default: BIN_DIR/tollgate)")
+    p.add_argument("--tollgate-plain", help="a second Tollgate binary, measured as `tollgate-plain`")
     p.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
     p.add_argument("--litellm", default="litellm")
     p.add_argument("--targets", default=",".join(TARGETS))
@@ -534,6 +545,9 @@ def main():
     # SIGTERM (a timeout, a kill by pid) still stops every server this run started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.targets = [t for t in args.targets.split(",") if t]
+    args.tollgate = args.tollgate or os.path.join(args.bin_dir, "tollgate")
+    if not args.tollgate_plain and "tollgate-plain" in args.targets:
+        args.targets.remove("tollgate-plain")
     if "direct" not in args.targets:
         args.targets.insert(0, "direct")
     os.makedirs(args.out, exist_ok=True)

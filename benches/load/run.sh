@@ -7,6 +7,7 @@
 #
 # Installs what it lacks: nginx and (for 1,000 open streams) nothing else from Debian; LiteLLM
 # (pinned) and matplotlib in their own venv under ~/.cache/tollgate (TOLLGATE_CACHE).
+# Measures Tollgate's profile-guided build (scripts/build-pgo.sh) and its plain release build.
 # Writes benches/load/out/{table.md,results.json,performance.png}.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -25,7 +26,10 @@ fi
 
 target="${CARGO_TARGET_DIR:-target}"
 cargo build --release --locked --bin tollgate --example mock_upstream --example load_client --example bare_proxy
+# The build the targets are measured on (the plain one above runs beside it as tollgate-plain).
+scripts/build-pgo.sh
 
 # 1,000 client sockets, as many proxied ones and their upstream connections.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-exec "$venv/bin/python" benches/load/harness.py --bin-dir "$target/release" --litellm "$venv/bin/litellm" "$@"
+exec "$venv/bin/python" benches/load/harness.py --bin-dir "$target/release" --litellm "$venv/bin/litellm" \
+  --tollgate "$target/pgo/release/tollgate" --tollgate-plain "$target/release/tollgate" "$@"
