@@ -10,6 +10,7 @@ end of its window plus a grace); every server is stopped at exit.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -181,16 +182,16 @@ class Stack:
             )
             wait_http(f"http://127.0.0.1:{self.ports['litellm']}/health/liveliness", 180, what="LiteLLM")
 
-        for name in TOLLGATES:
+        key_sha256 = hashlib.sha256(TOLLGATE_KEY.encode()).hexdigest()
+        binaries = {"tollgate": a.tollgate, "tollgate-plain": a.tollgate_plain}
+        for name, binary in binaries.items():
             if name not in a.targets:
                 continue
             conf = os.path.join(self.tmp, f"{name}.toml")
             with open(conf, "w") as f:
                 f.write(TOLLGATE_CONF.format(
                     ledger=os.path.join(self.tmp, f"{name}.db"), upstream=upstream,
-                    slow=f"http://127.0.0.1:{self.ports['slow']}",
-                    key_sha256=__import__("hashlib").sha256(TOLLGATE_KEY.encode()).hexdigest()))
-            binary = a.tollgate if name == "tollgate" else a.tollgate_plain
+                    slow=f"http://127.0.0.1:{self.ports['slow']}", key_sha256=key_sha256))
             self.start(
                 name,
                 [binary, "serve", "--config", conf, "--listen", f"127.0.0.1:{self.ports[name]}"],
