@@ -15,7 +15,7 @@ use http::{header, HeaderMap, HeaderValue};
 use tollgate::config::{Config, EMBEDDED_DEFAULT};
 use tollgate::cost::Usd;
 use tollgate::openai::Usage;
-use tollgate::policy::{decide, Candidate, Facts};
+use tollgate::policy::{decide, Candidate, Candidates, Facts};
 use tollgate::request::{Endpoint, ProxyRequest};
 use tollgate::snapshot::Snapshot;
 use tollgate::upstream::sse::SseScanner;
@@ -71,7 +71,7 @@ fn main() {
         Err(e) => panic!("embedded config: {e}"),
     };
     let user = &config.users[1];
-    let candidates: Vec<Candidate<'_>> = config
+    let candidates: Candidates<'_> = config
         .backends
         .iter()
         .enumerate()

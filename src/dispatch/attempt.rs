@@ -62,7 +62,9 @@ pub(super) async fn attempt(
         let upstream = &snapshot.upstreams[index];
         let backend = &upstream.backend;
         let Some(slot) = upstream.state.try_slot(backend.max_concurrency) else { continue };
-        let admission = upstream.state.admit(Instant::now());
+        // One clock reading for the admission, the occupancy and the gateway's time so far.
+        let now = Instant::now();
+        let admission = upstream.state.admit(now);
         if admission == Admission::Refused {
             continue;
         }
@@ -72,10 +74,10 @@ pub(super) async fn attempt(
         let Ok((reservation, remaining)) = ledger::reserve(&state.ledger, &ctx.user, estimate, unix).await? else {
             continue;
         };
-        let ticket = upstream.state.occupancy.enter(Instant::now());
+        let ticket = upstream.state.occupancy.enter(now);
         // The gateway's time before the first backend call; the time spent on its answer is
         // added in `respond`, and the sum observed as `tollgate_overhead_seconds`.
-        let gateway_before = *before_send.get_or_insert_with(|| ctx.started.elapsed());
+        let gateway_before = *before_send.get_or_insert_with(|| now.saturating_duration_since(ctx.started));
         let is_last = position + 1 == decision.order.len();
         let probe = probe.filter(|_| position == 0);
         let sent = match upstream.send(&ctx.request, probe.is_some()).await {
@@ -114,7 +116,7 @@ pub(super) async fn attempt(
                         backend: Arc::clone(backend),
                         backend_state: Arc::clone(&upstream.state),
                         route: plan.route.to_owned(),
-                        reason: reason.label().into_owned(),
+                        reason: reason.label(),
                         started: ctx.started,
                         arrived_ms: ctx.arrived_ms,
                         prompt_estimate: plan.prompt_tokens,

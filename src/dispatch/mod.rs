@@ -19,7 +19,7 @@ use crate::config::{Cascade, User};
 use crate::cost::Usd;
 use crate::error::ApiError;
 use crate::ledger::period;
-use crate::policy::{self, Candidate, Reason, Refusal};
+use crate::policy::{self, Candidates, Reason, Refusal};
 use crate::request::{Endpoint, ProxyRequest};
 use crate::snapshot::{ModelTarget, Snapshot};
 
@@ -116,7 +116,7 @@ async fn decide_and_send(
     let mut escalated_from: Option<f64> = None;
     loop {
         let unix = crate::clock::unix_now();
-        let remaining = state.ledger.remaining(user, unix).await?;
+        let remaining = crate::ledger::remaining(&state.ledger, user, unix).await?;
         let now = Instant::now();
         let mut candidates = candidates(&snapshot, &plan, now);
         if let Some(quality) = escalated_from {
@@ -206,7 +206,7 @@ fn refused(user: &User, refusal: Refusal, now: i64) -> ApiError {
 }
 
 /// The candidates as the backends' live state (circuit, in-flight count) has them now.
-fn candidates<'s>(snapshot: &'s Snapshot, plan: &Plan<'_>, now: Instant) -> Vec<Candidate<'s>> {
+fn candidates<'s>(snapshot: &'s Snapshot, plan: &Plan<'_>, now: Instant) -> Candidates<'s> {
     policy::plan::candidates(&snapshot.config, plan, |index| {
         let upstream = &snapshot.upstreams[index];
         (upstream.state.is_available(now), upstream.state.in_flight() < upstream.backend.max_concurrency)

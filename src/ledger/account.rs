@@ -72,7 +72,11 @@ impl Account {
     pub fn settle(&mut self, reserved: Usd, backend: &str, cost: Usd, prompt_tokens: u64, completion_tokens: u64) {
         self.release(reserved);
         self.totals.add(cost, prompt_tokens, completion_tokens);
-        self.by_backend.entry(backend.to_owned()).or_default().add(cost, prompt_tokens, completion_tokens);
+        // Looked up by `&str` first: the key is allocated only on a backend's first request.
+        match self.by_backend.get_mut(backend) {
+            Some(totals) => totals.add(cost, prompt_tokens, completion_tokens),
+            None => self.by_backend.entry(backend.to_owned()).or_default().add(cost, prompt_tokens, completion_tokens),
+        }
     }
 }
 

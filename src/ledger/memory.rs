@@ -63,6 +63,10 @@ impl Ledger for MemoryLedger {
         Box::pin(std::future::ready(Ok(records.iter().skip(skip).cloned().collect())))
     }
 
+    fn in_process(&self) -> Option<&Accounts> {
+        Some(&self.accounts)
+    }
+
     fn flush(&self) -> BoxFuture<'_, Result<(), LedgerError>> {
         Box::pin(std::future::ready(Ok(())))
     }

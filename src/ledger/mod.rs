@@ -11,12 +11,13 @@
 //! operation is one atomic server-side script, and reservations expire on their own.
 
 pub mod account;
-mod accounts;
+pub mod accounts;
 pub mod memory;
 pub mod period;
 pub mod redis;
 pub mod sqlite;
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -46,7 +47,8 @@ pub struct RequestRecord {
     pub user: String,
     pub route: String,
     pub backend: String,
-    pub reason: String,
+    /// A decision's label (static but for a fallback's, which names the backend).
+    pub reason: Cow<'static, str>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cost: Usd,
@@ -83,6 +85,11 @@ pub trait Ledger: Send + Sync + 'static {
     /// The longest a request can now live (the longest backend timeout): a store whose
     /// reservations expire keeps them longer than that. Called at start and on every reload.
     fn requests_last_at_most(&self, _longest: std::time::Duration) {}
+    /// The accounts of a store that keeps them in this process: reserving and reading what is
+    /// left then need no future (and no allocation for one) on every request.
+    fn in_process(&self) -> Option<&accounts::Accounts> {
+        None
+    }
 }
 
 /// The answer to a reservation.
@@ -130,6 +137,14 @@ impl Drop for Reservation {
     }
 }
 
+/// Budget left for `user` now, as [`Ledger::remaining`] says.
+pub async fn remaining(ledger: &Arc<dyn Ledger>, user: &User, now: i64) -> Result<Option<Usd>, LedgerError> {
+    match ledger.in_process() {
+        Some(accounts) => Ok(accounts.remaining(user, now)),
+        None => ledger.remaining(user, now).await,
+    }
+}
+
 /// Reserves through `ledger` and wraps a success in a [`Reservation`] guard.
 pub async fn reserve(
     ledger: &Arc<dyn Ledger>,
@@ -137,7 +152,11 @@ pub async fn reserve(
     amount: Usd,
     now: i64,
 ) -> Result<Result<(Reservation, Option<Usd>), Usd>, LedgerError> {
-    Ok(match ledger.reserve(user, amount, now).await? {
+    let answer = match ledger.in_process() {
+        Some(accounts) => accounts.reserve(user, amount, now),
+        None => ledger.reserve(user, amount, now).await?,
+    };
+    Ok(match answer {
         Reserve::Reserved { id, remaining } => {
             let reservation =
                 Reservation { ledger: Arc::clone(ledger), user: Arc::clone(user), id, amount, open: true };

@@ -52,7 +52,7 @@ pub struct MeterStart {
     pub backend: Arc<Backend>,
     pub backend_state: Arc<BackendState>,
     pub route: String,
-    pub reason: String,
+    pub reason: Cow<'static, str>,
     /// When the gateway received the request.
     pub started: Instant,
     /// Unix milliseconds of the same moment, for the record.

@@ -8,8 +8,16 @@ mod reason;
 
 pub use reason::Reason;
 
+use smallvec::SmallVec;
+
 use crate::config::Policy;
 use crate::cost::Usd;
+
+/// A route's candidates. Routes list a handful of backends: up to four live inline, with no
+/// allocation per request.
+pub type Candidates<'a> = SmallVec<[Candidate<'a>; 4]>;
+/// Backend indices in the order to try them.
+pub type Order = SmallVec<[usize; 4]>;
 
 /// What is known of one candidate backend when the request arrives.
 #[derive(Debug, Clone)]
@@ -32,7 +40,7 @@ pub struct Candidate<'a> {
 #[derive(Debug, Clone)]
 pub struct Facts<'a> {
     /// The route's backends in config order, or the one pinned backend.
-    pub candidates: Vec<Candidate<'a>>,
+    pub candidates: Candidates<'a>,
     pub pinned: bool,
     pub policy: Policy,
     /// The user's floor, raised by the request's hint when it asks for more.
@@ -50,7 +58,7 @@ pub struct Facts<'a> {
 /// byte), and why the first was chosen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
-    pub order: Vec<usize>,
+    pub order: Order,
     pub reason: Reason,
 }
 
@@ -96,24 +104,24 @@ pub fn decide(facts: &Facts<'_>) -> Result<Decision, Refusal> {
     let affordable = |x: &Candidate<'_>| facts.remaining.is_none_or(|left| x.estimated_cost <= left);
 
     // Eligible regardless of money and load: the request can be served there at all.
-    let servable: Vec<&Candidate<'_>> = c.iter().filter(|x| x.healthy && x.fits_context && meets_quality(x)).collect();
-    if servable.is_empty() {
+    let servable = |x: &Candidate<'_>| x.healthy && x.fits_context && meets_quality(x);
+    let payable = |x: &Candidate<'_>| servable(x) && within_cap(x) && affordable(x);
+    if !c.iter().any(servable) {
         return Err(why_unservable(facts));
     }
-    let payable: Vec<&Candidate<'_>> = servable.iter().copied().filter(|x| within_cap(x) && affordable(x)).collect();
-    if payable.is_empty() {
-        let cheapest = servable.iter().map(|x| x.estimated_cost).min().unwrap_or_default();
+    if !c.iter().any(payable) {
+        let cheapest = c.iter().filter(|x| servable(x)).map(|x| x.estimated_cost).min().unwrap_or_default();
         return Err(match (facts.max_request, facts.remaining) {
             (Some(cap), _) if cheapest > cap => Refusal::OverRequestCap { cheapest, cap },
             (_, remaining) => Refusal::BudgetExceeded { remaining: remaining.unwrap_or_default(), cheapest },
         });
     }
-    let mut ready: Vec<&Candidate<'_>> = payable.iter().copied().filter(|x| x.has_capacity).collect();
+    let mut ready: SmallVec<[&Candidate<'_>; 4]> = c.iter().filter(|x| payable(x) && x.has_capacity).collect();
     if ready.is_empty() {
         return Err(Refusal::AtCapacity);
     }
     if facts.pinned {
-        return Ok(Decision { order: vec![ready[0].index], reason: Reason::Pinned });
+        return Ok(Decision { order: smallvec::smallvec![ready[0].index], reason: Reason::Pinned });
     }
 
     let by_quality = |a: &&Candidate<'_>, b: &&Candidate<'_>| {

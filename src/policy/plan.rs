@@ -3,10 +3,14 @@
 //! traffic (`dispatch`) and the replay (`simulate`) build their facts through these same
 //! functions, so a simulated decision is the decision the gateway would take.
 
+use std::borrow::Cow;
+
+use smallvec::SmallVec;
+
 use crate::config::{Config, Policy, User};
 use crate::cost::{Baseline, Usd};
 use crate::ledger::period;
-use crate::policy::{self, Candidate, Facts, Refusal};
+use crate::policy::{self, Candidate, Candidates, Facts, Refusal};
 use crate::snapshot::ModelTarget;
 
 /// Completion estimate for a pinned backend when the request sets no `max_tokens`.
@@ -34,25 +38,31 @@ pub struct Plan<'c> {
     /// The route alias, or the pinned backend's name.
     pub route: &'c str,
     pub route_index: Option<usize>,
-    pub candidates: Vec<usize>,
+    /// Backend indices: the route's own list, borrowed from the config.
+    pub candidates: Cow<'c, [usize]>,
     pub pinned: bool,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     /// Estimated cost per candidate, in `candidates` order.
-    pub estimates: Vec<Usd>,
+    pub estimates: Estimates,
     /// The route's most expensive candidate for this request (none when pinned).
     pub baseline: Option<Baseline>,
     /// The route's highest-quality candidate: tokens it serves are premium tokens.
     pub premium: Option<usize>,
 }
 
+/// Estimated costs, one per candidate (inline for the usual handful).
+pub type Estimates = SmallVec<[Usd; 4]>;
+
 pub fn plan(config: &Config, target: ModelTarget, shape: Shape) -> Plan<'_> {
     let (route, route_index, candidates, default_max, pinned) = match target {
         ModelTarget::Route(i) => {
             let r = &config.routes[i];
-            (r.model.as_str(), Some(i), r.backends.clone(), u64::from(r.default_max_tokens), false)
+            (r.model.as_str(), Some(i), Cow::Borrowed(&r.backends[..]), u64::from(r.default_max_tokens), false)
         }
-        ModelTarget::Backend(i) => (config.backends[i].name.as_str(), None, vec![i], PINNED_DEFAULT_MAX_TOKENS, true),
+        ModelTarget::Backend(i) => {
+            (config.backends[i].name.as_str(), None, Cow::Owned(vec![i]), PINNED_DEFAULT_MAX_TOKENS, true)
+        }
     };
     let completion_tokens = if shape.embeddings { 0 } else { shape.max_tokens.unwrap_or(default_max) };
     let estimates = estimates(config, &candidates, shape.prompt_tokens, completion_tokens);
@@ -72,7 +82,7 @@ pub fn plan(config: &Config, target: ModelTarget, shape: Shape) -> Plan<'_> {
 }
 
 /// The estimated cost of `prompt_tokens` + `completion_tokens` on each of `candidates`.
-pub fn estimates(config: &Config, candidates: &[usize], prompt_tokens: u64, completion_tokens: u64) -> Vec<Usd> {
+pub fn estimates(config: &Config, candidates: &[usize], prompt_tokens: u64, completion_tokens: u64) -> Estimates {
     candidates
         .iter()
         .map(|&i| {
@@ -105,11 +115,7 @@ pub fn premium(config: &Config, candidates: &[usize]) -> Option<usize> {
 
 /// The candidates with their estimates; `state(index)` says whether a backend is healthy and
 /// has capacity (live: its circuit and in-flight count; simulated: always).
-pub fn candidates<'c>(
-    config: &'c Config,
-    plan: &Plan<'_>,
-    state: impl Fn(usize) -> (bool, bool),
-) -> Vec<Candidate<'c>> {
+pub fn candidates<'c>(config: &'c Config, plan: &Plan<'_>, state: impl Fn(usize) -> (bool, bool)) -> Candidates<'c> {
     let needed = plan.prompt_tokens + plan.completion_tokens;
     plan.candidates
         .iter()
@@ -145,7 +151,7 @@ pub fn facts<'c>(
     user: &User,
     hints: Hints,
     plan: &Plan<'_>,
-    candidates: Vec<Candidate<'c>>,
+    candidates: Candidates<'c>,
     remaining: Option<Usd>,
     now: i64,
 ) -> Facts<'c> {

@@ -24,12 +24,20 @@ fn cheap() -> Candidate<'static> {
 }
 
 fn facts(policy: Policy, candidates: Vec<Candidate<'static>>) -> Facts<'static> {
-    Facts { candidates, pinned: false, policy, min_quality: 0.0, max_request: None, remaining: None, paced: false }
+    Facts {
+        candidates: candidates.into(),
+        pinned: false,
+        policy,
+        min_quality: 0.0,
+        max_request: None,
+        remaining: None,
+        paced: false,
+    }
 }
 
 fn decided(f: &Facts<'_>) -> (Vec<usize>, String) {
     let d = decide(f).unwrap_or_else(|r| panic!("refused: {r}"));
-    (d.order, d.reason.label().into_owned())
+    (d.order.to_vec(), d.reason.label().into_owned())
 }
 
 fn both() -> Vec<Candidate<'static>> {

@@ -173,7 +173,7 @@ mod tests {
             user: "u".into(),
             route: "auto".into(),
             backend: "b".into(),
-            reason: reason.into(),
+            reason: reason.to_owned().into(),
             prompt_tokens: 10,
             completion_tokens: 20,
             cost: Usd::ZERO,
