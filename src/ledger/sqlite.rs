@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{mpsc, LazyLock};
 use std::time::Duration;
 
 use rusqlite::{params, Connection};
@@ -195,35 +195,77 @@ struct SpendDelta {
     completion_tokens: i64,
 }
 
+/// Request records inserted by one statement: per-statement work (stepping in and out of the
+/// VM, resetting, the statement's own checks) is paid once per this many rows.
+const ROWS_PER_INSERT: usize = 32;
+/// The `requests` table's columns, as bound per row.
+const REQUEST_COLUMNS: usize = 10;
+
+static INSERT_MANY: LazyLock<String> = LazyLock::new(|| insert_requests_sql(ROWS_PER_INSERT));
+static INSERT_ONE: LazyLock<String> = LazyLock::new(|| insert_requests_sql(1));
+
+/// `INSERT INTO requests ... VALUES (...), (...), ...` for `rows` rows.
+fn insert_requests_sql(rows: usize) -> String {
+    let row = format!("({})", ["?"; REQUEST_COLUMNS].join(","));
+    format!(
+        "INSERT INTO requests (at_ms, user, route, backend, reason, prompt_tokens, completion_tokens, cost_pico, status, latency_ms) VALUES {}",
+        vec![row; rows].join(",")
+    )
+}
+
+/// Binds `r` as the row starting at parameter `first` (1-based).
+fn bind_request(
+    statement: &mut rusqlite::CachedStatement<'_>,
+    first: usize,
+    r: &RequestRecord,
+) -> rusqlite::Result<()> {
+    let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    statement.raw_bind_parameter(first, r.at_ms)?;
+    statement.raw_bind_parameter(first + 1, r.user.as_str())?;
+    statement.raw_bind_parameter(first + 2, r.route.as_str())?;
+    statement.raw_bind_parameter(first + 3, r.backend.as_str())?;
+    statement.raw_bind_parameter(first + 4, r.reason.as_ref())?;
+    statement.raw_bind_parameter(first + 5, tokens(r.prompt_tokens))?;
+    statement.raw_bind_parameter(first + 6, tokens(r.completion_tokens))?;
+    statement.raw_bind_parameter(first + 7, r.cost.pico())?;
+    statement.raw_bind_parameter(first + 8, r.status)?;
+    statement.raw_bind_parameter(first + 9, tokens(r.latency_ms))?;
+    Ok(())
+}
+
 fn commit(conn: &mut Connection, batch: &[Write]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
-        let mut request = tx.prepare_cached(
-            "INSERT INTO requests (at_ms, user, route, backend, reason, prompt_tokens, completion_tokens, cost_pico, status, latency_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        )?;
         let mut spend: HashMap<(&str, i64, &str), SpendDelta> = HashMap::new();
+        let mut records = Vec::with_capacity(batch.len());
         for write in batch {
             let Write::Settled { period_start, record: r } = write else { continue };
-            let prompt = i64::try_from(r.prompt_tokens).unwrap_or(i64::MAX);
-            let completion = i64::try_from(r.completion_tokens).unwrap_or(i64::MAX);
             let delta = spend.entry((r.user.as_str(), *period_start, r.backend.as_str())).or_default();
             delta.spent_pico = delta.spent_pico.saturating_add(r.cost.pico());
             delta.requests += 1;
-            delta.prompt_tokens = delta.prompt_tokens.saturating_add(prompt);
-            delta.completion_tokens = delta.completion_tokens.saturating_add(completion);
-            request.execute(params![
-                r.at_ms,
-                r.user,
-                r.route,
-                r.backend,
-                r.reason,
-                prompt,
-                completion,
-                r.cost.pico(),
-                r.status,
-                i64::try_from(r.latency_ms).unwrap_or(i64::MAX)
-            ])?;
+            delta.prompt_tokens =
+                delta.prompt_tokens.saturating_add(i64::try_from(r.prompt_tokens).unwrap_or(i64::MAX));
+            delta.completion_tokens =
+                delta.completion_tokens.saturating_add(i64::try_from(r.completion_tokens).unwrap_or(i64::MAX));
+            records.push(r);
+        }
+        let mut chunks = records.chunks_exact(ROWS_PER_INSERT);
+        if chunks.len() > 0 {
+            let mut many = tx.prepare_cached(&INSERT_MANY)?;
+            for chunk in chunks.by_ref() {
+                for (row, r) in chunk.iter().enumerate() {
+                    bind_request(&mut many, 1 + row * REQUEST_COLUMNS, r)?;
+                }
+                many.raw_execute()?;
+            }
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut one = tx.prepare_cached(&INSERT_ONE)?;
+            for r in rest {
+                bind_request(&mut one, 1, r)?;
+                one.raw_execute()?;
+            }
         }
         let mut upsert = tx.prepare_cached(
             "INSERT INTO spend (user, period_start, backend, spent_pico, requests, prompt_tokens, completion_tokens)
@@ -402,6 +444,51 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(writer_nices().contains(&WRITER_NICE), "writer threads' nice values: {:?}", writer_nices());
+    }
+
+    /// A window's records go in by statements of many rows and one statement per leftover:
+    /// every record must come back whole and in order, whatever the batch's size.
+    #[tokio::test]
+    async fn a_window_of_records_larger_than_one_insert_comes_back_whole_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = SqliteLedger::open(&dir.path().join("ledger.db"), Duration::from_secs(86_400)).unwrap();
+        let now = crate::clock::unix_now();
+        let alice = user("alice");
+        let count = 2 * ROWS_PER_INSERT + 5;
+        for i in 0..count {
+            let Reserve::Reserved { id, .. } = ledger.reserve(&alice, Usd::from_pico(10), now).await.unwrap() else {
+                panic!("within budget")
+            };
+            let n = u64::try_from(i).unwrap();
+            let record = RequestRecord {
+                at_ms: now * 1000 + i64::try_from(i).unwrap(),
+                user: alice.name.clone(),
+                route: format!("route-{i}"),
+                backend: ["a", "b"][i % 2].into(),
+                reason: if i % 3 == 0 { "fallback:a".to_owned().into() } else { "cost-first".into() },
+                prompt_tokens: n,
+                completion_tokens: 2 * n,
+                cost: Usd::from_pico(i64::try_from(i).unwrap()),
+                status: if i == count - 1 { 499 } else { 200 },
+                latency_ms: 3 * n,
+            };
+            ledger.settle(&alice, id, Usd::from_pico(10), record, now);
+        }
+        ledger.flush().await.unwrap();
+        let records = ledger.records(1000).await.unwrap();
+        assert_eq!(records.len(), count);
+        for (i, r) in records.iter().enumerate() {
+            let n = u64::try_from(i).unwrap();
+            assert_eq!(r.at_ms, now * 1000 + i64::try_from(i).unwrap());
+            assert_eq!(
+                (r.user.as_str(), r.route.as_str(), r.backend.as_str()),
+                ("alice", &*format!("route-{i}"), ["a", "b"][i % 2])
+            );
+            assert_eq!(r.reason, if i % 3 == 0 { "fallback:a" } else { "cost-first" });
+            assert_eq!((r.prompt_tokens, r.completion_tokens, r.latency_ms), (n, 2 * n, 3 * n));
+            assert_eq!(r.cost, Usd::from_pico(i64::try_from(i).unwrap()));
+            assert_eq!(r.status, if i == count - 1 { 499 } else { 200 });
+        }
     }
 
     #[tokio::test]
