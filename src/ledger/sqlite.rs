@@ -213,23 +213,27 @@ fn insert_requests_sql(rows: usize) -> String {
     )
 }
 
+/// A count as SQLite's integer (which is signed), saturated.
+fn integer(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// Binds `r` as the row starting at parameter `first` (1-based).
 fn bind_request(
     statement: &mut rusqlite::CachedStatement<'_>,
     first: usize,
     r: &RequestRecord,
 ) -> rusqlite::Result<()> {
-    let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     statement.raw_bind_parameter(first, r.at_ms)?;
     statement.raw_bind_parameter(first + 1, r.user.as_str())?;
     statement.raw_bind_parameter(first + 2, r.route.as_str())?;
     statement.raw_bind_parameter(first + 3, r.backend.as_str())?;
     statement.raw_bind_parameter(first + 4, r.reason.as_ref())?;
-    statement.raw_bind_parameter(first + 5, tokens(r.prompt_tokens))?;
-    statement.raw_bind_parameter(first + 6, tokens(r.completion_tokens))?;
+    statement.raw_bind_parameter(first + 5, integer(r.prompt_tokens))?;
+    statement.raw_bind_parameter(first + 6, integer(r.completion_tokens))?;
     statement.raw_bind_parameter(first + 7, r.cost.pico())?;
     statement.raw_bind_parameter(first + 8, r.status)?;
-    statement.raw_bind_parameter(first + 9, tokens(r.latency_ms))?;
+    statement.raw_bind_parameter(first + 9, integer(r.latency_ms))?;
     Ok(())
 }
 
@@ -243,10 +247,8 @@ fn commit(conn: &mut Connection, batch: &[Write]) -> rusqlite::Result<()> {
             let delta = spend.entry((r.user.as_str(), *period_start, r.backend.as_str())).or_default();
             delta.spent_pico = delta.spent_pico.saturating_add(r.cost.pico());
             delta.requests += 1;
-            delta.prompt_tokens =
-                delta.prompt_tokens.saturating_add(i64::try_from(r.prompt_tokens).unwrap_or(i64::MAX));
-            delta.completion_tokens =
-                delta.completion_tokens.saturating_add(i64::try_from(r.completion_tokens).unwrap_or(i64::MAX));
+            delta.prompt_tokens = delta.prompt_tokens.saturating_add(integer(r.prompt_tokens));
+            delta.completion_tokens = delta.completion_tokens.saturating_add(integer(r.completion_tokens));
             records.push(r);
         }
         let mut chunks = records.chunks_exact(ROWS_PER_INSERT);
