@@ -106,7 +106,8 @@ async fn decide_and_send(
     let mut plan = plan(&snapshot, &ctx.request)?;
     let user = &ctx.user;
     let tokens_estimate = plan.prompt_tokens + plan.completion_tokens;
-    state.limiter.admit(user, tokens_estimate, Instant::now()).await?;
+    // Rate limits count the request at its arrival.
+    state.limiter.admit(user, tokens_estimate, ctx.started).await?;
     let mut tokens_held = TokenHold { state, user, tokens: tokens_estimate, armed: true };
 
     let queue_deadline = ctx.started + snapshot.config.server.queue_timeout;

@@ -34,10 +34,16 @@ pub(super) async fn respond(
 ) -> Result<Outcome, ApiError> {
     let Answered { upstream, reason, estimate, remaining_after_reserve, before_send } = answered;
     let backend = &upstream.backend;
-    // The gateway's own time after the backend answered: from here (the head; for a
-    // non-streamed answer, from its last byte) until the response is handed to the server.
-    let mut answered_at = Instant::now();
     let (head, body) = answer.into_parts();
+    let is_sse = head
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let streamed = ctx.request.stream && head.status.is_success() && is_sse;
+    // The gateway's own time after the backend answered: from here (for a non-streamed
+    // answer, from its last byte) until the response is handed to the server.
+    let mut answered_at = streamed.then(Instant::now);
     let deadline = ctx.started + backend.timeout;
     // Room for what follows and the server's own: growing a header map reallocates it.
     let mut headers = HeaderMap::with_capacity(12);
@@ -53,13 +59,8 @@ pub(super) async fn respond(
         headers.insert(HEADER_MAX_TOKENS_CLAMPED, HeaderValue::from(clamped));
     }
 
-    let is_sse = head
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
     let mut unsure = None;
-    let body = if ctx.request.stream && head.status.is_success() && is_sse {
+    let body = if streamed {
         // Streamed: the cost is known only at the end; the headers carry the estimate.
         put(&mut headers, HEADER_COST, usd_value(estimate));
         if let Some(remaining) = remaining_after_reserve {
@@ -76,7 +77,7 @@ pub(super) async fn respond(
                 return Err(e);
             }
         };
-        answered_at = Instant::now();
+        answered_at = Some(Instant::now());
         if head.status.is_success() && !meter_json(&bytes, &mut meter) {
             meter.end(Ending::BackendBroke);
             meter.settle();
@@ -111,7 +112,7 @@ pub(super) async fn respond(
     Ok(match unsure {
         Some((quality, cost)) => Outcome::Unsure { quality, cost, answer: response },
         None => {
-            let overhead = before_send + answered_at.elapsed();
+            let overhead = before_send + answered_at.map_or(std::time::Duration::ZERO, |at| at.elapsed());
             let endpoint = endpoint_label(ctx.request.endpoint);
             state.metrics.overhead.with_label_values(&[endpoint]).observe(overhead.as_secs_f64());
             Outcome::Answered(response)

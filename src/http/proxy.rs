@@ -36,7 +36,8 @@ pub(super) async fn proxy(State(state): State<Arc<AppState>>, endpoint: Endpoint
         let snapshot = state.snapshot.load_full();
         let user = Arc::clone(snapshot.keys.authenticate(&headers)?);
         let server = &snapshot.config.server;
-        let bytes = tokio::time::timeout(server.body_read_timeout, read_body(&headers, body, server.max_body_bytes))
+        let read_by = started + server.body_read_timeout;
+        let bytes = tokio::time::timeout_at(read_by, read_body(&headers, body, server.max_body_bytes))
             .await
             .map_err(|_| ApiError::BodyTimeout(server.body_read_timeout.as_secs()))??;
         let request = ProxyRequest::parse(endpoint, bytes)?;
