@@ -57,7 +57,7 @@ async fn refresh(state: &AppState) {
     }
     let unix = crate::clock::unix_now();
     for user in &snapshot.config.users {
-        if let Ok(Some(remaining)) = state.ledger.remaining(user, unix).await {
+        if let Ok(Some(remaining)) = crate::ledger::remaining(&state.ledger, user, unix).await {
             m.budget_remaining.with_label_values(&[&user.name]).set(remaining.as_f64());
         }
     }

@@ -198,7 +198,10 @@ struct SpendDelta {
 /// Request records inserted by one statement: per-statement work (stepping in and out of the
 /// VM, resetting, the statement's own checks) is paid once per this many rows.
 const ROWS_PER_INSERT: usize = 32;
-/// The `requests` table's columns, as bound per row.
+/// The `requests` table's columns, in the order rows are written and read.
+const REQUEST_COLUMN_LIST: &str =
+    "at_ms, user, route, backend, reason, prompt_tokens, completion_tokens, cost_pico, status, latency_ms";
+/// How many there are, as bound per row.
 const REQUEST_COLUMNS: usize = 10;
 
 static INSERT_MANY: LazyLock<String> = LazyLock::new(|| insert_requests_sql(ROWS_PER_INSERT));
@@ -207,10 +210,7 @@ static INSERT_ONE: LazyLock<String> = LazyLock::new(|| insert_requests_sql(1));
 /// `INSERT INTO requests ... VALUES (...), (...), ...` for `rows` rows.
 fn insert_requests_sql(rows: usize) -> String {
     let row = format!("({})", ["?"; REQUEST_COLUMNS].join(","));
-    format!(
-        "INSERT INTO requests (at_ms, user, route, backend, reason, prompt_tokens, completion_tokens, cost_pico, status, latency_ms) VALUES {}",
-        vec![row; rows].join(",")
-    )
+    format!("INSERT INTO requests ({REQUEST_COLUMN_LIST}) VALUES {}", vec![row; rows].join(","))
 }
 
 /// A count as SQLite's integer (which is signed), saturated.
@@ -354,7 +354,8 @@ pub fn read_report(path: &Path, since_ms: i64) -> Result<(Vec<RequestRecord>, Ve
     let conn =
         Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(storage(&display))?;
     let read = || -> rusqlite::Result<_> {
-        let mut statement = conn.prepare(&format!("{RECORD_COLUMNS} WHERE at_ms >= ?1 ORDER BY at_ms, rowid"))?;
+        let mut statement = conn
+            .prepare(&format!("SELECT {REQUEST_COLUMN_LIST} FROM requests WHERE at_ms >= ?1 ORDER BY at_ms, rowid"))?;
         let records = statement.query_map(params![since_ms], record_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         let mut statement =
             conn.prepare("SELECT user, period_start, SUM(spent_pico) FROM spend GROUP BY user, period_start")?;
@@ -367,10 +368,6 @@ pub fn read_report(path: &Path, since_ms: i64) -> Result<(Vec<RequestRecord>, Ve
     };
     read().map_err(storage(&display))
 }
-
-const RECORD_COLUMNS: &str =
-    "SELECT at_ms, user, route, backend, reason, prompt_tokens, completion_tokens, cost_pico, status, latency_ms
-     FROM requests";
 
 fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRecord> {
     Ok(RequestRecord {
@@ -389,7 +386,8 @@ fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRecord> {
 
 fn read_records(path: &str, limit: usize) -> rusqlite::Result<Vec<RequestRecord>> {
     let conn = Connection::open(path)?;
-    let mut statement = conn.prepare(&format!("{RECORD_COLUMNS} ORDER BY rowid DESC LIMIT ?1"))?;
+    let mut statement =
+        conn.prepare(&format!("SELECT {REQUEST_COLUMN_LIST} FROM requests ORDER BY rowid DESC LIMIT ?1"))?;
     let rows = statement.query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], record_from_row)?;
     let mut records = rows.collect::<rusqlite::Result<Vec<_>>>()?;
     records.reverse();
