@@ -3,15 +3,14 @@
 
 use std::sync::Arc;
 
-use axum::response::Response;
 use http::StatusCode;
-use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use super::guards::{ProbeGuard, TokenHold};
 use super::respond::{read_whole, respond};
 use super::{Plan, RequestContext};
 use crate::app::AppState;
+use crate::body::Response;
 use crate::config::Cascade;
 use crate::cost::Usd;
 use crate::error::ApiError;
@@ -177,8 +176,7 @@ pub(super) async fn context_overflow(
     if text.contains("context") && ["length", "size", "window", "too long"].iter().any(|w| text.contains(w)) {
         return Err(UpstreamError::ContextOverflow { backend: backend.to_owned() });
     }
-    let body = http_body_util::Full::new(bytes).map_err(|never| match never {}).boxed_unsync();
-    Ok(http::Response::from_parts(head, body))
+    Ok(http::Response::from_parts(head, crate::upstream::UpstreamBody::whole(bytes)))
 }
 
 /// Where an answer came from and what the headers say of it.

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::response::Response;
+use crate::body::Response;
 use http::HeaderName;
 use tokio::time::Instant;
 

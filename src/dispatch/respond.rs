@@ -5,8 +5,6 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::response::Response;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 use http_body_util::BodyExt;
@@ -18,6 +16,7 @@ use super::{
     HEADER_TIER, MAX_ANSWER_BYTES,
 };
 use crate::app::AppState;
+use crate::body::{Response, ResponseBody};
 use crate::cost::Usd;
 use crate::error::ApiError;
 use crate::metering::{meter_json, Ending, Meter, MeteredBody};
@@ -66,7 +65,7 @@ pub(super) async fn respond(
         if let Some(remaining) = remaining_after_reserve {
             put(&mut headers, HEADER_BUDGET_REMAINING, usd_value(remaining));
         }
-        Body::new(MeteredBody::new(body, meter, !ctx.request.client_wants_usage, backend.timeout))
+        ResponseBody::Metered(Box::new(MeteredBody::new(body, meter, !ctx.request.client_wants_usage, backend.timeout)))
     } else {
         let bytes = match read_whole(body, deadline, backend.name.as_str()).await {
             Ok(bytes) => bytes,
@@ -104,7 +103,7 @@ pub(super) async fn respond(
         if let Some(remaining) = remaining {
             put(&mut headers, HEADER_BUDGET_REMAINING, usd_value(remaining));
         }
-        Body::from(bytes)
+        ResponseBody::whole(bytes)
     };
     let mut response = Response::new(body);
     *response.status_mut() = head.status;

@@ -8,15 +8,14 @@ mod proxy;
 
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::State;
-use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use hyper::body::Incoming;
 use tower::ServiceExt;
 
 use crate::app::AppState;
+use crate::body::{from_axum, Response};
 use crate::error::ApiError;
 use crate::request::Endpoint;
 
@@ -53,11 +52,11 @@ pub async fn handle(router: Router, state: &Arc<AppState>, request: http::Reques
             _ => None,
         };
         if let Some(endpoint) = endpoint {
-            return proxy::proxy(State(Arc::clone(state)), endpoint, request.map(Body::new)).await;
+            return proxy::proxy(State(Arc::clone(state)), endpoint, request).await;
         }
     }
     match router.oneshot(request).await {
-        Ok(response) => response,
+        Ok(response) => from_axum(response),
         Err(never) => match never {},
     }
 }
@@ -69,7 +68,7 @@ fn refuse_oversized_header<B>(state: &AppState, request: &http::Request<B>) -> O
     let limit = state.snapshot.load().config.server.max_header_bytes;
     if request.headers().iter().any(|(name, value)| name.as_str().len() + value.len() > limit) {
         state.metrics.rejected.with_label_values(&["header_too_large"]).inc();
-        return Some(axum::response::IntoResponse::into_response(ApiError::HeaderTooLarge(limit)));
+        return Some(from_axum(axum::response::IntoResponse::into_response(ApiError::HeaderTooLarge(limit))));
     }
     None
 }

@@ -2,33 +2,44 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap};
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
+use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 
 use crate::app::AppState;
+use crate::body::{from_axum, Response};
 use crate::config::Policy;
 use crate::dispatch::{self, Hints, RequestContext};
 use crate::error::ApiError;
 use crate::request::{Endpoint, ProxyRequest};
 
-pub async fn chat_completions(state: State<Arc<AppState>>, request: Request) -> Response {
-    proxy(state, Endpoint::ChatCompletions, request).await
+// The router's routes for the proxied endpoints; `super::handle` serves them ahead of it.
+pub async fn chat_completions(state: State<Arc<AppState>>, request: Request) -> axum::response::Response {
+    proxy(state, Endpoint::ChatCompletions, request).await.map(axum::body::Body::new)
 }
 
-pub async fn completions(state: State<Arc<AppState>>, request: Request) -> Response {
-    proxy(state, Endpoint::Completions, request).await
+pub async fn completions(state: State<Arc<AppState>>, request: Request) -> axum::response::Response {
+    proxy(state, Endpoint::Completions, request).await.map(axum::body::Body::new)
 }
 
-pub async fn embeddings(state: State<Arc<AppState>>, request: Request) -> Response {
-    proxy(state, Endpoint::Embeddings, request).await
+pub async fn embeddings(state: State<Arc<AppState>>, request: Request) -> axum::response::Response {
+    proxy(state, Endpoint::Embeddings, request).await.map(axum::body::Body::new)
 }
 
-/// Takes the whole request rather than axum's `HeaderMap` extractor, which clones every header.
-pub(super) async fn proxy(State(state): State<Arc<AppState>>, endpoint: Endpoint, request: Request) -> Response {
+/// Takes the whole request rather than axum's `HeaderMap` extractor, which clones every header,
+/// and its body as the server gave it (boxing it would cost an allocation).
+pub(super) async fn proxy<B>(
+    State(state): State<Arc<AppState>>,
+    endpoint: Endpoint,
+    request: http::Request<B>,
+) -> Response
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<axum::BoxError>,
+{
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
@@ -61,7 +72,7 @@ pub(super) async fn proxy(State(state): State<Arc<AppState>>, endpoint: Endpoint
     .await;
     result.unwrap_or_else(|error| {
         state.metrics.rejected.with_label_values(&[error.code()]).inc();
-        error.into_response()
+        from_axum(error.into_response())
     })
 }
 
@@ -74,13 +85,17 @@ const PREALLOCATED_BODY_BYTES: u64 = 64 * 1024;
 /// Copied into a buffer of its own, even when it came in one piece: that piece is a view into
 /// the connection's read buffer, and the request keeps its body for as long as it runs (a
 /// stream, minutes): it would keep kilobytes of read buffer alive per open stream.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Bytes, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<axum::BoxError>,
+{
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(ApiError::BodyTooLarge { limit });
     }
-    let mut body = Limited::new(body, limit);
+    let mut body = std::pin::pin!(Limited::new(body, limit));
     // Sized by the declared length, up to a bound: a declared length is only a promise.
     let mut bytes = Vec::with_capacity(declared.map_or(0, |len| len.min(PREALLOCATED_BODY_BYTES) as usize));
     while let Some(frame) = body.frame().await {
@@ -94,7 +109,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<byte
             Err(_) => return Err(ApiError::BodyUnreadable),
         }
     }
-    Ok(bytes::Bytes::from(bytes))
+    Ok(Bytes::from(bytes))
 }
 
 pub const HEADER_POLICY_HINT: &str = "x-tollgate-policy";

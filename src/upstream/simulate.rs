@@ -10,7 +10,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
 use http_body::{Body, Frame};
-use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -50,7 +49,7 @@ pub async fn respond(
         let (tx, rx) = mpsc::channel(16);
         let chunk = ChunkShape { endpoint: request.endpoint, id, created, model: backend.model.clone() };
         tokio::spawn(stream(tx, chunk, answer, finish, usage, sim.ttft, per_token));
-        let body = ChannelBody { rx }.boxed_unsync();
+        let body = UpstreamBody::Simulated(ChannelBody { rx });
         return with_type(Response::new(body), "text/event-stream");
     }
 
@@ -86,7 +85,7 @@ pub async fn respond(
         };
     }
     let bytes = Bytes::from(body.to_string());
-    let body = Full::new(bytes).map_err(|never| match never {}).boxed_unsync();
+    let body = UpstreamBody::whole(bytes);
     let mut response = with_type(Response::new(body), "application/json");
     *response.status_mut() = StatusCode::OK;
     response
@@ -197,7 +196,7 @@ fn with_type(mut response: Response<UpstreamBody>, content_type: &'static str) -
 }
 
 /// A body fed by the generating task; dropping it (client gone) stops the task.
-struct ChannelBody {
+pub struct ChannelBody {
     rx: mpsc::Receiver<Bytes>,
 }
 
