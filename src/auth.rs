@@ -22,19 +22,21 @@ pub enum AuthError {
 /// The users of one config snapshot, indexed by the SHA-256 of their key.
 #[derive(Debug, Default)]
 pub struct KeyTable {
-    by_hash: HashMap<[u8; 32], Arc<User>>,
+    by_hash: HashMap<[u8; 32], (usize, Arc<User>)>,
 }
 
 impl KeyTable {
     pub fn new(users: &[Arc<User>]) -> Self {
-        Self { by_hash: users.iter().map(|u| (u.key_sha256, Arc::clone(u))).collect() }
+        Self { by_hash: users.iter().enumerate().map(|(i, u)| (u.key_sha256, (i, Arc::clone(u)))).collect() }
     }
 
-    /// The user whose key the request presents. The key is hashed before any comparison, so
-    /// the lookup time does not depend on how much of a guessed key is right.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<&Arc<User>, AuthError> {
+    /// The user whose key the request presents, with its index in the config's users (what
+    /// per-user caches are indexed by). The key is hashed before any comparison, so the lookup
+    /// time does not depend on how much of a guessed key is right.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<(usize, &Arc<User>), AuthError> {
         let key = bearer(headers)?;
-        self.by_hash.get(&sha256(key.as_bytes())).ok_or(AuthError::Unknown)
+        let (index, user) = self.by_hash.get(&sha256(key.as_bytes())).ok_or(AuthError::Unknown)?;
+        Ok((*index, user))
     }
 }
 

@@ -8,6 +8,7 @@ use tokio::sync::Notify;
 
 use crate::auth::KeyTable;
 use crate::config::{Config, User};
+use crate::metering::meters::MeterTable;
 use crate::upstream::{BackendState, Upstream, UpstreamError};
 
 /// What a requested `model` names.
@@ -32,6 +33,8 @@ pub struct Snapshot {
     /// hashed and compared with these (see `auth`).
     pub admin_key_sha256: Option<[u8; 32]>,
     pub metrics_key_sha256: Option<[u8; 32]>,
+    /// The metric series each (user, backend) pair settles into, by their indices.
+    pub meters: MeterTable,
 }
 
 /// What each model name a client may ask for resolves to, and the names in a stable order.
@@ -75,6 +78,7 @@ impl Snapshot {
         let metrics_key_sha256 = config.server.metrics_key.as_ref().map(|k| crate::auth::sha256(k.expose().as_bytes()));
         Ok(Self {
             keys: KeyTable::new(&config.users),
+            meters: MeterTable::new(config.users.len(), config.backends.len()),
             upstreams,
             models,
             model_ids,

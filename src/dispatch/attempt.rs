@@ -114,6 +114,11 @@ pub(super) async fn attempt(
                         user: Arc::clone(&ctx.user),
                         backend: Arc::clone(backend),
                         backend_state: Arc::clone(&upstream.state),
+                        meters: snapshot.meters.pair(
+                            &state.metrics,
+                            (ctx.user_index, &ctx.user.name),
+                            (index, &backend.name),
+                        ),
                         route: plan.route.to_owned(),
                         reason: reason.label(),
                         started: ctx.started,

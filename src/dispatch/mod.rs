@@ -44,6 +44,8 @@ pub(crate) use respond::usd_value;
 pub struct RequestContext {
     pub snapshot: Arc<Snapshot>,
     pub user: Arc<User>,
+    /// The user's index in the snapshot's users.
+    pub user_index: usize,
     pub request: ProxyRequest,
     pub hints: Hints,
     /// When the gateway received the request (for durations and deadlines).

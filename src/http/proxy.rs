@@ -45,7 +45,8 @@ where
     let headers = parts.headers;
     let result = async {
         let snapshot = state.snapshot.load_full();
-        let user = Arc::clone(snapshot.keys.authenticate(&headers)?);
+        let (user_index, user) = snapshot.keys.authenticate(&headers)?;
+        let user = Arc::clone(user);
         let server = &snapshot.config.server;
         let read_by = started + server.body_read_timeout;
         let bytes = tokio::time::timeout_at(read_by, read_body(&headers, body, server.max_body_bytes))
@@ -59,6 +60,7 @@ where
             RequestContext {
                 snapshot,
                 user,
+                user_index,
                 request,
                 hints,
                 started,

@@ -2,6 +2,7 @@
 //! body ends, fails or the client hangs up.
 
 mod body;
+pub mod meters;
 pub mod occupancy;
 
 use std::borrow::Cow;
@@ -18,6 +19,7 @@ use crate::cost::{Pricing, Usd};
 use crate::ledger::{RequestRecord, Reservation};
 use crate::openai::Usage;
 use crate::upstream::{BackendState, Slot};
+use meters::PairMeters;
 use occupancy::Ticket;
 
 /// How a metered request ended, as the `status` label of `tollgate_requests_total` says it.
@@ -51,6 +53,8 @@ pub struct MeterStart {
     pub user: Arc<User>,
     pub backend: Arc<Backend>,
     pub backend_state: Arc<BackendState>,
+    /// The metric series this user and backend settle into.
+    pub meters: Arc<PairMeters>,
     pub route: String,
     pub reason: Cow<'static, str>,
     /// When the gateway received the request.
@@ -144,21 +148,21 @@ impl Meter {
         let total_tokens = usage.prompt_tokens + usage.completion_tokens;
         s.state.limiter.settle_tokens(&s.user, s.tokens_estimate, total_tokens);
 
-        let (m, user, backend) = (&s.state.metrics, s.user.name.as_str(), s.backend.name.as_str());
-        m.tokens.with_label_values(&[user, backend, "prompt"]).inc_by(usage.prompt_tokens);
-        m.tokens.with_label_values(&[user, backend, "completion"]).inc_by(usage.completion_tokens);
-        m.cost.with_label_values(&[user, backend]).inc_by(cost.as_f64());
+        let (m, pair, user, backend) = (&s.state.metrics, &s.meters, s.user.name.as_str(), s.backend.name.as_str());
+        pair.prompt_tokens.inc_by(usage.prompt_tokens);
+        pair.completion_tokens.inc_by(usage.completion_tokens);
+        pair.cost.inc_by(cost.as_f64());
         if let Some(baseline) = s.baseline {
-            m.savings.with_label_values(&[user]).inc_by(baseline.savings(&usage, cost).as_f64());
+            pair.savings(m).inc_by(baseline.savings(&usage, cost).as_f64());
         }
         if s.premium {
-            m.premium_tokens.with_label_values(&[user]).inc_by(usage.prompt_tokens + usage.completion_tokens);
+            pair.premium_tokens(m).inc_by(usage.prompt_tokens + usage.completion_tokens);
         }
         if estimated {
-            m.usage_estimated.with_label_values(&[backend]).inc();
+            pair.usage_estimated(m).inc();
         }
         m.requests.with_label_values(&[backend, &s.backend.tier, &s.reason, &status_label(status)]).inc();
-        m.request_duration.with_label_values(&[backend]).observe(latency.as_secs_f64());
+        pair.request_duration.observe(latency.as_secs_f64());
         tracing::debug!(
             user, backend, reason = %s.reason, status, prompt_tokens = usage.prompt_tokens,
             completion_tokens = usage.completion_tokens, cost_usd = %cost, estimated, "request settled"
