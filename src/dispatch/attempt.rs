@@ -50,6 +50,7 @@ pub(super) async fn attempt(
     ctx: &RequestContext,
     plan: &Plan<'_>,
     decision: Decision,
+    decided_at: Instant,
     tokens_held: &mut TokenHold<'_>,
     probe: Option<&Probe<'_>>,
 ) -> Result<Outcome, ApiError> {
@@ -57,19 +58,21 @@ pub(super) async fn attempt(
     let mut reason = decision.reason;
     let mut last_error = None;
     let mut before_send = None;
+    // The decision's clock reading serves until a backend has been waited on.
+    let mut fresh = Some(decided_at);
     for (position, &index) in decision.order.iter().enumerate() {
         let upstream = &snapshot.upstreams[index];
         let backend = &upstream.backend;
         let Some(slot) = upstream.state.try_slot(backend.max_concurrency) else { continue };
         // One clock reading for the admission, the occupancy and the gateway's time so far.
-        let now = Instant::now();
+        let now = fresh.take().unwrap_or_else(Instant::now);
         let admission = upstream.state.admit(now);
         if admission == Admission::Refused {
             continue;
         }
         let mut breaker_probe = ProbeGuard { state: &upstream.state, armed: admission == Admission::Probe };
         let estimate = plan.candidates.iter().position(|&c| c == index).map_or(Usd::ZERO, |i| plan.estimates[i]);
-        let unix = crate::clock::unix_now();
+        let unix = ctx.unix_at(now);
         let Ok((reservation, remaining)) = ledger::reserve(&state.ledger, &ctx.user, estimate, unix).await? else {
             continue;
         };
@@ -79,7 +82,7 @@ pub(super) async fn attempt(
         let gateway_before = *before_send.get_or_insert_with(|| now.saturating_duration_since(ctx.started));
         let is_last = position + 1 == decision.order.len();
         let probe = probe.filter(|_| position == 0);
-        let sent = match upstream.send(&ctx.request, probe.is_some()).await {
+        let sent = match upstream.send(&ctx.request, probe.is_some(), now).await {
             // The estimate (characters / 4) can be far off for code or hex: when the backend
             // itself says the prompt does not fit and a later candidate may, escalate.
             Ok(answer) if answer.status() == StatusCode::BAD_REQUEST && !is_last => {

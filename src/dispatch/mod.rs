@@ -50,11 +50,19 @@ pub struct RequestContext {
     pub hints: Hints,
     /// When the gateway received the request (for durations and deadlines).
     pub started: Instant,
+    /// The same moment in Unix milliseconds.
     pub arrived_ms: i64,
     /// `max_tokens` as shortened to what the budget pays (`clamp_max_tokens`).
     pub clamped: Option<u64>,
     /// What earlier calls for this request cost (a cascade's unsure first answer).
     pub prior_cost: Usd,
+}
+
+impl RequestContext {
+    /// Unix seconds at `at`, from the request's arrival on both clocks.
+    pub fn unix_at(&self, at: Instant) -> i64 {
+        crate::clock::unix_at(self.arrived_ms, self.started, at)
+    }
 }
 
 /// The shared plan (see [`policy::plan`]) and the route's cascade when this request can go
@@ -118,9 +126,9 @@ async fn decide_and_send(
     // After an unsure cascade answer: only backends better than the one that gave it.
     let mut escalated_from: Option<f64> = None;
     loop {
-        let unix = crate::clock::unix_now();
-        let remaining = crate::ledger::remaining(&state.ledger, user, unix).await?;
         let now = Instant::now();
+        let unix = ctx.unix_at(now);
+        let remaining = crate::ledger::remaining(&state.ledger, user, unix).await?;
         let mut candidates = candidates(&snapshot, &plan, now);
         if let Some(quality) = escalated_from {
             candidates.retain(|c| c.quality > quality);
@@ -145,7 +153,7 @@ async fn decide_and_send(
                     }
                     (None, None) => None,
                 };
-                match attempt(state, &ctx, &plan, decision, &mut tokens_held, probe.as_ref()).await? {
+                match attempt(state, &ctx, &plan, decision, now, &mut tokens_held, probe.as_ref()).await? {
                     Outcome::Answered(response) => return Ok(response),
                     Outcome::Unsure { quality, cost, answer } => {
                         escalated_from = Some(quality);

@@ -76,7 +76,8 @@ pub(super) async fn respond(
                 return Err(e);
             }
         };
-        answered_at = Some(Instant::now());
+        let done = Instant::now();
+        answered_at = Some(done);
         if head.status.is_success() && !meter_json(&bytes, &mut meter) {
             meter.end(Ending::BackendBroke);
             meter.settle();
@@ -96,7 +97,7 @@ pub(super) async fn respond(
         // The answer is served and charged by now: a ledger that cannot be read any more must
         // not turn it into an error (the client would be charged for a 503). The header then
         // says what was left at the reservation, corrected by the actual cost.
-        let remaining = match crate::ledger::remaining(&state.ledger, &ctx.user, crate::clock::unix_now()).await {
+        let remaining = match crate::ledger::remaining(&state.ledger, &ctx.user, ctx.unix_at(done)).await {
             Ok(remaining) => remaining,
             Err(_) => remaining_after_reserve.map(|r| r.saturating_add(estimate).saturating_sub(cost).max(Usd::ZERO)),
         };

@@ -41,6 +41,8 @@ where
     B::Error: Into<axum::BoxError>,
 {
     let started = Instant::now();
+    // The same moment on the wall clock: the request's later wall times derive from the two.
+    let arrived_ms = crate::clock::unix_now_ms();
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
     let result = async {
@@ -54,7 +56,6 @@ where
             .map_err(|_| ApiError::BodyTimeout(server.body_read_timeout.as_secs()))??;
         let request = ProxyRequest::parse(endpoint, bytes)?;
         let hints = hints(&headers)?;
-        let arrived_ms = crate::clock::unix_now_ms();
         dispatch::run(
             &state,
             RequestContext {

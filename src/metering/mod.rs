@@ -179,7 +179,7 @@ impl Meter {
             status,
             latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
         };
-        s.reservation.settle(record, crate::clock::unix_now());
+        s.reservation.settle(record, crate::clock::unix_at(s.arrived_ms, s.started, now));
         drop(s.slot);
         cost
     }

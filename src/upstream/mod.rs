@@ -170,11 +170,13 @@ impl Upstream {
 
     /// Sends `request` (model rewritten, usage asked for) and waits for the response head.
     /// Failing before the head is what allows a fallback to another backend.
-    /// `with_logprobs`: ask for log-probabilities (a cascade's first call).
+    /// `with_logprobs`: ask for log-probabilities (a cascade's first call); `now`: the caller's
+    /// latest clock reading.
     pub async fn send(
         &self,
         request: &ProxyRequest,
         with_logprobs: bool,
+        now: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         match &self.transport {
             Transport::Simulated(sim) => {
@@ -184,7 +186,7 @@ impl Upstream {
                 let body = forward::upstream_body(request, &self.backend.model, with_logprobs);
                 let http_request = destination.request(request.endpoint, body);
                 let timeout = self.backend.first_byte_timeout;
-                let response = match tokio::time::timeout(timeout, pool.send(http_request)).await {
+                let response = match tokio::time::timeout_at(now + timeout, pool.send(http_request, now)).await {
                     Err(_) => {
                         return Err(UpstreamError::Timeout { backend: self.backend.name.clone(), after: timeout })
                     }

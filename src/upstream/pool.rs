@@ -91,10 +91,15 @@ impl Pool {
 
     /// Sends `request` (origin-form URI, `Host` set) and waits for the answer's head. A reused
     /// connection that turns out closed before the request was written is replaced by another,
-    /// so a backend's keep-alive expiry never fails a request.
-    pub async fn send(self: &Arc<Self>, mut request: Request<Full<Bytes>>) -> Result<Response<ConnBody>, SendError> {
+    /// so a backend's keep-alive expiry never fails a request. `now`: the caller's latest clock
+    /// reading.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut request: Request<Full<Bytes>>,
+        now: Instant,
+    ) -> Result<Response<ConnBody>, SendError> {
         loop {
-            let (mut live, reused) = match self.checkout().await {
+            let (mut live, reused) = match self.checkout(now).await {
                 Some(live) => (live, true),
                 // Boxed: dialing and the TLS handshake make a large future, and it is rare.
                 None => (Box::pin(self.connect()).await?, false),
@@ -126,10 +131,10 @@ impl Pool {
 
     /// The most recently used idle connection that is still open; older and closed ones are
     /// dropped on the way.
-    async fn checkout(&self) -> Option<Live> {
+    async fn checkout(&self, now: Instant) -> Option<Live> {
         loop {
             let Idle { mut live, since } = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop()?;
-            if since.elapsed() >= self.idle_timeout {
+            if now.saturating_duration_since(since) >= self.idle_timeout {
                 continue;
             }
             // Nobody polled it while idle: one poll reads a close or reset the backend sent.
@@ -297,7 +302,7 @@ mod tests {
         let mut request = Request::new(Full::new(Bytes::new()));
         let host = origin.authority().unwrap().as_str().parse().unwrap();
         request.headers_mut().insert(http::header::HOST, host);
-        let response = pool.send(request).await.unwrap();
+        let response = pool.send(request, Instant::now()).await.unwrap();
         let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
     }
