@@ -1,8 +1,8 @@
 //! Every metric family, declared once on a private registry with the `tollgate_` prefix.
 
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Buckets for whole LLM requests: from a cached embedding (ms) to a long generation (minutes).
@@ -54,6 +54,8 @@ pub struct Metrics {
     /// reservation) plus after it answered (metering a whole answer, headers), without the
     /// time spent waiting on the backend.
     pub overhead: HistogramVec,
+    /// `overhead`'s series of the proxied endpoints, resolved here once.
+    overhead_by_endpoint: Vec<(&'static str, Histogram)>,
     /// `tollgate_config_reloads_total{result}`: `success` or `failure`.
     pub config_reloads: IntCounterVec,
     /// `tollgate_queued_requests`: requests waiting for a free backend slot.
@@ -77,7 +79,18 @@ pub struct Metrics {
     pub ledger_fail_open: IntCounter,
 }
 
+/// The `endpoint` label's values: the proxied endpoints.
+pub const ENDPOINT_LABELS: [&str; 3] = ["chat_completions", "completions", "embeddings"];
+
 impl Metrics {
+    /// Observes the gateway's own time in a request to `endpoint` (one of [`ENDPOINT_LABELS`]).
+    pub fn observe_overhead(&self, endpoint: &str, seconds: f64) {
+        match self.overhead_by_endpoint.iter().find(|(e, _)| *e == endpoint) {
+            Some((_, histogram)) => histogram.observe(seconds),
+            None => self.overhead.with_label_values(&[endpoint]).observe(seconds),
+        }
+    }
+
     /// Registers every family; fails only on a programming error (a duplicate name).
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new_custom(Some("tollgate".into()), None)?;
@@ -222,6 +235,7 @@ impl Metrics {
             savings,
             idle_cost,
             budget_remaining,
+            overhead_by_endpoint: ENDPOINT_LABELS.iter().map(|e| (*e, overhead.with_label_values(&[*e]))).collect(),
             overhead,
             config_reloads,
             queued,

@@ -198,9 +198,10 @@ pub(super) struct Answered<'a> {
 }
 
 pub(super) fn endpoint_label(endpoint: Endpoint) -> &'static str {
+    let [chat_completions, completions, embeddings] = crate::metrics::ENDPOINT_LABELS;
     match endpoint {
-        Endpoint::ChatCompletions => "chat_completions",
-        Endpoint::Completions => "completions",
-        Endpoint::Embeddings => "embeddings",
+        Endpoint::ChatCompletions => chat_completions,
+        Endpoint::Completions => completions,
+        Endpoint::Embeddings => embeddings,
     }
 }

@@ -114,7 +114,7 @@ pub(super) async fn respond(
         None => {
             let overhead = before_send + answered_at.map_or(std::time::Duration::ZERO, |at| at.elapsed());
             let endpoint = endpoint_label(ctx.request.endpoint);
-            state.metrics.overhead.with_label_values(&[endpoint]).observe(overhead.as_secs_f64());
+            state.metrics.observe_overhead(endpoint, overhead.as_secs_f64());
             Outcome::Answered(response)
         }
     })

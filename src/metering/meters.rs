@@ -20,6 +20,9 @@ pub struct PairMeters {
     savings: OnceLock<Counter>,
     premium_tokens: OnceLock<IntCounter>,
     usage_estimated: OnceLock<IntCounter>,
+    /// `requests_total` with status 200 and the first routing reason seen: a user's requests
+    /// to one backend mostly share their reason.
+    answered: OnceLock<(String, IntCounter)>,
 }
 
 impl PairMeters {
@@ -34,7 +37,22 @@ impl PairMeters {
             savings: OnceLock::new(),
             premium_tokens: OnceLock::new(),
             usage_estimated: OnceLock::new(),
+            answered: OnceLock::new(),
         }
+    }
+
+    /// Counts a settled request in `requests_total{backend,tier,reason,status}`.
+    pub fn count_request(&self, metrics: &Metrics, tier: &str, reason: &str, status: &str) {
+        if status == "200" {
+            let (first_reason, counter) = self.answered.get_or_init(|| {
+                (reason.to_owned(), metrics.requests.with_label_values(&[&self.backend, tier, reason, status]))
+            });
+            if first_reason == reason {
+                counter.inc();
+                return;
+            }
+        }
+        metrics.requests.with_label_values(&[&self.backend, tier, reason, status]).inc();
     }
 
     pub fn savings(&self, metrics: &Metrics) -> &Counter {
@@ -126,5 +144,21 @@ mod tests {
         assert!(!text.contains("tollgate_usage_estimated_total{"), "{text}");
         pair.usage_estimated(&metrics).inc();
         assert!(metrics.render().unwrap().contains("tollgate_usage_estimated_total{backend=\"gpu\"} 1"));
+    }
+
+    #[test]
+    fn requests_are_counted_under_their_own_reason_and_status() {
+        let metrics = Metrics::new().unwrap();
+        let table = MeterTable::new(1, 1);
+        let pair = table.pair(&metrics, (0, "ann"), (0, "gpu"));
+        pair.count_request(&metrics, "premium", "quality-first", "200");
+        pair.count_request(&metrics, "premium", "quality-first", "200");
+        pair.count_request(&metrics, "premium", "fallback:cpu", "200");
+        pair.count_request(&metrics, "premium", "quality-first", "502");
+        let count =
+            |reason: &str, status: &str| metrics.requests.with_label_values(&["gpu", "premium", reason, status]).get();
+        assert_eq!(count("quality-first", "200"), 2);
+        assert_eq!(count("fallback:cpu", "200"), 1);
+        assert_eq!(count("quality-first", "502"), 1);
     }
 }

@@ -161,7 +161,7 @@ impl Meter {
         if estimated {
             pair.usage_estimated(m).inc();
         }
-        m.requests.with_label_values(&[backend, &s.backend.tier, &s.reason, &status_label(status)]).inc();
+        pair.count_request(m, &s.backend.tier, &s.reason, &status_label(status));
         pair.request_duration.observe(latency.as_secs_f64());
         tracing::debug!(
             user, backend, reason = %s.reason, status, prompt_tokens = usage.prompt_tokens,
