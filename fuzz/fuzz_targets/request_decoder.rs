@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
             };
             let Value::Object(mut client) = client else { panic!("a validated body is an object") };
             assert_eq!(sent.remove("model"), Some(Value::from("fuzz-model")));
-            client.remove("model");
+            assert_eq!(client.remove("model"), Some(Value::from(request.model())), "the model as the client wrote it");
             if request.stream {
                 let options = sent.remove("stream_options").expect("streams ask for usage");
                 assert_eq!(options["include_usage"], true);

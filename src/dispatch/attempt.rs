@@ -29,6 +29,12 @@ pub(super) struct Probe<'s> {
     pub(super) quality: f64,
 }
 
+/// A decision and the clock reading it was taken with, which serves the first attempt.
+pub(super) struct Decided {
+    pub(super) decision: Decision,
+    pub(super) at: Instant,
+}
+
 /// How an attempt over the decided backends ended.
 pub(super) enum Outcome {
     Answered(Response),
@@ -49,8 +55,8 @@ pub(super) async fn attempt(
     state: &Arc<AppState>,
     ctx: &RequestContext,
     plan: &Plan<'_>,
-    decision: Decision,
-    decided_at: Instant,
+    Decided { decision, at: decided_at }: Decided,
+    spare_headers: &mut Option<http::HeaderMap>,
     tokens_held: &mut TokenHold<'_>,
     probe: Option<&Probe<'_>>,
 ) -> Result<Outcome, ApiError> {
@@ -82,7 +88,7 @@ pub(super) async fn attempt(
         let gateway_before = *before_send.get_or_insert_with(|| now.saturating_duration_since(ctx.started));
         let is_last = position + 1 == decision.order.len();
         let probe = probe.filter(|_| position == 0);
-        let sent = match upstream.send(&ctx.request, probe.is_some(), now).await {
+        let sent = match upstream.send(&ctx.request, probe.is_some(), now, spare_headers.take()).await {
             // The estimate (characters / 4) can be far off for code or hex: when the backend
             // itself says the prompt does not fit and a later candidate may, escalate.
             Ok(answer) if answer.status() == StatusCode::BAD_REQUEST && !is_last => {

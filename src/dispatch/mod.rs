@@ -11,7 +11,7 @@ mod attempt;
 mod guards;
 mod respond;
 
-use attempt::{attempt, Outcome, Probe};
+use attempt::{attempt, Decided, Outcome, Probe};
 use guards::{QueuePlace, TokenHold};
 
 use crate::app::AppState;
@@ -46,6 +46,9 @@ pub struct RequestContext {
     pub user: Arc<User>,
     /// The user's index in the snapshot's users.
     pub user_index: usize,
+    /// The client's header map, done with: emptied and reused for the first backend request
+    /// (one allocation fewer). Never sent as it is.
+    pub spare_headers: Option<http::HeaderMap>,
     pub request: ProxyRequest,
     pub hints: Hints,
     /// When the gateway received the request (for durations and deadlines).
@@ -80,7 +83,7 @@ impl<'s> std::ops::Deref for Plan<'s> {
 }
 
 fn plan<'s>(snapshot: &'s Snapshot, request: &ProxyRequest) -> Result<Plan<'s>, ApiError> {
-    let target = snapshot.resolve(&request.model).ok_or_else(|| ApiError::UnknownModel(request.model.clone()))?;
+    let target = snapshot.resolve(request.model()).ok_or_else(|| ApiError::UnknownModel(request.model().to_owned()))?;
     let embeddings = request.endpoint == Endpoint::Embeddings;
     let shape = policy::plan::Shape {
         prompt_tokens: request.prompt_tokens_estimate,
@@ -114,6 +117,7 @@ async fn decide_and_send(
 ) -> Result<Response, ApiError> {
     let snapshot = Arc::clone(&ctx.snapshot);
     let mut plan = plan(&snapshot, &ctx.request)?;
+    let mut spare_headers = ctx.spare_headers.take();
     let user = &ctx.user;
     let tokens_estimate = plan.prompt_tokens + plan.completion_tokens;
     // Rate limits count the request at its arrival.
@@ -153,7 +157,9 @@ async fn decide_and_send(
                     }
                     (None, None) => None,
                 };
-                match attempt(state, &ctx, &plan, decision, now, &mut tokens_held, probe.as_ref()).await? {
+                let decided = Decided { decision, at: now };
+                match attempt(state, &ctx, &plan, decided, &mut spare_headers, &mut tokens_held, probe.as_ref()).await?
+                {
                     Outcome::Answered(response) => return Ok(response),
                     Outcome::Unsure { quality, cost, answer } => {
                         escalated_from = Some(quality);

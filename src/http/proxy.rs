@@ -62,6 +62,7 @@ where
                 snapshot,
                 user,
                 user_index,
+                spare_headers: Some(headers),
                 request,
                 hints,
                 started,

@@ -53,9 +53,10 @@ pub struct ProxyRequest {
     pub endpoint: Endpoint,
     /// The client's bytes, strict JSON (see `strict`) holding one object.
     body: Bytes,
-    /// The object's members in the client's order.
-    members: Vec<Member>,
-    pub model: String,
+    /// The object's members in the client's order; inline for a usual request's few.
+    members: Members,
+    /// The `model` member's text.
+    model: MemberKey,
     pub stream: bool,
     /// The client asked for the usage chunk (`stream_options.include_usage: true`).
     pub client_wants_usage: bool,
@@ -67,6 +68,8 @@ pub struct ProxyRequest {
     pub prompt_tokens_estimate: u64,
 }
 
+type Members = smallvec::SmallVec<[Member; 8]>;
+
 #[derive(Debug)]
 struct Member {
     key: MemberKey,
@@ -74,7 +77,8 @@ struct Member {
     value: Range<usize>,
 }
 
-/// A member's name: its place in `body`, or the decoded text when the client wrote escapes.
+/// A member's name (or a string value): its place in `body`, or the decoded text when the
+/// client wrote escapes.
 #[derive(Debug)]
 enum MemberKey {
     Plain(Range<usize>),
@@ -91,8 +95,8 @@ impl ProxyRequest {
         let members =
             locate_members(text).map_err(|_| ApiError::bad_request("request body must be a JSON object", None))?;
         let fields = Fields { text, members: &members };
-        let model = match fields.get("model").map(serde_json::from_str::<String>) {
-            Some(Ok(m)) if !m.is_empty() => m,
+        let model = match fields.get("model").map(serde_json::from_str::<Key<'_>>) {
+            Some(Ok(Key(m))) if !m.is_empty() => MemberKey::of(m, text),
             Some(_) => return Err(ApiError::bad_request("`model` must be a non-empty string", Some("model"))),
             None => return Err(ApiError::bad_request("missing required field `model`", Some("model"))),
         };
@@ -137,6 +141,11 @@ impl ProxyRequest {
         })
     }
 
+    /// The `model` the client asked for.
+    pub fn model(&self) -> &str {
+        self.model.text(&self.body)
+    }
+
     /// Whether the client set the top-level member `key`.
     pub fn has_member(&self, key: &str) -> bool {
         self.find(key).is_some()
@@ -155,14 +164,7 @@ impl ProxyRequest {
 
     /// The top-level members in the client's order: name and JSON text.
     pub fn members(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.members.iter().map(|m| {
-            let key = match &m.key {
-                // A key without escapes is valid UTF-8 on its own: the body is.
-                MemberKey::Plain(range) => std::str::from_utf8(&self.body[range.clone()]).unwrap_or_default(),
-                MemberKey::Escaped(key) => key,
-            };
-            (key, &self.body[m.value.clone()])
-        })
+        self.members.iter().map(|m| (m.key.text(&self.body), &self.body[m.value.clone()]))
     }
 
     /// The member clamping wrote, if any: `max_tokens` or `max_completion_tokens`.
@@ -184,6 +186,25 @@ impl ProxyRequest {
 }
 
 impl MemberKey {
+    /// `text` as found in `body` (a view into it), or decoded.
+    fn of(text: std::borrow::Cow<'_, str>, body: &str) -> Self {
+        match text {
+            std::borrow::Cow::Borrowed(text) => {
+                let start = text.as_ptr() as usize - body.as_ptr() as usize;
+                Self::Plain(start..start + text.len())
+            }
+            std::borrow::Cow::Owned(text) => Self::Escaped(text.into_boxed_str()),
+        }
+    }
+
+    fn text<'a>(&'a self, body: &'a [u8]) -> &'a str {
+        match self {
+            // Text without escapes is valid UTF-8 on its own: the body is.
+            Self::Plain(range) => std::str::from_utf8(&body[range.clone()]).unwrap_or_default(),
+            Self::Escaped(text) => text,
+        }
+    }
+
     fn is(&self, body: &[u8], key: &str) -> bool {
         match self {
             Self::Plain(range) => &body[range.clone()] == key.as_bytes(),
@@ -241,30 +262,23 @@ impl<'a> Fields<'a> {
 
 /// Where each top-level member of `body` (checked strict JSON) is; an error if it is not an
 /// object.
-fn locate_members(body: &str) -> Result<Vec<Member>, serde_json::Error> {
+fn locate_members(body: &str) -> Result<Members, serde_json::Error> {
     struct Locate<'b>(&'b str);
 
     impl<'de> Visitor<'de> for Locate<'_> {
-        type Value = Vec<Member>;
+        type Value = Members;
 
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("a JSON object")
         }
 
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<Member>, A::Error> {
-            let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+            let mut members = Members::new();
             let base = self.0.as_ptr() as usize;
-            let range = |text: &str| {
-                let start = text.as_ptr() as usize - base;
-                start..start + text.len()
-            };
             while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
                 let value: &RawValue = map.next_value()?;
-                let key = match key {
-                    std::borrow::Cow::Borrowed(text) => MemberKey::Plain(range(text)),
-                    std::borrow::Cow::Owned(text) => MemberKey::Escaped(text.into_boxed_str()),
-                };
-                members.push(Member { key, value: range(value.get()) });
+                let start = value.get().as_ptr() as usize - base;
+                members.push(Member { key: MemberKey::of(key, self.0), value: start..start + value.get().len() });
             }
             Ok(members)
         }
@@ -327,6 +341,16 @@ mod tests {
     }
 
     #[test]
+    fn the_model_is_read_as_written_or_with_its_escapes_decoded() {
+        let body = |model: &str| format!(r#"{{"model":{model},"messages":[{{"role":"user","content":"x"}}]}}"#);
+        assert_eq!(parse(&body(r#""gpt-4o""#)).unwrap().model(), "gpt-4o");
+        assert_eq!(parse(&body(r#""aut\u006f""#)).unwrap().model(), "auto");
+        assert_eq!(parse(&body(r#""caf\u00e9""#)).unwrap().model(), "caf\u{e9}");
+        assert_eq!(param_of(&body("7")), Some("model"));
+        assert_eq!(param_of(&body(r#""""#)), Some("model"));
+    }
+
+    #[test]
     fn reads_stream_usage_wish_and_max_tokens() {
         let r = parse(
             r#"{"model":"auto","messages":[{"role":"user","content":"hello there"}],"stream":true,
@@ -334,6 +358,7 @@ mod tests {
         )
         .unwrap();
         assert!(r.stream && r.client_wants_usage);
+        assert_eq!(r.model(), "auto");
         assert_eq!(r.max_tokens, Some(7));
         // 11 chars + 4 ("user") → 15 chars → 4 tokens, plus 4 for the message.
         assert_eq!(r.prompt_tokens_estimate, 8);

@@ -15,8 +15,9 @@ const SCAN_KEYS: usize = 32;
 /// Checks that `bytes` is one strict JSON value (see the module doc).
 pub fn check(text: &str) -> Result<(), serde_json::Error> {
     let mut de = serde_json::Deserializer::from_str(text);
-    // One buffer of keys for the whole body: each object pushes its keys and pops them.
-    let mut keys = Vec::new();
+    // One buffer of keys for the whole body: each object pushes its keys and pops them. On the
+    // stack for a usual request's few levels of a few keys.
+    let mut keys = Keys::new();
     Strict { keys: &mut keys }.deserialize(&mut de)?;
     de.end()
 }
@@ -43,8 +44,10 @@ impl<'de> de::Deserialize<'de> for Key<'de> {
     }
 }
 
+type Keys<'de> = smallvec::SmallVec<[Cow<'de, str>; 16]>;
+
 struct Strict<'a, 'de> {
-    keys: &'a mut Vec<Cow<'de, str>>,
+    keys: &'a mut Keys<'de>,
 }
 
 impl<'de> DeserializeSeed<'de> for Strict<'_, 'de> {

@@ -2,7 +2,7 @@
 //! for, the backend's own key, and nothing of the client's credentials.
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Uri};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Uri};
 use http_body_util::Full;
 use serde_json::{Map, Value};
 
@@ -55,7 +55,9 @@ pub fn upstream_body(request: &ProxyRequest, backend_model: &str, with_logprobs:
         out.member(field, &tokens);
     }
     out.bytes.push(b'}');
-    Bytes::from(out.bytes)
+    // Exactly sized: `Bytes` takes a full vector as it is, and a partly filled one only with
+    // a second allocation (its shared header); giving the spare room back costs less.
+    Bytes::from(out.bytes.into_boxed_slice())
 }
 
 /// An object being written member by member.
@@ -147,14 +149,19 @@ impl Destination {
         Ok((destination, origin))
     }
 
-    /// The HTTP request for `endpoint`, in origin form.
-    pub fn request(&self, endpoint: Endpoint, body: Bytes) -> Request<Full<Bytes>> {
+    /// The HTTP request for `endpoint`, in origin form; its headers in `spare`, emptied first,
+    /// when there is one.
+    pub fn request(&self, endpoint: Endpoint, body: Bytes, spare: Option<HeaderMap>) -> Request<Full<Bytes>> {
         let uri = match endpoint {
             Endpoint::ChatCompletions => &self.chat_completions,
             Endpoint::Completions => &self.completions,
             Endpoint::Embeddings => &self.embeddings,
         };
         let mut request = Request::new(Full::new(body));
+        if let Some(mut headers) = spare {
+            headers.clear();
+            *request.headers_mut() = headers;
+        }
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri.clone();
         let headers = request.headers_mut();
@@ -230,14 +237,24 @@ mod tests {
         let key = HeaderValue::from_static("Bearer sk-backend");
         let (destination, origin) = Destination::new("https://api.example.com:8443/openai/v1", Some(key)).unwrap();
         assert_eq!(origin.to_string(), "https://api.example.com:8443/");
-        let request = destination.request(Endpoint::ChatCompletions, Bytes::from_static(b"{}"));
+        // The client's own headers, its key among them, are dropped from the reused map.
+        let mut spare = HeaderMap::new();
+        spare.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sk-client"));
+        spare.insert("x-client-secret", HeaderValue::from_static("s3cret"));
+        let request = destination.request(Endpoint::ChatCompletions, Bytes::from_static(b"{}"), Some(spare));
         assert_eq!(request.uri().to_string(), "/openai/v1/chat/completions");
         assert_eq!(request.headers()[header::HOST], "api.example.com:8443");
         assert_eq!(request.headers()[header::AUTHORIZATION], "Bearer sk-backend");
+        assert_eq!(request.headers().get_all(header::AUTHORIZATION).iter().count(), 1);
+        assert!(request.headers().get("x-client-secret").is_none());
         let (destination, origin) = Destination::new("http://127.0.0.1:9000", None).unwrap();
         assert_eq!(origin.to_string(), "http://127.0.0.1:9000/");
-        let request = destination.request(Endpoint::Embeddings, Bytes::new());
+        let mut spare = HeaderMap::new();
+        spare.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sk-client"));
+        let request = destination.request(Endpoint::Embeddings, Bytes::new(), Some(spare));
         assert_eq!(request.uri().to_string(), "/embeddings");
-        assert!(request.headers().get(header::AUTHORIZATION).is_none());
+        assert!(request.headers().get(header::AUTHORIZATION).is_none(), "no backend key: none at all");
+        let request = destination.request(Endpoint::Embeddings, Bytes::new(), None);
+        assert_eq!(request.headers()[header::HOST], "127.0.0.1:9000");
     }
 }

@@ -171,12 +171,13 @@ impl Upstream {
     /// Sends `request` (model rewritten, usage asked for) and waits for the response head.
     /// Failing before the head is what allows a fallback to another backend.
     /// `with_logprobs`: ask for log-probabilities (a cascade's first call); `now`: the caller's
-    /// latest clock reading.
+    /// latest clock reading; `spare_headers`: a header map to empty and reuse.
     pub async fn send(
         &self,
         request: &ProxyRequest,
         with_logprobs: bool,
         now: tokio::time::Instant,
+        spare_headers: Option<http::HeaderMap>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         match &self.transport {
             Transport::Simulated(sim) => {
@@ -184,7 +185,7 @@ impl Upstream {
             }
             Transport::Http { pool, destination } => {
                 let body = forward::upstream_body(request, &self.backend.model, with_logprobs);
-                let http_request = destination.request(request.endpoint, body);
+                let http_request = destination.request(request.endpoint, body, spare_headers);
                 let timeout = self.backend.first_byte_timeout;
                 let response = match tokio::time::timeout_at(now + timeout, pool.send(http_request, now)).await {
                     Err(_) => {
