@@ -1,5 +1,7 @@
 //! Every metric family, declared once on a private registry with the `tollgate_` prefix.
 
+use crate::request::Endpoint;
+
 use prometheus::{
     CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -53,9 +55,8 @@ pub struct Metrics {
     /// through a backend: before the backend is called (auth, body, parsing, decision,
     /// reservation) plus after it answered (metering a whole answer, headers), without the
     /// time spent waiting on the backend.
-    pub overhead: HistogramVec,
-    /// `overhead`'s series of the proxied endpoints, resolved here once.
-    overhead_by_endpoint: Vec<(&'static str, Histogram)>,
+    /// One series per endpoint, resolved here once, in [`Endpoint::ALL`]'s order.
+    overhead: [Histogram; 3],
     /// `tollgate_config_reloads_total{result}`: `success` or `failure`.
     pub config_reloads: IntCounterVec,
     /// `tollgate_queued_requests`: requests waiting for a free backend slot.
@@ -79,16 +80,10 @@ pub struct Metrics {
     pub ledger_fail_open: IntCounter,
 }
 
-/// The `endpoint` label's values: the proxied endpoints.
-pub const ENDPOINT_LABELS: [&str; 3] = ["chat_completions", "completions", "embeddings"];
-
 impl Metrics {
-    /// Observes the gateway's own time in a request to `endpoint` (one of [`ENDPOINT_LABELS`]).
-    pub fn observe_overhead(&self, endpoint: &str, seconds: f64) {
-        match self.overhead_by_endpoint.iter().find(|(e, _)| *e == endpoint) {
-            Some((_, histogram)) => histogram.observe(seconds),
-            None => self.overhead.with_label_values(&[endpoint]).observe(seconds),
-        }
+    /// Observes the gateway's own time in a request to `endpoint`.
+    pub fn observe_overhead(&self, endpoint: Endpoint, seconds: f64) {
+        self.overhead[endpoint as usize].observe(seconds);
     }
 
     /// Registers every family; fails only on a programming error (a duplicate name).
@@ -235,8 +230,7 @@ impl Metrics {
             savings,
             idle_cost,
             budget_remaining,
-            overhead_by_endpoint: ENDPOINT_LABELS.iter().map(|e| (*e, overhead.with_label_values(&[*e]))).collect(),
-            overhead,
+            overhead: Endpoint::ALL.map(|e| overhead.with_label_values(&[e.label()])),
             config_reloads,
             queued,
             cascade_threshold,

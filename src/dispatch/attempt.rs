@@ -17,7 +17,6 @@ use crate::error::ApiError;
 use crate::ledger;
 use crate::metering::{Meter, MeterStart};
 use crate::policy::{Decision, Reason};
-use crate::request::Endpoint;
 use crate::upstream::health::Admission;
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -201,13 +200,4 @@ pub(super) struct Answered<'a> {
     pub(super) remaining_after_reserve: Option<Usd>,
     /// The gateway's time before the backend was called.
     pub(super) before_send: std::time::Duration,
-}
-
-pub(super) fn endpoint_label(endpoint: Endpoint) -> &'static str {
-    let [chat_completions, completions, embeddings] = crate::metrics::ENDPOINT_LABELS;
-    match endpoint {
-        Endpoint::ChatCompletions => chat_completions,
-        Endpoint::Completions => completions,
-        Endpoint::Embeddings => embeddings,
-    }
 }

@@ -10,7 +10,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use super::attempt::{endpoint_label, Answered, Outcome, Probe};
+use super::attempt::{Answered, Outcome, Probe};
 use super::{
     RequestContext, HEADER_BACKEND, HEADER_BUDGET_REMAINING, HEADER_COST, HEADER_MAX_TOKENS_CLAMPED, HEADER_REASON,
     HEADER_TIER, MAX_ANSWER_BYTES,
@@ -113,8 +113,7 @@ pub(super) async fn respond(
         Some((quality, cost)) => Outcome::Unsure { quality, cost, answer: response },
         None => {
             let overhead = before_send + answered_at.map_or(std::time::Duration::ZERO, |at| at.elapsed());
-            let endpoint = endpoint_label(ctx.request.endpoint);
-            state.metrics.observe_overhead(endpoint, overhead.as_secs_f64());
+            state.metrics.observe_overhead(ctx.request.endpoint, overhead.as_secs_f64());
             Outcome::Answered(response)
         }
     })

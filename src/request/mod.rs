@@ -27,6 +27,18 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// Every endpoint, in declaration order (`endpoint as usize` indexes it).
+    pub const ALL: [Self; 3] = [Self::ChatCompletions, Self::Completions, Self::Embeddings];
+
+    /// The `endpoint` label of the metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat_completions",
+            Self::Completions => "completions",
+            Self::Embeddings => "embeddings",
+        }
+    }
+
     /// Path under the backend's base URL.
     pub fn path(self) -> &'static str {
         match self {
@@ -308,6 +320,13 @@ mod tests {
         match parse(body) {
             Err(ApiError::BadRequest { param, .. }) => param,
             other => panic!("expected a 400, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn endpoints_are_listed_in_declaration_order() {
+        for (i, endpoint) in Endpoint::ALL.into_iter().enumerate() {
+            assert_eq!(endpoint as usize, i, "{}", endpoint.label());
         }
     }
 
