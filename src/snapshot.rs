@@ -35,6 +35,9 @@ pub struct Snapshot {
     pub metrics_key_sha256: Option<[u8; 32]>,
     /// The metric series each (user, backend) pair settles into, by their indices.
     pub meters: MeterTable,
+    /// Route aliases as request records carry them, by route index: shared, not copied per
+    /// request.
+    route_names: Box<[Arc<str>]>,
 }
 
 /// What each model name a client may ask for resolves to, and the names in a stable order.
@@ -79,6 +82,7 @@ impl Snapshot {
         Ok(Self {
             keys: KeyTable::new(&config.users),
             meters: MeterTable::new(config.users.len(), config.backends.len()),
+            route_names: config.routes.iter().map(|r| Arc::from(r.model.as_str())).collect(),
             upstreams,
             models,
             model_ids,
@@ -90,6 +94,12 @@ impl Snapshot {
 
     pub fn resolve(&self, model: &str) -> Option<ModelTarget> {
         self.models.get(model).copied()
+    }
+
+    /// The route a request record names: route `index`'s alias, or `pinned` (the backend's
+    /// name) for a request pinned to one backend.
+    pub fn record_route(&self, index: Option<usize>, pinned: &Arc<str>) -> Arc<str> {
+        Arc::clone(index.and_then(|i| self.route_names.get(i)).unwrap_or(pinned))
     }
 
     pub fn user(&self, name: &str) -> Option<&Arc<User>> {

@@ -126,6 +126,8 @@ async fn the_admin_api_needs_the_admin_key_and_reports_usage_per_user_and_backen
     let missing = client.get(gateway.url("/admin/usage/nobody")).bearer_auth(ADMIN_KEY).send().await.unwrap();
     assert_eq!(missing.status(), 404);
 
+    // A request pinned to a backend names the backend as its route.
+    gateway.post("/v1/chat/completions", ALICE_KEY, &chat("echo")).await;
     let records: Value =
         client.get(gateway.url("/admin/requests")).bearer_auth(ADMIN_KEY).send().await.unwrap().json().await.unwrap();
     let record = &records["data"][0];
@@ -136,6 +138,8 @@ async fn the_admin_api_needs_the_admin_key_and_reports_usage_per_user_and_backen
     assert_eq!(record["status"], 200);
     assert_eq!(record["completion_tokens"], UPSTREAM_COMPLETION_TOKENS);
     assert_eq!(record["cost_usd"], 0.000025);
+    assert_eq!(records["data"][1]["route"], "echo");
+    assert_eq!(records["data"][1]["backend"], "echo");
 }
 
 #[tokio::test]

@@ -116,18 +116,16 @@ pub(super) async fn attempt(
                 // charges its own tokens on top.
                 let tokens_estimate = if tokens_held.armed { tokens_held.tokens } else { 0 };
                 tokens_held.armed = false;
+                let meters =
+                    snapshot.meters.pair(&state.metrics, (ctx.user_index, &ctx.user.name), (index, &backend.name));
                 let meter = Meter::new(
                     MeterStart {
                         state: Arc::clone(state),
                         user: Arc::clone(&ctx.user),
                         backend: Arc::clone(backend),
                         backend_state: Arc::clone(&upstream.state),
-                        meters: snapshot.meters.pair(
-                            &state.metrics,
-                            (ctx.user_index, &ctx.user.name),
-                            (index, &backend.name),
-                        ),
-                        route: plan.route.to_owned(),
+                        route: snapshot.record_route(plan.route_index, meters.backend()),
+                        meters,
                         reason: reason.label(),
                         started: ctx.started,
                         arrived_ms: ctx.arrived_ms,

@@ -132,9 +132,9 @@ pub async fn requests(
                 serde_json::json!({
                     "at": period::rfc3339(r.at_ms.div_euclid(1000)),
                     "at_ms": r.at_ms,
-                    "user": r.user,
-                    "route": r.route,
-                    "backend": r.backend,
+                    "user": &*r.user,
+                    "route": &*r.route,
+                    "backend": &*r.backend,
                     "reason": r.reason,
                     "prompt_tokens": r.prompt_tokens,
                     "completion_tokens": r.completion_tokens,

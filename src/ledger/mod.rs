@@ -44,9 +44,11 @@ pub enum LedgerError {
 pub struct RequestRecord {
     /// Unix milliseconds when the request arrived.
     pub at_ms: i64,
-    pub user: String,
-    pub route: String,
-    pub backend: String,
+    /// The names are shared with the config snapshot, not copied: a settlement allocates
+    /// nothing for them, and the SQLite writer frees nothing another thread allocated.
+    pub user: Arc<str>,
+    pub route: Arc<str>,
+    pub backend: Arc<str>,
     /// A decision's label (static but for a fallback's, which names the backend).
     pub reason: Cow<'static, str>,
     pub prompt_tokens: u64,

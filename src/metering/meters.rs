@@ -15,8 +15,8 @@ pub struct PairMeters {
     pub completion_tokens: IntCounter,
     pub cost: Counter,
     pub request_duration: Histogram,
-    user: String,
-    backend: String,
+    user: Arc<str>,
+    backend: Arc<str>,
     savings: OnceLock<Counter>,
     premium_tokens: OnceLock<IntCounter>,
     usage_estimated: OnceLock<IntCounter>,
@@ -32,13 +32,23 @@ impl PairMeters {
             completion_tokens: metrics.tokens.with_label_values(&[user, backend, "completion"]),
             cost: metrics.cost.with_label_values(&[user, backend]),
             request_duration: metrics.request_duration.with_label_values(&[backend]),
-            user: user.to_owned(),
-            backend: backend.to_owned(),
+            user: user.into(),
+            backend: backend.into(),
             savings: OnceLock::new(),
             premium_tokens: OnceLock::new(),
             usage_estimated: OnceLock::new(),
             answered: OnceLock::new(),
         }
+    }
+
+    /// The user's name, as request records carry it.
+    pub fn user(&self) -> &Arc<str> {
+        &self.user
+    }
+
+    /// The backend's name, as request records carry it.
+    pub fn backend(&self) -> &Arc<str> {
+        &self.backend
     }
 
     /// Counts a settled request in `requests_total{backend,tier,reason,status}`.

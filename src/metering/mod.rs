@@ -55,7 +55,8 @@ pub struct MeterStart {
     pub backend_state: Arc<BackendState>,
     /// The metric series this user and backend settle into.
     pub meters: Arc<PairMeters>,
-    pub route: String,
+    /// The route alias, or the pinned backend's name.
+    pub route: Arc<str>,
     pub reason: Cow<'static, str>,
     /// When the gateway received the request.
     pub started: Instant,
@@ -169,9 +170,9 @@ impl Meter {
         );
         let record = RequestRecord {
             at_ms: s.arrived_ms,
-            user: s.user.name.clone(),
+            user: Arc::clone(pair.user()),
             route: s.route,
-            backend: s.backend.name.clone(),
+            backend: Arc::clone(pair.backend()),
             reason: s.reason,
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,

@@ -84,13 +84,14 @@ pub fn build(config: &Config, records: &[RequestRecord], spend: &[PeriodSpend], 
     let in_window = records.iter().filter(|r| r.at_ms >= window.start_ms && r.at_ms <= window.end_ms);
     for r in in_window {
         let tokens = r.prompt_tokens + r.completion_tokens;
-        let u =
-            users.entry(r.user.clone()).or_insert_with(|| UserReport { user: r.user.clone(), ..UserReport::default() });
+        let u = users
+            .entry(r.user.to_string())
+            .or_insert_with(|| UserReport { user: r.user.to_string(), ..UserReport::default() });
         u.requests += 1;
         u.prompt_tokens += r.prompt_tokens;
         u.completion_tokens += r.completion_tokens;
         u.cost = u.cost.saturating_add(r.cost);
-        match models.get(&r.route) {
+        match models.get(&*r.route) {
             Some(&ModelTarget::Route(i)) => {
                 let candidates = &config.routes[i].backends;
                 let estimates = plan::estimates(config, candidates, r.prompt_tokens, r.completion_tokens);
@@ -100,20 +101,20 @@ pub fn build(config: &Config, records: &[RequestRecord], spend: &[PeriodSpend], 
                 }
                 u.routed_tokens += tokens;
                 let premium = plan::premium(config, candidates).map(|p| config.backends[p].name.as_str());
-                if premium == Some(r.backend.as_str()) {
+                if premium == Some(&*r.backend) {
                     u.premium_tokens += tokens;
                 }
             }
             _ => u.unrouted += 1,
         }
         let b = backends
-            .entry(r.backend.clone())
-            .or_insert_with(|| BackendReport { backend: r.backend.clone(), ..BackendReport::default() });
+            .entry(r.backend.to_string())
+            .or_insert_with(|| BackendReport { backend: r.backend.to_string(), ..BackendReport::default() });
         b.requests += 1;
         b.tokens += tokens;
         b.cost = b.cost.saturating_add(r.cost);
         let latency = i64::try_from(r.latency_ms).unwrap_or(i64::MAX);
-        intervals.entry(r.backend.clone()).or_default().push((r.at_ms, r.at_ms.saturating_add(latency)));
+        intervals.entry(r.backend.to_string()).or_default().push((r.at_ms, r.at_ms.saturating_add(latency)));
     }
     let now = window.end_ms.div_euclid(1000);
     for user in &config.users {

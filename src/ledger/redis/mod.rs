@@ -135,9 +135,9 @@ impl From<&RequestRecord> for StoredRecord {
     fn from(r: &RequestRecord) -> Self {
         Self {
             at_ms: r.at_ms,
-            user: r.user.clone(),
-            route: r.route.clone(),
-            backend: r.backend.clone(),
+            user: r.user.to_string(),
+            route: r.route.to_string(),
+            backend: r.backend.to_string(),
             reason: r.reason.to_string(),
             prompt_tokens: r.prompt_tokens,
             completion_tokens: r.completion_tokens,
@@ -152,9 +152,9 @@ impl From<StoredRecord> for RequestRecord {
     fn from(r: StoredRecord) -> Self {
         Self {
             at_ms: r.at_ms,
-            user: r.user,
-            route: r.route,
-            backend: r.backend,
+            user: r.user.into(),
+            route: r.route.into(),
+            backend: r.backend.into(),
             reason: r.reason.into(),
             prompt_tokens: r.prompt_tokens,
             completion_tokens: r.completion_tokens,
@@ -322,7 +322,7 @@ impl Ledger for RedisLedger {
             record.cost.pico().to_string(),
             record.prompt_tokens.to_string(),
             record.completion_tokens.to_string(),
-            record.backend.clone(),
+            record.backend.to_string(),
             self.spend_expires_at(user.budget_period, now),
             record_json,
             MAX_RECORDS.to_string(),
