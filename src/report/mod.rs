@@ -9,6 +9,7 @@
 pub mod render;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::config::Config;
 use crate::cost::Usd;
@@ -78,14 +79,15 @@ pub struct Report {
 /// The report over `records` (those within `window`), with the current period spend `spend`.
 pub fn build(config: &Config, records: &[RequestRecord], spend: &[PeriodSpend], window: Window) -> Report {
     let (models, _) = crate::snapshot::model_index(config);
-    let mut users: BTreeMap<String, UserReport> = BTreeMap::new();
-    let mut backends: BTreeMap<String, BackendReport> = BTreeMap::new();
-    let mut intervals: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();
+    // Keyed by the records' shared names: a record costs no key copy.
+    let mut users: BTreeMap<Arc<str>, UserReport> = BTreeMap::new();
+    let mut backends: BTreeMap<Arc<str>, BackendReport> = BTreeMap::new();
+    let mut intervals: BTreeMap<Arc<str>, Vec<(i64, i64)>> = BTreeMap::new();
     let in_window = records.iter().filter(|r| r.at_ms >= window.start_ms && r.at_ms <= window.end_ms);
     for r in in_window {
         let tokens = r.prompt_tokens + r.completion_tokens;
         let u = users
-            .entry(r.user.to_string())
+            .entry(Arc::clone(&r.user))
             .or_insert_with(|| UserReport { user: r.user.to_string(), ..UserReport::default() });
         u.requests += 1;
         u.prompt_tokens += r.prompt_tokens;
@@ -108,18 +110,18 @@ pub fn build(config: &Config, records: &[RequestRecord], spend: &[PeriodSpend], 
             _ => u.unrouted += 1,
         }
         let b = backends
-            .entry(r.backend.to_string())
+            .entry(Arc::clone(&r.backend))
             .or_insert_with(|| BackendReport { backend: r.backend.to_string(), ..BackendReport::default() });
         b.requests += 1;
         b.tokens += tokens;
         b.cost = b.cost.saturating_add(r.cost);
         let latency = i64::try_from(r.latency_ms).unwrap_or(i64::MAX);
-        intervals.entry(r.backend.to_string()).or_default().push((r.at_ms, r.at_ms.saturating_add(latency)));
+        intervals.entry(Arc::clone(&r.backend)).or_default().push((r.at_ms, r.at_ms.saturating_add(latency)));
     }
     let now = window.end_ms.div_euclid(1000);
     for user in &config.users {
         let u = users
-            .entry(user.name.clone())
+            .entry(user.name.as_str().into())
             .or_insert_with(|| UserReport { user: user.name.clone(), ..UserReport::default() });
         u.budget = user.budget_usd;
         let start = period::start(user.budget_period, now);
@@ -132,21 +134,22 @@ pub fn build(config: &Config, records: &[RequestRecord], spend: &[PeriodSpend], 
     }
     for backend in &config.backends {
         let b = backends
-            .entry(backend.name.clone())
+            .entry(backend.name.as_str().into())
             .or_insert_with(|| BackendReport { backend: backend.name.clone(), ..BackendReport::default() });
         b.tier = Some(backend.tier.clone());
         if let crate::cost::Pricing::PerHour { hourly_usd } = backend.pricing {
-            let busy = busy_ms(intervals.remove(&backend.name).unwrap_or_default(), window);
+            let busy = busy_ms(intervals.remove(backend.name.as_str()).unwrap_or_default(), window);
             let idle = (window.end_ms - window.start_ms - busy).max(0);
             b.busy_ms = Some(busy);
             b.idle_cost = hourly_usd.mul_div(idle, MS_PER_HOUR);
         }
     }
     // Configured users first, in config order; users the config no longer has after them.
-    let mut ordered: Vec<UserReport> = config.users.iter().filter_map(|user| users.remove(&user.name)).collect();
+    let mut ordered: Vec<UserReport> =
+        config.users.iter().filter_map(|user| users.remove(user.name.as_str())).collect();
     ordered.extend(users.into_values());
     let mut backend_list: Vec<BackendReport> =
-        config.backends.iter().filter_map(|b| backends.remove(&b.name)).collect();
+        config.backends.iter().filter_map(|b| backends.remove(b.name.as_str())).collect();
     backend_list.extend(backends.into_values());
     Report { window, users: ordered, backends: backend_list }
 }
