@@ -56,7 +56,7 @@ pub struct Metrics {
     /// reservation) plus after it answered (metering a whole answer, headers), without the
     /// time spent waiting on the backend.
     /// One series per endpoint, resolved here once, in [`Endpoint::ALL`]'s order.
-    overhead: [Histogram; 3],
+    overhead: [Histogram; Endpoint::ALL.len()],
     /// `tollgate_config_reloads_total{result}`: `success` or `failure`.
     pub config_reloads: IntCounterVec,
     /// `tollgate_queued_requests`: requests waiting for a free backend slot.

@@ -201,10 +201,7 @@ impl MemberKey {
     /// `text` as found in `body` (a view into it), or decoded.
     fn of(text: std::borrow::Cow<'_, str>, body: &str) -> Self {
         match text {
-            std::borrow::Cow::Borrowed(text) => {
-                let start = text.as_ptr() as usize - body.as_ptr() as usize;
-                Self::Plain(start..start + text.len())
-            }
+            std::borrow::Cow::Borrowed(text) => Self::Plain(span(text, body)),
             std::borrow::Cow::Owned(text) => Self::Escaped(text.into_boxed_str()),
         }
     }
@@ -272,6 +269,12 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// Where `text`, a slice of `body`, lies in it.
+fn span(text: &str, body: &str) -> Range<usize> {
+    let start = text.as_ptr() as usize - body.as_ptr() as usize;
+    start..start + text.len()
+}
+
 /// Where each top-level member of `body` (checked strict JSON) is; an error if it is not an
 /// object.
 fn locate_members(body: &str) -> Result<Members, serde_json::Error> {
@@ -286,11 +289,9 @@ fn locate_members(body: &str) -> Result<Members, serde_json::Error> {
 
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
             let mut members = Members::new();
-            let base = self.0.as_ptr() as usize;
             while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
                 let value: &RawValue = map.next_value()?;
-                let start = value.get().as_ptr() as usize - base;
-                members.push(Member { key: MemberKey::of(key, self.0), value: start..start + value.get().len() });
+                members.push(Member { key: MemberKey::of(key, self.0), value: span(value.get(), self.0) });
             }
             Ok(members)
         }
