@@ -135,8 +135,9 @@ fn main() {
     });
     let mut headers = HeaderMap::new();
     headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer tg-demo-cost-key"));
-    measure("auth::KeyTable::authenticate (sha256 + lookup)", 200_000, || {
-        black_box(snapshot.keys.authenticate(black_box(&headers)).is_ok());
+    measure("auth::presented + KeyTable::get (sha256 + lookup)", 200_000, || {
+        let key = tollgate::auth::presented(black_box(&headers));
+        black_box(key.is_ok_and(|k| snapshot.keys.get(&k).is_some()));
     });
 
     let body = br#"{"model":"auto","messages":[{"role":"system","content":"You are terse."},

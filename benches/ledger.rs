@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tollgate::config::Config;
 use tollgate::cost::Usd;
-use tollgate::ledger::{Ledger, RequestRecord, Reserve};
+use tollgate::ledger::{Budgets, Ledger, RequestRecord, Reserve};
 use tollgate::metrics::Metrics;
 
 const BATCHES: usize = 9;
@@ -47,10 +47,10 @@ fn record() -> RequestRecord {
 }
 
 async fn round_trips(ledger: &Arc<dyn Ledger>, config: &Config, n: u32) {
-    let user = &config.users[0];
+    let budgets = Budgets::of_user(&config.users[0]);
     for _ in 0..n {
-        match ledger.reserve(user, Usd::from_pico(50), NOW).await {
-            Ok(Reserve::Reserved { id, .. }) => ledger.settle(user, id, Usd::from_pico(50), record(), NOW),
+        match ledger.reserve(&budgets, Usd::from_pico(50), NOW).await {
+            Ok(Reserve::Reserved { id, .. }) => ledger.settle(&budgets, id, Usd::from_pico(50), record(), NOW),
             other => panic!("reserve: {other:?}"),
         }
     }

@@ -3,12 +3,15 @@
 //! A request's way through, in order:
 //! 1. `http::proxy` loads **one** config [`Snapshot`] for the whole request, so a reload never
 //!    mixes two configs within one request.
-//! 2. `auth` resolves the bearer key against that snapshot (401 otherwise), before the body is
-//!    read, so an unauthenticated client cannot make the gateway buffer anything.
+//! 2. The bearer key resolves to a `tenancy::Principal` (401 otherwise) before the body is read,
+//!    so an unauthenticated client cannot make the gateway buffer anything: a config user of
+//!    that snapshot (`auth`), else an API user's key from the tenant cache, or from the store on
+//!    first sight. The principal carries every level's budget (key, user, team) and rate limits.
 //! 3. The body is read up to `max_body_bytes` (413) and parsed into a `ProxyRequest` (400).
 //! 4. `dispatch` resolves the model (404), applies rate limits (429), asks `policy::decide`
-//!    with the backends' health, capacity and the user's budget, reserves the estimate in the
-//!    ledger (429 `budget_exceeded`), sends, and falls back on failures before the first byte.
+//!    with the backends' health, capacity and the smallest budget left across levels, reserves
+//!    the estimate at every level in one step (429 `budget_exceeded` naming the level), sends,
+//!    and falls back on failures before the first byte.
 //! 5. A `metering::Meter` holds the request's slot, reservation and occupancy ticket, and
 //!    settles the actual cost when the answer ends, fails or is dropped by the client.
 //! 6. Every error becomes an `ApiError`, answered in the OpenAI shape by its one `IntoResponse`.
@@ -26,6 +29,7 @@ use crate::ledger::{self, Ledger};
 use crate::metrics::Metrics;
 use crate::ratelimit::Limiter;
 use crate::snapshot::Snapshot;
+use crate::tenancy::cache::{Tenants, DEFAULT_MAX_PRINCIPALS};
 
 /// State shared by every request.
 pub struct AppState {
@@ -34,6 +38,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub ledger: Arc<dyn Ledger>,
     pub limiter: Limiter,
+    /// API users, teams and keys: the store and the cache of resolved keys.
+    pub tenants: Arc<Tenants>,
     /// Notified whenever a backend slot is freed: queued requests decide again.
     pub freed: Arc<Notify>,
     /// Requests waiting for a slot (bounded by `server.max_queue`).
@@ -59,6 +65,8 @@ pub enum StartError {
     Upstream(#[from] crate::upstream::UpstreamError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Tenants(#[from] crate::tenancy::store::StoreError),
 }
 
 impl AppState {
@@ -69,6 +77,8 @@ impl AppState {
     ) -> Result<Arc<Self>, StartError> {
         let metrics = Arc::new(Metrics::new()?);
         let (ledger, limiter) = ledger::open(&config.ledger, &metrics)?;
+        let directory = crate::tenancy::open(&config.ledger)?;
+        let tenants = Arc::new(Tenants::new(directory, Arc::clone(&metrics), DEFAULT_MAX_PRINCIPALS));
         ledger.requests_last_at_most(config.longest_request());
         let freed = Arc::new(Notify::new());
         let snapshot = Snapshot::new(config, None, &freed)?;
@@ -77,6 +87,7 @@ impl AppState {
             metrics,
             ledger,
             limiter,
+            tenants,
             freed,
             queued: AtomicU32::new(0),
             draining: AtomicBool::new(false),
@@ -85,6 +96,23 @@ impl AppState {
             reload_lock: tokio::sync::Mutex::new(()),
             calibrators: dashmap::DashMap::new(),
         }))
+    }
+}
+
+impl AppState {
+    /// The principal whose key the request presents: a config user of `snapshot`, else an API
+    /// user's key (from the cache, or the store on first sight).
+    pub async fn authenticate(
+        &self,
+        snapshot: &Snapshot,
+        headers: &http::HeaderMap,
+        now: tokio::time::Instant,
+    ) -> Result<Arc<crate::tenancy::Principal>, crate::auth::AuthError> {
+        let key = crate::auth::presented(headers)?;
+        match snapshot.keys.get(&key) {
+            Some(principal) => Ok(Arc::clone(principal)),
+            None => self.tenants.resolve(&snapshot.config, key, crate::clock::unix_now(), now).await,
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! Client keys: `Authorization: Bearer <key>`, looked up by SHA-256 among the configured users.
+//! Client keys: `Authorization: Bearer <key>`, looked up by SHA-256 among the configured users,
+//! then among the API users' keys (see `tenancy`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use axum::http::{header, HeaderMap};
 use sha2::{Digest, Sha256};
 
 use crate::config::User;
+use crate::tenancy::Principal;
 
 /// Why a request carries no valid key. Messages never echo the key.
 #[derive(Debug, thiserror::Error)]
@@ -17,27 +19,46 @@ pub enum AuthError {
     Malformed,
     #[error("invalid API key")]
     Unknown,
+    /// The key's user is on a plan the running config no longer has.
+    #[error("this key's plan `{0}` is not in the gateway's config; ask the operator")]
+    PlanGone(String),
+    /// The tenant store could not be read (the message is logged, not returned).
+    #[error("the tenant store is unavailable")]
+    Unavailable(String),
 }
 
-/// The users of one config snapshot, indexed by the SHA-256 of their key.
+/// The config users of one snapshot as principals, indexed by the SHA-256 of their key.
 #[derive(Debug, Default)]
 pub struct KeyTable {
-    by_hash: HashMap<[u8; 32], (usize, Arc<User>)>,
+    by_hash: HashMap<[u8; 32], Arc<Principal>>,
 }
 
 impl KeyTable {
     pub fn new(users: &[Arc<User>]) -> Self {
-        Self { by_hash: users.iter().enumerate().map(|(i, u)| (u.key_sha256, (i, Arc::clone(u)))).collect() }
+        Self {
+            by_hash: users.iter().map(|u| (u.key_sha256, Arc::new(Principal::of_config_user(Arc::clone(u))))).collect(),
+        }
     }
 
-    /// The user whose key the request presents, with its index in the config's users (what
-    /// per-user caches are indexed by). The key is hashed before any comparison, so the lookup
-    /// time does not depend on how much of a guessed key is right.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<(usize, &Arc<User>), AuthError> {
-        let key = bearer(headers)?;
-        let (index, user) = self.by_hash.get(&sha256(key.as_bytes())).ok_or(AuthError::Unknown)?;
-        Ok((*index, user))
+    /// The config user whose key hashes to `sha256`.
+    pub fn get(&self, sha256: &[u8; 32]) -> Option<&Arc<Principal>> {
+        self.by_hash.get(sha256)
     }
+
+    pub fn principals(&self) -> impl Iterator<Item = &Arc<Principal>> {
+        self.by_hash.values()
+    }
+
+    /// The config user named `name`.
+    pub fn named(&self, name: &str) -> Option<&Arc<Principal>> {
+        self.by_hash.values().find(|p| p.user.name == name)
+    }
+}
+
+/// The SHA-256 of the request's bearer key. Keys are hashed before any comparison, so the
+/// lookup time does not depend on how much of a guessed key is right.
+pub fn presented(headers: &HeaderMap) -> Result<[u8; 32], AuthError> {
+    Ok(sha256(bearer(headers)?.as_bytes()))
 }
 
 /// The token of `Authorization: Bearer <token>`, exactly as sent (no trimming, no case folding

@@ -270,6 +270,9 @@ fn serve(path: Option<PathBuf>, listen: Option<std::net::SocketAddr>) -> ExitCod
     }
 }
 
+/// How often keys' `last_used_at` is written to the store.
+const KEY_USES_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn serve_config(config: Config, path: Option<PathBuf>) -> Result<(), String> {
     let listen = config.server.listen;
     let grace = config.server.shutdown_grace;
@@ -278,8 +281,10 @@ async fn serve_config(config: Config, path: Option<PathBuf>) -> Result<(), Strin
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| format!("cannot read the bound address: {e}"))?;
     crate::reload::spawn_watchers(&state);
+    tokio::spawn(crate::tenancy::cache::record_uses(Arc::downgrade(&state.tenants), KEY_USES_EVERY));
     tracing::info!(listen = %bound, "tollgate listening");
     let served = crate::server::serve(listener, Arc::clone(&state), grace, crate::server::shutdown_signal()).await;
+    state.tenants.record_uses().await;
     // Every request that finished has settled; make the last settlements durable before exit.
     if let Err(e) = state.ledger.flush().await {
         tracing::error!(error = %e, "the ledger could not be flushed at shutdown");

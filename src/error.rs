@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use crate::auth::AuthError;
 use crate::cost::Usd;
 use crate::dispatch::HEADER_BUDGET_REMAINING;
-use crate::ledger::LedgerError;
+use crate::ledger::{LedgerError, Scope};
 use crate::openai::{ErrorBody, ErrorDetail};
 use crate::policy::Refusal;
 use crate::ratelimit::{LimitError, RateLimited};
@@ -32,8 +32,9 @@ pub enum ApiError {
     #[error("a request header is larger than the {0} bytes this gateway accepts")]
     HeaderTooLarge(usize),
     /// The policy said no. `retry_after`: seconds until the budget period resets.
-    #[error("{refusal}")]
-    Refused { refusal: Refusal, retry_after: Option<u64>, remaining: Option<Usd> },
+    /// `scope`: the budget level that is short (a budget refusal).
+    #[error("{refusal}{}", scope_note(*.scope))]
+    Refused { refusal: Refusal, retry_after: Option<u64>, remaining: Option<Usd>, scope: Option<Scope> },
     #[error(transparent)]
     RateLimited(#[from] RateLimited),
     #[error(transparent)]
@@ -46,6 +47,12 @@ pub enum ApiError {
     AdminDisabled,
     #[error("no user is named `{0}`")]
     UnknownUser(String),
+    /// An admin call named a team, user or key that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// An admin call would create what exists, or delete what is still in use.
+    #[error("{0}")]
+    Conflict(String),
     #[error("the config was not reloaded:\n{0}")]
     ReloadRefused(String),
     #[error("internal error")]
@@ -63,9 +70,22 @@ impl From<LimitError> for ApiError {
 
 impl From<Refusal> for ApiError {
     fn from(refusal: Refusal) -> Self {
-        Self::Refused { refusal, retry_after: None, remaining: None }
+        Self::Refused { refusal, retry_after: None, remaining: None, scope: None }
     }
 }
+
+/// Which budget a refusal is about, in its message.
+fn scope_note(scope: Option<Scope>) -> &'static str {
+    match scope {
+        Some(Scope::Key) => " (the API key's budget)",
+        Some(Scope::User) => " (the user's budget)",
+        Some(Scope::Team) => " (the team's budget)",
+        None => "",
+    }
+}
+
+/// `x-tollgate-budget-scope`: which level's budget refused a request.
+pub const HEADER_BUDGET_SCOPE: http::HeaderName = http::HeaderName::from_static("x-tollgate-budget-scope");
 
 impl ApiError {
     pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
@@ -75,8 +95,13 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest { .. } | Self::BodyUnreadable | Self::ReloadRefused(_) => StatusCode::BAD_REQUEST,
+            Self::Auth(AuthError::PlanGone(_)) => StatusCode::FORBIDDEN,
+            Self::Auth(AuthError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Auth(_) => StatusCode::UNAUTHORIZED,
-            Self::UnknownModel(_) | Self::NoSuchEndpoint(_) | Self::UnknownUser(_) => StatusCode::NOT_FOUND,
+            Self::UnknownModel(_) | Self::NoSuchEndpoint(_) | Self::UnknownUser(_) | Self::NotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::HeaderTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -100,9 +125,12 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::BadRequest { .. } | Self::BodyUnreadable => "invalid_request",
+            Self::Auth(AuthError::PlanGone(_)) => "plan_unavailable",
+            Self::Auth(AuthError::Unavailable(_)) => "tenant_store_unavailable",
             Self::Auth(_) => "invalid_api_key",
             Self::UnknownModel(_) => "model_not_found",
-            Self::NoSuchEndpoint(_) | Self::UnknownUser(_) => "not_found",
+            Self::NoSuchEndpoint(_) | Self::UnknownUser(_) | Self::NotFound(_) => "not_found",
+            Self::Conflict(_) => "conflict",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BodyTimeout(_) => "request_timeout",
             Self::HeaderTooLarge(_) => "header_too_large",
@@ -160,15 +188,18 @@ impl IntoResponse for ApiError {
         let mut response = (self.status(), bytes).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if matches!(self, Self::Auth(_)) {
+        if matches!(self, Self::Auth(AuthError::Missing | AuthError::Malformed | AuthError::Unknown)) {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if let Some(seconds) = self.retry_after() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
-        if let Self::Refused { remaining: Some(remaining), .. } = &self {
-            if let Some(value) = crate::dispatch::usd_value(*remaining) {
+        if let Self::Refused { remaining, scope, .. } = &self {
+            if let Some(value) = remaining.and_then(crate::dispatch::usd_value) {
                 headers.insert(HEADER_BUDGET_REMAINING, value);
+            }
+            if let Some(scope) = scope {
+                headers.insert(HEADER_BUDGET_SCOPE, HeaderValue::from_static(scope.as_str()));
             }
         }
         response

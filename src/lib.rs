@@ -28,5 +28,6 @@ pub mod secret;
 pub mod server;
 pub mod simulate;
 pub mod snapshot;
+pub mod tenancy;
 pub mod upstream;
 mod wake;

@@ -47,6 +47,17 @@ pub struct Metrics {
     /// `tollgate_savings_usd_total{user}`: the route's most expensive candidate's price for the
     /// same usage, minus what was charged.
     pub savings: CounterVec,
+    /// `tollgate_plan_cost_usd_total{plan,backend}`: everyone's cost, by plan (`none` for a
+    /// config user on no plan): bounded by the plans, not the users.
+    pub plan_cost: CounterVec,
+    /// `tollgate_team_cost_usd_total{team,backend}`: the cost of teams' members.
+    pub team_cost: CounterVec,
+    /// `tollgate_plan_savings_usd_total{plan}`: savings (as `savings_usd_total`) by plan.
+    pub plan_savings: CounterVec,
+    /// `tollgate_principal_cache_total{result}`: client keys found in the in-memory cache
+    /// (`hit`), looked up in the store (`miss`), or refused from the cache of unknown keys
+    /// (`negative`).
+    pub principal_cache: IntCounterVec,
     /// `tollgate_idle_cost_usd_total{backend}`: hourly backends' cost with nothing in flight.
     pub idle_cost: CounterVec,
     /// `tollgate_budget_remaining_usd{user}`: set at each scrape for users with a budget.
@@ -163,6 +174,29 @@ impl Metrics {
             "What the same requests would have cost on the route's most expensive backend, minus what they cost.",
             &["user"],
         )?;
+        let plan_cost = usd_counter(
+            "plan_cost_usd_total",
+            "Marginal cost charged to every user, per plan (`none`: config users on no plan) and backend.",
+            &["plan", "backend"],
+        )?;
+        let team_cost = usd_counter(
+            "team_cost_usd_total",
+            "Marginal cost charged to teams' members, per team and backend.",
+            &["team", "backend"],
+        )?;
+        let plan_savings = usd_counter(
+            "plan_savings_usd_total",
+            "Savings against the route's most expensive backend, per plan.",
+            &["plan"],
+        )?;
+        let principal_cache = counter(
+            "principal_cache_total",
+            "Client keys resolved from the in-memory cache (hit), the store (miss), or refused as known-unknown (negative).",
+            &["result"],
+        )?;
+        for result in ["hit", "miss", "negative"] {
+            principal_cache.with_label_values(&[result]);
+        }
         let idle_cost = usd_counter(
             "idle_cost_usd_total",
             "Hourly backends' cost while nothing was in flight: never charged to a user.",
@@ -228,6 +262,10 @@ impl Metrics {
             backend_up,
             cost,
             savings,
+            plan_cost,
+            team_cost,
+            plan_savings,
+            principal_cache,
             idle_cost,
             budget_remaining,
             overhead: Endpoint::ALL.map(|e| overhead.with_label_values(&[e.label()])),

@@ -8,12 +8,34 @@
 //! with the Redis ledger they live in Redis, shared by every replica
 //! ([`crate::ledger::redis::RedisLimiter`]). [`Limiter`] is whichever the config chose.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use crate::config::User;
+
+/// One level's rate limits (a key's, a user's): the account its buckets are kept under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowance {
+    pub account: Arc<str>,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+}
+
+/// The rate limits of a request's levels, key first; levels without limits are left out.
+pub type Allowances = SmallVec<[Allowance; 2]>;
+
+/// A user's own allowance, when it has a limit. Built once per principal (it allocates).
+pub fn user_allowance(user: &User) -> Option<Allowance> {
+    (user.rpm.is_some() || user.tpm.is_some()).then(|| Allowance {
+        account: user.name.as_str().into(),
+        rpm: user.rpm,
+        tpm: user.tpm,
+    })
+}
 
 /// A bucket of `capacity` units refilling at `capacity` per minute.
 #[derive(Debug, Clone)]
@@ -68,18 +90,21 @@ pub enum Limiter {
 
 impl Limiter {
     /// Admits one request of about `tokens` tokens, or says which limit refuses it.
-    pub async fn admit(&self, user: &User, tokens: u64, now: Instant) -> Result<(), LimitError> {
+    pub async fn admit(&self, levels: &[Allowance], tokens: u64, now: Instant) -> Result<(), LimitError> {
+        if levels.is_empty() {
+            return Ok(());
+        }
         match self {
-            Self::Local(limiter) => Ok(limiter.admit(user, tokens, now)?),
-            Self::Redis(limiter) => limiter.admit(user, tokens, now).await,
+            Self::Local(limiter) => Ok(limiter.admit(levels, tokens, now)?),
+            Self::Redis(limiter) => limiter.admit(levels, tokens, now).await,
         }
     }
 
-    /// Corrects the token bucket once the real usage is known; never waits.
-    pub fn settle_tokens(&self, user: &User, estimated: u64, actual: u64) {
+    /// Corrects the token buckets once the real usage is known; never waits.
+    pub fn settle_tokens(&self, levels: &[Allowance], estimated: u64, actual: u64) {
         match self {
-            Self::Local(limiter) => limiter.settle_tokens(user, estimated, actual),
-            Self::Redis(limiter) => limiter.settle_tokens(user, estimated, actual),
+            Self::Local(limiter) => limiter.settle_tokens(levels, estimated, actual),
+            Self::Redis(limiter) => limiter.settle_tokens(levels, estimated, actual),
         }
     }
 }
@@ -92,7 +117,7 @@ struct Buckets {
 
 #[derive(Debug, Default)]
 pub struct RateLimiter {
-    users: DashMap<String, Buckets>,
+    accounts: DashMap<Arc<str>, Buckets>,
 }
 
 #[expect(clippy::cast_precision_loss, reason = "rate limits are far below 2^53")]
@@ -101,19 +126,33 @@ fn units(n: u64) -> f64 {
 }
 
 impl RateLimiter {
-    /// Admits one request of about `tokens` tokens, or says which limit refuses it.
-    pub fn admit(&self, user: &User, tokens: u64, now: Instant) -> Result<(), RateLimited> {
-        if user.rpm.is_none() && user.tpm.is_none() {
-            return Ok(());
+    /// Admits one request of about `tokens` tokens at every level, or says which limit
+    /// refuses it; a refused request takes nothing from any level.
+    pub fn admit(&self, levels: &[Allowance], tokens: u64, now: Instant) -> Result<(), RateLimited> {
+        for (i, level) in levels.iter().enumerate() {
+            if let Err(refused) = self.admit_one(level, tokens, now) {
+                // Give back what the levels before it took.
+                for taken in &levels[..i] {
+                    self.give_back(taken, tokens);
+                }
+                return Err(refused);
+            }
         }
-        let mut buckets = self.users.entry(user.name.clone()).or_default();
+        Ok(())
+    }
+
+    fn admit_one(&self, level: &Allowance, tokens: u64, now: Instant) -> Result<(), RateLimited> {
+        let mut buckets = match self.accounts.get_mut(&*level.account) {
+            Some(buckets) => buckets,
+            None => self.accounts.entry(Arc::clone(&level.account)).or_default(),
+        };
         let buckets = &mut *buckets;
-        let requests = user.rpm.map(|rpm| {
+        let requests = level.rpm.map(|rpm| {
             let bucket = buckets.requests.get_or_insert_with(|| Bucket::new(f64::from(rpm), now));
             bucket.refill(f64::from(rpm), now);
             (bucket, u64::from(rpm), 1.0)
         });
-        let tokens = user.tpm.map(|tpm| {
+        let tokens = level.tpm.map(|tpm| {
             let bucket = buckets.tokens.get_or_insert_with(|| Bucket::new(units(tpm), now));
             bucket.refill(units(tpm), now);
             // A request bigger than the whole allowance waits for a full bucket, not forever.
@@ -132,14 +171,27 @@ impl RateLimiter {
         Ok(())
     }
 
-    /// Corrects the token bucket once the real usage is known.
-    pub fn settle_tokens(&self, user: &User, estimated: u64, actual: u64) {
-        if user.tpm.is_none() || estimated == actual {
+    fn give_back(&self, level: &Allowance, tokens: u64) {
+        if let Some(mut buckets) = self.accounts.get_mut(&*level.account) {
+            if let Some(bucket) = &mut buckets.requests {
+                bucket.level = (bucket.level + 1.0).min(bucket.capacity);
+            }
+            if let (Some(bucket), Some(tpm)) = (&mut buckets.tokens, level.tpm) {
+                bucket.level = (bucket.level + units(tokens).min(units(tpm))).min(bucket.capacity);
+            }
+        }
+    }
+
+    /// Corrects the token buckets once the real usage is known.
+    pub fn settle_tokens(&self, levels: &[Allowance], estimated: u64, actual: u64) {
+        if estimated == actual {
             return;
         }
-        if let Some(mut buckets) = self.users.get_mut(&user.name) {
-            if let Some(bucket) = &mut buckets.tokens {
-                bucket.level = (bucket.level + units(estimated) - units(actual)).min(bucket.capacity);
+        for level in levels.iter().filter(|l| l.tpm.is_some()) {
+            if let Some(mut buckets) = self.accounts.get_mut(&*level.account) {
+                if let Some(bucket) = &mut buckets.tokens {
+                    bucket.level = (bucket.level + units(estimated) - units(actual)).min(bucket.capacity);
+                }
             }
         }
     }
@@ -148,22 +200,9 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BudgetPeriod, Policy};
 
-    fn user(rpm: Option<u32>, tpm: Option<u64>) -> User {
-        User {
-            name: "u".into(),
-            key_sha256: [0; 32],
-            policy: Policy::CostFirst,
-            budget_usd: None,
-            budget_period: BudgetPeriod::Day,
-            max_request_usd: None,
-            min_quality: 0.0,
-            rpm,
-            tpm,
-            pacing: None,
-            clamp_max_tokens: false,
-        }
+    fn user(rpm: Option<u32>, tpm: Option<u64>) -> [Allowance; 1] {
+        [Allowance { account: "u".into(), rpm, tpm }]
     }
 
     #[test]
@@ -189,6 +228,19 @@ mod tests {
         assert_eq!(limiter.admit(&u, 300, t0).unwrap_err().limit, "tokens");
         limiter.settle_tokens(&u, 800, 100);
         limiter.admit(&u, 300, t0).unwrap();
+    }
+
+    #[test]
+    fn a_key_level_refusal_gives_back_nothing_taken_and_a_user_level_one_gives_back_the_keys() {
+        let limiter = RateLimiter::default();
+        let key = Allowance { account: "~key:k".into(), rpm: Some(2), tpm: None };
+        let user = Allowance { account: "u".into(), rpm: Some(1), tpm: None };
+        let t0 = Instant::now();
+        limiter.admit(&[key.clone(), user.clone()], 1, t0).unwrap();
+        // The user's single request per minute is spent: the key keeps its second one.
+        assert_eq!(limiter.admit(&[key.clone(), user], 1, t0).unwrap_err().limit, "requests");
+        limiter.admit(std::slice::from_ref(&key), 1, t0).unwrap();
+        assert!(limiter.admit(&[key], 1, t0).is_err());
     }
 
     #[test]

@@ -61,6 +61,8 @@ fn prepare_and_swap(state: &Arc<AppState>) -> Result<Applied, ReloadError> {
     // Reservations made from now on must outlive the new longest timeout.
     state.ledger.requests_last_at_most(longest);
     state.snapshot.store(Arc::new(snapshot));
+    // API users' limits come from plans, which the new config may have changed.
+    state.tenants.forget_all();
     Ok(applied)
 }
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use crate::auth::KeyTable;
-use crate::config::{Config, User};
-use crate::metering::meters::MeterTable;
+use crate::config::Config;
+use crate::tenancy::Principal;
 use crate::upstream::{BackendState, Upstream, UpstreamError};
 
 /// What a requested `model` names.
@@ -33,8 +33,6 @@ pub struct Snapshot {
     /// hashed and compared with these (see `auth`).
     pub admin_key_sha256: Option<[u8; 32]>,
     pub metrics_key_sha256: Option<[u8; 32]>,
-    /// The metric series each (user, backend) pair settles into, by their indices.
-    pub meters: MeterTable,
     /// Route aliases as request records carry them, by route index: shared, not copied per
     /// request.
     route_names: Box<[Arc<str>]>,
@@ -81,7 +79,6 @@ impl Snapshot {
         let metrics_key_sha256 = config.server.metrics_key.as_ref().map(|k| crate::auth::sha256(k.expose().as_bytes()));
         Ok(Self {
             keys: KeyTable::new(&config.users),
-            meters: MeterTable::new(config.users.len(), config.backends.len()),
             route_names: config.routes.iter().map(|r| Arc::from(r.model.as_str())).collect(),
             upstreams,
             models,
@@ -102,7 +99,8 @@ impl Snapshot {
         Arc::clone(index.and_then(|i| self.route_names.get(i)).unwrap_or(pinned))
     }
 
-    pub fn user(&self, name: &str) -> Option<&Arc<User>> {
-        self.config.users.iter().find(|u| u.name == name)
+    /// The config user named `name`.
+    pub fn user(&self, name: &str) -> Option<&Arc<Principal>> {
+        self.keys.named(name)
     }
 }

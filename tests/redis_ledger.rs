@@ -11,7 +11,7 @@ use std::time::Duration;
 use support::fleet::RedisServer;
 use tollgate::config::Config;
 use tollgate::cost::Usd;
-use tollgate::ledger::{Ledger, RequestRecord, Reserve};
+use tollgate::ledger::{Budgets, Ledger, RequestRecord, Reserve, Scope};
 use tollgate::metrics::Metrics;
 
 const USD: i64 = 1_000_000_000_000;
@@ -41,7 +41,7 @@ fn open(config: &Config) -> Arc<dyn Ledger> {
 }
 
 async fn reserve(ledger: &Arc<dyn Ledger>, config: &Config, pico: i64, now: i64) -> Reserve {
-    ledger.reserve(&config.users[0], Usd::from_pico(pico), now).await.unwrap()
+    ledger.reserve(&Budgets::of_user(&config.users[0]), Usd::from_pico(pico), now).await.unwrap()
 }
 
 fn record(cost: i64) -> RequestRecord {
@@ -68,15 +68,18 @@ async fn a_dead_replicas_reservation_expires_with_its_ttl_and_a_live_ones_is_kep
     let Reserve::Reserved { id, .. } = reserve(&living, &config, 40 * USD, NOW).await else { panic!() };
     drop(dying); // never settles nor releases: as if its process were killed
 
-    assert_eq!(reserve(&other, &config, 30 * USD, NOW).await, Reserve::Refused { remaining: Usd::from_pico(20 * USD) });
+    assert_eq!(
+        reserve(&other, &config, 30 * USD, NOW).await,
+        Reserve::Refused { scope: Scope::User, remaining: Usd::from_pico(20 * USD) }
+    );
     // Past the TTL: the dead replica's reservation is gone; the living one (a long stream)
     // was renewed by its replica and still counts.
     tokio::time::sleep(Duration::from_millis(3200)).await;
-    let user = &config.users[0];
-    assert_eq!(other.remaining(user, NOW).await.unwrap(), Some(Usd::from_pico(60 * USD)));
+    let user = &Budgets::of_user(&config.users[0]);
+    assert_eq!(other.remaining(user, NOW).await.unwrap().map(|l| l.usd), Some(Usd::from_pico(60 * USD)));
     living.release(user, id, Usd::from_pico(40 * USD), NOW);
     living.flush().await.unwrap();
-    assert_eq!(other.remaining(user, NOW).await.unwrap(), Some(Usd::from_pico(100 * USD)));
+    assert_eq!(other.remaining(user, NOW).await.unwrap().map(|l| l.usd), Some(Usd::from_pico(100 * USD)));
 }
 
 #[tokio::test]
@@ -86,10 +89,13 @@ async fn amounts_past_2_pow_53_pico_usd_are_compared_exactly() {
     let ledger = open(&config);
     let budget = 1_000_000 * USD;
     assert!(matches!(reserve(&ledger, &config, budget - 1, NOW).await, Reserve::Reserved { .. }));
-    assert_eq!(reserve(&ledger, &config, 2, NOW).await, Reserve::Refused { remaining: Usd::from_pico(1) });
+    assert_eq!(
+        reserve(&ledger, &config, 2, NOW).await,
+        Reserve::Refused { scope: Scope::User, remaining: Usd::from_pico(1) }
+    );
     let Reserve::Reserved { remaining, .. } = reserve(&ledger, &config, 1, NOW).await else { panic!("1 pico fits") };
-    assert_eq!(remaining, Some(Usd::ZERO));
-    let usage = ledger.usage(&config.users[0], NOW).await.unwrap();
+    assert_eq!(remaining.map(|l| l.usd), Some(Usd::ZERO));
+    let usage = ledger.usage(Budgets::of_user(&config.users[0]).user(), NOW).await.unwrap();
     assert_eq!(usage.reserved, Usd::from_pico(budget));
 }
 
@@ -98,19 +104,19 @@ async fn a_new_day_starts_from_zero_spend_and_keeps_open_reservations() {
     let redis = RedisServer::start();
     let config = parse(&config_text(&redis.url(), "", "budget_usd = 100\nbudget_period = \"day\""));
     let ledger = open(&config);
-    let user = &config.users[0];
+    let user = &Budgets::of_user(&config.users[0]);
     let Reserve::Reserved { id, .. } = reserve(&ledger, &config, 30 * USD, NOW).await else { panic!() };
     ledger.settle(user, id, Usd::from_pico(30 * USD), record(20 * USD), NOW);
     assert!(matches!(reserve(&ledger, &config, 10 * USD, NOW).await, Reserve::Reserved { .. }));
     ledger.flush().await.unwrap();
 
-    assert_eq!(ledger.remaining(user, NOW).await.unwrap(), Some(Usd::from_pico(70 * USD)));
-    let today = ledger.usage(user, NOW).await.unwrap();
+    assert_eq!(ledger.remaining(user, NOW).await.unwrap().map(|l| l.usd), Some(Usd::from_pico(70 * USD)));
+    let today = ledger.usage(user.user(), NOW).await.unwrap();
     assert_eq!((today.totals.spent, today.totals.requests), (Usd::from_pico(20 * USD), 1));
     assert_eq!(today.by_backend["sim"].completion_tokens, 4);
     let tomorrow = NOW + 86_400;
-    assert_eq!(ledger.remaining(user, tomorrow).await.unwrap(), Some(Usd::from_pico(90 * USD)));
-    let next = ledger.usage(user, tomorrow).await.unwrap();
+    assert_eq!(ledger.remaining(user, tomorrow).await.unwrap().map(|l| l.usd), Some(Usd::from_pico(90 * USD)));
+    let next = ledger.usage(user.user(), tomorrow).await.unwrap();
     assert_eq!((next.totals.spent, next.reserved), (Usd::ZERO, Usd::from_pico(10 * USD)));
     let records = ledger.records(10).await.unwrap();
     assert_eq!(records.len(), 1);
@@ -122,7 +128,7 @@ async fn a_release_frees_the_budget_and_scripts_forgotten_by_redis_are_loaded_ag
     let redis = RedisServer::start();
     let config = parse(&config_text(&redis.url(), "", "budget_usd = 100"));
     let ledger = open(&config);
-    let user = &config.users[0];
+    let user = &Budgets::of_user(&config.users[0]);
     let Reserve::Reserved { id, .. } = reserve(&ledger, &config, 100 * USD, NOW).await else { panic!() };
     ledger.release(user, id, Usd::from_pico(100 * USD), NOW);
     ledger.flush().await.unwrap();
@@ -141,7 +147,7 @@ async fn the_redis_password_comes_from_password_env() {
     assert!(matches!(reserve(&open(&config), &config, 1, NOW).await, Reserve::Reserved { .. }));
 
     let without = parse(&config_text(&redis.url(), "", "budget_usd = 1"));
-    let error = open(&without).reserve(&without.users[0], Usd::from_pico(1), NOW).await.unwrap_err();
+    let error = open(&without).reserve(&Budgets::of_user(&without.users[0]), Usd::from_pico(1), NOW).await.unwrap_err();
     assert!(!error.to_string().contains("pw-from-env"));
 }
 

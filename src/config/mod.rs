@@ -29,6 +29,106 @@ pub struct Config {
     pub backends: Vec<Arc<Backend>>,
     pub routes: Vec<Route>,
     pub users: Vec<Arc<User>>,
+    /// `[[plans]]`: the templates API-created users are on.
+    pub plans: Vec<Arc<Plan>>,
+    pub metrics: MetricsSettings,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsSettings {
+    /// Per-user series at most for users created with `"metrics": true` (config users always
+    /// have theirs): the `user` label stays bounded by configuration, not by subscribers.
+    pub max_user_series: u32,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self { max_user_series: 1000 }
+    }
+}
+
+/// `[[plans]]`: a named template of a user's limits, and what a subscriber on it pays.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub name: String,
+    /// What a subscriber pays per budget period (revenue, for margin).
+    pub price_usd: Usd,
+    pub limits: Limits,
+}
+
+/// Everything that governs what a user may spend and get: the fields a plan sets and a user
+/// may override.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub policy: Policy,
+    pub budget_usd: Option<Usd>,
+    pub budget_period: BudgetPeriod,
+    pub max_request_usd: Option<Usd>,
+    pub min_quality: f64,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    pub pacing: Option<Pacing>,
+    pub clamp_max_tokens: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            policy: Policy::QualityFirst,
+            budget_usd: None,
+            budget_period: BudgetPeriod::Month,
+            max_request_usd: None,
+            min_quality: 0.0,
+            rpm: None,
+            tpm: None,
+            pacing: None,
+            clamp_max_tokens: false,
+        }
+    }
+}
+
+/// A user's own values for some of its plan's fields; the rest come from the plan.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LimitOverrides {
+    pub policy: Option<Policy>,
+    pub budget_usd: Option<Usd>,
+    pub budget_period: Option<BudgetPeriod>,
+    pub max_request_usd: Option<Usd>,
+    pub min_quality: Option<f64>,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    pub pacing: Option<bool>,
+    pub pacing_slack: Option<f64>,
+    pub clamp_max_tokens: Option<bool>,
+}
+
+/// Budget share a paced user may run ahead of the period's elapsed share.
+pub const DEFAULT_PACING_SLACK: f64 = 0.05;
+
+impl LimitOverrides {
+    /// `base` with these values in place of its own.
+    pub fn apply(&self, base: &Limits) -> Limits {
+        let pacing = match (self.pacing, self.pacing_slack) {
+            (Some(false), _) => None,
+            (Some(true), slack) => {
+                Some(Pacing { slack: slack.or(base.pacing.map(|p| p.slack)).unwrap_or(DEFAULT_PACING_SLACK) })
+            }
+            (None, Some(slack)) => base.pacing.map(|_| Pacing { slack }),
+            (None, None) => base.pacing,
+        };
+        Limits {
+            policy: self.policy.unwrap_or(base.policy),
+            budget_usd: self.budget_usd.or(base.budget_usd),
+            budget_period: self.budget_period.unwrap_or(base.budget_period),
+            max_request_usd: self.max_request_usd.or(base.max_request_usd),
+            min_quality: self.min_quality.unwrap_or(base.min_quality),
+            rpm: self.rpm.or(base.rpm),
+            tpm: self.tpm.or(base.tpm),
+            pacing,
+            clamp_max_tokens: self.clamp_max_tokens.unwrap_or(base.clamp_max_tokens),
+        }
+    }
 }
 
 /// `[server]`
@@ -163,11 +263,22 @@ pub struct Cascade {
     pub target_premium_share: Option<f64>,
 }
 
-/// A tenant, identified by the SHA-256 of its API key.
+/// A tenant's effective limits (its plan's, with its own overrides), whether it comes from
+/// the file or the admin API. Config users are identified by the SHA-256 of their key; API
+/// users have keys of their own (see `tenancy`) and a zero `key_sha256`.
 #[derive(Debug)]
 pub struct User {
     pub name: String,
     pub key_sha256: [u8; 32],
+    /// The plan it is on (`None`: a config user with limits of its own).
+    pub plan: Option<Arc<str>>,
+    /// The team whose budget it shares.
+    pub team: Option<Arc<str>>,
+    /// What it pays per budget period (its plan's `price_usd`), for margin.
+    pub price_usd: Option<Usd>,
+    /// Whether it has per-user metric series (config users, and API users created with
+    /// `"metrics": true`).
+    pub series: bool,
     pub policy: Policy,
     /// `None`: no budget.
     pub budget_usd: Option<Usd>,
@@ -181,6 +292,44 @@ pub struct User {
     pub pacing: Option<Pacing>,
     /// When the budget cannot pay `max_tokens`, shorten it to what it can pay.
     pub clamp_max_tokens: bool,
+}
+
+impl User {
+    /// A user with `limits` and no plan, team or key.
+    pub fn new(name: impl Into<String>, limits: &Limits) -> Self {
+        Self {
+            name: name.into(),
+            key_sha256: [0; 32],
+            plan: None,
+            team: None,
+            price_usd: None,
+            series: false,
+            policy: limits.policy,
+            budget_usd: limits.budget_usd,
+            budget_period: limits.budget_period,
+            max_request_usd: limits.max_request_usd,
+            min_quality: limits.min_quality,
+            rpm: limits.rpm,
+            tpm: limits.tpm,
+            pacing: limits.pacing,
+            clamp_max_tokens: limits.clamp_max_tokens,
+        }
+    }
+
+    /// Its effective limits.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            policy: self.policy,
+            budget_usd: self.budget_usd,
+            budget_period: self.budget_period,
+            max_request_usd: self.max_request_usd,
+            min_quality: self.min_quality,
+            rpm: self.rpm,
+            tpm: self.tpm,
+            pacing: self.pacing,
+            clamp_max_tokens: self.clamp_max_tokens,
+        }
+    }
 }
 
 /// `pacing = true` and `pacing_slack`: how far ahead of the period's elapsed share the spent
@@ -201,6 +350,25 @@ impl Policy {
         match self {
             Self::QualityFirst => "quality-first",
             Self::CostFirst => "cost-first",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "quality-first" => Some(Self::QualityFirst),
+            "cost-first" => Some(Self::CostFirst),
+            _ => None,
+        }
+    }
+}
+
+impl BudgetPeriod {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "day" => Some(Self::Day),
+            "month" => Some(Self::Month),
+            "total" => Some(Self::Total),
+            _ => None,
         }
     }
 }
@@ -282,6 +450,10 @@ impl Config {
     /// The longest a request may live: the longest backend `timeout_s`.
     pub fn longest_request(&self) -> Duration {
         self.backends.iter().map(|b| b.timeout).max().unwrap_or_default()
+    }
+
+    pub fn plan(&self, name: &str) -> Option<&Arc<Plan>> {
+        self.plans.iter().find(|p| p.name == name)
     }
 
     /// Index of the backend called `name`.

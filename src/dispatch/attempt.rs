@@ -78,7 +78,9 @@ pub(super) async fn attempt(
         let mut breaker_probe = ProbeGuard { state: &upstream.state, armed: admission == Admission::Probe };
         let estimate = plan.candidates.iter().position(|&c| c == index).map_or(Usd::ZERO, |i| plan.estimates[i]);
         let unix = ctx.unix_at(now);
-        let Ok((reservation, remaining)) = ledger::reserve(&state.ledger, &ctx.user, estimate, unix).await? else {
+        let Ok((reservation, remaining)) =
+            ledger::reserve(&state.ledger, &ctx.principal.budgets, estimate, unix).await?
+        else {
             continue;
         };
         let ticket = upstream.state.occupancy.enter(now);
@@ -116,12 +118,11 @@ pub(super) async fn attempt(
                 // charges its own tokens on top.
                 let tokens_estimate = if tokens_held.armed { tokens_held.tokens } else { 0 };
                 tokens_held.armed = false;
-                let meters =
-                    snapshot.meters.pair(&state.metrics, (ctx.user_index, &ctx.user.name), (index, &backend.name));
+                let meters = ctx.principal.pair(&state.metrics, (index, &backend.name), snapshot.upstreams.len());
                 let meter = Meter::new(
                     MeterStart {
                         state: Arc::clone(state),
-                        user: Arc::clone(&ctx.user),
+                        principal: Arc::clone(&ctx.principal),
                         backend: Arc::clone(backend),
                         backend_state: Arc::clone(&upstream.state),
                         route: snapshot.record_route(plan.route_index, meters.backend()),
@@ -143,7 +144,7 @@ pub(super) async fn attempt(
                     upstream,
                     reason: &reason,
                     estimate,
-                    remaining_after_reserve: remaining,
+                    remaining_after_reserve: remaining.map(|l| l.usd),
                     before_send: gateway_before,
                 };
                 return respond(state, ctx, answered, answer, meter, probe).await;

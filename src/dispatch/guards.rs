@@ -4,16 +4,16 @@
 use std::sync::atomic::Ordering;
 
 use crate::app::AppState;
-use crate::config::User;
 use crate::error::ApiError;
 use crate::policy::Refusal;
+use crate::ratelimit::Allowance;
 use crate::upstream::BackendState;
 
 /// The tokens a request took from its user's tpm allowance at admission: given back if it is
 /// refused or fails before a backend answers; once metered, the meter corrects them instead.
 pub(super) struct TokenHold<'a> {
     pub(super) state: &'a AppState,
-    pub(super) user: &'a User,
+    pub(super) allowances: &'a [Allowance],
     pub(super) tokens: u64,
     pub(super) armed: bool,
 }
@@ -21,7 +21,7 @@ pub(super) struct TokenHold<'a> {
 impl Drop for TokenHold<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.state.limiter.settle_tokens(self.user, self.tokens, 0);
+            self.state.limiter.settle_tokens(self.allowances, self.tokens, 0);
         }
     }
 }

@@ -15,13 +15,14 @@ use attempt::{attempt, Decided, Outcome, Probe};
 use guards::{QueuePlace, TokenHold};
 
 use crate::app::AppState;
-use crate::config::{Cascade, User};
+use crate::config::Cascade;
 use crate::cost::Usd;
 use crate::error::ApiError;
-use crate::ledger::period;
+use crate::ledger::Left;
 use crate::policy::{self, Candidates, Reason, Refusal};
 use crate::request::{Endpoint, ProxyRequest};
 use crate::snapshot::{ModelTarget, Snapshot};
+use crate::tenancy::Principal;
 
 pub const HEADER_BACKEND: HeaderName = HeaderName::from_static("x-tollgate-backend");
 pub const HEADER_TIER: HeaderName = HeaderName::from_static("x-tollgate-tier");
@@ -43,9 +44,8 @@ pub(crate) use respond::usd_value;
 /// The request's context as it goes through: who asks, for what.
 pub struct RequestContext {
     pub snapshot: Arc<Snapshot>,
-    pub user: Arc<User>,
-    /// The user's index in the snapshot's users.
-    pub user_index: usize,
+    /// Who asks: the user's limits, and every level's budget and rate limits.
+    pub principal: Arc<Principal>,
     /// The client's header map, done with: emptied and reused for the first backend request
     /// (one allocation fewer). Never sent as it is.
     pub spare_headers: Option<http::HeaderMap>,
@@ -118,11 +118,12 @@ async fn decide_and_send(
     let snapshot = Arc::clone(&ctx.snapshot);
     let mut plan = plan(&snapshot, &ctx.request)?;
     let mut spare_headers = ctx.spare_headers.take();
-    let user = &ctx.user;
+    let principal = Arc::clone(&ctx.principal);
+    let user = &principal.user;
     let tokens_estimate = plan.prompt_tokens + plan.completion_tokens;
     // Rate limits count the request at its arrival.
-    state.limiter.admit(user, tokens_estimate, ctx.started).await?;
-    let mut tokens_held = TokenHold { state, user, tokens: tokens_estimate, armed: true };
+    state.limiter.admit(&principal.allowances, tokens_estimate, ctx.started).await?;
+    let mut tokens_held = TokenHold { state, allowances: &principal.allowances, tokens: tokens_estimate, armed: true };
 
     let queue_deadline = ctx.started + snapshot.config.server.queue_timeout;
     let mut queue_place: Option<QueuePlace<'_>> = None;
@@ -132,7 +133,8 @@ async fn decide_and_send(
     loop {
         let now = Instant::now();
         let unix = ctx.unix_at(now);
-        let remaining = crate::ledger::remaining(&state.ledger, user, unix).await?;
+        let left = crate::ledger::remaining(&state.ledger, &principal.budgets, unix).await?;
+        let remaining = left.map(|l| l.usd);
         let mut candidates = candidates(&snapshot, &plan, now);
         if let Some(quality) = escalated_from {
             candidates.retain(|c| c.quality > quality);
@@ -197,7 +199,7 @@ async fn decide_and_send(
                 }
                 let _ = tokio::time::timeout_at(wait_until, notified).await;
             }
-            Refusal::BudgetExceeded { .. } => return Err(refused(user, refusal, unix)),
+            Refusal::BudgetExceeded { .. } => return Err(refused(left, refusal, unix)),
             Refusal::ContextTooLong { .. } => {
                 let largest = policy::plan::largest_context(&snapshot.config, &plan);
                 return Err(Refusal::ContextTooLong { needed: tokens_estimate, largest }.into());
@@ -207,19 +209,15 @@ async fn decide_and_send(
     }
 }
 
-/// A budget refusal, with `Retry-After` until the period resets.
-fn refused(user: &User, refusal: Refusal, now: i64) -> ApiError {
+/// A budget refusal, naming the level that is short, with `Retry-After` until its period
+/// resets.
+fn refused(left: Option<Left>, refusal: Refusal, now: i64) -> ApiError {
     let remaining = match &refusal {
         Refusal::BudgetExceeded { remaining, .. } => Some(*remaining),
         _ => None,
     };
-    let retry_after = match refusal {
-        Refusal::BudgetExceeded { .. } => {
-            period::end(user.budget_period, now).map(|end| u64::try_from(end - now).unwrap_or(0))
-        }
-        _ => None,
-    };
-    ApiError::Refused { refusal, retry_after, remaining }
+    let retry_after = left.and_then(|l| l.resets_in(now));
+    ApiError::Refused { refusal, retry_after, remaining, scope: left.map(|l| l.scope) }
 }
 
 /// The candidates as the backends' live state (circuit, in-flight count) has them now.

@@ -97,8 +97,8 @@ pub(super) async fn respond(
         // The answer is served and charged by now: a ledger that cannot be read any more must
         // not turn it into an error (the client would be charged for a 503). The header then
         // says what was left at the reservation, corrected by the actual cost.
-        let remaining = match crate::ledger::remaining(&state.ledger, &ctx.user, ctx.unix_at(done)).await {
-            Ok(remaining) => remaining,
+        let remaining = match crate::ledger::remaining(&state.ledger, &ctx.principal.budgets, ctx.unix_at(done)).await {
+            Ok(remaining) => remaining.map(|l| l.usd),
             Err(_) => remaining_after_reserve.map(|r| r.saturating_add(estimate).saturating_sub(cost).max(Usd::ZERO)),
         };
         if let Some(remaining) = remaining {

@@ -56,9 +56,9 @@ async fn refresh(state: &AppState) {
         }
     }
     let unix = crate::clock::unix_now();
-    for user in &snapshot.config.users {
-        if let Ok(Some(remaining)) = crate::ledger::remaining(&state.ledger, user, unix).await {
-            m.budget_remaining.with_label_values(&[&user.name]).set(remaining.as_f64());
+    for principal in snapshot.keys.principals() {
+        if let Ok(Some(left)) = crate::ledger::remaining(&state.ledger, &principal.budgets, unix).await {
+            m.budget_remaining.with_label_values(&[&principal.user.name]).set(left.usd.as_f64());
         }
     }
 }

@@ -5,11 +5,12 @@ mod admin;
 mod health;
 mod models;
 mod proxy;
+mod tenants;
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use hyper::body::Incoming;
 use tower::ServiceExt;
@@ -32,6 +33,14 @@ pub fn routes(state: Arc<AppState>) -> Router {
         .route("/admin/usage/{user}", get(admin::user_usage))
         .route("/admin/requests", get(admin::requests))
         .route("/admin/reload", post(admin::reload))
+        .route("/admin/teams", post(tenants::create_team))
+        .route("/admin/teams/{name}", get(tenants::get_team).patch(tenants::update_team).delete(tenants::delete_team))
+        .route("/admin/teams/{name}/usage", get(admin::team_usage))
+        .route("/admin/users", post(tenants::create_user).get(tenants::list_users))
+        .route("/admin/users/{name}", get(tenants::get_user).patch(tenants::update_user).delete(tenants::delete_user))
+        .route("/admin/users/{name}/keys", post(tenants::create_key).get(tenants::list_keys))
+        .route("/admin/keys/{id}", delete(tenants::revoke_key))
+        .route("/admin/keys/{id}/rotate", post(tenants::rotate_key))
         .fallback(not_found)
         .with_state(state)
 }

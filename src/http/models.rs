@@ -12,8 +12,8 @@ use crate::error::ApiError;
 use crate::openai::{ModelEntry, ModelList};
 
 pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let snapshot = state.snapshot.load();
-    if let Err(e) = snapshot.keys.authenticate(&headers) {
+    let snapshot = state.snapshot.load_full();
+    if let Err(e) = state.authenticate(&snapshot, &headers, tokio::time::Instant::now()).await {
         let error = ApiError::from(e);
         state.metrics.rejected.with_label_values(&[error.code()]).inc();
         return error.into_response();

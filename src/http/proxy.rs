@@ -47,8 +47,7 @@ where
     let headers = parts.headers;
     let result = async {
         let snapshot = state.snapshot.load_full();
-        let (user_index, user) = snapshot.keys.authenticate(&headers)?;
-        let user = Arc::clone(user);
+        let principal = state.authenticate(&snapshot, &headers, started).await?;
         let server = &snapshot.config.server;
         let read_by = started + server.body_read_timeout;
         let bytes = tokio::time::timeout_at(read_by, read_body(&headers, body, server.max_body_bytes))
@@ -60,8 +59,7 @@ where
             &state,
             RequestContext {
                 snapshot,
-                user,
-                user_index,
+                principal,
                 spare_headers: Some(headers),
                 request,
                 hints,

@@ -55,13 +55,24 @@ impl Account {
 
     /// Reserves `amount` if `spent + reserved + amount <= budget`; otherwise returns what is left.
     pub fn reserve(&mut self, amount: Usd, budget: Option<Usd>) -> Result<(), Usd> {
-        if let Some(budget) = budget {
-            if self.totals.spent.saturating_add(self.reserved).saturating_add(amount) > budget {
-                return Err(self.remaining(budget));
-            }
-        }
-        self.reserved = self.reserved.saturating_add(amount);
+        self.fits(amount, budget)?;
+        self.hold(amount);
         Ok(())
+    }
+
+    /// Whether `amount` fits `budget` on top of spend and reservations; if not, what is left.
+    pub fn fits(&self, amount: Usd, budget: Option<Usd>) -> Result<(), Usd> {
+        match budget {
+            Some(budget) if self.totals.spent.saturating_add(self.reserved).saturating_add(amount) > budget => {
+                Err(self.remaining(budget))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Adds `amount` to the reservations (checked by [`Self::fits`] first).
+    pub fn hold(&mut self, amount: Usd) {
+        self.reserved = self.reserved.saturating_add(amount);
     }
 
     pub fn release(&mut self, amount: Usd) {

@@ -1,71 +1,262 @@
-//! The live accounts of every user, shared by the stores: one sharded map, one lock per user.
+//! The live accounts of every user, key and team, shared by the in-process stores: a sharded
+//! map of accounts, each behind a lock of its own.
+//!
+//! A request's levels (key, user, team) are locked together, always in that order, so that
+//! their check and their reservation are one atomic step. The order is what keeps two
+//! requests from waiting on each other: nobody holding a team's lock waits for a user's.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use dashmap::DashMap;
+use smallvec::SmallVec;
 
+use super::budgets::{Budget, Budgets, Left};
 use super::{period, Account, RequestRecord, Reserve};
-use crate::config::User;
 use crate::cost::Usd;
+
+type Guards<'a> = SmallVec<[MutexGuard<'a, Account>; 3]>;
 
 #[derive(Debug, Default)]
 pub struct Accounts {
-    live: DashMap<String, Account>,
-    /// Accounts read back from storage at start, by (user, period start): taken on first use.
+    live: DashMap<Arc<str>, Arc<Mutex<Account>>>,
+    /// Accounts read back from storage at start, by (account, period start): taken on first use.
     restored: DashMap<(String, i64), Account>,
 }
 
 impl Accounts {
-    pub fn restore(&self, user: String, account: Account) {
-        self.restored.insert((user, account.period_start), account);
+    pub fn restore(&self, account: String, spend: Account) {
+        self.restored.insert((account, spend.period_start), spend);
     }
 
-    /// Runs `f` on `user`'s account for the period holding `now`, under that user's lock.
-    pub fn with<T>(&self, user: &User, now: i64, f: impl FnOnce(&mut Account) -> T) -> T {
-        let start = period::start(user.budget_period, now);
-        // The common case, a user already seen: looked up by `&str`, so the four calls a
-        // request makes (remaining, reserve, settle, remaining) allocate no key.
-        if let Some(mut entry) = self.live.get_mut(user.name.as_str()) {
-            if entry.period_start >= start {
-                return f(&mut entry);
+    fn cell(&self, name: &Arc<str>) -> Arc<Mutex<Account>> {
+        // The common case, an account already seen: a shared lock on its shard, no key copied.
+        if let Some(cell) = self.live.get(&**name) {
+            return Arc::clone(&cell);
+        }
+        // A new cell's period is before every period: its first use loads what was restored.
+        let cell = self.live.entry(Arc::clone(name)).or_insert_with(|| Arc::new(Mutex::new(Account::new(i64::MIN))));
+        Arc::clone(&cell)
+    }
+
+    fn take_restored(&self, account: &str, start: i64) -> Account {
+        self.restored.remove(&(account.to_owned(), start)).map_or_else(|| Account::new(start), |(_, a)| a)
+    }
+
+    /// Brings a locked account to the period holding `now`; reservations still out carry over.
+    fn current(&self, account: &mut Account, budget: &Budget, now: i64) {
+        let start = period::start(budget.period, now);
+        if account.period_start < start {
+            let reserved = account.reserved;
+            *account = self.take_restored(&budget.account, start);
+            account.reserved = reserved;
+        }
+    }
+
+    /// Runs `f` on the accounts of every level, locked together in level order.
+    fn with_all<T>(&self, budgets: &Budgets, now: i64, f: impl FnOnce(&mut Guards<'_>) -> T) -> T {
+        let cells: SmallVec<[Arc<Mutex<Account>>; 3]> = budgets.iter().map(|b| self.cell(&b.account)).collect();
+        let mut guards: Guards<'_> = SmallVec::new();
+        for (cell, budget) in cells.iter().zip(budgets) {
+            let mut guard = cell.lock().unwrap_or_else(PoisonError::into_inner);
+            self.current(&mut guard, budget, now);
+            guards.push(guard);
+        }
+        f(&mut guards)
+    }
+
+    /// Runs `f` on one level's account.
+    pub fn with<T>(&self, budget: &Budget, now: i64, f: impl FnOnce(&mut Account) -> T) -> T {
+        let cell = self.cell(&budget.account);
+        let mut guard = cell.lock().unwrap_or_else(PoisonError::into_inner);
+        self.current(&mut guard, budget, now);
+        f(&mut guard)
+    }
+
+    /// Reserves `amount` at every level, or at none: the first level it does not fit refuses.
+    pub fn reserve(&self, budgets: &Budgets, amount: Usd, now: i64) -> Reserve {
+        self.with_all(budgets, now, |accounts| {
+            for (account, budget) in accounts.iter().zip(budgets) {
+                if let Err(remaining) = account.fits(amount, budget.limit) {
+                    return Reserve::Refused { scope: budget.scope, remaining };
+                }
+            }
+            for account in accounts.iter_mut() {
+                account.hold(amount);
+            }
+            let left = budgets.smallest(accounts.iter().zip(budgets).map(|(a, b)| b.limit.map(|l| a.remaining(l))));
+            Reserve::Reserved { id: 0, remaining: left }
+        })
+    }
+
+    /// Settles at every level; returns the period start each level booked the cost in.
+    pub fn settle(&self, budgets: &Budgets, reserved: Usd, record: &RequestRecord, now: i64) -> SmallVec<[i64; 3]> {
+        self.with_all(budgets, now, |accounts| {
+            accounts
+                .iter_mut()
+                .map(|a| {
+                    a.settle(reserved, &record.backend, record.cost, record.prompt_tokens, record.completion_tokens);
+                    a.period_start
+                })
+                .collect()
+        })
+    }
+
+    pub fn release(&self, budgets: &Budgets, amount: Usd, now: i64) {
+        self.with_all(budgets, now, |accounts| accounts.iter_mut().for_each(|a| a.release(amount)));
+    }
+
+    /// The smallest remaining across levels (`None`: no level has a budget).
+    pub fn remaining(&self, budgets: &Budgets, now: i64) -> Option<Left> {
+        if !budgets.any_limit() {
+            return None;
+        }
+        let per_level: SmallVec<[Option<Usd>; 3]> =
+            budgets.iter().map(|b| b.limit.map(|limit| self.with(b, now, |a| a.remaining(limit)))).collect();
+        budgets.smallest(per_level)
+    }
+
+    pub fn snapshot(&self, budget: &Budget, now: i64) -> Account {
+        self.with(budget, now, |a| a.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::BudgetPeriod;
+    use crate::ledger::budgets::Scope;
+
+    fn level(scope: Scope, account: &str, limit: Option<i64>) -> Budget {
+        Budget { scope, account: account.into(), limit: limit.map(Usd::from_pico), period: BudgetPeriod::Total }
+    }
+
+    fn chain(key: Option<i64>, user: Option<i64>, team: Option<i64>, user_name: &str) -> Budgets {
+        Budgets::from_levels(
+            [
+                key.map(|k| level(Scope::Key, &format!("~key:{user_name}"), Some(k))),
+                Some(level(Scope::User, user_name, user)),
+                team.map(|t| level(Scope::Team, "~team:t", Some(t))),
+            ]
+            .into_iter()
+            .flatten(),
+        )
+    }
+
+    #[test]
+    fn a_level_that_is_short_refuses_and_nothing_is_reserved_anywhere() {
+        let accounts = Accounts::default();
+        let ann = chain(Some(100), Some(1000), Some(150), "ann");
+        let bob = chain(None, Some(1000), Some(150), "bob");
+        assert!(matches!(accounts.reserve(&ann, Usd::from_pico(90), 0), Reserve::Reserved { .. }));
+        // Bob's own budget fits; the team's does not.
+        let refused = accounts.reserve(&bob, Usd::from_pico(70), 0);
+        assert_eq!(refused, Reserve::Refused { scope: Scope::Team, remaining: Usd::from_pico(60) });
+        assert_eq!(accounts.snapshot(bob.user(), 0).reserved, Usd::ZERO, "all or none");
+        // Ann's key is the shortest level now.
+        let left = accounts.remaining(&ann, 0).unwrap();
+        assert_eq!((left.scope, left.usd), (Scope::Key, Usd::from_pico(10)));
+        let refused = accounts.reserve(&ann, Usd::from_pico(20), 0);
+        assert_eq!(refused, Reserve::Refused { scope: Scope::Key, remaining: Usd::from_pico(10) });
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Reserve(usize, i64),
+        Settle(usize, i64),
+        Release(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0usize..3, 1i64..50).prop_map(|(who, amount)| Op::Reserve(who, amount)),
+            (0usize..64, 0i64..50).prop_map(|(i, f)| Op::Settle(i, f)),
+            (0usize..64).prop_map(Op::Release),
+        ]
+    }
+
+    proptest! {
+        /// Three users of one team, one of them on a key with a budget of its own: any
+        /// interleaving of reserve, settle (at most what was reserved) and release keeps every
+        /// level's spent + reserved within its budget, and leaves nothing reserved once every
+        /// reservation is settled or released.
+        #[test]
+        fn no_level_ever_exceeds_its_budget_and_no_reservation_is_left_behind(
+            key in 0i64..300, user in 0i64..300, team in 0i64..500,
+            ops in proptest::collection::vec(op(), 0..200),
+        ) {
+            let accounts = Accounts::default();
+            let chains = [
+                chain(Some(key), Some(user), Some(team), "a"),
+                chain(None, Some(user), Some(team), "b"),
+                chain(None, None, Some(team), "c"),
+            ];
+            let mut open: Vec<(usize, i64)> = Vec::new();
+            let record = |cost: i64| RequestRecord {
+                at_ms: 0, user: "x".into(), route: "r".into(), backend: "b".into(), reason: "cost-first".into(),
+                prompt_tokens: 0, completion_tokens: 0, cost: Usd::from_pico(cost), status: 200, latency_ms: 0,
+            };
+            for op in ops {
+                match op {
+                    Op::Reserve(who, amount) => {
+                        if let Reserve::Reserved { .. } = accounts.reserve(&chains[who], Usd::from_pico(amount), 0) {
+                            open.push((who, amount));
+                        }
+                    }
+                    Op::Settle(i, fraction) if !open.is_empty() => {
+                        let (who, amount) = open.swap_remove(i % open.len());
+                        accounts.settle(&chains[who], Usd::from_pico(amount), &record(amount * fraction / 50), 0);
+                    }
+                    Op::Release(i) if !open.is_empty() => {
+                        let (who, amount) = open.swap_remove(i % open.len());
+                        accounts.release(&chains[who], Usd::from_pico(amount), 0);
+                    }
+                    _ => {}
+                }
+                for budgets in &chains {
+                    for level in budgets {
+                        let a = accounts.snapshot(level, 0);
+                        if let Some(limit) = level.limit {
+                            prop_assert!(a.totals.spent.saturating_add(a.reserved) <= limit, "{level:?}: {a:?}");
+                        }
+                    }
+                }
+            }
+            for (who, amount) in open.drain(..) {
+                accounts.release(&chains[who], Usd::from_pico(amount), 0);
+            }
+            for budgets in &chains {
+                for level in budgets {
+                    prop_assert_eq!(accounts.snapshot(level, 0).reserved, Usd::ZERO);
+                }
             }
         }
-        let mut entry = self.live.entry(user.name.clone()).or_insert_with(|| self.take_restored(&user.name, start));
-        if entry.period_start < start {
-            let reserved = entry.reserved;
-            *entry = self.take_restored(&user.name, start);
-            entry.reserved = reserved;
-        }
-        f(&mut entry)
     }
 
-    fn take_restored(&self, user: &str, start: i64) -> Account {
-        self.restored.remove(&(user.to_owned(), start)).map_or_else(|| Account::new(start), |(_, a)| a)
-    }
-
-    pub fn reserve(&self, user: &User, amount: Usd, now: i64) -> Reserve {
-        self.with(user, now, |a| match a.reserve(amount, user.budget_usd) {
-            Ok(()) => Reserve::Reserved { id: 0, remaining: user.budget_usd.map(|b| a.remaining(b)) },
-            Err(remaining) => Reserve::Refused { remaining },
-        })
-    }
-
-    /// Settles and returns the period start the cost was booked in.
-    pub fn settle(&self, user: &User, reserved: Usd, record: &RequestRecord, now: i64) -> i64 {
-        self.with(user, now, |a| {
-            a.settle(reserved, &record.backend, record.cost, record.prompt_tokens, record.completion_tokens);
-            a.period_start
-        })
-    }
-
-    pub fn release(&self, user: &User, amount: Usd, now: i64) {
-        self.with(user, now, |a| a.release(amount));
-    }
-
-    pub fn remaining(&self, user: &User, now: i64) -> Option<Usd> {
-        let budget = user.budget_usd?;
-        Some(self.with(user, now, |a| a.remaining(budget)))
-    }
-
-    pub fn snapshot(&self, user: &User, now: i64) -> Account {
-        self.with(user, now, |a| a.clone())
+    #[test]
+    fn concurrent_reservations_across_shared_levels_never_deadlock_or_overspend() {
+        let accounts = Arc::new(Accounts::default());
+        let chains: Arc<Vec<Budgets>> =
+            Arc::new((0..6).map(|i| chain(Some(40), Some(60), Some(200), &format!("u{i}"))).collect());
+        let threads: Vec<_> = (0..6)
+            .map(|t| {
+                let (accounts, chains) = (Arc::clone(&accounts), Arc::clone(&chains));
+                std::thread::spawn(move || {
+                    let mut granted = 0;
+                    for i in 0..2000 {
+                        let budgets = &chains[(t + i) % chains.len()];
+                        if let Reserve::Reserved { .. } = accounts.reserve(budgets, Usd::from_pico(1), 0) {
+                            granted += 1;
+                        }
+                    }
+                    granted
+                })
+            })
+            .collect();
+        let granted: i64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(granted, 200, "the team's budget, exactly");
+        assert_eq!(accounts.snapshot(chains[0].iter().last().unwrap(), 0).reserved, Usd::from_pico(200));
     }
 }

@@ -5,8 +5,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use super::accounts::Accounts;
-use super::{Account, BoxFuture, Ledger, LedgerError, RequestRecord, Reserve};
-use crate::config::User;
+use super::{Account, BoxFuture, Budget, Budgets, Ledger, LedgerError, Left, RequestRecord, Reserve};
 use crate::cost::Usd;
 
 /// Records kept at most, whatever the retention: memory must stay bounded.
@@ -30,17 +29,22 @@ impl MemoryLedger {
 }
 
 impl Ledger for MemoryLedger {
-    fn reserve<'a>(&'a self, user: &'a User, amount: Usd, now: i64) -> BoxFuture<'a, Result<Reserve, LedgerError>> {
-        let answer = self.accounts.reserve(user, amount, now);
+    fn reserve<'a>(
+        &'a self,
+        budgets: &'a Budgets,
+        amount: Usd,
+        now: i64,
+    ) -> BoxFuture<'a, Result<Reserve, LedgerError>> {
+        let answer = self.accounts.reserve(budgets, amount, now);
         Box::pin(std::future::ready(Ok(answer)))
     }
 
-    fn release(&self, user: &User, _id: u64, amount: Usd, now: i64) {
-        self.accounts.release(user, amount, now);
+    fn release(&self, budgets: &Budgets, _id: u64, amount: Usd, now: i64) {
+        self.accounts.release(budgets, amount, now);
     }
 
-    fn settle(&self, user: &User, _id: u64, reserved: Usd, record: RequestRecord, now: i64) {
-        self.accounts.settle(user, reserved, &record, now);
+    fn settle(&self, budgets: &Budgets, _id: u64, reserved: Usd, record: RequestRecord, now: i64) {
+        self.accounts.settle(budgets, reserved, &record, now);
         let mut records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
         let oldest_kept = record.at_ms.saturating_sub(self.retention_ms);
         while records.front().is_some_and(|r| r.at_ms < oldest_kept) || records.len() >= MAX_RECORDS {
@@ -49,12 +53,12 @@ impl Ledger for MemoryLedger {
         records.push_back(record);
     }
 
-    fn remaining<'a>(&'a self, user: &'a User, now: i64) -> BoxFuture<'a, Result<Option<Usd>, LedgerError>> {
-        Box::pin(std::future::ready(Ok(self.accounts.remaining(user, now))))
+    fn remaining<'a>(&'a self, budgets: &'a Budgets, now: i64) -> BoxFuture<'a, Result<Option<Left>, LedgerError>> {
+        Box::pin(std::future::ready(Ok(self.accounts.remaining(budgets, now))))
     }
 
-    fn usage<'a>(&'a self, user: &'a User, now: i64) -> BoxFuture<'a, Result<Account, LedgerError>> {
-        Box::pin(std::future::ready(Ok(self.accounts.snapshot(user, now))))
+    fn usage<'a>(&'a self, budget: &'a Budget, now: i64) -> BoxFuture<'a, Result<Account, LedgerError>> {
+        Box::pin(std::future::ready(Ok(self.accounts.snapshot(budget, now))))
     }
 
     fn records(&self, limit: usize) -> BoxFuture<'_, Result<Vec<RequestRecord>, LedgerError>> {

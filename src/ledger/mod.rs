@@ -12,6 +12,7 @@
 
 pub mod account;
 pub mod accounts;
+pub mod budgets;
 pub mod memory;
 pub mod period;
 pub mod redis;
@@ -23,8 +24,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 pub use account::{Account, Totals};
+pub use budgets::{Budget, Budgets, Left, Scope};
 
-use crate::config::User;
 use crate::cost::Usd;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -58,7 +59,8 @@ pub struct RequestRecord {
     pub latency_ms: u64,
 }
 
-/// Spend of one user in one budget period, as the SQLite ledger's `spend` table keeps it.
+/// Spend of one account (a user's, a key's or a team's) in one budget period, as the SQLite
+/// ledger's `spend` table keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeriodSpend {
     pub user: String,
@@ -66,20 +68,26 @@ pub struct PeriodSpend {
     pub spent: Usd,
 }
 
-/// The atomic budget operations. `reserve` and `usage` may wait on a remote store (Redis);
-/// `settle` and `release` never make the caller wait: a store that must do I/O does it on its
-/// own and reconciles failures itself, because they run when a response ends or is dropped.
+/// The atomic budget operations, each over every level of a request's [`Budgets`] at once.
+/// `reserve` and `usage` may wait on a remote store (Redis); `settle` and `release` never make
+/// the caller wait: a store that must do I/O does it on its own and reconciles failures
+/// itself, because they run when a response ends or is dropped.
 pub trait Ledger: Send + Sync + 'static {
-    /// Reserves `amount` for `user` if it fits the budget; `Err(Refused)` carries what is left.
-    fn reserve<'a>(&'a self, user: &'a User, amount: Usd, now: i64) -> BoxFuture<'a, Result<Reserve, LedgerError>>;
+    /// Reserves `amount` at every level if it fits every budget, else at none.
+    fn reserve<'a>(
+        &'a self,
+        budgets: &'a Budgets,
+        amount: Usd,
+        now: i64,
+    ) -> BoxFuture<'a, Result<Reserve, LedgerError>>;
     /// Frees reservation `id` (of `amount`) without charging anything.
-    fn release(&self, user: &User, id: u64, amount: Usd, now: i64);
-    /// Replaces reservation `id` (of `reserved`) by the actual cost in `record`.
-    fn settle(&self, user: &User, id: u64, reserved: Usd, record: RequestRecord, now: i64);
-    /// Budget left for `user` now (budget − spent − reserved); `None` when it has no budget.
-    fn remaining<'a>(&'a self, user: &'a User, now: i64) -> BoxFuture<'a, Result<Option<Usd>, LedgerError>>;
-    /// The user's account for the current period.
-    fn usage<'a>(&'a self, user: &'a User, now: i64) -> BoxFuture<'a, Result<Account, LedgerError>>;
+    fn release(&self, budgets: &Budgets, id: u64, amount: Usd, now: i64);
+    /// Replaces reservation `id` (of `reserved`) by the actual cost in `record`, at every level.
+    fn settle(&self, budgets: &Budgets, id: u64, reserved: Usd, record: RequestRecord, now: i64);
+    /// The smallest budget left now across levels; `None` when no level has a budget.
+    fn remaining<'a>(&'a self, budgets: &'a Budgets, now: i64) -> BoxFuture<'a, Result<Option<Left>, LedgerError>>;
+    /// One level's account for its current period.
+    fn usage<'a>(&'a self, budget: &'a Budget, now: i64) -> BoxFuture<'a, Result<Account, LedgerError>>;
     /// The most recent request records, newest last (at most `limit`).
     fn records(&self, limit: usize) -> BoxFuture<'_, Result<Vec<RequestRecord>, LedgerError>>;
     /// Waits until every settlement so far is durable (shutdown, tests).
@@ -97,18 +105,18 @@ pub trait Ledger: Send + Sync + 'static {
 /// The answer to a reservation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reserve {
-    /// Reserved as `id` (what settles or releases it); the budget left after it (`None`: no
-    /// budget).
-    Reserved { id: u64, remaining: Option<Usd> },
-    /// Does not fit; what is left.
-    Refused { remaining: Usd },
+    /// Reserved as `id` (what settles or releases it); the smallest budget left after it
+    /// (`None`: no level has a budget).
+    Reserved { id: u64, remaining: Option<Left> },
+    /// Does not fit at level `scope`, which has `remaining` left.
+    Refused { scope: Scope, remaining: Usd },
 }
 
 /// A reservation held by a request. Dropping it unsettled releases it, so no failure path can
 /// leak reserved budget.
 pub struct Reservation {
     ledger: Arc<dyn Ledger>,
-    user: Arc<User>,
+    budgets: Arc<Budgets>,
     id: u64,
     amount: Usd,
     open: bool,
@@ -116,7 +124,10 @@ pub struct Reservation {
 
 impl std::fmt::Debug for Reservation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reservation").field("user", &self.user.name).field("amount", &self.amount).finish()
+        f.debug_struct("Reservation")
+            .field("account", &self.budgets.user().account)
+            .field("amount", &self.amount)
+            .finish()
     }
 }
 
@@ -127,44 +138,51 @@ impl Reservation {
 
     pub fn settle(mut self, record: RequestRecord, now: i64) {
         self.open = false;
-        self.ledger.settle(&self.user, self.id, self.amount, record, now);
+        self.ledger.settle(&self.budgets, self.id, self.amount, record, now);
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         if self.open {
-            self.ledger.release(&self.user, self.id, self.amount, crate::clock::unix_now());
+            self.ledger.release(&self.budgets, self.id, self.amount, crate::clock::unix_now());
         }
     }
 }
 
-/// Budget left for `user` now, as [`Ledger::remaining`] says.
-pub async fn remaining(ledger: &Arc<dyn Ledger>, user: &User, now: i64) -> Result<Option<Usd>, LedgerError> {
+/// The smallest budget left now across levels, as [`Ledger::remaining`] says.
+pub async fn remaining(ledger: &Arc<dyn Ledger>, budgets: &Budgets, now: i64) -> Result<Option<Left>, LedgerError> {
     match ledger.in_process() {
-        Some(accounts) => Ok(accounts.remaining(user, now)),
-        None => ledger.remaining(user, now).await,
+        Some(accounts) => Ok(accounts.remaining(budgets, now)),
+        None => ledger.remaining(budgets, now).await,
     }
+}
+
+/// Why a reservation was refused: the level that is short and what it has left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Short {
+    pub scope: Scope,
+    pub remaining: Usd,
 }
 
 /// Reserves through `ledger` and wraps a success in a [`Reservation`] guard.
 pub async fn reserve(
     ledger: &Arc<dyn Ledger>,
-    user: &Arc<User>,
+    budgets: &Arc<Budgets>,
     amount: Usd,
     now: i64,
-) -> Result<Result<(Reservation, Option<Usd>), Usd>, LedgerError> {
+) -> Result<Result<(Reservation, Option<Left>), Short>, LedgerError> {
     let answer = match ledger.in_process() {
-        Some(accounts) => accounts.reserve(user, amount, now),
-        None => ledger.reserve(user, amount, now).await?,
+        Some(accounts) => accounts.reserve(budgets, amount, now),
+        None => ledger.reserve(budgets, amount, now).await?,
     };
     Ok(match answer {
         Reserve::Reserved { id, remaining } => {
             let reservation =
-                Reservation { ledger: Arc::clone(ledger), user: Arc::clone(user), id, amount, open: true };
+                Reservation { ledger: Arc::clone(ledger), budgets: Arc::clone(budgets), id, amount, open: true };
             Ok((reservation, remaining))
         }
-        Reserve::Refused { remaining } => Err(remaining),
+        Reserve::Refused { scope, remaining } => Err(Short { scope, remaining }),
     })
 }
 

@@ -10,15 +10,18 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{mpsc, LazyLock};
+use std::sync::{mpsc, Arc, LazyLock};
+
+use smallvec::SmallVec;
 use std::time::Duration;
 
 use rusqlite::{params, Connection};
 use tokio::sync::oneshot;
 
 use super::accounts::Accounts;
-use super::{Account, BoxFuture, Ledger, LedgerError, PeriodSpend, RequestRecord, Reserve, Totals};
-use crate::config::User;
+use super::{
+    Account, BoxFuture, Budget, Budgets, Ledger, LedgerError, Left, PeriodSpend, RequestRecord, Reserve, Totals,
+};
 use crate::cost::Usd;
 
 const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(20);
@@ -32,7 +35,11 @@ const WRITER_NICE: i32 = 10;
 const RESTORE_HORIZON_S: i64 = 40 * 86_400;
 
 enum Write {
-    Settled { period_start: i64, record: RequestRecord },
+    /// A settled request: its record, and the cost booked in each level's account and period.
+    Settled {
+        accounts: SmallVec<[(Arc<str>, i64); 3]>,
+        record: RequestRecord,
+    },
     Flush(oneshot::Sender<Result<(), String>>),
 }
 
@@ -243,12 +250,14 @@ fn commit(conn: &mut Connection, batch: &[Write]) -> rusqlite::Result<()> {
         let mut spend: HashMap<(&str, i64, &str), SpendDelta> = HashMap::new();
         let mut records = Vec::with_capacity(batch.len());
         for write in batch {
-            let Write::Settled { period_start, record: r } = write else { continue };
-            let delta = spend.entry((&*r.user, *period_start, &*r.backend)).or_default();
-            delta.spent_pico = delta.spent_pico.saturating_add(r.cost.pico());
-            delta.requests += 1;
-            delta.prompt_tokens = delta.prompt_tokens.saturating_add(integer(r.prompt_tokens));
-            delta.completion_tokens = delta.completion_tokens.saturating_add(integer(r.completion_tokens));
+            let Write::Settled { accounts, record: r } = write else { continue };
+            for (account, period_start) in accounts {
+                let delta = spend.entry((&**account, *period_start, &*r.backend)).or_default();
+                delta.spent_pico = delta.spent_pico.saturating_add(r.cost.pico());
+                delta.requests += 1;
+                delta.prompt_tokens = delta.prompt_tokens.saturating_add(integer(r.prompt_tokens));
+                delta.completion_tokens = delta.completion_tokens.saturating_add(integer(r.completion_tokens));
+            }
             records.push(r);
         }
         let mut chunks = records.chunks_exact(ROWS_PER_INSERT);
@@ -298,27 +307,33 @@ fn commit(conn: &mut Connection, batch: &[Write]) -> rusqlite::Result<()> {
 }
 
 impl Ledger for SqliteLedger {
-    fn reserve<'a>(&'a self, user: &'a User, amount: Usd, now: i64) -> BoxFuture<'a, Result<Reserve, LedgerError>> {
-        Box::pin(std::future::ready(Ok(self.accounts.reserve(user, amount, now))))
+    fn reserve<'a>(
+        &'a self,
+        budgets: &'a Budgets,
+        amount: Usd,
+        now: i64,
+    ) -> BoxFuture<'a, Result<Reserve, LedgerError>> {
+        Box::pin(std::future::ready(Ok(self.accounts.reserve(budgets, amount, now))))
     }
 
-    fn release(&self, user: &User, _id: u64, amount: Usd, now: i64) {
-        self.accounts.release(user, amount, now);
+    fn release(&self, budgets: &Budgets, _id: u64, amount: Usd, now: i64) {
+        self.accounts.release(budgets, amount, now);
     }
 
-    fn settle(&self, user: &User, _id: u64, reserved: Usd, record: RequestRecord, now: i64) {
-        let period_start = self.accounts.settle(user, reserved, &record, now);
-        if !self.send(Write::Settled { period_start, record }) {
-            tracing::error!(user = %user.name, "ledger writer is gone: a settlement was not persisted");
+    fn settle(&self, budgets: &Budgets, _id: u64, reserved: Usd, record: RequestRecord, now: i64) {
+        let periods = self.accounts.settle(budgets, reserved, &record, now);
+        let accounts = budgets.iter().zip(periods).map(|(b, start)| (Arc::clone(&b.account), start)).collect();
+        if !self.send(Write::Settled { accounts, record }) {
+            tracing::error!(account = %budgets.user().account, "ledger writer is gone: a settlement was not persisted");
         }
     }
 
-    fn remaining<'a>(&'a self, user: &'a User, now: i64) -> BoxFuture<'a, Result<Option<Usd>, LedgerError>> {
-        Box::pin(std::future::ready(Ok(self.accounts.remaining(user, now))))
+    fn remaining<'a>(&'a self, budgets: &'a Budgets, now: i64) -> BoxFuture<'a, Result<Option<Left>, LedgerError>> {
+        Box::pin(std::future::ready(Ok(self.accounts.remaining(budgets, now))))
     }
 
-    fn usage<'a>(&'a self, user: &'a User, now: i64) -> BoxFuture<'a, Result<Account, LedgerError>> {
-        Box::pin(std::future::ready(Ok(self.accounts.snapshot(user, now))))
+    fn usage<'a>(&'a self, budget: &'a Budget, now: i64) -> BoxFuture<'a, Result<Account, LedgerError>> {
+        Box::pin(std::future::ready(Ok(self.accounts.snapshot(budget, now))))
     }
 
     fn records(&self, limit: usize) -> BoxFuture<'_, Result<Vec<RequestRecord>, LedgerError>> {
@@ -402,22 +417,16 @@ fn read_records(path: &str, limit: usize) -> rusqlite::Result<Vec<RequestRecord>
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::config::{BudgetPeriod, Policy};
+    use crate::config::BudgetPeriod;
+    use crate::ledger::Scope;
 
-    fn user(name: &str) -> User {
-        User {
-            name: name.to_owned(),
-            key_sha256: [0; 32],
-            policy: Policy::QualityFirst,
-            budget_usd: Some(Usd::from_pico(1_000_000)),
-            budget_period: BudgetPeriod::Day,
-            max_request_usd: None,
-            min_quality: 0.0,
-            rpm: None,
-            tpm: None,
-            pacing: None,
-            clamp_max_tokens: false,
-        }
+    fn user(name: &str) -> Budgets {
+        Budgets::from_levels([Budget {
+            scope: Scope::User,
+            account: name.into(),
+            limit: Some(Usd::from_pico(1_000_000)),
+            period: BudgetPeriod::Day,
+        }])
     }
 
     /// The writer thread runs at a lower priority than the request workers.
@@ -466,7 +475,7 @@ mod tests {
             let n = u64::try_from(i).unwrap();
             let record = RequestRecord {
                 at_ms: now * 1000 + i64::try_from(i).unwrap(),
-                user: alice.name.as_str().into(),
+                user: Arc::clone(&alice.user().account),
                 route: format!("route-{i}").into(),
                 backend: ["a", "b"][i % 2].into(),
                 reason: if i % 3 == 0 { "fallback:a".to_owned().into() } else { "cost-first".into() },
@@ -509,7 +518,7 @@ mod tests {
             };
             let record = RequestRecord {
                 at_ms: now * 1000,
-                user: who.name.as_str().into(),
+                user: Arc::clone(&who.user().account),
                 route: "auto".into(),
                 backend: backend.into(),
                 reason: "quality-first".into(),
@@ -525,7 +534,7 @@ mod tests {
         drop(ledger);
 
         let reopened = SqliteLedger::open(&path, retention).unwrap();
-        let account = reopened.usage(&alice, now).await.unwrap();
+        let account = reopened.usage(alice.user(), now).await.unwrap();
         assert_eq!(account.totals.spent, Usd::from_pico(23));
         assert_eq!(
             (account.totals.requests, account.totals.prompt_tokens, account.totals.completion_tokens),
@@ -534,7 +543,7 @@ mod tests {
         assert_eq!(account.by_backend["a"].spent, Usd::from_pico(19));
         assert_eq!(account.by_backend["a"].requests, 3);
         assert_eq!(account.by_backend["b"].requests, 1);
-        let account = reopened.usage(&bob, now).await.unwrap();
+        let account = reopened.usage(bob.user(), now).await.unwrap();
         assert_eq!((account.totals.spent, account.totals.requests), (Usd::from_pico(8), 1));
         assert_eq!(reopened.records(10).await.unwrap().len(), 5);
     }

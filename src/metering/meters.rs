@@ -1,24 +1,43 @@
-//! The metric series a request updates when it settles, looked up once per (user, backend)
-//! and config snapshot instead of once per request: each lookup in a labelled family hashes the
-//! label values and takes the family's lock, and a settlement updated seven series.
+//! The metric series a request updates when it settles, looked up once per (principal,
+//! backend) and config snapshot instead of once per request: each lookup in a labelled family
+//! hashes the label values and takes the family's lock, and a settlement updated seven series.
+//!
+//! Per-user series exist only for users that have them (config users, API users created with
+//! `"metrics": true`); everyone's spend also goes to per-plan and per-team series, so the
+//! number of series is bounded by the configuration, not by the number of subscribers.
 
 use std::sync::{Arc, OnceLock};
 
 use prometheus::{Counter, Histogram, IntCounter};
 
+use crate::config::User;
 use crate::metrics::Metrics;
 
-/// The series of one (user, backend) pair. The conditional ones are created on first use, so
-/// that a pair shows only what it has done (no zero `savings` for a route without a baseline).
-pub struct PairMeters {
+/// The `plan` label of a user on no plan.
+pub const NO_PLAN: &str = "none";
+
+/// A user's own series on one backend.
+pub struct UserSeries {
     pub prompt_tokens: IntCounter,
     pub completion_tokens: IntCounter,
     pub cost: Counter,
-    pub request_duration: Histogram,
-    user: Arc<str>,
-    backend: Arc<str>,
     savings: OnceLock<Counter>,
     premium_tokens: OnceLock<IntCounter>,
+}
+
+/// The series of one (principal, backend) pair. The conditional ones are created on first
+/// use, so that a pair shows only what it has done (no zero `savings` for a route without a
+/// baseline).
+pub struct PairMeters {
+    /// `None`: the user has no series of its own.
+    pub user_series: Option<UserSeries>,
+    pub plan_cost: Counter,
+    pub team_cost: Option<Counter>,
+    pub request_duration: Histogram,
+    user: Arc<str>,
+    plan: Arc<str>,
+    backend: Arc<str>,
+    plan_savings: OnceLock<Counter>,
     usage_estimated: OnceLock<IntCounter>,
     /// `requests_total` with status 200 and the first routing reason seen: a user's requests
     /// to one backend mostly share their reason.
@@ -26,16 +45,24 @@ pub struct PairMeters {
 }
 
 impl PairMeters {
-    fn new(metrics: &Metrics, user: &str, backend: &str) -> Self {
+    pub fn new(metrics: &Metrics, user: &User, backend: &str) -> Self {
+        let name = user.name.as_str();
+        let plan: Arc<str> = user.plan.clone().unwrap_or_else(|| NO_PLAN.into());
         Self {
-            prompt_tokens: metrics.tokens.with_label_values(&[user, backend, "prompt"]),
-            completion_tokens: metrics.tokens.with_label_values(&[user, backend, "completion"]),
-            cost: metrics.cost.with_label_values(&[user, backend]),
+            user_series: user.series.then(|| UserSeries {
+                prompt_tokens: metrics.tokens.with_label_values(&[name, backend, "prompt"]),
+                completion_tokens: metrics.tokens.with_label_values(&[name, backend, "completion"]),
+                cost: metrics.cost.with_label_values(&[name, backend]),
+                savings: OnceLock::new(),
+                premium_tokens: OnceLock::new(),
+            }),
+            plan_cost: metrics.plan_cost.with_label_values(&[&plan, backend]),
+            team_cost: user.team.as_ref().map(|team| metrics.team_cost.with_label_values(&[team, backend])),
             request_duration: metrics.request_duration.with_label_values(&[backend]),
-            user: user.into(),
+            user: name.into(),
+            plan,
             backend: backend.into(),
-            savings: OnceLock::new(),
-            premium_tokens: OnceLock::new(),
+            plan_savings: OnceLock::new(),
             usage_estimated: OnceLock::new(),
             answered: OnceLock::new(),
         }
@@ -65,12 +92,33 @@ impl PairMeters {
         metrics.requests.with_label_values(&[&self.backend, tier, reason, status]).inc();
     }
 
-    pub fn savings(&self, metrics: &Metrics) -> &Counter {
-        self.savings.get_or_init(|| metrics.savings.with_label_values(&[&self.user]))
+    /// Adds one settled request's tokens and cost to every series it belongs to.
+    pub fn add(&self, prompt_tokens: u64, completion_tokens: u64, cost: f64) {
+        if let Some(series) = &self.user_series {
+            series.prompt_tokens.inc_by(prompt_tokens);
+            series.completion_tokens.inc_by(completion_tokens);
+            series.cost.inc_by(cost);
+        }
+        self.plan_cost.inc_by(cost);
+        if let Some(team) = &self.team_cost {
+            team.inc_by(cost);
+        }
     }
 
-    pub fn premium_tokens(&self, metrics: &Metrics) -> &IntCounter {
-        self.premium_tokens.get_or_init(|| metrics.premium_tokens.with_label_values(&[&self.user]))
+    pub fn add_savings(&self, metrics: &Metrics, usd: f64) {
+        if let Some(series) = &self.user_series {
+            series.savings.get_or_init(|| metrics.savings.with_label_values(&[&self.user])).inc_by(usd);
+        }
+        self.plan_savings.get_or_init(|| metrics.plan_savings.with_label_values(&[&self.plan])).inc_by(usd);
+    }
+
+    pub fn add_premium_tokens(&self, metrics: &Metrics, tokens: u64) {
+        if let Some(series) = &self.user_series {
+            series
+                .premium_tokens
+                .get_or_init(|| metrics.premium_tokens.with_label_values(&[&self.user]))
+                .inc_by(tokens);
+        }
     }
 
     pub fn usage_estimated(&self, metrics: &Metrics) -> &IntCounter {
@@ -78,80 +126,101 @@ impl PairMeters {
     }
 }
 
-/// Every pair's series for one snapshot, by user and backend index; a user's row is allocated
-/// on its first request, so a config with many users costs a pointer each until they come.
-pub struct MeterTable {
-    backends: usize,
-    rows: Box<[OnceLock<Row>]>,
+/// One principal's pairs, by backend index; allocated on its first request, so a principal
+/// costs a pointer until it comes.
+#[derive(Default)]
+pub struct MeterRow {
+    pairs: OnceLock<Box<[OnceLock<Arc<PairMeters>>]>>,
 }
 
-/// One user's pairs, by backend index.
-type Row = Box<[OnceLock<Arc<PairMeters>>]>;
-
-impl MeterTable {
-    pub fn new(users: usize, backends: usize) -> Self {
-        Self { backends, rows: (0..users).map(|_| OnceLock::new()).collect() }
-    }
-
-    /// The series of `user` (its index in the snapshot's users, named `user_name`) on backend
-    /// `backend`, named `backend_name`.
+impl MeterRow {
+    /// The series of `user` on backend `index` (named `backend`) of a snapshot with
+    /// `backends` backends.
     pub fn pair(
         &self,
         metrics: &Metrics,
-        (user, user_name): (usize, &str),
-        (backend, backend_name): (usize, &str),
+        user: &User,
+        (index, backend): (usize, &str),
+        backends: usize,
     ) -> Arc<PairMeters> {
-        let cell = self
-            .rows
-            .get(user)
-            .and_then(|row| row.get_or_init(|| (0..self.backends).map(|_| OnceLock::new()).collect()).get(backend));
-        match cell {
-            Some(cell) => Arc::clone(cell.get_or_init(|| Arc::new(PairMeters::new(metrics, user_name, backend_name)))),
-            // Not this snapshot's user or backend: correct, only not cached.
-            None => Arc::new(PairMeters::new(metrics, user_name, backend_name)),
+        let pairs = self.pairs.get_or_init(|| (0..backends).map(|_| OnceLock::new()).collect());
+        match pairs.get(index) {
+            Some(cell) => {
+                let pair = cell.get_or_init(|| Arc::new(PairMeters::new(metrics, user, backend)));
+                // A principal read before a reload may meet a request on the new snapshot,
+                // whose backend at this index is another: correct, only not cached.
+                if &*pair.backend == backend {
+                    return Arc::clone(pair);
+                }
+                Arc::new(PairMeters::new(metrics, user, backend))
+            }
+            None => Arc::new(PairMeters::new(metrics, user, backend)),
         }
     }
 }
 
-impl std::fmt::Debug for MeterTable {
+impl std::fmt::Debug for MeterRow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MeterTable").field("users", &self.rows.len()).field("backends", &self.backends).finish()
+        f.debug_struct("MeterRow").finish_non_exhaustive()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Limits;
+
+    fn user(name: &str, series: bool, plan: Option<&str>, team: Option<&str>) -> User {
+        let mut u = User::new(name, &Limits::default());
+        u.series = series;
+        u.plan = plan.map(Into::into);
+        u.team = team.map(Into::into);
+        u
+    }
 
     #[test]
     fn a_pair_is_looked_up_once_and_updates_the_labelled_series() {
         let metrics = Metrics::new().unwrap();
-        let table = MeterTable::new(2, 2);
-        let first = table.pair(&metrics, (1, "ann"), (0, "gpu"));
-        let again = table.pair(&metrics, (1, "ann"), (0, "gpu"));
+        let (ann, row) = (user("ann", true, Some("pro"), None), MeterRow::default());
+        let first = row.pair(&metrics, &ann, (0, "gpu"), 2);
+        let again = row.pair(&metrics, &ann, (0, "gpu"), 2);
         assert!(Arc::ptr_eq(&first, &again));
-        first.prompt_tokens.inc_by(3);
-        again.completion_tokens.inc_by(4);
-        first.savings(&metrics).inc_by(0.5);
+        first.add(3, 4, 0.25);
+        first.add_savings(&metrics, 0.5);
         assert_eq!(metrics.tokens.with_label_values(&["ann", "gpu", "prompt"]).get(), 3);
         assert_eq!(metrics.tokens.with_label_values(&["ann", "gpu", "completion"]).get(), 4);
         assert_eq!(metrics.savings.with_label_values(&["ann"]).get(), 0.5);
-        // Other pairs have series of their own; unknown indices still count, uncached.
-        let other = table.pair(&metrics, (0, "bob"), (1, "cpu"));
-        assert!(!Arc::ptr_eq(&first, &other));
-        table.pair(&metrics, (9, "eve"), (0, "gpu")).prompt_tokens.inc();
-        assert_eq!(metrics.tokens.with_label_values(&["eve", "gpu", "prompt"]).get(), 1);
+        assert_eq!(metrics.plan_cost.with_label_values(&["pro", "gpu"]).get(), 0.25);
+        // Another backend at the same index after a reload: counted, not cached.
+        let moved = row.pair(&metrics, &ann, (0, "cpu"), 2);
+        assert!(!Arc::ptr_eq(&first, &moved));
+        moved.add(1, 0, 0.0);
+        assert_eq!(metrics.tokens.with_label_values(&["ann", "cpu", "prompt"]).get(), 1);
+    }
+
+    #[test]
+    fn a_user_without_series_counts_only_in_its_plan_and_team() {
+        let metrics = Metrics::new().unwrap();
+        let bob = user("bob", false, Some("free"), Some("acme"));
+        let pair = MeterRow::default().pair(&metrics, &bob, (0, "cpu"), 1);
+        pair.add(10, 20, 0.5);
+        pair.add_savings(&metrics, 0.1);
+        let text = metrics.render().unwrap();
+        assert!(!text.contains("user=\"bob\""), "{text}");
+        assert_eq!(metrics.plan_cost.with_label_values(&["free", "cpu"]).get(), 0.5);
+        assert_eq!(metrics.team_cost.with_label_values(&["acme", "cpu"]).get(), 0.5);
+        assert_eq!(metrics.plan_savings.with_label_values(&["free"]).get(), 0.1);
     }
 
     #[test]
     fn conditional_series_appear_only_once_used() {
         let metrics = Metrics::new().unwrap();
-        let table = MeterTable::new(1, 1);
-        let pair = table.pair(&metrics, (0, "ann"), (0, "gpu"));
-        pair.cost.inc_by(1.0);
+        let pair = MeterRow::default().pair(&metrics, &user("ann", true, None, None), (0, "gpu"), 1);
+        pair.add(0, 0, 1.0);
         let text = metrics.render().unwrap();
         assert!(!text.contains("tollgate_savings_usd_total{"), "{text}");
         assert!(!text.contains("tollgate_usage_estimated_total{"), "{text}");
+        assert!(text.contains("tollgate_plan_cost_usd_total{backend=\"gpu\",plan=\"none\"} 1"), "{text}");
         pair.usage_estimated(&metrics).inc();
         assert!(metrics.render().unwrap().contains("tollgate_usage_estimated_total{backend=\"gpu\"} 1"));
     }
@@ -159,8 +228,7 @@ mod tests {
     #[test]
     fn requests_are_counted_under_their_own_reason_and_status() {
         let metrics = Metrics::new().unwrap();
-        let table = MeterTable::new(1, 1);
-        let pair = table.pair(&metrics, (0, "ann"), (0, "gpu"));
+        let pair = MeterRow::default().pair(&metrics, &user("ann", true, None, None), (0, "gpu"), 1);
         pair.count_request(&metrics, "premium", "quality-first", "200");
         pair.count_request(&metrics, "premium", "quality-first", "200");
         pair.count_request(&metrics, "premium", "fallback:cpu", "200");

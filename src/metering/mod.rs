@@ -13,11 +13,12 @@ use tokio::time::Instant;
 pub use body::{meter_json, MeteredBody};
 
 use crate::app::AppState;
-use crate::config::{Backend, User};
+use crate::config::Backend;
 pub use crate::cost::Baseline;
 use crate::cost::{Pricing, Usd};
 use crate::ledger::{RequestRecord, Reservation};
 use crate::openai::Usage;
+use crate::tenancy::Principal;
 use crate::upstream::{BackendState, Slot};
 use meters::PairMeters;
 use occupancy::Ticket;
@@ -50,7 +51,7 @@ impl Ending {
 /// Everything one dispatched request holds until it is settled.
 pub struct MeterStart {
     pub state: Arc<AppState>,
-    pub user: Arc<User>,
+    pub principal: Arc<Principal>,
     pub backend: Arc<Backend>,
     pub backend_state: Arc<BackendState>,
     /// The metric series this user and backend settle into.
@@ -147,17 +148,16 @@ impl Meter {
         }
         let latency = now.saturating_duration_since(s.started);
         let total_tokens = usage.prompt_tokens + usage.completion_tokens;
-        s.state.limiter.settle_tokens(&s.user, s.tokens_estimate, total_tokens);
+        s.state.limiter.settle_tokens(&s.principal.allowances, s.tokens_estimate, total_tokens);
 
-        let (m, pair, user, backend) = (&s.state.metrics, &s.meters, s.user.name.as_str(), s.backend.name.as_str());
-        pair.prompt_tokens.inc_by(usage.prompt_tokens);
-        pair.completion_tokens.inc_by(usage.completion_tokens);
-        pair.cost.inc_by(cost.as_f64());
+        let (m, pair, user, backend) =
+            (&s.state.metrics, &s.meters, s.principal.user.name.as_str(), s.backend.name.as_str());
+        pair.add(usage.prompt_tokens, usage.completion_tokens, cost.as_f64());
         if let Some(baseline) = s.baseline {
-            pair.savings(m).inc_by(baseline.savings(&usage, cost).as_f64());
+            pair.add_savings(m, baseline.savings(&usage, cost).as_f64());
         }
         if s.premium {
-            pair.premium_tokens(m).inc_by(usage.prompt_tokens + usage.completion_tokens);
+            pair.add_premium_tokens(m, usage.prompt_tokens + usage.completion_tokens);
         }
         if estimated {
             pair.usage_estimated(m).inc();

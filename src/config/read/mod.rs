@@ -12,14 +12,15 @@ use toml_edit::Table;
 use self::backend::backend;
 use self::server::{default_ledger, default_server, ledger, server};
 use super::document::{Fields, Problems};
-use super::{Backend, BudgetPeriod, Cascade, Config, Env, LedgerStore, Pacing, Policy, RedisStore, Route, Usd, User};
+use super::{
+    Backend, BudgetPeriod, Cascade, Config, Env, LedgerStore, LimitOverrides, Limits, MetricsSettings, Plan, Policy,
+    RedisStore, Route, Usd, User,
+};
 use crate::secret::Secret;
 
 const DEFAULT_MAX_TOKENS: u32 = 512;
 /// A mean token log-probability below this (about 37% average token probability) is unsure.
 const DEFAULT_CASCADE_THRESHOLD: f64 = -1.0;
-/// Budget share a paced user may run ahead of the period's elapsed share.
-const DEFAULT_PACING_SLACK: f64 = 0.05;
 
 pub(super) fn config(root: &Table, p: &mut Problems<'_>, env: &dyn Env) -> Config {
     let mut top = Fields::new("", root, 1);
@@ -30,8 +31,16 @@ pub(super) fn config(root: &Table, p: &mut Problems<'_>, env: &dyn Env) -> Confi
     let backends: Vec<Arc<Backend>> = backend_fields.iter_mut().map(|f| Arc::new(backend(f, p, env))).collect();
     let mut route_fields = top.array_of_tables(p, "routes");
     let routes: Vec<Route> = route_fields.iter_mut().map(|f| route(f, p, &backends)).collect();
+    let mut plan_fields = top.array_of_tables(p, "plans");
+    let plans: Vec<Arc<Plan>> = plan_fields.iter_mut().map(|f| Arc::new(plan(f, p))).collect();
     let mut user_fields = top.array_of_tables(p, "users");
-    let users: Vec<Arc<User>> = user_fields.iter_mut().map(|f| Arc::new(user(f, p))).collect();
+    let users: Vec<Arc<User>> = user_fields.iter_mut().map(|f| Arc::new(user(f, p, &plans))).collect();
+    let metrics = top.table(p, "metrics").map_or_else(MetricsSettings::default, |mut f| {
+        let max_user_series =
+            f.optional::<u64>(p, "max_user_series").map_or(1000, |v| u32::try_from(v).unwrap_or(u32::MAX));
+        f.finish(p);
+        MetricsSettings { max_user_series }
+    });
 
     if backends.is_empty() {
         p.at_line(1, "backends", "at least one [[backends]] entry is required");
@@ -39,6 +48,7 @@ pub(super) fn config(root: &Table, p: &mut Problems<'_>, env: &dyn Env) -> Confi
     unique(p, &backend_fields, "name", backends.iter().map(|b| b.name.as_str()));
     unique(p, &route_fields, "model", routes.iter().map(|r| r.model.as_str()));
     unique(p, &user_fields, "name", users.iter().map(|u| u.name.as_str()));
+    unique(p, &plan_fields, "name", plans.iter().map(|plan| plan.name.as_str()));
     let key_hashes: Vec<String> = users.iter().map(|u| hex(&u.key_sha256)).collect();
     unique(p, &user_fields, "key_sha256", key_hashes.iter().map(String::as_str));
     for (route, f) in routes.iter().zip(&route_fields) {
@@ -58,11 +68,11 @@ pub(super) fn config(root: &Table, p: &mut Problems<'_>, env: &dyn Env) -> Confi
             p.at_line(ttl_line, "ledger.reservation_ttl_s", message);
         }
     }
-    for f in backend_fields.into_iter().chain(route_fields).chain(user_fields) {
+    for f in backend_fields.into_iter().chain(route_fields).chain(plan_fields).chain(user_fields) {
         f.finish(p);
     }
     top.finish(p);
-    Config { server, ledger, backends, routes, users }
+    Config { server, ledger, backends, routes, users, plans, metrics }
 }
 
 fn route(f: &mut Fields<'_>, p: &mut Problems<'_>, backends: &[Arc<Backend>]) -> Route {
@@ -112,7 +122,17 @@ fn route(f: &mut Fields<'_>, p: &mut Problems<'_>, backends: &[Arc<Backend>]) ->
     Route { model, backends: indexes, default_max_tokens, cascade }
 }
 
-fn user(f: &mut Fields<'_>, p: &mut Problems<'_>) -> User {
+/// `[[plans]]`: a name, a price and the limits every user on it gets.
+fn plan(f: &mut Fields<'_>, p: &mut Problems<'_>) -> Plan {
+    let name = f.required::<String>(p, "name").unwrap_or_default();
+    check_label(f, p, "name", &name);
+    let price_usd = amount(f, p, "price_usd").unwrap_or(Usd::ZERO);
+    let limits = limit_overrides(f, p).apply(&Limits::default());
+    Plan { name, price_usd, limits }
+}
+
+/// `[[users]]`: a key and limits, its own or its plan's with its own values on top.
+fn user(f: &mut Fields<'_>, p: &mut Problems<'_>, plans: &[Arc<Plan>]) -> User {
     let name = f.required::<String>(p, "name").unwrap_or_default();
     check_label(f, p, "name", &name);
     let key_text = f.required::<String>(p, "key_sha256").unwrap_or_default();
@@ -123,48 +143,58 @@ fn user(f: &mut Fields<'_>, p: &mut Problems<'_>) -> User {
         }
         [0; 32]
     });
-    let policy = match f.optional::<String>(p, "policy").as_deref() {
-        None | Some("quality-first") => Policy::QualityFirst,
-        Some("cost-first") => Policy::CostFirst,
-        Some(other) => {
-            let message = format!("`{other}` is not one of \"quality-first\", \"cost-first\"");
+    let plan = f.optional::<String>(p, "plan").and_then(|plan_name| {
+        let found = plans.iter().find(|plan| plan.name == plan_name).cloned();
+        if found.is_none() {
+            p.at_line(f.line_of(p, "plan"), &f.path_of("plan"), format!("no plan is named `{plan_name}`"));
+        }
+        found
+    });
+    let base = plan.as_ref().map_or_else(Limits::default, |plan| plan.limits.clone());
+    let limits = limit_overrides(f, p).apply(&base);
+    let mut user = User::new(name, &limits);
+    user.key_sha256 = key_sha256;
+    user.series = true;
+    if let Some(plan) = plan {
+        user.plan = Some(plan.name.as_str().into());
+        user.price_usd = Some(plan.price_usd);
+    }
+    user
+}
+
+/// The limit fields of a plan or a user, each as given (or absent).
+fn limit_overrides(f: &mut Fields<'_>, p: &mut Problems<'_>) -> LimitOverrides {
+    let policy = f.optional::<String>(p, "policy").map(|text| {
+        Policy::parse(&text).unwrap_or_else(|| {
+            let message = format!("`{text}` is not one of \"quality-first\", \"cost-first\"");
             p.at_line(f.line_of(p, "policy"), &f.path_of("policy"), message);
             Policy::QualityFirst
-        }
-    };
+        })
+    });
     let budget_usd = amount(f, p, "budget_usd");
-    let budget_period = match f.optional::<String>(p, "budget_period").as_deref() {
-        None | Some("month") => BudgetPeriod::Month,
-        Some("day") => BudgetPeriod::Day,
-        Some("total") => BudgetPeriod::Total,
-        Some(other) => {
-            let message = format!("`{other}` is not one of \"day\", \"month\", \"total\"");
+    let budget_period = f.optional::<String>(p, "budget_period").map(|text| {
+        BudgetPeriod::parse(&text).unwrap_or_else(|| {
+            let message = format!("`{text}` is not one of \"day\", \"month\", \"total\"");
             p.at_line(f.line_of(p, "budget_period"), &f.path_of("budget_period"), message);
             BudgetPeriod::Month
-        }
-    };
+        })
+    });
     let max_request_usd = amount(f, p, "max_request_usd");
-    let min_quality = f.optional::<f64>(p, "min_quality").unwrap_or(0.0);
-    if !(0.0..=1.0).contains(&min_quality) {
-        let message = format!("must be between 0 and 1, got {min_quality}");
+    let min_quality = f.optional::<f64>(p, "min_quality");
+    if let Some(q) = min_quality.filter(|q| !(0.0..=1.0).contains(q)) {
+        let message = format!("must be between 0 and 1, got {q}");
         p.at_line(f.line_of(p, "min_quality"), &f.path_of("min_quality"), message);
     }
     let rpm = positive(f, p, "rpm").map(|v| u32::try_from(v).unwrap_or(u32::MAX));
     let tpm = positive(f, p, "tpm");
-    let pacing_on = f.optional::<bool>(p, "pacing").unwrap_or(false);
-    let slack = f.optional::<f64>(p, "pacing_slack").unwrap_or(DEFAULT_PACING_SLACK);
-    if !(0.0..=1.0).contains(&slack) {
-        p.at_line(
-            f.line_of(p, "pacing_slack"),
-            &f.path_of("pacing_slack"),
-            format!("must be between 0 and 1, got {slack}"),
-        );
+    let pacing = f.optional::<bool>(p, "pacing");
+    let pacing_slack = f.optional::<f64>(p, "pacing_slack");
+    if let Some(slack) = pacing_slack.filter(|s| !(0.0..=1.0).contains(s)) {
+        let message = format!("must be between 0 and 1, got {slack}");
+        p.at_line(f.line_of(p, "pacing_slack"), &f.path_of("pacing_slack"), message);
     }
-    let pacing = pacing_on.then_some(Pacing { slack });
-    let clamp_max_tokens = f.optional::<bool>(p, "clamp_max_tokens").unwrap_or(false);
-    User {
-        name,
-        key_sha256,
+    let clamp_max_tokens = f.optional::<bool>(p, "clamp_max_tokens");
+    LimitOverrides {
         policy,
         budget_usd,
         budget_period,
@@ -173,6 +203,7 @@ fn user(f: &mut Fields<'_>, p: &mut Problems<'_>) -> User {
         rpm,
         tpm,
         pacing,
+        pacing_slack,
         clamp_max_tokens,
     }
 }

@@ -7,9 +7,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::store::{Op, Store, Write, WriteScript};
-use crate::config::{OnLedgerError, User};
+use crate::config::OnLedgerError;
 use crate::cost::Usd;
-use crate::ratelimit::{LimitError, RateLimited, RateLimiter};
+use crate::ratelimit::{Allowance, LimitError, RateLimited, RateLimiter};
 
 #[derive(Debug)]
 pub struct RedisLimiter {
@@ -24,50 +24,51 @@ impl RedisLimiter {
         Self { store, fallback: RateLimiter::default() }
     }
 
-    pub async fn admit(&self, user: &User, tokens: u64, now: Instant) -> Result<(), LimitError> {
-        if user.rpm.is_none() && user.tpm.is_none() {
-            return Ok(());
+    pub async fn admit(&self, levels: &[Allowance], tokens: u64, now: Instant) -> Result<(), LimitError> {
+        let keys: Vec<String> = levels.iter().map(|l| self.store.keys.rate(&l.account)).collect();
+        let mut args = vec![tokens.to_string()];
+        for level in levels {
+            args.push(level.rpm.map(|r| r.to_string()).unwrap_or_default());
+            args.push(level.tpm.map(|t| t.to_string()).unwrap_or_default());
         }
-        let keys = [self.store.keys.rate(&user.name)];
-        let args = [
-            user.rpm.map(|r| r.to_string()).unwrap_or_default(),
-            user.tpm.map(|t| t.to_string()).unwrap_or_default(),
-            tokens.to_string(),
-        ];
-        let answer = self.store.script::<(i64, String, u64)>(Op::RateLimit, &self.store.scripts.rate, &keys, &args);
+        let answer =
+            self.store.script::<(i64, String, u64, usize)>(Op::RateLimit, &self.store.scripts.rate, &keys, &args);
         match answer.await {
-            Ok((1, _, _)) => Ok(()),
-            Ok((_, limit, retry_ms)) => {
+            Ok((1, _, _, _)) => Ok(()),
+            Ok((_, limit, retry_ms, level)) => {
+                let level = levels.get(level.saturating_sub(1));
                 let (limit, capacity) = if limit == "tokens" {
-                    ("tokens", user.tpm.unwrap_or(0))
+                    ("tokens", level.and_then(|l| l.tpm).unwrap_or(0))
                 } else {
-                    ("requests", user.rpm.map_or(0, u64::from))
+                    ("requests", level.and_then(|l| l.rpm).map_or(0, u64::from))
                 };
                 Err(RateLimited { limit, capacity, retry_after: Duration::from_millis(retry_ms) }.into())
             }
             Err(e) if self.store.policy == OnLedgerError::FailOpen => {
                 let _ = e;
-                Ok(self.fallback.admit(user, tokens, now)?)
+                Ok(self.fallback.admit(levels, tokens, now)?)
             }
             Err(e) => Err(e.into()),
         }
     }
 
     /// Gives back (or takes) the difference between the admission estimate and the real usage.
-    pub fn settle_tokens(&self, user: &User, estimated: u64, actual: u64) {
-        let Some(tpm) = user.tpm else { return };
+    pub fn settle_tokens(&self, levels: &[Allowance], estimated: u64, actual: u64) {
         if estimated == actual {
             return;
         }
-        self.fallback.settle_tokens(user, estimated, actual);
+        self.fallback.settle_tokens(levels, estimated, actual);
         let delta = i128::from(estimated) - i128::from(actual);
-        self.store.submit(Write {
-            script: WriteScript::RateSettle,
-            keys: vec![self.store.keys.rate(&user.name)],
-            args: vec![tpm.to_string(), delta.to_string()],
-            user: user.name.clone(),
-            cost: Usd::ZERO,
-            must_land: false,
-        });
+        for level in levels {
+            let Some(tpm) = level.tpm else { continue };
+            self.store.submit(Write {
+                script: WriteScript::RateSettle,
+                keys: vec![self.store.keys.rate(&level.account)],
+                args: vec![tpm.to_string(), delta.to_string()],
+                accounts: Vec::new(),
+                cost: Usd::ZERO,
+                must_land: false,
+            });
+        }
     }
 }

@@ -5,8 +5,8 @@
 
 use dashmap::DashMap;
 
-use crate::config::User;
 use crate::cost::Usd;
+use crate::ledger::{period, Budgets, Left, Scope};
 
 /// One user's budget as this replica sees it. Pure arithmetic; [`Local`] keeps one per user.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -39,7 +39,8 @@ impl Shadow {
     }
 
     /// Holds `amount` locally if everything known still fits the budget.
-    pub fn reserve(&mut self, amount: Usd, budget: Option<Usd>) -> Result<Option<Usd>, Usd> {
+    #[cfg(test)]
+    fn reserve(&mut self, amount: Usd, budget: Option<Usd>) -> Result<Option<Usd>, Usd> {
         if let Some(budget) = budget {
             if self.used().saturating_add(amount) > budget {
                 return Err(self.remaining(budget));
@@ -71,33 +72,55 @@ impl Local {
         });
     }
 
-    pub fn reserve(&self, user: &User, amount: Usd, period_start: i64) -> Result<Option<Usd>, Usd> {
-        self.with(&user.name, |s| {
-            s.roll(period_start);
-            s.reserve(amount, user.budget_usd)
-        })
+    /// Holds `amount` locally at every level if everything known still fits every budget.
+    pub fn reserve(&self, budgets: &Budgets, amount: Usd, now: i64) -> Result<Option<Left>, (Scope, Usd)> {
+        for b in budgets {
+            let fits = self.with(&b.account, |s| {
+                s.roll(period::start(b.period, now));
+                match b.limit {
+                    Some(limit) if s.used().saturating_add(amount) > limit => Err(s.remaining(limit)),
+                    _ => Ok(()),
+                }
+            });
+            fits.map_err(|remaining| (b.scope, remaining))?;
+        }
+        for b in budgets {
+            self.with(&b.account, |s| s.held = s.held.saturating_add(amount));
+        }
+        Ok(self.remaining(budgets, now))
     }
 
-    pub fn remaining(&self, user: &User, period_start: i64) -> Option<Usd> {
-        let budget = user.budget_usd?;
-        Some(self.with(&user.name, |s| {
-            s.roll(period_start);
-            s.remaining(budget)
-        }))
+    pub fn remaining(&self, budgets: &Budgets, now: i64) -> Option<Left> {
+        let per_level: Vec<Option<Usd>> = budgets
+            .iter()
+            .map(|b| {
+                b.limit.map(|limit| {
+                    self.with(&b.account, |s| {
+                        s.roll(period::start(b.period, now));
+                        s.remaining(limit)
+                    })
+                })
+            })
+            .collect();
+        budgets.smallest(per_level)
     }
 
-    pub fn release_held(&self, user: &str, amount: Usd) {
-        self.with(user, |s| s.held = s.held.saturating_sub(amount).max(Usd::ZERO));
+    pub fn release_held(&self, budgets: &Budgets, amount: Usd) {
+        for b in budgets {
+            self.with(&b.account, |s| s.held = s.held.saturating_sub(amount).max(Usd::ZERO));
+        }
     }
 
     /// A local reservation (if `held`) or a Redis one turned into `cost` not yet in Redis.
-    pub fn settled(&self, user: &str, held: Option<Usd>, cost: Usd) {
-        self.with(user, |s| {
-            if let Some(amount) = held {
-                s.held = s.held.saturating_sub(amount).max(Usd::ZERO);
-            }
-            s.pending = s.pending.saturating_add(cost);
-        });
+    pub fn settled(&self, budgets: &Budgets, held: Option<Usd>, cost: Usd) {
+        for b in budgets {
+            self.with(&b.account, |s| {
+                if let Some(amount) = held {
+                    s.held = s.held.saturating_sub(amount).max(Usd::ZERO);
+                }
+                s.pending = s.pending.saturating_add(cost);
+            });
+        }
     }
 
     /// Redis confirmed a settlement of `cost`.

@@ -31,8 +31,10 @@ use dashmap::DashMap;
 pub use limits::RedisLimiter;
 pub use store::Store;
 
-use super::{period, Account, BoxFuture, Ledger, LedgerError, RequestRecord, Reserve, Totals};
-use crate::config::{BudgetPeriod, OnLedgerError, User};
+use smallvec::SmallVec;
+
+use super::{period, Account, BoxFuture, Budget, Budgets, Ledger, LedgerError, Left, RequestRecord, Reserve, Totals};
+use crate::config::{BudgetPeriod, OnLedgerError};
 use crate::cost::Usd;
 use scripts::{DEDUPE_WINDOW_MS, MAX_RECORDS};
 use store::{Op, Write, WriteScript};
@@ -53,11 +55,14 @@ pub struct RedisLedger {
     retention: Duration,
 }
 
+/// The accounts of a reservation's levels, and its member in each one's `holds`.
+type Hold = (SmallVec<[Arc<str>; 3]>, String);
+
 /// This replica's open Redis reservations, kept alive by [`renew_loop`].
 #[derive(Debug, Default)]
 struct Held {
-    /// Reservation id → (user, member in the user's `holds`).
-    open: DashMap<u64, (String, String)>,
+    /// Reservation id → the accounts of its levels and its member in each account's `holds`.
+    open: DashMap<u64, Hold>,
     /// Reservation lifetime; fixed by `reservation_ttl_s`, else follows the backends' timeouts.
     ttl_ms: AtomicU64,
 }
@@ -72,10 +77,12 @@ async fn renew_loop(store: Weak<Store>, held: Weak<Held>) {
         };
         tokio::time::sleep(pause).await;
         let (Some(store), Some(held)) = (store.upgrade(), held.upgrade()) else { return };
-        let mut by_user: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
+        let mut by_user: std::collections::HashMap<Arc<str>, Vec<String>> = std::collections::HashMap::new();
         for entry in &held.open {
-            let (user, member) = entry.value();
-            by_user.entry(user.clone()).or_default().push(member.clone());
+            let (accounts, member) = entry.value();
+            for account in accounts {
+                by_user.entry(Arc::clone(account)).or_default().push(member.clone());
+            }
         }
         let ttl = held.ttl_ms.load(Ordering::Relaxed).to_string();
         for (user, members) in by_user {
@@ -213,9 +220,16 @@ impl RedisLedger {
         format!("{}:{id}:{}", self.replica, amount.pico())
     }
 
-    fn hold_keys(&self, user: &str, period_start: i64) -> Vec<String> {
+    /// (reserved, holds, spend) of every level, in level order.
+    fn level_keys(&self, budgets: &Budgets, now: i64) -> Vec<String> {
         let keys = &self.store.keys;
-        vec![keys.reserved(user), keys.holds(user), keys.spend(user, period_start)]
+        let mut out = Vec::with_capacity(3 * budgets.len());
+        for b in budgets {
+            out.push(keys.reserved(&b.account));
+            out.push(keys.holds(&b.account));
+            out.push(keys.spend(&b.account, period::start(b.period, now)));
+        }
+        out
     }
 
     /// When a period's spend may be forgotten: the retention after the period ends.
@@ -226,9 +240,9 @@ impl RedisLedger {
 
     fn reserve_locally(
         &self,
-        user: &User,
+        budgets: &Budgets,
         amount: Usd,
-        period_start: i64,
+        now: i64,
         error: LedgerError,
     ) -> Result<Reserve, LedgerError> {
         if self.store.policy == OnLedgerError::FailClosed || self.store.backlog_full() {
@@ -236,132 +250,172 @@ impl RedisLedger {
         }
         self.store.metrics.ledger_fail_open.inc();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) | LOCAL;
-        Ok(match self.store.local.reserve(user, amount, period_start) {
+        Ok(match self.store.local.reserve(budgets, amount, now) {
             Ok(remaining) => Reserve::Reserved { id, remaining },
-            Err(remaining) => Reserve::Refused { remaining },
+            Err((scope, remaining)) => Reserve::Refused { scope, remaining },
         })
     }
 
-    async fn read(&self, user: &User, now: i64, all: bool) -> Result<Account, LedgerError> {
-        let period_start = period::start(user.budget_period, now);
-        let keys = self.hold_keys(&user.name, period_start);
+    /// (reserved, spent) of every level, and the first level's spend fields when `all`.
+    async fn read(&self, budgets: &Budgets, now: i64, all: bool) -> Result<Vec<Account>, LedgerError> {
+        let keys = self.level_keys(budgets, now);
         let arg = if all { "all" } else { "" };
-        let (reserved, spent, fields): (String, String, Vec<String>) =
+        let answer: Vec<redis::Value> =
             self.store.script(Op::Read, &self.store.scripts.read, &keys, &[arg.to_owned()]).await?;
-        let (reserved, spent) = (parse_usd(&reserved), parse_usd(&spent));
-        self.store.local.seen(&user.name, period_start, spent, reserved);
-        let mut account = account(period_start, reserved, &fields);
-        account.totals.spent = spent;
-        Ok(account)
+        let mut accounts = Vec::with_capacity(budgets.len());
+        let mut fields: Vec<String> = Vec::new();
+        for (i, value) in answer.into_iter().enumerate() {
+            if i < budgets.len() {
+                let (reserved, spent): (String, String) = redis::from_redis_value(value)
+                    .map_err(|e| LedgerError::Storage(format!("unexpected read answer: {e}")))?;
+                accounts.push((parse_usd(&reserved), parse_usd(&spent)));
+            } else {
+                fields = redis::from_redis_value(value)
+                    .map_err(|e| LedgerError::Storage(format!("unexpected read answer: {e}")))?;
+            }
+        }
+        Ok(budgets
+            .iter()
+            .zip(accounts)
+            .enumerate()
+            .map(|(i, (b, (reserved, spent)))| {
+                let period_start = period::start(b.period, now);
+                self.store.local.seen(&b.account, period_start, spent, reserved);
+                let mut account =
+                    if i == 0 { account(period_start, reserved, &fields) } else { Account::new(period_start) };
+                account.reserved = reserved;
+                account.totals.spent = spent;
+                account
+            })
+            .collect())
     }
 }
 
 impl Ledger for RedisLedger {
-    fn reserve<'a>(&'a self, user: &'a User, amount: Usd, now: i64) -> BoxFuture<'a, Result<Reserve, LedgerError>> {
+    fn reserve<'a>(
+        &'a self,
+        budgets: &'a Budgets,
+        amount: Usd,
+        now: i64,
+    ) -> BoxFuture<'a, Result<Reserve, LedgerError>> {
         Box::pin(async move {
-            let period_start = period::start(user.budget_period, now);
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let keys = self.hold_keys(&user.name, period_start);
-            let budget = user.budget_usd.map(|b| b.pico().to_string()).unwrap_or_default();
+            let keys = self.level_keys(budgets, now);
             let ttl = self.held.ttl_ms.load(Ordering::Relaxed).to_string();
             let member = self.member(id, amount);
-            let args = [member.clone(), amount.pico().to_string(), budget, ttl];
-            let answer =
-                self.store.script::<(i64, String, String)>(Op::Reserve, &self.store.scripts.reserve, &keys, &args);
-            let (granted, spent, reserved) = match answer.await {
+            let mut args = vec![member.clone(), amount.pico().to_string(), ttl];
+            args.extend(budgets.iter().map(|b| b.limit.map(|l| l.pico().to_string()).unwrap_or_default()));
+            let answer = self.store.script::<Vec<String>>(Op::Reserve, &self.store.scripts.reserve, &keys, &args);
+            let answer = match answer.await {
                 Ok(answer) => answer,
-                Err(e) => return self.reserve_locally(user, amount, period_start, e),
+                Err(e) => return self.reserve_locally(budgets, amount, now, e),
             };
-            let (spent, reserved) = (parse_usd(&spent), parse_usd(&reserved));
-            let used = spent.saturating_add(reserved);
-            if granted == 1 {
-                self.held.open.insert(id, (user.name.clone(), member));
-                let reserved = reserved.saturating_add(amount);
-                self.store.local.seen(&user.name, period_start, spent, reserved);
-                let remaining = user.budget_usd.map(|b| b.saturating_sub(used).saturating_sub(amount).max(Usd::ZERO));
-                Ok(Reserve::Reserved { id, remaining })
-            } else {
-                self.store.local.seen(&user.name, period_start, spent, reserved);
-                let remaining = user.budget_usd.map_or(Usd::ZERO, |b| b.saturating_sub(used).max(Usd::ZERO));
-                Ok(Reserve::Refused { remaining })
+            let granted = answer.first().is_some_and(|g| g == "1");
+            let refusing: usize = answer.get(1).map_or(0, |r| parse_u64(r).try_into().unwrap_or(0));
+            let mut left: SmallVec<[Option<Usd>; 3]> = SmallVec::new();
+            for (i, b) in budgets.iter().enumerate() {
+                let spent = answer.get(2 + 2 * i).map_or(Usd::ZERO, |v| parse_usd(v));
+                let mut reserved = answer.get(3 + 2 * i).map_or(Usd::ZERO, |v| parse_usd(v));
+                let used = spent.saturating_add(reserved);
+                let after = if granted { amount } else { Usd::ZERO };
+                if granted {
+                    reserved = reserved.saturating_add(amount);
+                }
+                self.store.local.seen(&b.account, period::start(b.period, now), spent, reserved);
+                left.push(b.limit.map(|l| l.saturating_sub(used).saturating_sub(after).max(Usd::ZERO)));
             }
+            if granted {
+                let accounts = budgets.iter().map(|b| Arc::clone(&b.account)).collect();
+                self.held.open.insert(id, (accounts, member));
+                return Ok(Reserve::Reserved { id, remaining: budgets.smallest(left) });
+            }
+            let index = refusing.saturating_sub(1).min(budgets.len().saturating_sub(1));
+            let scope = budgets.iter().nth(index).map_or(super::Scope::User, |b| b.scope);
+            let remaining = left.get(index).copied().flatten().unwrap_or(Usd::ZERO);
+            Ok(Reserve::Refused { scope, remaining })
         })
     }
 
-    fn release(&self, user: &User, id: u64, amount: Usd, _now: i64) {
+    fn release(&self, budgets: &Budgets, id: u64, amount: Usd, _now: i64) {
         if id & LOCAL != 0 {
-            self.store.local.release_held(&user.name, amount);
+            self.store.local.release_held(budgets, amount);
             return;
         }
         self.held.open.remove(&id);
-        let keys = vec![self.store.keys.reserved(&user.name), self.store.keys.holds(&user.name)];
+        let keys = budgets
+            .iter()
+            .flat_map(|b| [self.store.keys.reserved(&b.account), self.store.keys.holds(&b.account)])
+            .collect();
         let write = Write {
             script: WriteScript::Release,
             keys,
             args: vec![self.member(id, amount)],
-            user: user.name.clone(),
+            accounts: budgets.iter().map(|b| Arc::clone(&b.account)).collect(),
             cost: Usd::ZERO,
             must_land: true,
         };
         self.store.submit(write);
     }
 
-    fn settle(&self, user: &User, id: u64, reserved: Usd, record: RequestRecord, now: i64) {
+    fn settle(&self, budgets: &Budgets, id: u64, reserved: Usd, record: RequestRecord, now: i64) {
         let local = id & LOCAL != 0;
         if !local {
             self.held.open.remove(&id);
         }
-        let period_start = period::start(user.budget_period, now);
-        self.store.local.settled(&user.name, local.then_some(reserved), record.cost);
+        self.store.local.settled(budgets, local.then_some(reserved), record.cost);
         let keys = &self.store.keys;
         let member = if local { String::new() } else { self.member(id, reserved) };
         let record_json = serde_json::to_string(&StoredRecord::from(&record)).unwrap_or_default();
-        let args = vec![
+        let mut args = vec![
             member,
             format!("{}:{id}", self.replica),
             record.cost.pico().to_string(),
             record.prompt_tokens.to_string(),
             record.completion_tokens.to_string(),
             record.backend.to_string(),
-            self.spend_expires_at(user.budget_period, now),
             record_json,
             MAX_RECORDS.to_string(),
             DEDUPE_WINDOW_MS.to_string(),
         ];
+        args.extend(budgets.iter().map(|b| self.spend_expires_at(b.period, now)));
+        let mut write_keys = vec![keys.settled(&budgets.user().account), keys.records()];
+        write_keys.extend(self.level_keys(budgets, now));
         let write = Write {
             script: WriteScript::Settle,
-            keys: vec![
-                keys.reserved(&user.name),
-                keys.holds(&user.name),
-                keys.spend(&user.name, period_start),
-                keys.settled(&user.name),
-                keys.records(),
-            ],
+            keys: write_keys,
             args,
-            user: user.name.clone(),
+            accounts: budgets.iter().map(|b| Arc::clone(&b.account)).collect(),
             cost: record.cost,
             must_land: true,
         };
         self.store.submit(write);
     }
 
-    fn remaining<'a>(&'a self, user: &'a User, now: i64) -> BoxFuture<'a, Result<Option<Usd>, LedgerError>> {
+    fn remaining<'a>(&'a self, budgets: &'a Budgets, now: i64) -> BoxFuture<'a, Result<Option<Left>, LedgerError>> {
         Box::pin(async move {
-            // No budget, nothing to ask Redis.
-            let Some(budget) = user.budget_usd else { return Ok(None) };
-            match self.read(user, now, false).await {
-                Ok(account) => Ok(Some(account.remaining(budget))),
+            // No budget at any level, nothing to ask Redis.
+            if !budgets.any_limit() {
+                return Ok(None);
+            }
+            match self.read(budgets, now, false).await {
+                Ok(accounts) => {
+                    Ok(budgets.smallest(budgets.iter().zip(&accounts).map(|(b, a)| b.limit.map(|l| a.remaining(l)))))
+                }
                 Err(e) if self.store.policy == OnLedgerError::FailOpen => {
                     let _ = e;
-                    Ok(self.store.local.remaining(user, period::start(user.budget_period, now)))
+                    Ok(self.store.local.remaining(budgets, now))
                 }
                 Err(e) => Err(e),
             }
         })
     }
 
-    fn usage<'a>(&'a self, user: &'a User, now: i64) -> BoxFuture<'a, Result<Account, LedgerError>> {
-        Box::pin(self.read(user, now, true))
+    fn usage<'a>(&'a self, budget: &'a Budget, now: i64) -> BoxFuture<'a, Result<Account, LedgerError>> {
+        Box::pin(async move {
+            let one = Budgets::from_levels([budget.clone()]);
+            let mut accounts = self.read(&one, now, true).await?;
+            accounts.pop().ok_or_else(|| LedgerError::Storage("empty read answer".into()))
+        })
     }
 
     fn records(&self, limit: usize) -> BoxFuture<'_, Result<Vec<RequestRecord>, LedgerError>> {

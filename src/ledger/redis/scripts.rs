@@ -1,8 +1,9 @@
 //! The key layout and the server-side scripts: each ledger operation is one script, so it is
 //! one atomic step whatever the number of replicas.
 //!
-//! Keys (`P` is `key_prefix`; `{user}` is also a Redis Cluster hash tag, keeping one user's
-//! keys in one slot):
+//! Keys (`P` is `key_prefix`; `{user}` is an account's name: a user's, or `~key:<id>` or
+//! `~team:<name>` for a key's or a team's budget; it is also a Redis Cluster hash tag, keeping
+//! one account's keys in one slot):
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -105,63 +106,92 @@ local function le(a, b)
 end
 ";
 
-/// KEYS: reserved, holds, spend. ARGV: member, amount, budget ('' = none), ttl ms.
-/// Returns {1 reserved | 0 refused, spent, reserved before this reservation}.
+/// Every level of a request (key, user, team) is one account: three keys each, in level
+/// order. KEYS: (reserved, holds, spend) per level. ARGV: member, amount, ttl ms, then the
+/// budget of each level ('' = none). All levels reserve or none does.
+/// Returns {1 reserved | 0 refused, the refusing level (1-based; 0 when reserved), then
+/// spent and reserved-before-this of each level}.
 const RESERVE: &str = r"
 local now = now_ms()
-prune(KEYS[1], KEYS[2], now)
-local spent = str(redis.call('HGET', KEYS[3], 'spent'))
-local reserved = str(redis.call('GET', KEYS[1]))
-if ARGV[3] ~= '' and not le(add(add(parts(spent), parts(reserved)), parts(ARGV[2])), parts(ARGV[3])) then
-  return {0, spent, reserved}
+local levels = #KEYS / 3
+local seen = {}
+local refused = 0
+for i = 1, levels do
+  local k = (i - 1) * 3
+  prune(KEYS[k + 1], KEYS[k + 2], now)
+  local spent = str(redis.call('HGET', KEYS[k + 3], 'spent'))
+  local reserved = str(redis.call('GET', KEYS[k + 1]))
+  seen[#seen + 1] = spent
+  seen[#seen + 1] = reserved
+  local budget = ARGV[3 + i]
+  if refused == 0 and budget ~= '' and not le(add(add(parts(spent), parts(reserved)), parts(ARGV[2])), parts(budget)) then
+    refused = i
+  end
 end
-local ttl = tonumber(ARGV[4])
--- A member already there would be counted twice in `reserved` and freed once: refuse it.
-if redis.call('ZADD', KEYS[2], 'NX', now + ttl, ARGV[1]) == 0 then
-  return redis.error_reply('duplicate reservation id ' .. ARGV[1])
+if refused > 0 then
+  return {0, refused, unpack(seen)}
 end
-redis.call('INCRBY', KEYS[1], ARGV[2])
--- Both keys outlive their last reservation, then vanish together with an idle user.
-redis.call('PEXPIRE', KEYS[1], ttl + 60000)
-redis.call('PEXPIRE', KEYS[2], ttl + 60000)
-return {1, spent, reserved}
+local ttl = tonumber(ARGV[3])
+for i = 1, levels do
+  local k = (i - 1) * 3
+  -- A member already there would be counted twice in `reserved` and freed once: refuse it.
+  if redis.call('ZSCORE', KEYS[k + 2], ARGV[1]) then
+    return redis.error_reply('duplicate reservation id ' .. ARGV[1])
+  end
+end
+for i = 1, levels do
+  local k = (i - 1) * 3
+  redis.call('ZADD', KEYS[k + 2], now + ttl, ARGV[1])
+  redis.call('INCRBY', KEYS[k + 1], ARGV[2])
+  -- Both keys outlive their last reservation, then vanish together with an idle account.
+  redis.call('PEXPIRE', KEYS[k + 1], ttl + 60000)
+  redis.call('PEXPIRE', KEYS[k + 2], ttl + 60000)
+end
+return {1, 0, unpack(seen)}
 ";
 
-/// KEYS: reserved, holds, spend, settled, records. ARGV: member ('' = the reservation was
-/// local), settlement id, cost, prompt tokens, completion tokens, backend, spend expire-at
-/// (unix s, '' = never), record JSON, max records, dedupe window ms.
-/// Returns 1 when applied, 0 when this settlement was applied before.
+/// KEYS: settled, records, then (reserved, holds, spend) per level. ARGV: member ('' = the
+/// reservation was local), settlement id, cost, prompt tokens, completion tokens, backend,
+/// record JSON, max records, dedupe window ms, then each level's spend expire-at (unix s,
+/// '' = never). Returns 1 when applied, 0 when this settlement was applied before.
 const SETTLE: &str = r"
 local now = now_ms()
-if redis.call('ZSCORE', KEYS[4], ARGV[2]) then return 0 end
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[10]))
-redis.call('ZADD', KEYS[4], now, ARGV[2])
-redis.call('PEXPIRE', KEYS[4], ARGV[10])
-if ARGV[1] ~= '' and redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
-  redis.call('DECRBY', KEYS[1], string.match(ARGV[1], '(%d+)$'))
-end
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[9]))
+redis.call('ZADD', KEYS[1], now, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[9])
 local b = 'b/' .. ARGV[6] .. '/'
-redis.call('HINCRBY', KEYS[3], 'spent', ARGV[3])
-redis.call('HINCRBY', KEYS[3], 'requests', 1)
-redis.call('HINCRBY', KEYS[3], 'prompt_tokens', ARGV[4])
-redis.call('HINCRBY', KEYS[3], 'completion_tokens', ARGV[5])
-redis.call('HINCRBY', KEYS[3], b .. 'spent', ARGV[3])
-redis.call('HINCRBY', KEYS[3], b .. 'requests', 1)
-redis.call('HINCRBY', KEYS[3], b .. 'prompt_tokens', ARGV[4])
-redis.call('HINCRBY', KEYS[3], b .. 'completion_tokens', ARGV[5])
-if ARGV[7] ~= '' then redis.call('EXPIREAT', KEYS[3], ARGV[7]) end
-redis.call('LPUSH', KEYS[5], ARGV[8])
-redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[9]) - 1)
+for i = 1, (#KEYS - 2) / 3 do
+  local k = 2 + (i - 1) * 3
+  if ARGV[1] ~= '' and redis.call('ZREM', KEYS[k + 2], ARGV[1]) == 1 then
+    redis.call('DECRBY', KEYS[k + 1], string.match(ARGV[1], '(%d+)$'))
+  end
+  local spend = KEYS[k + 3]
+  redis.call('HINCRBY', spend, 'spent', ARGV[3])
+  redis.call('HINCRBY', spend, 'requests', 1)
+  redis.call('HINCRBY', spend, 'prompt_tokens', ARGV[4])
+  redis.call('HINCRBY', spend, 'completion_tokens', ARGV[5])
+  redis.call('HINCRBY', spend, b .. 'spent', ARGV[3])
+  redis.call('HINCRBY', spend, b .. 'requests', 1)
+  redis.call('HINCRBY', spend, b .. 'prompt_tokens', ARGV[4])
+  redis.call('HINCRBY', spend, b .. 'completion_tokens', ARGV[5])
+  if ARGV[9 + i] ~= '' then redis.call('EXPIREAT', spend, ARGV[9 + i]) end
+end
+redis.call('LPUSH', KEYS[2], ARGV[7])
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[8]) - 1)
 return 1
 ";
 
-/// KEYS: reserved, holds. ARGV: member. Returns 1 when it was still held.
+/// KEYS: (reserved, holds) per level. ARGV: member. Returns 1 when it was still held.
 const RELEASE: &str = r"
-if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
-  redis.call('DECRBY', KEYS[1], string.match(ARGV[1], '(%d+)$'))
-  return 1
+local held = 0
+for i = 1, #KEYS / 2 do
+  if redis.call('ZREM', KEYS[2 * i], ARGV[1]) == 1 then
+    redis.call('DECRBY', KEYS[2 * i - 1], string.match(ARGV[1], '(%d+)$'))
+    held = 1
+  end
 end
-return 0
+return held
 ";
 
 /// KEYS: reserved, holds. ARGV: ttl ms, members. Pushes back the expiry of this replica's
@@ -181,43 +211,57 @@ end
 return 1
 ";
 
-/// KEYS: reserved, holds, spend. ARGV: 'all' for every spend field, else only `spent`.
-/// Returns {reserved, spent, {field, value, ...} when 'all'}.
+/// KEYS: (reserved, holds, spend) per level. ARGV: 'all' for every spend field of the first
+/// level, else only `spent`. Returns {{reserved, spent} per level..., {field, value, ...}
+/// when 'all'}.
 const READ: &str = r"
-prune(KEYS[1], KEYS[2], now_ms())
-local reserved = str(redis.call('GET', KEYS[1]))
-local spent = str(redis.call('HGET', KEYS[3], 'spent'))
-if ARGV[1] == 'all' then
-  return {reserved, spent, redis.call('HGETALL', KEYS[3])}
+local now = now_ms()
+local out = {}
+for i = 1, #KEYS / 3 do
+  local k = (i - 1) * 3
+  prune(KEYS[k + 1], KEYS[k + 2], now)
+  out[#out + 1] = {str(redis.call('GET', KEYS[k + 1])), str(redis.call('HGET', KEYS[k + 3], 'spent'))}
 end
-return {reserved, spent, {}}
+if ARGV[1] == 'all' then
+  out[#out + 1] = redis.call('HGETALL', KEYS[3])
+end
+return out
 ";
 
-/// Token buckets refilling continuously at capacity per minute, as in `ratelimit`.
-/// KEYS: rate. ARGV: rpm ('' = none), tpm ('' = none), tokens.
-/// Returns {1, '', 0} when admitted, else {0, 'requests' | 'tokens', retry after ms}.
+/// Token buckets refilling continuously at capacity per minute, as in `ratelimit`, for every
+/// level of a request at once (a key's and its user's): all admit or none takes anything.
+/// KEYS: rate per level. ARGV: tokens, then rpm and tpm per level ('' = none).
+/// Returns {1, '', 0, 0} when admitted, else {0, 'requests' | 'tokens', retry after ms, level}.
 const RATE: &str = r"
 local now = now_ms()
-local state = redis.call('HMGET', KEYS[1], 'r', 't', 'ts')
-local elapsed = math.max(0, now - (tonumber(state[3]) or now)) / 60000
-local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
-local r, t, want
-if rpm then
-  r = math.min(rpm, (tonumber(state[1]) or rpm) + elapsed * rpm)
-  if r < 1 then return {0, 'requests', math.ceil((1 - r) * 60000 / rpm)} end
+local want_all = tonumber(ARGV[1])
+local plans = {}
+for i = 1, #KEYS do
+  local state = redis.call('HMGET', KEYS[i], 'r', 't', 'ts')
+  local elapsed = math.max(0, now - (tonumber(state[3]) or now)) / 60000
+  local rpm, tpm = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local r, t, want
+  if rpm then
+    r = math.min(rpm, (tonumber(state[1]) or rpm) + elapsed * rpm)
+    if r < 1 then return {0, 'requests', math.ceil((1 - r) * 60000 / rpm), i} end
+  end
+  if tpm then
+    -- A request bigger than the whole allowance waits for a full bucket, not forever.
+    want = math.min(want_all, tpm)
+    t = math.min(tpm, (tonumber(state[2]) or tpm) + elapsed * tpm)
+    if t < want then return {0, 'tokens', math.ceil((want - t) * 60000 / tpm), i} end
+  end
+  plans[i] = {r, t, want}
 end
-if tpm then
-  -- A request bigger than the whole allowance waits for a full bucket, not forever.
-  want = math.min(tonumber(ARGV[3]), tpm)
-  t = math.min(tpm, (tonumber(state[2]) or tpm) + elapsed * tpm)
-  if t < want then return {0, 'tokens', math.ceil((want - t) * 60000 / tpm)} end
+for i = 1, #KEYS do
+  local r, t, want = plans[i][1], plans[i][2], plans[i][3]
+  if r then redis.call('HSET', KEYS[i], 'r', tostring(r - 1)) end
+  if t then redis.call('HSET', KEYS[i], 't', tostring(t - want)) end
+  redis.call('HSET', KEYS[i], 'ts', now)
+  -- After a minute idle a bucket is full again: the same as no key at all.
+  redis.call('PEXPIRE', KEYS[i], 120000)
 end
-if r then redis.call('HSET', KEYS[1], 'r', tostring(r - 1)) end
-if t then redis.call('HSET', KEYS[1], 't', tostring(t - want)) end
-redis.call('HSET', KEYS[1], 'ts', now)
--- After a minute idle a bucket is full again: the same as no key at all.
-redis.call('PEXPIRE', KEYS[1], 120000)
-return {1, '', 0}
+return {1, '', 0, 0}
 ";
 
 /// KEYS: rate. ARGV: tpm, tokens to give back (negative: to take). Corrects the token bucket

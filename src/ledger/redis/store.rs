@@ -71,8 +71,8 @@ pub struct Write {
     pub script: WriteScript,
     pub keys: Vec<String>,
     pub args: Vec<String>,
-    /// The user and the cost it carries, to clear from the local accounting once applied.
-    pub user: String,
+    /// The accounts and the cost it carries, to clear from the local accounting once applied.
+    pub accounts: Vec<Arc<str>>,
     pub cost: Usd,
     /// Spend and reservations must land; a rate-limit correction may be lost.
     pub must_land: bool,
@@ -261,7 +261,9 @@ impl Store {
             WriteScript::RateSettle => &self.scripts.rate_settle,
         };
         self.script::<i64>(write.op(), script, &write.keys, &write.args).await?;
-        self.local.confirmed(&write.user, write.cost);
+        for account in &write.accounts {
+            self.local.confirmed(account, write.cost);
+        }
         Ok(())
     }
 
@@ -280,7 +282,7 @@ impl Store {
         let mut backlog = self.backlog.lock().unwrap_or_else(PoisonError::into_inner);
         if backlog.len() >= MAX_BACKLOG {
             // Only reachable past the bound fail-open stops at; say so loudly.
-            tracing::error!(user = %write.user, "the ledger backlog is full: a write to redis was dropped");
+            tracing::error!(accounts = ?write.accounts, "the ledger backlog is full: a write to redis was dropped");
             return;
         }
         backlog.push_back(write);

@@ -1,0 +1,146 @@
+//! Tenants: who a request is for, whether it came from the config file or the admin API.
+//!
+//! A request's key resolves to one [`Principal`]: the chain key → user → team, each level with
+//! its effective limits (the plan's, with the user's overrides), its budgets and its rate
+//! limits. Everything downstream (policy, ledger, limiter, metering) takes the principal and
+//! knows nothing of where it came from.
+//!
+//! Config users are resolved from the snapshot's key table. API users live in the ledger's
+//! store ([`store::Directory`]) and are read into a bounded in-memory cache as their keys show
+//! up ([`cache`]); unknown keys are remembered for a minute, so a flood of random keys costs
+//! one store lookup per key per minute. Every change made through the admin API drops what it
+//! touched from the cache at once, and a reload (which may change plans) drops everything.
+
+pub mod cache;
+pub mod model;
+pub mod overrides;
+pub mod sqlite;
+pub mod store;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use crate::config::{Config, Plan, User};
+use crate::ledger::budgets::{key_account, team_account, Budget, Budgets, Scope};
+use crate::metering::meters::{MeterRow, PairMeters};
+use crate::metrics::Metrics;
+use crate::ratelimit::{user_allowance, Allowance, Allowances};
+use model::{ApiKey, Member, Team};
+
+/// Who a request is for: its user's effective limits and every level's budget and rate
+/// limits, resolved once and shared by the requests that present the same key.
+#[derive(Debug)]
+pub struct Principal {
+    pub user: Arc<User>,
+    pub budgets: Arc<Budgets>,
+    pub allowances: Allowances,
+    /// The API key presented (`None`: a config user's key).
+    pub key: Option<KeyGrant>,
+    meters: MeterRow,
+}
+
+/// What a request needs to know of the API key it came with.
+#[derive(Debug)]
+pub struct KeyGrant {
+    pub id: Arc<str>,
+    /// Unix seconds after which the key is refused (an expiry, or a rotation's grace).
+    pub expires_at: Option<i64>,
+    /// When this replica last saw it used (Unix seconds), for `last_used_at`.
+    pub last_used: AtomicI64,
+    /// The last use written to the store.
+    pub reported: AtomicI64,
+}
+
+impl Principal {
+    /// A config user: its own budget and rate limits, no key or team levels.
+    pub fn of_config_user(user: Arc<User>) -> Self {
+        Self {
+            budgets: Arc::new(Budgets::of_user(&user)),
+            allowances: user_allowance(&user).into_iter().collect(),
+            user,
+            key: None,
+            meters: MeterRow::default(),
+        }
+    }
+
+    /// An API user on `plan`, presenting `key`, in `team` when it has one.
+    pub fn of_member(member: &Member, plan: &Plan, team: Option<&Team>, key: &ApiKey) -> Self {
+        let user = effective_user(member, plan);
+        let key_budget = key.budget_usd.map(|limit| Budget {
+            scope: Scope::Key,
+            account: key_account(&key.id),
+            limit: Some(limit),
+            period: key.budget_period,
+        });
+        let team_budget = team.map(team_budget);
+        let key_allowance = key.rpm.map(|rpm| Allowance { account: key_account(&key.id), rpm: Some(rpm), tpm: None });
+        Self {
+            budgets: Arc::new(Budgets::new(key_budget, &user, team_budget)),
+            allowances: key_allowance.into_iter().chain(user_allowance(&user)).collect(),
+            user: Arc::new(user),
+            key: Some(KeyGrant {
+                id: key.id.as_str().into(),
+                expires_at: key.expires_at,
+                last_used: AtomicI64::new(key.last_used_at.unwrap_or(0)),
+                reported: AtomicI64::new(key.last_used_at.unwrap_or(0)),
+            }),
+            meters: MeterRow::default(),
+        }
+    }
+
+    /// The metric series of this principal on backend `index` (named `backend`) of a config
+    /// with `backends` backends.
+    pub fn pair(&self, metrics: &Metrics, backend: (usize, &str), backends: usize) -> Arc<PairMeters> {
+        self.meters.pair(metrics, &self.user, backend, backends)
+    }
+
+    /// Whether its key may be used at `now` (Unix seconds); notes the use.
+    pub fn admits(&self, now: i64) -> bool {
+        match &self.key {
+            None => true,
+            Some(key) => {
+                if key.last_used.load(Ordering::Relaxed) < now {
+                    key.last_used.store(now, Ordering::Relaxed);
+                }
+                key.expires_at.is_none_or(|at| now < at)
+            }
+        }
+    }
+}
+
+/// The directory that goes with the ledger: in memory beside the `memory` ledger, tables in
+/// the ledger's file beside `sqlite`.
+///
+/// With the `redis` ledger it is kept in this replica's memory for now: API users are then
+/// not shared between replicas (config users are).
+pub fn open(ledger: &crate::config::Ledger) -> Result<Arc<dyn store::Directory>, store::StoreError> {
+    Ok(match &ledger.store {
+        crate::config::LedgerStore::Sqlite { path } => Arc::new(sqlite::SqliteDirectory::open(path.as_ref())?),
+        crate::config::LedgerStore::Memory => Arc::new(store::MemoryDirectory::default()),
+        crate::config::LedgerStore::Redis(_) => {
+            tracing::warn!("API users, teams and keys are kept in this replica's memory with the redis ledger");
+            Arc::new(store::MemoryDirectory::default())
+        }
+    })
+}
+
+/// An API user's effective limits: its plan's, with its overrides.
+pub fn effective_user(member: &Member, plan: &Plan) -> User {
+    let limits = member.overrides.apply(&plan.limits);
+    let mut user = User::new(member.name.clone(), &limits);
+    user.plan = Some(plan.name.as_str().into());
+    user.price_usd = Some(plan.price_usd);
+    user.team = member.team.as_deref().map(Into::into);
+    user.series = member.metrics;
+    user
+}
+
+/// A team's budget level.
+pub fn team_budget(team: &Team) -> Budget {
+    Budget { scope: Scope::Team, account: team_account(&team.name), limit: team.budget_usd, period: team.budget_period }
+}
+
+/// The plan a stored user is on, from the running config.
+pub fn plan_of<'c>(config: &'c Config, member: &Member) -> Option<&'c Arc<Plan>> {
+    config.plan(&member.plan)
+}
