@@ -77,8 +77,13 @@ impl AppState {
     ) -> Result<Arc<Self>, StartError> {
         let metrics = Arc::new(Metrics::new()?);
         let (ledger, limiter) = ledger::open(&config.ledger, &metrics)?;
-        let directory = crate::tenancy::open(&config.ledger)?;
+        let directory = crate::tenancy::open(&config.ledger, limiter.shared_store())?;
         let tenants = Arc::new(Tenants::new(directory, Arc::clone(&metrics), DEFAULT_MAX_PRINCIPALS));
+        if tenants.directory.feed().is_some() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(crate::tenancy::cache::follow_feed(Arc::downgrade(&tenants)));
+            }
+        }
         ledger.requests_last_at_most(config.longest_request());
         let freed = Arc::new(Notify::new());
         let snapshot = Snapshot::new(config, None, &freed)?;

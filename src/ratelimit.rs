@@ -100,6 +100,14 @@ impl Limiter {
         }
     }
 
+    /// The shared store the limiter keeps its buckets in (the ledger's Redis), if any.
+    pub fn shared_store(&self) -> Option<&std::sync::Arc<crate::ledger::redis::Store>> {
+        match self {
+            Self::Local(_) => None,
+            Self::Redis(limiter) => Some(limiter.store()),
+        }
+    }
+
     /// Corrects the token buckets once the real usage is known; never waits.
     pub fn settle_tokens(&self, levels: &[Allowance], estimated: u64, actual: u64) {
         match self {

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 pub use document::Problem;
 pub use read::hex;
+pub(crate) use read::parse_sha256;
 
 pub use crate::cost::{Pricing, Usd};
 use crate::secret::Secret;

@@ -16,7 +16,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::time::Instant;
 
-use super::store::Directory;
+use super::store::{Change, Directory};
 use super::{plan_of, Principal};
 use crate::auth::AuthError;
 use crate::config::Config;
@@ -173,6 +173,45 @@ impl Tenants {
 
     pub fn is_empty(&self) -> bool {
         self.known.is_empty()
+    }
+}
+
+/// Follows a shared store's change feed: what another replica changed is dropped from this
+/// replica's cache within [`super::redis::FEED_EVERY`] of the change.
+pub async fn follow_feed(tenants: std::sync::Weak<Tenants>) {
+    let mut position: Option<String> = None;
+    loop {
+        tokio::time::sleep(super::redis::FEED_EVERY).await;
+        let Some(tenants) = tenants.upgrade() else { return };
+        let Some(feed) = tenants.directory.feed() else { return };
+        let Some(at) = position.clone() else {
+            // Everything cached so far was read before this position was known.
+            if let Ok(now) = feed.position().await {
+                tenants.forget_all();
+                position = Some(now);
+            }
+            continue;
+        };
+        match feed.changes_after(&at).await {
+            Ok(Some(read)) => {
+                for change in read.changes {
+                    match change {
+                        Change::Key(sha256) => tenants.forget_key(&sha256),
+                        Change::User(name) => tenants.forget_user(&name),
+                        Change::Team(name) => tenants.forget_team(&name),
+                    }
+                }
+                position = Some(read.position);
+            }
+            Ok(None) => {
+                tenants.forget_all();
+                position = None;
+            }
+            // Unreadable now: whatever changed meanwhile is read once it answers again. Until
+            // then this replica serves what it has cached (revocations included) and refuses
+            // what it would have to look up.
+            Err(_) => {}
+        }
     }
 }
 

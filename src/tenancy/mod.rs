@@ -14,6 +14,7 @@
 pub mod cache;
 pub mod model;
 pub mod overrides;
+pub mod redis;
 pub mod sqlite;
 pub mod store;
 
@@ -109,18 +110,15 @@ impl Principal {
 }
 
 /// The directory that goes with the ledger: in memory beside the `memory` ledger, tables in
-/// the ledger's file beside `sqlite`.
-///
-/// With the `redis` ledger it is kept in this replica's memory for now: API users are then
-/// not shared between replicas (config users are).
-pub fn open(ledger: &crate::config::Ledger) -> Result<Arc<dyn store::Directory>, store::StoreError> {
-    Ok(match &ledger.store {
-        crate::config::LedgerStore::Sqlite { path } => Arc::new(sqlite::SqliteDirectory::open(path.as_ref())?),
-        crate::config::LedgerStore::Memory => Arc::new(store::MemoryDirectory::default()),
-        crate::config::LedgerStore::Redis(_) => {
-            tracing::warn!("API users, teams and keys are kept in this replica's memory with the redis ledger");
-            Arc::new(store::MemoryDirectory::default())
-        }
+/// the ledger's file beside `sqlite`, and the ledger's Redis (`shared`) beside `redis`.
+pub fn open(
+    ledger: &crate::config::Ledger,
+    shared: Option<&Arc<crate::ledger::redis::Store>>,
+) -> Result<Arc<dyn store::Directory>, store::StoreError> {
+    Ok(match (&ledger.store, shared) {
+        (crate::config::LedgerStore::Sqlite { path }, _) => Arc::new(sqlite::SqliteDirectory::open(path.as_ref())?),
+        (_, Some(store)) => Arc::new(redis::RedisDirectory::new(Arc::clone(store))),
+        _ => Arc::new(store::MemoryDirectory::default()),
     })
 }
 

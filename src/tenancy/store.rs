@@ -74,6 +74,37 @@ pub trait Directory: Send + Sync + 'static {
     fn replace_key(&self, key: ApiKey) -> BoxFuture<'_, StoreResult<bool>>;
     /// Records when keys were last used (batched: never on a request's path).
     fn touch_keys(&self, used: Vec<(String, i64)>) -> BoxFuture<'_, StoreResult<()>>;
+
+    /// Where other replicas' changes are read from; `None` for a store only this process
+    /// writes (its changes drop what they touch from the cache directly).
+    fn feed(&self) -> Option<&dyn ChangeFeed> {
+        None
+    }
+}
+
+/// A change made by some replica, as the feed tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A key (by its SHA-256) was created, revoked or changed.
+    Key([u8; 32]),
+    User(String),
+    Team(String),
+}
+
+/// Changes read from a feed, and where the feed was read up to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changes {
+    pub changes: Vec<Change>,
+    pub position: String,
+}
+
+/// The changes every replica of a shared store makes, in order.
+pub trait ChangeFeed: Send + Sync {
+    /// Where the feed ends now.
+    fn position(&self) -> BoxFuture<'_, StoreResult<String>>;
+    /// The changes after `position` and the position after them; `None` when the feed no
+    /// longer reaches back to `position` (anything may have changed).
+    fn changes_after<'a>(&'a self, position: &'a str) -> BoxFuture<'a, StoreResult<Option<Changes>>>;
 }
 
 fn ready<T: Send + 'static>(value: T) -> BoxFuture<'static, T> {

@@ -24,6 +24,10 @@ impl RedisLimiter {
         Self { store, fallback: RateLimiter::default() }
     }
 
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
     pub async fn admit(&self, levels: &[Allowance], tokens: u64, now: Instant) -> Result<(), LimitError> {
         let keys: Vec<String> = levels.iter().map(|l| self.store.keys.rate(&l.account)).collect();
         let mut args = vec![tokens.to_string()];

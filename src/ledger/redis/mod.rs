@@ -29,7 +29,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 
 pub use limits::RedisLimiter;
-pub use store::Store;
+pub use store::{Op, Store};
 
 use smallvec::SmallVec;
 
@@ -37,7 +37,7 @@ use super::{period, Account, BoxFuture, Budget, Budgets, Ledger, LedgerError, Le
 use crate::config::{BudgetPeriod, OnLedgerError};
 use crate::cost::Usd;
 use scripts::{DEDUPE_WINDOW_MS, MAX_RECORDS};
-use store::{Op, Write, WriteScript};
+use store::{Write, WriteScript};
 
 /// Reservation ids with this bit were made locally while Redis was away (fail-open).
 const LOCAL: u64 = 1 << 63;

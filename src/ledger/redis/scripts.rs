@@ -43,6 +43,11 @@ impl Keys {
         Self { prefix: prefix.to_owned() }
     }
 
+    /// What every key starts with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     fn user(&self, user: &str, what: &str) -> String {
         format!("{}{{{user}}}:{what}", self.prefix)
     }

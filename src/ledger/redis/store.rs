@@ -39,6 +39,8 @@ pub enum Op {
     Records,
     RateLimit,
     RateSettle,
+    /// The tenant directory's reads and writes.
+    Tenants,
 }
 
 impl Op {
@@ -52,6 +54,7 @@ impl Op {
             Self::Records => "records",
             Self::RateLimit => "rate_limit",
             Self::RateSettle => "rate_settle",
+            Self::Tenants => "tenants",
         }
     }
 }

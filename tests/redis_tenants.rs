@@ -1,0 +1,145 @@
+//! API tenants on one Redis shared by two real `tollgate serve` replicas: a user or key
+//! created, changed or revoked on one is seen by the other within a second, with no reload,
+//! and a team's budget holds across both.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::fleet::{RedisServer, Replica};
+use support::*;
+
+fn config(redis_url: &str) -> String {
+    format!(
+        "[server]\nadmin_key_env = \"TEST_ADMIN_KEY\"\nmax_queue = 1024\n\n\
+         [ledger]\nbackend = \"redis\"\nurl = \"{redis_url}\"\nkey_prefix = \"tt:\"\ntimeout_ms = 2000\n\n\
+         [[backends]]\nname = \"sim\"\nmodel = \"sim\"\nquality = 0.5\nmax_concurrency = 512\ntimeout_s = 10\n\
+         simulate = {{ ttft_ms = 5, tokens_per_s = 2000, quality_text = \"{}\" }}\n\
+         pricing = {{ input_per_mtok = 0, output_per_mtok = 1000000 }}\n\n\
+         [[routes]]\nmodel = \"auto\"\nbackends = [\"sim\"]\n\n\
+         [[plans]]\nname = \"pro\"\nprice_usd = 20\nbudget_usd = 1000\n\n\
+         [[users]]\nname = \"alice\"\nkey_sha256 = \"{}\"\n",
+        "word ".repeat(40).trim_end(),
+        key_hash(ALICE_KEY)
+    )
+}
+
+/// Each request costs exactly $10: 10 completion tokens at $1 each (the simulated backend
+/// always produces `max_tokens`), prompt free.
+fn request() -> Value {
+    json!({"model": "auto", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+async fn admin(replica: &Replica, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .request(method, replica.url(path))
+        .bearer_auth(ADMIN_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn chat(replica: &Replica, key: &str) -> u16 {
+    let response = reqwest::Client::new()
+        .post(replica.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&request())
+        .send()
+        .await
+        .unwrap();
+    response.status().as_u16()
+}
+
+/// How long until `replica` answers `key` with `status`, polling every 20 ms for 5 s.
+async fn time_until(replica: &Replica, key: &str, status: u16) -> Duration {
+    let start = tokio::time::Instant::now();
+    while chat(replica, key).await != status {
+        assert!(start.elapsed() < Duration::from_secs(5), "still not {status} after 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test]
+async fn creation_and_revocation_reach_the_other_replica_within_a_second() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        Replica::start(dir.path(), "a", &config(&redis.url())),
+        Replica::start(dir.path(), "b", &config(&redis.url())),
+    );
+
+    let (status, _) = admin(&a, reqwest::Method::POST, "/admin/users", json!({"name": "ann", "plan": "pro"})).await;
+    assert_eq!(status, 201);
+    let (status, user) = admin(&b, reqwest::Method::GET, "/admin/users/ann", Value::Null).await;
+    assert_eq!((status, user["plan"].as_str()), (200, Some("pro")), "one store for both");
+    let (_, created) = admin(&a, reqwest::Method::POST, "/admin/users/ann/keys", json!({})).await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    let seen = time_until(&b, &key, 200).await;
+    assert!(seen < Duration::from_secs(1), "created on a, usable on b after {seen:?}");
+
+    // b has it cached now; a revokes it.
+    assert_eq!(chat(&b, &key).await, 200);
+    let id = created["id"].as_str().unwrap();
+    let (status, _) = admin(&a, reqwest::Method::DELETE, &format!("/admin/keys/{id}"), Value::Null).await;
+    assert_eq!(status, 204);
+    let refused = time_until(&b, &key, 401).await;
+    assert!(refused < Duration::from_secs(1), "revoked on a, refused on b after {refused:?}");
+    assert_eq!(chat(&a, &key).await, 401);
+
+    let (_, second) = admin(&a, reqwest::Method::POST, "/admin/users/ann/keys", json!({})).await;
+    let second = second["key"].as_str().unwrap().to_owned();
+    assert!(time_until(&b, &second, 200).await < Duration::from_secs(1));
+    // A user change made on a (its plan's budget replaced by its own) applies on b.
+    let (status, _) =
+        admin(&a, reqwest::Method::PATCH, "/admin/users/ann", json!({"overrides": {"budget_usd": 0.0}})).await;
+    assert_eq!(status, 200);
+    let refused = time_until(&b, &second, 429).await;
+    assert!(refused < Duration::from_secs(1), "a user change reached b after {refused:?}");
+}
+
+#[tokio::test]
+async fn a_team_budget_holds_across_two_replicas() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        Replica::start(dir.path(), "a", &config(&redis.url())),
+        Replica::start(dir.path(), "b", &config(&redis.url())),
+    );
+    let (status, _) =
+        admin(&a, reqwest::Method::POST, "/admin/teams", json!({"name": "acme", "budget_usd": 100})).await;
+    assert_eq!(status, 201);
+    let mut keys = Vec::new();
+    for name in ["t1", "t2", "t3"] {
+        let body = json!({"name": name, "plan": "pro", "team": "acme"});
+        assert_eq!(admin(&a, reqwest::Method::POST, "/admin/users", body).await.0, 201);
+        let (_, key) = admin(&a, reqwest::Method::POST, &format!("/admin/users/{name}/keys"), json!({})).await;
+        keys.push(key["key"].as_str().unwrap().to_owned());
+    }
+    let handles: Vec<_> = (0..30)
+        .map(|i| {
+            let url = if i % 2 == 0 { a.url("/v1/chat/completions") } else { b.url("/v1/chat/completions") };
+            let key = keys[i % 3].clone();
+            tokio::spawn(async move {
+                let r = reqwest::Client::new().post(url).bearer_auth(key).json(&request()).send().await.unwrap();
+                let scope = r.headers().get("x-tollgate-budget-scope").map(|v| v.to_str().unwrap().to_owned());
+                (r.status().as_u16(), scope)
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for h in handles {
+        answers.push(h.await.unwrap());
+    }
+    let ok = answers.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!(ok, 10, "$100 pays exactly ten $10 requests across both replicas: {answers:?}");
+    assert!(answers.iter().filter(|(s, _)| *s != 200).all(|(s, scope)| *s == 429 && scope.as_deref() == Some("team")));
+    let (_, usage) = admin(&b, reqwest::Method::GET, "/admin/teams/acme/usage", Value::Null).await;
+    assert_eq!(usage["spent_usd"], 100.0, "{usage}");
+    assert_eq!(usage["reserved_usd"], 0.0, "{usage}");
+}
