@@ -20,6 +20,7 @@ fn config() -> String {
          [[routes]]\nmodel = \"auto\"\nbackends = [\"sim\"]\n\n\
          [[plans]]\nname = \"pro\"\nprice_usd = 20\npolicy = \"quality-first\"\nbudget_usd = 100\nbudget_period = \"month\"\n\n\
          [[plans]]\nname = \"free\"\nprice_usd = 0\npolicy = \"cost-first\"\nbudget_usd = 0.5\nbudget_period = \"day\"\nrpm = 1000\n\n\
+         [[plans]]\nname = \"tiny\"\nprice_usd = 1\nbudget_usd = 0.015\nbudget_period = \"day\"\n\n\
          [metrics]\nmax_user_series = 1\n\n\
          [[users]]\nname = \"alice\"\nkey_sha256 = \"{}\"\n",
         key_hash(ALICE_KEY)
@@ -178,8 +179,8 @@ async fn bad_calls_get_400_404_409_and_client_keys_are_refused_on_every_admin_ca
 #[tokio::test]
 async fn a_team_budget_shared_by_three_users_is_spent_exactly_under_concurrency() {
     let (_dir, admin) = setup();
-    // One request costs 2 prompt + 5 completion tokens here: $0.007 at $0.001 a token; the
-    // estimate is the same, so the team's $0.05 admits exactly 7 of 30.
+    // One request costs $0.007 here (2 prompt and 5 completion tokens at $0.001 each; its
+    // estimate is a little higher): the team's $0.05 pays for a handful of the 30.
     assert_eq!(
         admin.post("/admin/teams", json!({"name": "acme", "budget_usd": 0.05, "budget_period": "day"})).await.0,
         201
@@ -324,4 +325,84 @@ async fn users_and_keys_survive_kill_9_and_a_deleted_users_keys_are_refused() {
     let (_, keys) = third.get("/admin/users/sam/keys").await;
     let last_used = keys["data"][0]["last_used_at"].as_str().unwrap_or_default();
     assert!(last_used.starts_with("20"), "{keys}");
+}
+
+#[tokio::test]
+async fn a_service_key_meters_and_budgets_each_end_user_on_its_plan() {
+    let (_dir, admin) = setup();
+    let (status, body) = admin.post("/admin/users", json!({"name": "app", "plan": "pro"})).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = admin.post("/admin/users/app/keys", json!({"end_users": {"plan": "nope"}})).await;
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("end_users")));
+    let (status, created) = admin.post("/admin/users/app/keys", json!({"end_users": {"plan": "tiny"}})).await;
+    assert_eq!((status, &created["end_users"]["plan"]), (201, &json!("tiny")));
+    let key = created["key"].as_str().unwrap();
+
+    let missing = admin.chat(key).await;
+    assert_eq!(missing.status(), 400);
+    let body: Value = missing.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "x-tollgate-end-user", "{body}");
+
+    let as_end_user = |id: &'static str| {
+        let body = json!({"model": "auto", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 5});
+        admin
+            .client
+            .post(admin.process.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .header("x-tollgate-end-user", id)
+            .json(&body)
+            .send()
+    };
+    let first = as_end_user("u1@example.com").await.unwrap();
+    assert_eq!(first.status(), 200, "{:?}", first.text().await);
+    // `tiny` pays one request a day: the end user's own budget refuses the second.
+    let refused = as_end_user("u1@example.com").await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["x-tollgate-budget-scope"], "user");
+    // Another end user of the same key has a budget of its own; the body's `user` names one too.
+    let body =
+        json!({"model": "auto", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 5, "user": "u2"});
+    let by_field = admin.client.post(admin.process.url("/v1/chat/completions")).bearer_auth(key).json(&body).send();
+    let by_field = by_field.await.unwrap();
+    assert_eq!(by_field.status(), 200, "{:?}", by_field.text().await);
+    assert_eq!(as_end_user("bad id!").await.unwrap().status(), 400);
+
+    let (status, end_user) = admin.get("/admin/users/app:u1@example.com").await;
+    assert_eq!((status, end_user["plan"].as_str()), (200, Some("tiny")), "{end_user}");
+    let (_, listed) = admin.get("/admin/users?plan=tiny").await;
+    let names: Vec<&str> = listed["data"].as_array().unwrap().iter().map(|u| u["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["app:u1@example.com", "app:u2"]);
+    let usage = admin.get("/admin/usage/app:u2").await.1;
+    assert_eq!(usage["requests"], 1, "{usage}");
+    let service = admin.get("/admin/usage/app").await.1;
+    assert_eq!(service["requests"], 2, "the service user's budget covers its end users: {service}");
+}
+
+#[tokio::test]
+async fn v1_key_shows_a_clients_own_levels_without_the_admin_key() {
+    let (_dir, admin) = setup();
+    assert_eq!(
+        admin.post("/admin/teams", json!({"name": "acme", "budget_usd": 1, "budget_period": "day"})).await.0,
+        201
+    );
+    let key = admin.user_with_key("ann", "pro", Some("acme"), json!({"budget_usd": 0.5, "label": "ci"})).await;
+    let answer = admin.chat(&key).await;
+    let cost: f64 = answer.headers()["x-tollgate-cost-usd"].to_str().unwrap().parse().unwrap();
+    let (status, mine) = admin.call(reqwest::Method::GET, "/v1/key", &key, None).await;
+    assert_eq!(status, 200, "{mine}");
+    assert_eq!(
+        (mine["user"].as_str(), mine["plan"].as_str(), mine["team"].as_str()),
+        (Some("ann"), Some("pro"), Some("acme"))
+    );
+    let scopes: Vec<&str> = mine["budgets"].as_array().unwrap().iter().map(|b| b["scope"].as_str().unwrap()).collect();
+    assert_eq!(scopes, ["key", "user", "team"]);
+    let key_level = &mine["budgets"][0];
+    assert!((key_level["remaining_usd"].as_f64().unwrap() - (0.5 - cost)).abs() < 1e-9, "{mine}");
+    assert_eq!(key_level["period"], "total");
+    assert!(mine["budgets"][2]["resets_at"].as_str().unwrap().ends_with("T00:00:00Z"), "{mine}");
+    assert_eq!(mine["limited_by"], "key");
+    assert!(!mine.to_string().contains(&key[3..]));
+    let (status, alice) = admin.call(reqwest::Method::GET, "/v1/key", ALICE_KEY, None).await;
+    assert_eq!((status, alice["user"].as_str(), &alice["plan"]), (200, Some("alice"), &Value::Null));
+    assert_eq!(admin.call(reqwest::Method::GET, "/v1/key", "tg-nope", None).await.0, 401);
 }

@@ -3,6 +3,7 @@
 
 mod admin;
 mod health;
+mod key;
 mod models;
 mod proxy;
 mod tenants;
@@ -26,6 +27,7 @@ pub fn routes(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(proxy::completions))
         .route("/v1/embeddings", post(proxy::embeddings))
         .route("/v1/models", get(models::list))
+        .route("/v1/key", get(key::show))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

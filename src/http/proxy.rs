@@ -55,6 +55,13 @@ where
             .map_err(|_| ApiError::BodyTimeout(server.body_read_timeout.as_secs()))??;
         let request = ProxyRequest::parse(endpoint, bytes)?;
         let hints = hints(&headers)?;
+        let principal = match principal.key.as_ref().filter(|k| k.end_users.is_some()) {
+            None => principal,
+            Some(_) => {
+                let id = end_user(&headers, &request)?;
+                state.tenants.end_user(&snapshot.config, &principal, &id, arrived_ms.div_euclid(1000)).await?
+            }
+        };
         dispatch::run(
             &state,
             RequestContext {
@@ -112,6 +119,29 @@ where
         }
     }
     Ok(Bytes::from(bytes))
+}
+
+pub const HEADER_END_USER: &str = "x-tollgate-end-user";
+
+/// The end user a service key's request is for: `x-tollgate-end-user`, else the body's `user`.
+fn end_user(headers: &HeaderMap, request: &ProxyRequest) -> Result<String, ApiError> {
+    let named = match headers.get(HEADER_END_USER) {
+        Some(value) => value.to_str().ok().map(str::to_owned),
+        None => request.member_value("user").and_then(|v| v.as_str().map(str::to_owned)),
+    };
+    match named {
+        Some(id) if crate::tenancy::model::valid_end_user(&id) => Ok(id),
+        Some(_) => Err(ApiError::bad_request(
+            format!("`{HEADER_END_USER}` (or the body's `user`) must be 1 to 64 of letters, digits and `._@+-`"),
+            Some(HEADER_END_USER),
+        )),
+        None => Err(ApiError::bad_request(
+            format!(
+                "this key serves end users: name one with the `{HEADER_END_USER}` header or the body's `user` field"
+            ),
+            Some(HEADER_END_USER),
+        )),
+    }
 }
 
 pub const HEADER_POLICY_HINT: &str = "x-tollgate-policy";

@@ -138,6 +138,7 @@ fn key_json(k: &ApiKey) -> Value {
         "budget_usd": k.budget_usd.map(Usd::as_f64),
         "budget_period": period::name(k.budget_period),
         "rpm": k.rpm,
+        "end_users": k.end_users.as_ref().map(|plan| json!({ "plan": plan })),
     })
 }
 
@@ -429,7 +430,7 @@ async fn issue(state: &AppState, mut key: ApiKey) -> Result<Response, ApiError> 
     key.prefix = prefix;
     state.tenants.directory.insert_key(key.clone()).await?;
     // A lookup of this key made a moment ago (a client trying it early) must not be refused.
-    state.tenants.forget_key(&sha256);
+    state.tenants.forget_unknown(&sha256);
     Ok(created(json!({
         "id": key.id,
         "key": plaintext,
@@ -440,6 +441,7 @@ async fn issue(state: &AppState, mut key: ApiKey) -> Result<Response, ApiError> 
         "budget_usd": key.budget_usd.map(Usd::as_f64),
         "budget_period": period::name(key.budget_period),
         "rpm": key.rpm,
+        "end_users": key.end_users.as_ref().map(|plan| json!({ "plan": plan })),
     })))
 }
 
@@ -452,7 +454,7 @@ pub async fn create_key(
     answer(
         async {
             authorize(&state, &headers)?;
-            let map = object(&body, &["label", "expires_at", "budget_usd", "budget_period", "rpm"])?;
+            let map = object(&body, &["label", "expires_at", "budget_usd", "budget_period", "rpm", "end_users"])?;
             user_named(&state, &name).await?;
             let now = crate::clock::unix_now();
             let label = match map.get("label") {
@@ -482,11 +484,26 @@ pub async fn create_key(
                 budget_usd: amount_field(&map, "budget_usd")?.flatten(),
                 budget_period: period_field(&map, "budget_period")?.unwrap_or(BudgetPeriod::Total),
                 rpm,
+                end_users: end_users_field(&state, &map)?,
             };
             issue(&state, key).await
         }
         .await,
     )
+}
+
+/// `end_users: {"plan": "<plan>"}`: a service key whose requests name end users on that plan.
+fn end_users_field(state: &AppState, map: &Map<String, Value>) -> Result<Option<String>, ApiError> {
+    let plan = match map.get("end_users") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(o)) if o.len() == 1 => o.get("plan").and_then(Value::as_str),
+        Some(_) => None,
+    };
+    let plan = plan.ok_or_else(|| bad("`end_users` must be {\"plan\": \"<plan>\"}", "end_users"))?;
+    if state.snapshot.load().config.plan(plan).is_none() {
+        return Err(bad(format!("no plan is named `{plan}`"), "end_users"));
+    }
+    Ok(Some(plan.to_owned()))
 }
 
 pub async fn list_keys(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(name): Path<String>) -> Response {

@@ -80,11 +80,11 @@ impl Tenants {
         let store = |e: super::store::StoreError| AuthError::Unavailable(e.to_string());
         let key = self.directory.key_by_hash(&sha256).await.map_err(store)?;
         let Some(key) = key.filter(|k| k.revoked_at.is_none()) else {
-            self.remember_unknown(sha256, now);
+            self.remember_unknown(sha256, now, epoch);
             return Err(AuthError::Unknown);
         };
         let Some(member) = self.directory.user(&key.user).await.map_err(store)? else {
-            self.remember_unknown(sha256, now);
+            self.remember_unknown(sha256, now, epoch);
             return Err(AuthError::Unknown);
         };
         let plan = plan_of(config, &member).ok_or_else(|| AuthError::PlanGone(member.plan.clone()))?;
@@ -103,7 +103,12 @@ impl Tenants {
         Ok(principal)
     }
 
-    fn remember_unknown(&self, sha256: [u8; 32], now: Instant) {
+    /// Remembers a key the store does not know, unless something changed since the lookup
+    /// began (the key may have been created meanwhile).
+    fn remember_unknown(&self, sha256: [u8; 32], now: Instant, epoch: u64) {
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            return;
+        }
         if self.unknown.len() >= MAX_UNKNOWN {
             self.unknown.retain(|_, until| *until > now);
         }
@@ -127,17 +132,23 @@ impl Tenants {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// A key was created, revoked or changed.
-    pub fn forget_key(&self, sha256: &[u8; 32]) {
+    /// A key was created: it is no longer unknown.
+    pub fn forget_unknown(&self, sha256: &[u8; 32]) {
         self.changed();
-        self.known.remove(sha256);
         self.unknown.remove(sha256);
     }
 
-    /// A user was changed or deleted: every key of it resolves anew.
+    /// A key was revoked or changed: it, and its end users, resolve anew.
+    pub fn forget_key(&self, sha256: &[u8; 32]) {
+        self.changed();
+        self.unknown.remove(sha256);
+        self.known.retain(|_, p| p.key.as_ref().is_none_or(|k| k.sha256 != *sha256));
+    }
+
+    /// A user was changed or deleted: every key of it, and its end users, resolve anew.
     pub fn forget_user(&self, name: &str) {
         self.changed();
-        self.known.retain(|_, p| p.user.name != name);
+        self.known.retain(|_, p| p.user.name != name && p.service.as_deref() != Some(name));
     }
 
     /// A team was changed: its members' keys resolve anew.
@@ -166,6 +177,53 @@ impl Tenants {
         used
     }
 
+    /// The principal of end user `id` of `service` (a principal whose key names an end users'
+    /// plan), created in the store on first sight.
+    pub async fn end_user(
+        &self,
+        config: &Config,
+        service: &Principal,
+        id: &str,
+        unix: i64,
+    ) -> Result<Arc<Principal>, AuthError> {
+        let Some(key) = &service.key else { return Err(AuthError::Unknown) };
+        let Some(plan_name) = &key.end_users else { return Err(AuthError::Unknown) };
+        let cache_key = end_user_cache_key(&key.sha256, id);
+        if let Some(principal) = self.known.get(&cache_key) {
+            self.metrics.principal_cache.with_label_values(&["hit"]).inc();
+            return if principal.admits(unix) { Ok(Arc::clone(&principal)) } else { Err(AuthError::Unknown) };
+        }
+        self.metrics.principal_cache.with_label_values(&["miss"]).inc();
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let store = |e: super::store::StoreError| AuthError::Unavailable(e.to_string());
+        let name = super::model::end_user_name(&service.user.name, id);
+        let member = match self.directory.user(&name).await.map_err(store)? {
+            Some(member) => member,
+            None => {
+                let member = super::model::Member {
+                    name: name.clone(),
+                    plan: plan_name.to_string(),
+                    team: None,
+                    overrides: crate::config::LimitOverrides::default(),
+                    metrics: false,
+                    created_at: unix,
+                };
+                match self.directory.insert_user(member.clone()).await {
+                    // Another request (or replica) created it first: the same user.
+                    Ok(()) | Err(super::store::StoreError::Conflict(_)) => member,
+                    Err(e) => return Err(store(e)),
+                }
+            }
+        };
+        let plan = plan_of(config, &member).ok_or_else(|| AuthError::PlanGone(member.plan.clone()))?;
+        let principal = Arc::new(Principal::of_end_user(&member, plan, service));
+        if self.epoch.load(Ordering::Acquire) == epoch {
+            self.make_room();
+            self.known.insert(cache_key, Arc::clone(&principal));
+        }
+        Ok(principal)
+    }
+
     /// Resolved keys held now.
     pub fn len(&self) -> usize {
         self.known.len()
@@ -174,6 +232,17 @@ impl Tenants {
     pub fn is_empty(&self) -> bool {
         self.known.is_empty()
     }
+}
+
+/// Where an end user's principal is cached: a hash of its service key's hash and its id, in
+/// the same map as keys (so one bound covers both).
+fn end_user_cache_key(key_sha256: &[u8; 32], id: &str) -> [u8; 32] {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(b"end-user\0");
+    hasher.update(key_sha256);
+    hasher.update(id.as_bytes());
+    hasher.finalize().into()
 }
 
 /// Follows a shared store's change feed: what another replica changed is dropped from this
@@ -196,6 +265,7 @@ pub async fn follow_feed(tenants: std::sync::Weak<Tenants>) {
             Ok(Some(read)) => {
                 for change in read.changes {
                     match change {
+                        Change::NewKey(sha256) => tenants.forget_unknown(&sha256),
                         Change::Key(sha256) => tenants.forget_key(&sha256),
                         Change::User(name) => tenants.forget_user(&name),
                         Change::Team(name) => tenants.forget_team(&name),

@@ -36,7 +36,9 @@ pub struct Principal {
     pub budgets: Arc<Budgets>,
     pub allowances: Allowances,
     /// The API key presented (`None`: a config user's key).
-    pub key: Option<KeyGrant>,
+    pub key: Option<Arc<KeyGrant>>,
+    /// For an end user: the service user whose key named it.
+    pub service: Option<Arc<str>>,
     meters: MeterRow,
 }
 
@@ -44,6 +46,9 @@ pub struct Principal {
 #[derive(Debug)]
 pub struct KeyGrant {
     pub id: Arc<str>,
+    pub sha256: [u8; 32],
+    /// A service key's end users' plan: requests must name an end user.
+    pub end_users: Option<Arc<str>>,
     /// Unix seconds after which the key is refused (an expiry, or a rotation's grace).
     pub expires_at: Option<i64>,
     /// When this replica last saw it used (Unix seconds), for `last_used_at`.
@@ -60,6 +65,7 @@ impl Principal {
             allowances: user_allowance(&user).into_iter().collect(),
             user,
             key: None,
+            service: None,
             meters: MeterRow::default(),
         }
     }
@@ -79,12 +85,47 @@ impl Principal {
             budgets: Arc::new(Budgets::new(key_budget, &user, team_budget)),
             allowances: key_allowance.into_iter().chain(user_allowance(&user)).collect(),
             user: Arc::new(user),
-            key: Some(KeyGrant {
+            key: Some(Arc::new(KeyGrant {
                 id: key.id.as_str().into(),
+                sha256: key.sha256,
+                end_users: key.end_users.as_deref().map(Into::into),
                 expires_at: key.expires_at,
                 last_used: AtomicI64::new(key.last_used_at.unwrap_or(0)),
                 reported: AtomicI64::new(key.last_used_at.unwrap_or(0)),
-            }),
+            })),
+            service: None,
+            meters: MeterRow::default(),
+        }
+    }
+
+    /// End user `member` (on `plan`) of the service principal `service`: its own level after
+    /// the service key's, then the service user's and its team's, so the service's budgets
+    /// cap all of its end users together.
+    pub fn of_end_user(member: &Member, plan: &Plan, service: &Principal) -> Self {
+        let user = effective_user(member, plan);
+        let own = Budget {
+            scope: Scope::User,
+            account: Arc::from(member.name.as_str()),
+            limit: user.budget_usd,
+            period: user.budget_period,
+        };
+        let mut levels: Vec<Budget> = Vec::with_capacity(service.budgets.len() + 1);
+        for level in service.budgets.iter() {
+            if level.scope == Scope::User {
+                levels.push(own.clone());
+            }
+            levels.push(level.clone());
+        }
+        let key_allowances = service.allowances.iter().filter(|a| a.account.starts_with("~key:")).cloned();
+        let service_allowances = service.allowances.iter().filter(|a| !a.account.starts_with("~key:")).cloned();
+        let mut user = user;
+        user.team.clone_from(&service.user.team);
+        Self {
+            budgets: Arc::new(Budgets::from_levels(levels)),
+            allowances: key_allowances.chain(user_allowance(&user)).chain(service_allowances).collect(),
+            user: Arc::new(user),
+            key: service.key.clone(),
+            service: Some(service.user.name.as_str().into()),
             meters: MeterRow::default(),
         }
     }

@@ -46,6 +46,9 @@ pub struct ApiKey {
     pub budget_period: BudgetPeriod,
     /// Requests per minute through this key, on top of its user's limit.
     pub rpm: Option<u32>,
+    /// A service key: each end user its requests name (`x-tollgate-end-user`, or the body's
+    /// `user`) is a principal of its own on this plan, created on first sight.
+    pub end_users: Option<String>,
 }
 
 impl ApiKey {
@@ -53,6 +56,19 @@ impl ApiKey {
     pub fn usable(&self, now: i64) -> bool {
         self.revoked_at.is_none() && self.expires_at.is_none_or(|at| now < at)
     }
+}
+
+/// An end user's id as a request names it: 1 to 64 of letters, digits and `._@+-` (ids,
+/// hashes, e-mail addresses).
+pub fn valid_end_user(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@' | b'+'))
+}
+
+/// The user name of end user `id` of service user `service`: namespaced, so two services'
+/// end users never meet, and never a name the admin API can create (`:` is not allowed there).
+pub fn end_user_name(service: &str, id: &str) -> String {
+    format!("{service}:{id}")
 }
 
 /// Names of teams and users: `[A-Za-z0-9._-]{1,64}`, so they are safe as metric labels, header

@@ -13,7 +13,7 @@
 //! | `T key:<id>` | hash | the key's fields (`sha256` in hex) |
 //! | `T keyhash:<sha256 hex>` | string | the key's id |
 //! | `T user-keys:<name>` | set | the user's key ids |
-//! | `T changes` | stream | `kind` (`key`, `user`, `team`) and `name` (a key's hash in hex) of every change |
+//! | `T changes` | stream | `kind` (`key-new`, `key`, `user`, `team`) and `name` (a key's hash in hex) of every change |
 //!
 //! Every write is one script: it checks, changes and appends to the change feed in one atomic
 //! step. Replicas read the feed every [`FEED_EVERY`] and drop what changed from their caches:
@@ -152,7 +152,7 @@ if redis.call('SETNX', T .. 'keyhash:' .. ARGV[4], ARGV[3]) == 0 then return 0 e
 redis.call('HSET', key, 'id', ARGV[3], 'sha256', ARGV[4], 'user', ARGV[5])
 for i = 6, #ARGV, 2 do set_or_clear(key, ARGV[i], ARGV[i + 1]) end
 redis.call('SADD', T .. 'user-keys:' .. ARGV[5], ARGV[3])
-changed('key', ARGV[4])
+changed('key-new', ARGV[4])
 return 1
 ";
 
@@ -302,6 +302,7 @@ fn key_from(f: &Fields) -> Option<ApiKey> {
         budget_usd: f.int("budget_pico").map(Usd::from_pico),
         budget_period: f.get("budget_period").and_then(BudgetPeriod::parse).unwrap_or(BudgetPeriod::Total),
         rpm: f.int("rpm").and_then(|v| u32::try_from(v).ok()),
+        end_users: f.get("end_users").map(str::to_owned),
     })
 }
 
@@ -324,6 +325,8 @@ fn key_fields(k: &ApiKey) -> Vec<String> {
         period::name(k.budget_period).into(),
         "rpm".into(),
         text(k.rpm),
+        "end_users".into(),
+        text(k.end_users.as_ref()),
     ]
 }
 
@@ -388,6 +391,7 @@ impl RedisDirectory {
             let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
             match (get("kind"), get("name")) {
                 (Some("key"), Some(hex)) => changes.extend(crate::config::parse_sha256(hex).map(Change::Key)),
+                (Some("key-new"), Some(hex)) => changes.extend(crate::config::parse_sha256(hex).map(Change::NewKey)),
                 (Some("user"), Some(name)) => changes.push(Change::User(name.to_owned())),
                 (Some("team"), Some(name)) => changes.push(Change::Team(name.to_owned())),
                 _ => {}

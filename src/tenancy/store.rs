@@ -85,7 +85,9 @@ pub trait Directory: Send + Sync + 'static {
 /// A change made by some replica, as the feed tells it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// A key (by its SHA-256) was created, revoked or changed.
+    /// A key (by its SHA-256) was created.
+    NewKey([u8; 32]),
+    /// A key was revoked or changed.
     Key([u8; 32]),
     User(String),
     Team(String),
