@@ -84,6 +84,8 @@ enum CommandError {
     Write { path: String, source: std::io::Error },
     #[error("the redis ledger cannot be read by `tollgate report` yet")]
     RedisLedger,
+    #[error(transparent)]
+    Tenants(#[from] crate::tenancy::store::StoreError),
 }
 
 fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), CommandError> {
@@ -145,7 +147,8 @@ fn report(
     let (records, spend) = crate::ledger::sqlite::read_report(&path, from_ms)?;
     let start_ms = if since_ms.is_some() { from_ms } else { records.first().map_or(now_ms, |r| r.at_ms) };
     let window = crate::report::Window { start_ms, end_ms: now_ms };
-    let report = crate::report::build(&config, &records, &spend, window);
+    let api_users = crate::tenancy::sqlite::effective_users(&path, &config)?;
+    let report = crate::report::build(&config, &api_users, &records, &spend, window);
     if let Some(out) = export_trace {
         write_file(&out, crate::simulate::trace::from_records(&records).as_bytes())?;
     }

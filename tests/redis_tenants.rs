@@ -142,4 +142,7 @@ async fn a_team_budget_holds_across_two_replicas() {
     let (_, usage) = admin(&b, reqwest::Method::GET, "/admin/teams/acme/usage", Value::Null).await;
     assert_eq!(usage["spent_usd"], 100.0, "{usage}");
     assert_eq!(usage["reserved_usd"], 0.0, "{usage}");
+    let (_, ranked) = admin(&a, reqwest::Method::GET, "/admin/usage?sort=spent", Value::Null).await;
+    let total: f64 = ranked["data"].as_array().unwrap().iter().map(|u| u["spent_usd"].as_f64().unwrap()).sum();
+    assert_eq!(total, 100.0, "every member ranked by what it spent: {ranked}");
 }

@@ -406,3 +406,45 @@ async fn v1_key_shows_a_clients_own_levels_without_the_admin_key() {
     assert_eq!((status, alice["user"].as_str(), &alice["plan"]), (200, Some("alice"), &Value::Null));
     assert_eq!(admin.call(reqwest::Method::GET, "/v1/key", "tg-nope", None).await.0, 401);
 }
+
+#[tokio::test]
+async fn usage_and_the_report_show_api_users_with_plan_price_and_margin() {
+    let (dir, admin) = setup();
+    let key = admin.user_with_key("f1", "free", None, json!({})).await;
+    assert_eq!(admin.post("/admin/users", json!({"name": "p1", "plan": "pro"})).await.0, 201);
+    assert_eq!(admin.chat(&key).await.status(), 200);
+
+    let (status, by_name) = admin.get("/admin/usage?limit=2").await;
+    assert_eq!(status, 200, "{by_name}");
+    let names: Vec<&str> = by_name["data"].as_array().unwrap().iter().map(|u| u["user"].as_str().unwrap()).collect();
+    assert_eq!(names, ["alice", "f1"], "config and API users, by name");
+    let (_, rest) =
+        admin.get(&format!("/admin/usage?limit=2&cursor={}", by_name["next_cursor"].as_str().unwrap())).await;
+    assert_eq!(rest["data"][0]["user"], "p1");
+    assert_eq!(rest["next_cursor"], Value::Null);
+
+    let (_, by_spend) = admin.get("/admin/usage?sort=spent").await;
+    let top = &by_spend["data"][0];
+    assert_eq!(
+        (top["user"].as_str(), top["plan"].as_str(), top["price_usd"].as_f64()),
+        (Some("f1"), Some("free"), Some(0.0))
+    );
+    assert!(top["margin_usd"].as_f64().unwrap() < 0.0, "{top}");
+    let (_, over) = admin.get("/admin/usage?over_price=true").await;
+    let over: Vec<&str> = over["data"].as_array().unwrap().iter().map(|u| u["user"].as_str().unwrap()).collect();
+    assert_eq!(over, ["f1"]);
+    assert_eq!(admin.get("/admin/usage?sort=cost").await.0, 400);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["report", "--config", "tollgate.toml", "--json"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["over_price"], json!(["f1"]), "{report}");
+    let f1 = report["users"].as_array().unwrap().iter().find(|u| u["user"] == "f1").unwrap();
+    assert_eq!((f1["plan"].as_str(), f1["price_usd"].as_f64()), (Some("free"), Some(0.0)));
+    assert!(report["users"].as_array().unwrap().iter().any(|u| u["user"] == "p1" && u["plan"] == "pro"));
+}

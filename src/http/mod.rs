@@ -7,6 +7,7 @@ mod key;
 mod models;
 mod proxy;
 mod tenants;
+mod usage;
 
 use std::sync::Arc;
 
@@ -31,13 +32,13 @@ pub fn routes(state: Arc<AppState>) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
-        .route("/admin/usage", get(admin::all_usage))
-        .route("/admin/usage/{user}", get(admin::user_usage))
+        .route("/admin/usage", get(usage::all_usage))
+        .route("/admin/usage/{user}", get(usage::user_usage))
         .route("/admin/requests", get(admin::requests))
         .route("/admin/reload", post(admin::reload))
         .route("/admin/teams", post(tenants::create_team))
         .route("/admin/teams/{name}", get(tenants::get_team).patch(tenants::update_team).delete(tenants::delete_team))
-        .route("/admin/teams/{name}/usage", get(admin::team_usage))
+        .route("/admin/teams/{name}/usage", get(usage::team_usage))
         .route("/admin/users", post(tenants::create_user).get(tenants::list_users))
         .route("/admin/users/{name}", get(tenants::get_user).patch(tenants::update_user).delete(tenants::delete_user))
         .route("/admin/users/{name}/keys", post(tenants::create_key).get(tenants::list_keys))

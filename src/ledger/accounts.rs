@@ -12,13 +12,35 @@ use smallvec::SmallVec;
 
 use super::budgets::{Budget, Budgets, Left};
 use super::{period, Account, RequestRecord, Reserve};
+use crate::config::BudgetPeriod;
 use crate::cost::Usd;
 
-type Guards<'a> = SmallVec<[MutexGuard<'a, Account>; 3]>;
+type Guards<'a> = SmallVec<[MutexGuard<'a, Cell>; 3]>;
+
+/// One account and the period it was last used with (what ranking by spend needs to tell a
+/// current period's spend from a past one's).
+#[derive(Debug)]
+struct Cell {
+    account: Account,
+    period: BudgetPeriod,
+}
+
+impl std::ops::Deref for Cell {
+    type Target = Account;
+    fn deref(&self) -> &Account {
+        &self.account
+    }
+}
+
+impl std::ops::DerefMut for Cell {
+    fn deref_mut(&mut self) -> &mut Account {
+        &mut self.account
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Accounts {
-    live: DashMap<Arc<str>, Arc<Mutex<Account>>>,
+    live: DashMap<Arc<str>, Arc<Mutex<Cell>>>,
     /// Accounts read back from storage at start, by (account, period start): taken on first use.
     restored: DashMap<(String, i64), Account>,
 }
@@ -28,13 +50,15 @@ impl Accounts {
         self.restored.insert((account, spend.period_start), spend);
     }
 
-    fn cell(&self, name: &Arc<str>) -> Arc<Mutex<Account>> {
+    fn cell(&self, name: &Arc<str>) -> Arc<Mutex<Cell>> {
         // The common case, an account already seen: a shared lock on its shard, no key copied.
         if let Some(cell) = self.live.get(&**name) {
             return Arc::clone(&cell);
         }
         // A new cell's period is before every period: its first use loads what was restored.
-        let cell = self.live.entry(Arc::clone(name)).or_insert_with(|| Arc::new(Mutex::new(Account::new(i64::MIN))));
+        let cell = self.live.entry(Arc::clone(name)).or_insert_with(|| {
+            Arc::new(Mutex::new(Cell { account: Account::new(i64::MIN), period: BudgetPeriod::Total }))
+        });
         Arc::clone(&cell)
     }
 
@@ -43,18 +67,19 @@ impl Accounts {
     }
 
     /// Brings a locked account to the period holding `now`; reservations still out carry over.
-    fn current(&self, account: &mut Account, budget: &Budget, now: i64) {
+    fn current(&self, cell: &mut Cell, budget: &Budget, now: i64) {
+        cell.period = budget.period;
         let start = period::start(budget.period, now);
-        if account.period_start < start {
-            let reserved = account.reserved;
-            *account = self.take_restored(&budget.account, start);
-            account.reserved = reserved;
+        if cell.account.period_start < start {
+            let reserved = cell.account.reserved;
+            cell.account = self.take_restored(&budget.account, start);
+            cell.account.reserved = reserved;
         }
     }
 
     /// Runs `f` on the accounts of every level, locked together in level order.
     fn with_all<T>(&self, budgets: &Budgets, now: i64, f: impl FnOnce(&mut Guards<'_>) -> T) -> T {
-        let cells: SmallVec<[Arc<Mutex<Account>>; 3]> = budgets.iter().map(|b| self.cell(&b.account)).collect();
+        let cells: SmallVec<[Arc<Mutex<Cell>>; 3]> = budgets.iter().map(|b| self.cell(&b.account)).collect();
         let mut guards: Guards<'_> = SmallVec::new();
         for (cell, budget) in cells.iter().zip(budgets) {
             let mut guard = cell.lock().unwrap_or_else(PoisonError::into_inner);
@@ -69,7 +94,7 @@ impl Accounts {
         let cell = self.cell(&budget.account);
         let mut guard = cell.lock().unwrap_or_else(PoisonError::into_inner);
         self.current(&mut guard, budget, now);
-        f(&mut guard)
+        f(&mut guard.account)
     }
 
     /// Reserves `amount` at every level, or at none: the first level it does not fit refuses.
@@ -117,6 +142,33 @@ impl Accounts {
 
     pub fn snapshot(&self, budget: &Budget, now: i64) -> Account {
         self.with(budget, now, |a| a.clone())
+    }
+
+    /// Users' spend in their current period at `now`, most first (users who spent nothing in
+    /// it are left out). A scan of the live accounts: an admin's ranking, not a request's.
+    pub fn ranking(&self, now: i64) -> Vec<(Arc<str>, Usd)> {
+        let mut ranked: Vec<(Arc<str>, Usd)> = self
+            .live
+            .iter()
+            .filter(|entry| super::budgets::is_user_account(entry.key()))
+            .filter_map(|entry| {
+                let cell = entry.value().lock().unwrap_or_else(PoisonError::into_inner);
+                let current = cell.account.period_start == period::start(cell.period, now);
+                (current && cell.account.totals.spent > Usd::ZERO)
+                    .then(|| (Arc::clone(entry.key()), cell.account.totals.spent))
+            })
+            .collect();
+        // Accounts restored at start and not used since: their period is not known here, so
+        // they count if they started within the last month.
+        let month = period::start(crate::config::BudgetPeriod::Month, now);
+        for entry in &self.restored {
+            let ((name, start), account) = (entry.key(), entry.value());
+            if *start >= month && super::budgets::is_user_account(name) && !self.live.contains_key(name.as_str()) {
+                ranked.push((Arc::from(name.as_str()), account.totals.spent));
+            }
+        }
+        ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        ranked
     }
 }
 

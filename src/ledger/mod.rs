@@ -30,6 +30,9 @@ use crate::cost::Usd;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Users by spend, most first: (user, spent in its current period).
+pub type Ranking = Vec<(Arc<str>, Usd)>;
+
 /// A ledger that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -90,6 +93,12 @@ pub trait Ledger: Send + Sync + 'static {
     fn usage<'a>(&'a self, budget: &'a Budget, now: i64) -> BoxFuture<'a, Result<Account, LedgerError>>;
     /// The most recent request records, newest last (at most `limit`).
     fn records(&self, limit: usize) -> BoxFuture<'_, Result<Vec<RequestRecord>, LedgerError>>;
+    /// Users by spend in their current period at `now`, most first, at most `limit`.
+    fn ranking(&self, now: i64, limit: usize) -> BoxFuture<'_, Result<Ranking, LedgerError>> {
+        let mut ranked = self.in_process().map(|a| a.ranking(now)).unwrap_or_default();
+        ranked.truncate(limit);
+        Box::pin(std::future::ready(Ok(ranked)))
+    }
     /// Waits until every settlement so far is durable (shutdown, tests).
     fn flush(&self) -> BoxFuture<'_, Result<(), LedgerError>>;
     /// The longest a request can now live (the longest backend timeout): a store whose

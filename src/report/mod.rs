@@ -11,7 +11,7 @@ pub mod render;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::{Config, User};
 use crate::cost::Usd;
 pub use crate::ledger::PeriodSpend;
 use crate::ledger::{period, RequestRecord};
@@ -43,6 +43,10 @@ pub struct UserReport {
     /// Records left out of savings and premium share (route gone, or a pinned backend).
     pub unrouted: u64,
     pub budget: Option<Usd>,
+    pub plan: Option<String>,
+    pub team: Option<String>,
+    /// What the user pays per period (its plan's price).
+    pub price: Option<Usd>,
     /// Spend in the current budget period (from the ledger's totals, not the window).
     pub period_spend: Option<Usd>,
     /// `period_spend` extrapolated linearly to the period's end.
@@ -52,6 +56,11 @@ pub struct UserReport {
 impl UserReport {
     pub fn cost_per_request(&self) -> Option<Usd> {
         self.cost.mul_div(1, i64::try_from(self.requests).ok()?).filter(|_| self.requests > 0)
+    }
+
+    /// Price minus this period's spend: negative when the user costs more than it pays.
+    pub fn margin(&self) -> Option<Usd> {
+        Some(self.price?.saturating_sub(self.period_spend.unwrap_or(Usd::ZERO)))
     }
 }
 
@@ -76,8 +85,15 @@ pub struct Report {
     pub backends: Vec<BackendReport>,
 }
 
-/// The report over `records` (those within `window`), with the current period spend `spend`.
-pub fn build(config: &Config, records: &[RequestRecord], spend: &[PeriodSpend], window: Window) -> Report {
+/// The report over `records` (those within `window`), with the current period spend `spend`,
+/// for the config's users and `api_users` (the API users' effective limits).
+pub fn build(
+    config: &Config,
+    api_users: &[Arc<User>],
+    records: &[RequestRecord],
+    spend: &[PeriodSpend],
+    window: Window,
+) -> Report {
     let (models, _) = crate::snapshot::model_index(config);
     // Keyed by the records' shared names: a record costs no key copy.
     let mut users: BTreeMap<Arc<str>, UserReport> = BTreeMap::new();
@@ -119,11 +135,14 @@ pub fn build(config: &Config, records: &[RequestRecord], spend: &[PeriodSpend], 
         intervals.entry(Arc::clone(&r.backend)).or_default().push((r.at_ms, r.at_ms.saturating_add(latency)));
     }
     let now = window.end_ms.div_euclid(1000);
-    for user in &config.users {
+    for user in config.users.iter().chain(api_users) {
         let u = users
             .entry(user.name.as_str().into())
             .or_insert_with(|| UserReport { user: user.name.clone(), ..UserReport::default() });
         u.budget = user.budget_usd;
+        u.plan = user.plan.as_deref().map(str::to_owned);
+        u.team = user.team.as_deref().map(str::to_owned);
+        u.price = user.price_usd;
         let start = period::start(user.budget_period, now);
         let spent = spend
             .iter()

@@ -39,6 +39,14 @@ fn utilisation(b: &BackendReport, window_ms: i64) -> Option<String> {
     Some(percent(busy, u64::try_from(window_ms).ok()?))
 }
 
+/// Users whose spend this period is above their price, most over first.
+fn over_price(report: &Report) -> impl Iterator<Item = &UserReport> {
+    let mut over: Vec<&UserReport> =
+        report.users.iter().filter(|u| u.margin().is_some_and(|m| m < Usd::ZERO)).collect();
+    over.sort_by_key(|u| u.margin());
+    over.into_iter()
+}
+
 pub fn table(report: &Report) -> String {
     let w = report.window;
     let mut out = format!(
@@ -58,6 +66,9 @@ pub fn table(report: &Report) -> String {
         "period spend",
         "projected",
         "budget",
+        "plan",
+        "price",
+        "margin",
     ]
     .map(String::from)
     .to_vec()];
@@ -74,6 +85,9 @@ pub fn table(report: &Report) -> String {
             money(u.period_spend),
             money(u.projected),
             money(u.budget),
+            u.plan.clone().unwrap_or_else(|| "-".into()),
+            money(u.price),
+            money(u.margin()),
         ]);
     }
     out.push_str(&columns(&rows));
@@ -93,6 +107,19 @@ pub fn table(report: &Report) -> String {
         ]);
     }
     out.push_str(&columns(&rows));
+    let over: Vec<&UserReport> = over_price(report).collect();
+    if !over.is_empty() {
+        out.push_str(&format!("\n{} users cost more than they pay this period:\n", over.len()));
+        for u in over {
+            out.push_str(&format!(
+                "  {} ({}): spent {}, pays {}\n",
+                u.user,
+                u.plan.as_deref().unwrap_or("-"),
+                money(u.period_spend),
+                money(u.price)
+            ));
+        }
+    }
     let unrouted: u64 = report.users.iter().map(|u| u.unrouted).sum();
     if unrouted > 0 {
         out.push_str(&format!(
@@ -124,6 +151,10 @@ pub fn json(report: &Report) -> Value {
                 "budget_usd": u.budget.map(Usd::as_f64),
                 "period_spend_usd": u.period_spend.map(Usd::as_f64),
                 "projected_period_spend_usd": u.projected.map(Usd::as_f64),
+                "plan": u.plan,
+                "team": u.team,
+                "price_usd": u.price.map(Usd::as_f64),
+                "margin_usd": u.margin().map(Usd::as_f64),
             })
         })
         .collect();
@@ -150,6 +181,7 @@ pub fn json(report: &Report) -> Value {
         "window": {"start": period::rfc3339(w.start_ms.div_euclid(1000)), "end": period::rfc3339(w.end_ms.div_euclid(1000)),
                    "start_ms": w.start_ms, "end_ms": w.end_ms},
         "users": users,
+        "over_price": over_price(report).map(|u| u.user.as_str()).collect::<Vec<_>>(),
         "backends": backends,
     })
 }

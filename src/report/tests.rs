@@ -82,7 +82,7 @@ fn savings_premium_share_and_idle_cost_come_from_the_route_as_configured() {
         [PeriodSpend { user: "u".into(), period_start: 1_772_323_200, spent: Usd::from_pico(4_500_000_000_000) }];
     // 2026-03-10T00:01:00Z: the window is the minute since midnight.
     let window = Window { start_ms: at, end_ms: at + 60_000 };
-    let report = build(&cfg, &records, &spend, window);
+    let report = build(&cfg, &[], &records, &spend, window);
     let u = &report.users[0];
     assert_eq!((u.requests, u.unrouted), (4, 2));
     assert_eq!(u.savings, Usd::from_pico(1_000_000_000));

@@ -183,6 +183,39 @@ fn key_params(k: &ApiKey) -> [Box<dyn rusqlite::ToSql + '_>; 13] {
     ]
 }
 
+/// Every API user of the ledger file at `path` with its effective limits under `config`'s
+/// plans (for `tollgate report`); a ledger from before tenants has none.
+pub fn effective_users(
+    path: &Path,
+    config: &crate::config::Config,
+) -> Result<Vec<std::sync::Arc<crate::config::User>>, StoreError> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(storage)?;
+    let exists: bool = conn
+        .query_row("SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'tenant_users')", [], |r| r.get(0))
+        .map_err(storage)?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let mut statement = conn
+        .prepare("SELECT name, plan, team, overrides, metrics, created_at FROM tenant_users ORDER BY name")
+        .map_err(storage)?;
+    let members = statement.query_map([], user_from).map_err(storage)?;
+    let mut users = Vec::new();
+    for member in members {
+        let member = member.map_err(storage)?;
+        let user = match config.plan(&member.plan) {
+            Some(plan) => super::effective_user(&member, plan),
+            None => {
+                let mut user = crate::config::User::new(member.name.clone(), &crate::config::Limits::default());
+                user.plan = Some(member.plan.as_str().into());
+                user
+            }
+        };
+        users.push(std::sync::Arc::new(user));
+    }
+    Ok(users)
+}
+
 impl Directory for SqliteDirectory {
     fn insert_team(&self, team: Team) -> BoxFuture<'_, StoreResult<()>> {
         self.insert(team.name.clone(), |c| {

@@ -376,9 +376,13 @@ impl Ledger for RedisLedger {
             record_json,
             MAX_RECORDS.to_string(),
             DEDUPE_WINDOW_MS.to_string(),
+            budgets.user().account.to_string(),
+            self.spend_expires_at(budgets.user().period, now),
         ];
         args.extend(budgets.iter().map(|b| self.spend_expires_at(b.period, now)));
-        let mut write_keys = vec![keys.settled(&budgets.user().account), keys.records()];
+        let user = budgets.user();
+        let ranking = keys.ranking(period::name(user.period), period::start(user.period, now));
+        let mut write_keys = vec![keys.settled(&user.account), keys.records(), ranking];
         write_keys.extend(self.level_keys(budgets, now));
         let write = Write {
             script: WriteScript::Settle,
@@ -443,6 +447,24 @@ impl Ledger for RedisLedger {
 
     fn flush(&self) -> BoxFuture<'_, Result<(), LedgerError>> {
         Box::pin(self.store.flush())
+    }
+
+    fn ranking(&self, now: i64, limit: usize) -> BoxFuture<'_, Result<super::Ranking, LedgerError>> {
+        Box::pin(async move {
+            let mut ranked: Vec<(Arc<str>, Usd)> = Vec::new();
+            for kind in [BudgetPeriod::Day, BudgetPeriod::Month, BudgetPeriod::Total] {
+                let mut command = redis::cmd("ZREVRANGE");
+                let last = isize::try_from(limit).unwrap_or(isize::MAX).saturating_sub(1);
+                command.arg(self.store.keys.ranking(period::name(kind), period::start(kind, now))).arg(0).arg(last);
+                command.arg("WITHSCORES");
+                let entries: Vec<(String, f64)> = self.store.command(Op::Read, command).await?;
+                #[expect(clippy::cast_possible_truncation, reason = "scores are sums of whole pico-USD")]
+                ranked.extend(entries.into_iter().map(|(name, score)| (Arc::from(name), Usd::from_pico(score as i64))));
+            }
+            ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            ranked.truncate(limit);
+            Ok(ranked)
+        })
     }
 
     fn requests_last_at_most(&self, longest: Duration) {

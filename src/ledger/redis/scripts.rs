@@ -13,6 +13,7 @@
 //! | `P{user}:settled` | sorted set | settlement ids of the last [`DEDUPE_WINDOW_MS`], so a retried settlement is applied once |
 //! | `P{user}:rate` | hash | rpm/tpm token buckets: `r`, `t`, `ts` |
 //! | `Precords` | list | the newest request records (JSON), capped |
+//! | `Prank:<period>:<start>` | sorted set | users by spend in that period (pico-USD as the score), for ranking |
 //!
 //! Why this shape: an expired reservation must stop counting without any replica alive to
 //! release it. Every script that reads or writes the reserved sum first drops the members of
@@ -70,6 +71,11 @@ impl Keys {
 
     pub fn rate(&self, user: &str) -> String {
         self.user(user, "rate")
+    }
+
+    /// Users ranked by spend in one period (`<period>:<start>`), for `/admin/usage?sort=spent`.
+    pub fn ranking(&self, period: &str, start: i64) -> String {
+        format!("{}rank:{period}:{start}", self.prefix)
     }
 
     pub fn records(&self) -> String {
@@ -155,19 +161,22 @@ end
 return {1, 0, unpack(seen)}
 ";
 
-/// KEYS: settled, records, then (reserved, holds, spend) per level. ARGV: member ('' = the
-/// reservation was local), settlement id, cost, prompt tokens, completion tokens, backend,
-/// record JSON, max records, dedupe window ms, then each level's spend expire-at (unix s,
-/// '' = never). Returns 1 when applied, 0 when this settlement was applied before.
+/// KEYS: settled, records, the user's period ranking, then (reserved, holds, spend) per level.
+/// ARGV: member ('' = the reservation was local), settlement id, cost, prompt tokens,
+/// completion tokens, backend, record JSON, max records, dedupe window ms, the user's name,
+/// the ranking's expire-at, then each level's spend expire-at (unix s, '' = never).
+/// Returns 1 when applied, 0 when this settlement was applied before.
 const SETTLE: &str = r"
 local now = now_ms()
 if redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[9]))
 redis.call('ZADD', KEYS[1], now, ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[9])
+redis.call('ZINCRBY', KEYS[3], ARGV[3], ARGV[10])
+if ARGV[11] ~= '' then redis.call('EXPIREAT', KEYS[3], ARGV[11]) end
 local b = 'b/' .. ARGV[6] .. '/'
-for i = 1, (#KEYS - 2) / 3 do
-  local k = 2 + (i - 1) * 3
+for i = 1, (#KEYS - 3) / 3 do
+  local k = 3 + (i - 1) * 3
   if ARGV[1] ~= '' and redis.call('ZREM', KEYS[k + 2], ARGV[1]) == 1 then
     redis.call('DECRBY', KEYS[k + 1], string.match(ARGV[1], '(%d+)$'))
   end
@@ -180,7 +189,7 @@ for i = 1, (#KEYS - 2) / 3 do
   redis.call('HINCRBY', spend, b .. 'requests', 1)
   redis.call('HINCRBY', spend, b .. 'prompt_tokens', ARGV[4])
   redis.call('HINCRBY', spend, b .. 'completion_tokens', ARGV[5])
-  if ARGV[9 + i] ~= '' then redis.call('EXPIREAT', spend, ARGV[9 + i]) end
+  if ARGV[11 + i] ~= '' then redis.call('EXPIREAT', spend, ARGV[11 + i]) end
 end
 redis.call('LPUSH', KEYS[2], ARGV[7])
 redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[8]) - 1)
