@@ -24,6 +24,15 @@ use crate::tenancy::store::{StoreError, TeamDeletion, UserQuery};
 /// Users per page by default, and at most.
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
+
+/// A list call's page size: `limit`, or the default; 400 outside 1..=1000.
+pub(super) fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(bad(format!("`limit` must be between 1 and {MAX_PAGE}"), "limit"));
+    }
+    Ok(limit)
+}
 /// The longest a rotated key may keep working.
 const MAX_GRACE_S: u64 = 30 * 86_400;
 
@@ -333,10 +342,7 @@ pub async fn list_users(
     answer(
         async {
             authorize(&state, &headers)?;
-            let limit = q.limit.unwrap_or(DEFAULT_PAGE);
-            if !(1..=MAX_PAGE).contains(&limit) {
-                return Err(bad(format!("`limit` must be between 1 and {MAX_PAGE}"), "limit"));
-            }
+            let limit = page_limit(q.limit)?;
             // One more than asked says whether there is a next page without another query.
             let query = UserQuery { after: q.cursor, limit: limit + 1, plan: q.plan, team: q.team };
             let mut users = state.tenants.directory.users(&query).await?;

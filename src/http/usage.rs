@@ -18,9 +18,6 @@ use crate::ledger::{period, Account, Budgets, Totals};
 use crate::snapshot::Snapshot;
 use crate::tenancy::store::UserQuery;
 
-/// Users per page by default, and at most.
-const DEFAULT_PAGE: usize = 100;
-const MAX_PAGE: usize = 1000;
 /// Members listed in a team's usage at most.
 const MAX_TEAM_MEMBERS: usize = 1000;
 /// Users ranked by spend at most (`sort=spent`).
@@ -88,7 +85,11 @@ fn usage_of(user: &User, account: &Account) -> UserUsage {
 
 /// A user's effective limits by name: a config user's, or an API user's (its plan's with its
 /// overrides; a plan the config no longer has leaves the defaults, named).
-async fn user_named(state: &AppState, snapshot: &Snapshot, name: &str) -> Result<Option<Arc<User>>, ApiError> {
+async fn effective_user_named(
+    state: &AppState,
+    snapshot: &Snapshot,
+    name: &str,
+) -> Result<Option<Arc<User>>, ApiError> {
     if let Some(principal) = snapshot.user(name) {
         return Ok(Some(Arc::clone(&principal.user)));
     }
@@ -130,10 +131,7 @@ pub async fn all_usage(
 ) -> Response {
     let result = async {
         authorize(&state, &headers)?;
-        let limit = q.limit.unwrap_or(DEFAULT_PAGE);
-        if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(ApiError::bad_request(format!("`limit` must be between 1 and {MAX_PAGE}"), Some("limit")));
-        }
+        let limit = super::tenants::page_limit(q.limit)?;
         let snapshot = state.snapshot.load_full();
         let now = crate::clock::unix_now();
         let wanted = |u: &User| {
@@ -171,7 +169,7 @@ pub async fn all_usage(
                         break;
                     }
                     position += 1;
-                    let Some(user) = user_named(&state, &snapshot, name).await? else { continue };
+                    let Some(user) = effective_user_named(&state, &snapshot, name).await? else { continue };
                     if !wanted(&user) {
                         continue;
                     }
@@ -209,7 +207,7 @@ async fn page_by_name(
     let api_users: Vec<Arc<User>> = {
         let mut out = Vec::new();
         for member in state.tenants.directory.users(&query).await? {
-            if let Some(user) = user_named(state, snapshot, &member.name).await? {
+            if let Some(user) = effective_user_named(state, snapshot, &member.name).await? {
                 out.push(user);
             }
         }
@@ -227,7 +225,7 @@ pub async fn user_usage(State(state): State<Arc<AppState>>, headers: HeaderMap, 
     let result = async {
         authorize(&state, &headers)?;
         let snapshot = state.snapshot.load_full();
-        let user = user_named(&state, &snapshot, &name).await?.ok_or(ApiError::UnknownUser(name))?;
+        let user = effective_user_named(&state, &snapshot, &name).await?.ok_or(ApiError::UnknownUser(name))?;
         Ok::<_, ApiError>(Json(usage(&state, &user, crate::clock::unix_now()).await?))
     }
     .await;
@@ -250,7 +248,7 @@ pub async fn team_usage(State(state): State<Arc<AppState>>, headers: HeaderMap, 
         let snapshot = state.snapshot.load_full();
         let mut members = Vec::new();
         for member in state.tenants.directory.users(&query).await? {
-            if let Some(user) = user_named(&state, &snapshot, &member.name).await? {
+            if let Some(user) = effective_user_named(&state, &snapshot, &member.name).await? {
                 members.push(usage(&state, &user, now).await?);
             }
         }
