@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::app::AppState;
 use crate::config::{Config, ConfigError};
 use crate::snapshot::Snapshot;
+use crate::tenancy::store::UserQuery;
 
 /// How often the config file is checked for changes.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -24,6 +25,10 @@ pub enum ReloadError {
     NeedsRestart(&'static str),
     #[error(transparent)]
     Upstream(#[from] crate::upstream::UpstreamError),
+    #[error("plan `{0}` is gone from the file but API users are on it (e.g. `{1}`): move them first (PATCH /admin/users/{{name}}), nothing was reloaded")]
+    PlanInUse(String, String),
+    #[error("could not check which plans API users are on: {0}")]
+    Tenants(#[from] crate::tenancy::store::StoreError),
 }
 
 /// What a successful reload applied.
@@ -36,7 +41,7 @@ pub struct Applied {
 
 pub async fn reload(state: &Arc<AppState>, trigger: &'static str) -> Result<Applied, ReloadError> {
     let _one_at_a_time = state.reload_lock.lock().await;
-    let result = prepare_and_swap(state);
+    let result = prepare_and_swap(state).await;
     let outcome = if result.is_ok() { "success" } else { "failure" };
     state.metrics.config_reloads.with_label_values(&[outcome]).inc();
     match &result {
@@ -46,10 +51,16 @@ pub async fn reload(state: &Arc<AppState>, trigger: &'static str) -> Result<Appl
     result
 }
 
-fn prepare_and_swap(state: &Arc<AppState>) -> Result<Applied, ReloadError> {
+async fn prepare_and_swap(state: &Arc<AppState>) -> Result<Applied, ReloadError> {
     let path = state.config_path.as_ref().ok_or(ReloadError::NoFile)?;
     let mut config = Config::load(path, state.env.as_ref())?;
     let current = state.snapshot.load_full();
+    for gone in current.config.plans.iter().filter(|p| config.plan(&p.name).is_none()) {
+        let query = UserQuery { plan: Some(gone.name.clone()), limit: 1, ..UserQuery::default() };
+        if let Some(user) = state.tenants.directory.users(&query).await?.into_iter().next() {
+            return Err(ReloadError::PlanInUse(gone.name.clone(), user.name));
+        }
+    }
     if config.ledger != current.config.ledger {
         return Err(ReloadError::NeedsRestart("[ledger]"));
     }

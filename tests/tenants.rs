@@ -448,3 +448,24 @@ async fn usage_and_the_report_show_api_users_with_plan_price_and_margin() {
     assert_eq!((f1["plan"].as_str(), f1["price_usd"].as_f64()), (Some("free"), Some(0.0)));
     assert!(report["users"].as_array().unwrap().iter().any(|u| u["user"] == "p1" && u["plan"] == "pro"));
 }
+
+#[tokio::test]
+async fn a_reload_that_drops_a_plan_in_use_is_refused_and_one_that_changes_it_applies_to_its_users() {
+    let (dir, admin) = setup();
+    let key = admin.user_with_key("fay", "free", None, json!({})).await;
+    let without_free = config().replace("name = \"free\"", "name = \"gratis\"");
+    std::fs::write(dir.path().join("tollgate.toml"), &without_free).unwrap();
+    let (status, body) = admin.post("/admin/reload", json!({})).await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("plan `free`") && message.contains("fay"), "{message}");
+    assert_eq!(admin.chat(&key).await.status(), 200, "the running config stays");
+
+    // The plan's budget cut to nothing: every user on it is refused at once, no user edited.
+    let cut = config().replace("budget_usd = 0.5", "budget_usd = 0");
+    std::fs::write(dir.path().join("tollgate.toml"), &cut).unwrap();
+    assert_eq!(admin.post("/admin/reload", json!({})).await.0, 200);
+    let refused = admin.chat(&key).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["x-tollgate-budget-scope"], "user");
+}
