@@ -244,6 +244,13 @@ async fn a_key_budget_refuses_with_scope_key_before_its_user_runs_out() {
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["code"], "budget_exceeded");
     assert!(body["error"]["message"].as_str().unwrap().contains("key"), "{body}");
+    // A rotation does not reset the key's budget: the new key is the same line.
+    let (_, keys) = admin.get("/admin/users/kay/keys").await;
+    let id = keys["data"][0]["id"].as_str().unwrap().to_owned();
+    let (status, rotated) = admin.post(&format!("/admin/keys/{id}/rotate"), json!({})).await;
+    assert_eq!(status, 201);
+    let again = admin.chat(rotated["key"].as_str().unwrap()).await;
+    assert_eq!((again.status().as_u16(), again.headers()["x-tollgate-budget-scope"].to_str().unwrap()), (429, "key"));
     // Another key of the same user has its own (no) key budget.
     let (_, second) = admin.post("/admin/users/kay/keys", json!({})).await;
     assert_eq!(admin.chat(second["key"].as_str().unwrap()).await.status(), 200);

@@ -432,6 +432,9 @@ async fn issue(state: &AppState, mut key: ApiKey) -> Result<Response, ApiError> 
         ApiError::Internal
     })?;
     key.id = generate_key_id().map_err(|_| ApiError::Internal)?;
+    if key.lineage.is_empty() {
+        key.lineage.clone_from(&key.id);
+    }
     key.sha256 = sha256;
     key.prefix = prefix;
     state.tenants.directory.insert_key(key.clone()).await?;
@@ -491,6 +494,7 @@ pub async fn create_key(
                 budget_period: period_field(&map, "budget_period")?.unwrap_or(BudgetPeriod::Total),
                 rpm,
                 end_users: end_users_field(&state, &map)?,
+                lineage: String::new(),
             };
             issue(&state, key).await
         }

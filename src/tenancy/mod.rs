@@ -75,12 +75,13 @@ impl Principal {
         let user = effective_user(member, plan);
         let key_budget = key.budget_usd.map(|limit| Budget {
             scope: Scope::Key,
-            account: key_account(&key.id),
+            account: key_account(&key.lineage),
             limit: Some(limit),
             period: key.budget_period,
         });
         let team_budget = team.map(team_budget);
-        let key_allowance = key.rpm.map(|rpm| Allowance { account: key_account(&key.id), rpm: Some(rpm), tpm: None });
+        let key_allowance =
+            key.rpm.map(|rpm| Allowance { account: key_account(&key.lineage), rpm: Some(rpm), tpm: None });
         Self {
             budgets: Arc::new(Budgets::new(key_budget, &user, team_budget)),
             allowances: key_allowance.into_iter().chain(user_allowance(&user)).collect(),

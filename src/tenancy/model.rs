@@ -46,6 +46,9 @@ pub struct ApiKey {
     pub budget_period: BudgetPeriod,
     /// Requests per minute through this key, on top of its user's limit.
     pub rpm: Option<u32>,
+    /// The id of the first key of its line: a rotation's new key has its predecessor's, so the
+    /// key's budget (and rpm) carries over a rotation instead of starting afresh.
+    pub lineage: String,
     /// A service key: each end user its requests name (`x-tollgate-end-user`, or the body's
     /// `user`) is a principal of its own on this plan, created on first sight.
     pub end_users: Option<String>,

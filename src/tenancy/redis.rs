@@ -303,6 +303,7 @@ fn key_from(f: &Fields) -> Option<ApiKey> {
         budget_period: f.get("budget_period").and_then(BudgetPeriod::parse).unwrap_or(BudgetPeriod::Total),
         rpm: f.int("rpm").and_then(|v| u32::try_from(v).ok()),
         end_users: f.get("end_users").map(str::to_owned),
+        lineage: f.get("lineage").or(f.get("id"))?.to_owned(),
     })
 }
 
@@ -327,6 +328,8 @@ fn key_fields(k: &ApiKey) -> Vec<String> {
         text(k.rpm),
         "end_users".into(),
         text(k.end_users.as_ref()),
+        "lineage".into(),
+        k.lineage.clone(),
     ]
 }
 

@@ -53,13 +53,14 @@ const SCHEMA: &str = "
         budget_pico INTEGER,
         budget_period TEXT NOT NULL,
         rpm INTEGER,
-        end_users TEXT
+        end_users TEXT,
+        lineage TEXT NOT NULL
     );
     CREATE INDEX IF NOT EXISTS tenant_keys_user ON tenant_keys (user);
 ";
 
 const KEY_COLUMNS: &str =
-    "id, user, sha256, prefix, label, created_at, expires_at, revoked_at, last_used_at, budget_pico, budget_period, rpm, end_users";
+    "id, user, sha256, prefix, label, created_at, expires_at, revoked_at, last_used_at, budget_pico, budget_period, rpm, end_users, lineage";
 
 pub struct SqliteDirectory {
     conn: Mutex<Connection>,
@@ -123,6 +124,7 @@ fn key_from(row: &Row<'_>) -> rusqlite::Result<ApiKey> {
         budget_period: period_from(&row.get::<_, String>(10)?),
         rpm: row.get(11)?,
         end_users: row.get(12)?,
+        lineage: row.get(13)?,
     })
 }
 
@@ -165,7 +167,7 @@ impl SqliteDirectory {
     }
 }
 
-fn key_params(k: &ApiKey) -> [Box<dyn rusqlite::ToSql + '_>; 13] {
+fn key_params(k: &ApiKey) -> [Box<dyn rusqlite::ToSql + '_>; 14] {
     [
         Box::new(&k.id),
         Box::new(&k.user),
@@ -180,6 +182,7 @@ fn key_params(k: &ApiKey) -> [Box<dyn rusqlite::ToSql + '_>; 13] {
         Box::new(period::name(k.budget_period)),
         Box::new(k.rpm),
         Box::new(&k.end_users),
+        Box::new(&k.lineage),
     ]
 }
 
@@ -345,7 +348,7 @@ impl Directory for SqliteDirectory {
     fn insert_key(&self, key: ApiKey) -> BoxFuture<'_, StoreResult<()>> {
         self.insert(key.id.clone(), |c| {
             let sql = format!(
-                "INSERT INTO tenant_keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+                "INSERT INTO tenant_keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
             );
             let values = key_params(&key);
             c.execute(&sql, rusqlite::params_from_iter(values.iter()))
