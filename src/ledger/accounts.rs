@@ -38,16 +38,28 @@ impl std::ops::DerefMut for Cell {
     }
 }
 
-#[derive(Debug, Default)]
+/// Reads an account's spend in one period back from storage (the SQLite ledger's file).
+pub type Loader = Box<dyn Fn(&str, i64) -> Option<Account> + Send + Sync>;
+
+#[derive(Default)]
 pub struct Accounts {
     live: DashMap<Arc<str>, Arc<Mutex<Cell>>>,
-    /// Accounts read back from storage at start, by (account, period start): taken on first use.
-    restored: DashMap<(String, i64), Account>,
+    /// Where an account's spend comes from the first time it is used in a period: memory
+    /// starts empty; SQLite reads the account's rows, so a start reads nothing and memory
+    /// holds the accounts in use, not every account ever stored.
+    loader: Option<Loader>,
+}
+
+impl std::fmt::Debug for Accounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accounts").field("live", &self.live.len()).finish_non_exhaustive()
+    }
 }
 
 impl Accounts {
-    pub fn restore(&self, account: String, spend: Account) {
-        self.restored.insert((account, spend.period_start), spend);
+    /// Accounts whose spend is read back through `loader` on first use.
+    pub fn with_loader(loader: Loader) -> Self {
+        Self { live: DashMap::new(), loader: Some(loader) }
     }
 
     fn cell(&self, name: &Arc<str>) -> Arc<Mutex<Cell>> {
@@ -63,7 +75,7 @@ impl Accounts {
     }
 
     fn take_restored(&self, account: &str, start: i64) -> Account {
-        self.restored.remove(&(account.to_owned(), start)).map_or_else(|| Account::new(start), |(_, a)| a)
+        self.loader.as_ref().and_then(|load| load(account, start)).unwrap_or_else(|| Account::new(start))
     }
 
     /// Brings a locked account to the period holding `now`; reservations still out carry over.
@@ -145,7 +157,8 @@ impl Accounts {
     }
 
     /// Users' spend in their current period at `now`, most first (users who spent nothing in
-    /// it are left out). A scan of the live accounts: an admin's ranking, not a request's.
+    /// it are left out), among the accounts used since the start. A scan of the live accounts:
+    /// an admin's ranking, not a request's.
     pub fn ranking(&self, now: i64) -> Vec<(Arc<str>, Usd)> {
         let mut ranked: Vec<(Arc<str>, Usd)> = self
             .live
@@ -158,15 +171,6 @@ impl Accounts {
                     .then(|| (Arc::clone(entry.key()), cell.account.totals.spent))
             })
             .collect();
-        // Accounts restored at start and not used since: their period is not known here, so
-        // they count if they started within the last month.
-        let month = period::start(crate::config::BudgetPeriod::Month, now);
-        for entry in &self.restored {
-            let ((name, start), account) = (entry.key(), entry.value());
-            if *start >= month && super::budgets::is_user_account(name) && !self.live.contains_key(name.as_str()) {
-                ranked.push((Arc::from(name.as_str()), account.totals.spent));
-            }
-        }
         ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         ranked
     }

@@ -5,12 +5,13 @@
 //! commit after it happens, well under 100 ms, on a host with CPU to spare (the writer runs at
 //! nice 10: on one saturated by other work, commits come later and larger). The database runs
 //! in WAL mode with `synchronous = NORMAL`: a commit survives `kill -9` of the gateway (it is in
-//! the OS's hands); only a power loss can take the last commits. At start, the spend of each
-//! user's current period is read back; reservations are not stored, so a crash drops them.
+//! the OS's hands); only a power loss can take the last commits. Nothing is read at start: an
+//! account's current-period spend is read back on its first use; reservations are not stored,
+//! so a crash drops them.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{mpsc, Arc, LazyLock};
+use std::sync::{mpsc, Arc, LazyLock, Mutex, PoisonError};
 
 use smallvec::SmallVec;
 use std::time::Duration;
@@ -31,8 +32,6 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 const WRITER_THREAD: &str = "tollgate-ledger";
 /// The writer's niceness (Linux): see [`yield_to_requests`].
 const WRITER_NICE: i32 = 10;
-/// Spend older than this is not read back at start (no period is longer than a month).
-const RESTORE_HORIZON_S: i64 = 40 * 86_400;
 
 enum Write {
     /// A settled request: its record, and the cost booked in each level's account and period.
@@ -98,8 +97,16 @@ impl SqliteLedger {
         let display = path.display().to_string();
         let conn = Connection::open(path).map_err(storage(&display))?;
         conn.execute_batch(SCHEMA).map_err(storage(&display))?;
-        let accounts = Accounts::default();
-        restore(&conn, &accounts, crate::clock::unix_now()).map_err(storage(&display))?;
+        let reader = Mutex::new(Connection::open(path).map_err(storage(&display))?);
+        let accounts = Accounts::with_loader(Box::new(move |account, start| match load(&reader, account, start) {
+            Ok(found) => found,
+            Err(e) => {
+                // Refusing would lose nothing but availability; starting the account from
+                // zero could overspend its budget by what it spent. Say so loudly.
+                tracing::error!(error = %e, account, "reading an account's spend back failed; it starts from zero");
+                None
+            }
+        }));
         let (tx, rx) = mpsc::channel();
         let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         std::thread::Builder::new()
@@ -114,39 +121,56 @@ impl SqliteLedger {
     }
 }
 
-fn restore(conn: &Connection, accounts: &Accounts, now: i64) -> rusqlite::Result<()> {
-    let mut statement = conn.prepare(
-        "SELECT user, period_start, backend, spent_pico, requests, prompt_tokens, completion_tokens
-         FROM spend WHERE period_start = 0 OR period_start >= ?1 ORDER BY user, period_start",
+/// An account's spend in one period, read from the file on its first use: one indexed query
+/// (the `spend` table's key starts with account and period), under that account's lock only.
+fn load(conn: &Mutex<Connection>, account: &str, period_start: i64) -> rusqlite::Result<Option<Account>> {
+    let conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut statement = conn.prepare_cached(
+        "SELECT backend, spent_pico, requests, prompt_tokens, completion_tokens
+         FROM spend WHERE user = ?1 AND period_start = ?2",
     )?;
-    let rows = statement.query_map(params![now - RESTORE_HORIZON_S], |row| {
+    let rows = statement.query_map(params![account, period_start], |row| {
         let totals = Totals {
-            spent: Usd::from_pico(row.get(3)?),
-            requests: row.get::<_, i64>(4)?.try_into().unwrap_or(0),
-            prompt_tokens: row.get::<_, i64>(5)?.try_into().unwrap_or(0),
-            completion_tokens: row.get::<_, i64>(6)?.try_into().unwrap_or(0),
+            spent: Usd::from_pico(row.get(1)?),
+            requests: row.get::<_, i64>(2)?.try_into().unwrap_or(0),
+            prompt_tokens: row.get::<_, i64>(3)?.try_into().unwrap_or(0),
+            completion_tokens: row.get::<_, i64>(4)?.try_into().unwrap_or(0),
         };
-        Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?, row.get::<_, String>(2)?, totals))
+        Ok((row.get::<_, String>(0)?, totals))
     })?;
-    let mut current: Option<(String, Account)> = None;
+    let mut found: Option<Account> = None;
     for row in rows {
-        let (user, period_start, backend, totals) = row?;
-        if current.as_ref().is_some_and(|(u, a)| *u != user || a.period_start != period_start) {
-            if let Some((u, a)) = current.take() {
-                accounts.restore(u, a);
-            }
-        }
-        let (_, account) = current.get_or_insert_with(|| (user.clone(), Account::new(period_start)));
+        let (backend, totals) = row?;
+        let account = found.get_or_insert_with(|| Account::new(period_start));
         account.totals.spent = account.totals.spent.saturating_add(totals.spent);
         account.totals.requests += totals.requests;
         account.totals.prompt_tokens += totals.prompt_tokens;
         account.totals.completion_tokens += totals.completion_tokens;
         account.by_backend.insert(backend, totals);
     }
-    if let Some((u, a)) = current {
-        accounts.restore(u, a);
-    }
-    Ok(())
+    Ok(found)
+}
+
+/// Users by spend in their current period: the rows of today, this month and `total`, summed
+/// per user (a user's rows are those of its own period).
+fn read_ranking(path: &str, now: i64, limit: usize) -> rusqlite::Result<super::Ranking> {
+    use crate::config::BudgetPeriod;
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut statement = conn.prepare(
+        "SELECT user, SUM(spent_pico) AS spent FROM spend
+         WHERE period_start IN (?1, ?2, 0) AND user NOT LIKE '~%'
+         GROUP BY user, period_start HAVING spent > 0 ORDER BY spent DESC, user LIMIT ?3",
+    )?;
+    let day = super::period::start(BudgetPeriod::Day, now);
+    let month = super::period::start(BudgetPeriod::Month, now);
+    let rows = statement.query_map(params![day, month, i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
+        Ok((Arc::from(row.get::<_, String>(0)?.as_str()), Usd::from_pico(row.get(1)?)))
+    })?;
+    let mut ranked: super::Ranking = rows.collect::<rusqlite::Result<_>>()?;
+    // A user on a day period has rows on the 1st's day and month starts alike: keep its first.
+    let mut seen = std::collections::HashSet::new();
+    ranked.retain(|(name, _)| seen.insert(Arc::clone(name)));
+    Ok(ranked)
 }
 
 /// Lowers the calling thread's priority. A commit takes a core for a few hundred µs every
@@ -348,6 +372,18 @@ impl Ledger for SqliteLedger {
 
     fn in_process(&self) -> Option<&Accounts> {
         Some(&self.accounts)
+    }
+
+    fn ranking(&self, now: i64, limit: usize) -> BoxFuture<'_, Result<super::Ranking, LedgerError>> {
+        let path = self.path.clone();
+        Box::pin(async move {
+            // What settled so far is in the file first.
+            self.flush().await?;
+            tokio::task::spawn_blocking(move || read_ranking(&path, now, limit))
+                .await
+                .map_err(|e| LedgerError::Storage(e.to_string()))?
+                .map_err(storage("ranking users by spend"))
+        })
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), LedgerError>> {
