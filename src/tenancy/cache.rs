@@ -77,7 +77,7 @@ impl Tenants {
         }
         self.metrics.principal_cache.with_label_values(&["miss"]).inc();
         let epoch = self.epoch.load(Ordering::Acquire);
-        let store = |e: super::store::StoreError| AuthError::Unavailable(e.to_string());
+        let store = unavailable;
         let key = self.directory.key_by_hash(&sha256).await.map_err(store)?;
         let Some(key) = key.filter(|k| k.revoked_at.is_none()) else {
             self.remember_unknown(sha256, now, epoch);
@@ -195,7 +195,7 @@ impl Tenants {
         }
         self.metrics.principal_cache.with_label_values(&["miss"]).inc();
         let epoch = self.epoch.load(Ordering::Acquire);
-        let store = |e: super::store::StoreError| AuthError::Unavailable(e.to_string());
+        let store = unavailable;
         let name = super::model::end_user_name(&service.user.name, id);
         let member = match self.directory.user(&name).await.map_err(store)? {
             Some(member) => member,
@@ -232,6 +232,12 @@ impl Tenants {
     pub fn is_empty(&self) -> bool {
         self.known.is_empty()
     }
+}
+
+/// A store failure while resolving a key: logged here, answered as a bare 503.
+fn unavailable(e: super::store::StoreError) -> AuthError {
+    tracing::warn!(error = %e, "the tenant store could not resolve a key");
+    AuthError::Unavailable(e.to_string())
 }
 
 /// Where an end user's principal is cached: a hash of its service key's hash and its id, in
