@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::admin::authorize;
 use crate::app::AppState;
-use crate::config::{Limits, User};
+use crate::config::User;
 use crate::error::ApiError;
 use crate::ledger::{period, Account, Budgets, Totals};
 use crate::snapshot::Snapshot;
@@ -94,14 +94,7 @@ async fn effective_user_named(
         return Ok(Some(Arc::clone(&principal.user)));
     }
     let Some(member) = state.tenants.directory.user(name).await? else { return Ok(None) };
-    Ok(Some(Arc::new(match snapshot.config.plan(&member.plan) {
-        Some(plan) => crate::tenancy::effective_user(&member, plan),
-        None => {
-            let mut user = User::new(member.name.clone(), &Limits::default());
-            user.plan = Some(member.plan.as_str().into());
-            user
-        }
-    })))
+    Ok(Some(Arc::new(crate::tenancy::reported_user(&member, &snapshot.config))))
 }
 
 async fn usage(state: &AppState, user: &User, now: i64) -> Result<UserUsage, ApiError> {

@@ -17,7 +17,7 @@ use dashmap::DashMap;
 use tokio::time::Instant;
 
 use super::store::{Change, Directory};
-use super::{plan_of, Principal};
+use super::Principal;
 use crate::auth::AuthError;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -87,7 +87,7 @@ impl Tenants {
             self.remember_unknown(sha256, now, epoch);
             return Err(AuthError::Unknown);
         };
-        let plan = plan_of(config, &member).ok_or_else(|| AuthError::PlanGone(member.plan.clone()))?;
+        let plan = config.plan(&member.plan).ok_or_else(|| AuthError::PlanGone(member.plan.clone()))?;
         let team = match &member.team {
             Some(name) => self.directory.team(name).await.map_err(store)?,
             None => None,
@@ -215,22 +215,13 @@ impl Tenants {
                 }
             }
         };
-        let plan = plan_of(config, &member).ok_or_else(|| AuthError::PlanGone(member.plan.clone()))?;
+        let plan = config.plan(&member.plan).ok_or_else(|| AuthError::PlanGone(member.plan.clone()))?;
         let principal = Arc::new(Principal::of_end_user(&member, plan, service));
         if self.epoch.load(Ordering::Acquire) == epoch {
             self.make_room();
             self.known.insert(cache_key, Arc::clone(&principal));
         }
         Ok(principal)
-    }
-
-    /// Resolved keys held now.
-    pub fn len(&self) -> usize {
-        self.known.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.known.is_empty()
     }
 }
 

@@ -180,7 +180,15 @@ pub fn team_budget(team: &Team) -> Budget {
     Budget { scope: Scope::Team, account: team_account(&team.name), limit: team.budget_usd, period: team.budget_period }
 }
 
-/// The plan a stored user is on, from the running config.
-pub fn plan_of<'c>(config: &'c Config, member: &Member) -> Option<&'c Arc<Plan>> {
-    config.plan(&member.plan)
+/// An API user as usage and reports show it: its effective limits, or, when `config` no longer
+/// has its plan, the default limits under that plan's name.
+pub fn reported_user(member: &Member, config: &Config) -> User {
+    match config.plan(&member.plan) {
+        Some(plan) => effective_user(member, plan),
+        None => {
+            let mut user = User::new(member.name.clone(), &crate::config::Limits::default());
+            user.plan = Some(member.plan.as_str().into());
+            user
+        }
+    }
 }

@@ -206,15 +206,7 @@ pub fn effective_users(
     let mut users = Vec::new();
     for member in members {
         let member = member.map_err(storage)?;
-        let user = match config.plan(&member.plan) {
-            Some(plan) => super::effective_user(&member, plan),
-            None => {
-                let mut user = crate::config::User::new(member.name.clone(), &crate::config::Limits::default());
-                user.plan = Some(member.plan.as_str().into());
-                user
-            }
-        };
-        users.push(std::sync::Arc::new(user));
+        users.push(std::sync::Arc::new(super::reported_user(&member, config)));
     }
     Ok(users)
 }
