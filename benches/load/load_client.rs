@@ -7,14 +7,19 @@
 //! load_client --url http://127.0.0.1:PORT/v1/chat/completions [--key KEY] [--model auto]
 //!             [--concurrency 1] [--duration-s 5] [--warmup-s 1] [--stream] [--threads 1]
 //! load_client --url … --stream --hold 1000 --watch-pid PID [--hold-timeout-s 60]
+//! load_client --url … --keys-file FILE [--rate 10000] [--expect-status 401]
 //! ```
+//! `--keys-file`: one key per line, used in turn by successive requests (the scale benchmark's
+//! traffic over many principals). `--rate`: at most that many requests per second in all,
+//! paced per connection. `--expect-status`: the status an answer must have to count (default:
+//! any 2xx), e.g. 401 for a flood of unknown keys.
 //! Prints one JSON object on stdout. Every run is bounded: no new request starts after the
 //! measured window, and requests still running `GRACE` later are abandoned.
 //! `--hold N`: opens N streams at once (point it at a slow stream) and reports the largest
 //! resident set of process PID while they were open.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,9 +38,25 @@ struct Target {
     addr: SocketAddr,
     authority: String,
     path: String,
-    key: Option<String>,
+    keys: Arc<[String]>,
+    next_key: Arc<AtomicUsize>,
     body: Bytes,
     stream: bool,
+    /// The status an answer must have to count; `None`: any 2xx.
+    expect: Option<u16>,
+    /// Each connection's pause between request starts, when the rate is bounded.
+    pace: Option<Duration>,
+}
+
+impl Target {
+    /// The key for the next request, if any: the keys in turn.
+    fn key(&self) -> Option<&str> {
+        if self.keys.is_empty() {
+            return None;
+        }
+        let n = self.next_key.fetch_add(1, Ordering::Relaxed);
+        Some(self.keys[n % self.keys.len()].as_str())
+    }
 }
 
 /// What one request showed.
@@ -50,6 +71,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut url, mut key, mut model) = (String::new(), None, "auto".to_owned());
     let (mut concurrency, mut duration_s, mut warmup_s, mut threads) = (1usize, 5.0f64, 1.0f64, 1usize);
     let (mut stream, mut hold, mut watch_pid, mut hold_timeout_s) = (false, 0usize, 0u32, 60u64);
+    let (mut keys_file, mut rate, mut expect) = (None, 0f64, None);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         if flag == "--stream" {
@@ -68,6 +90,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--hold" => hold = value.parse()?,
             "--watch-pid" => watch_pid = value.parse()?,
             "--hold-timeout-s" => hold_timeout_s = value.parse()?,
+            "--keys-file" => keys_file = Some(value),
+            "--rate" => rate = value.parse()?,
+            "--expect-status" => expect = Some(value.parse()?),
             other => return Err(format!("unknown flag {other}").into()),
         }
     }
@@ -83,13 +108,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             r#"{{"model":"{model}","messages":[{{"role":"system","content":"You are terse."}},{{"role":"user","content":"Say something short about proxies."}}],"max_tokens":32}}"#
         )
     };
+    let keys: Vec<String> = match keys_file {
+        Some(file) => std::fs::read_to_string(file)?.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect(),
+        None => key.into_iter().collect(),
+    };
     let target = Target {
         addr,
         authority: authority.to_owned(),
         path: format!("/{path}"),
-        key,
+        keys: keys.into(),
+        next_key: Arc::new(AtomicUsize::new(0)),
         body: Bytes::from(body),
         stream,
+        expect,
+        pace: (rate > 0.0).then(|| Duration::from_secs_f64(concurrency as f64 / rate)),
     };
     let runtime = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
@@ -127,14 +159,18 @@ async fn one(sender: &mut http1::SendRequest<Full<Bytes>>, target: &Target) -> O
         .header(header::HOST, target.authority.as_str())
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::CONTENT_LENGTH, target.body.len());
-    if let Some(key) = &target.key {
+    if let Some(key) = target.key() {
         builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
     }
     let request = builder.body(Full::new(target.body.clone())).ok()?;
     sender.ready().await.ok()?;
     let started = Instant::now();
     let response = sender.send_request(request).await.ok()?;
-    if !response.status().is_success() {
+    let counts = match target.expect {
+        Some(code) => response.status().as_u16() == code,
+        None => response.status().is_success(),
+    };
+    if !counts {
         return None;
     }
     let mut body = response.into_body();
@@ -174,7 +210,12 @@ async fn closed_loop(target: Target, concurrency: usize, warmup: Duration, durat
         workers.push(tokio::spawn(async move {
             let (mut samples, mut all) = (Vec::new(), 0u64);
             let mut sender = None;
+            let mut next_start = Instant::now();
             while Instant::now() < window_end {
+                if let Some(pace) = target.pace {
+                    tokio::time::sleep_until(next_start).await;
+                    next_start = (next_start + pace).max(Instant::now() - pace);
+                }
                 if sender.is_none() {
                     sender = connect(target.addr).await;
                     if sender.is_none() {
@@ -265,7 +306,7 @@ async fn hold_streams(target: Target, streams: usize, pid: u32, timeout: Duratio
                 .uri(target.path.as_str())
                 .header(header::HOST, target.authority.as_str())
                 .header(header::CONTENT_TYPE, "application/json");
-            if let Some(key) = &target.key {
+            if let Some(key) = target.key() {
                 builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
             }
             let request = builder.body(Full::new(target.body.clone())).ok()?;

@@ -23,6 +23,8 @@ type Guards<'a> = SmallVec<[MutexGuard<'a, Cell>; 3]>;
 struct Cell {
     account: Account,
     period: BudgetPeriod,
+    /// When it was last locked (Unix seconds): what eviction goes by.
+    used_at: i64,
 }
 
 impl std::ops::Deref for Cell {
@@ -69,7 +71,11 @@ impl Accounts {
         }
         // A new cell's period is before every period: its first use loads what was restored.
         let cell = self.live.entry(Arc::clone(name)).or_insert_with(|| {
-            Arc::new(Mutex::new(Cell { account: Account::new(i64::MIN), period: BudgetPeriod::Total }))
+            Arc::new(Mutex::new(Cell {
+                account: Account::new(i64::MIN),
+                period: BudgetPeriod::Total,
+                used_at: i64::MIN,
+            }))
         });
         Arc::clone(&cell)
     }
@@ -81,6 +87,9 @@ impl Accounts {
     /// Brings a locked account to the period holding `now`; reservations still out carry over.
     fn current(&self, cell: &mut Cell, budget: &Budget, now: i64) {
         cell.period = budget.period;
+        // The real clock, not `now` (a request's start may be long past when it settles):
+        // eviction compares this with when the writer last committed.
+        cell.used_at = crate::clock::unix_now();
         let start = period::start(budget.period, now);
         if cell.account.period_start < start {
             let reserved = cell.account.reserved;
@@ -156,6 +165,32 @@ impl Accounts {
         self.with(budget, now, |a| a.clone())
     }
 
+    /// Drops the accounts last used before `idle_before` that hold no reservation and that no
+    /// request holds right now, and says how many. Only where the spend can be read back (a
+    /// loader): the next use of a dropped account reads it from storage. The caller makes sure
+    /// that everything settled before `idle_before` is in storage.
+    pub fn evict_idle(&self, idle_before: i64) -> usize {
+        if self.loader.is_none() {
+            return 0;
+        }
+        let before = self.live.len();
+        // `retain` holds each shard's write lock: nobody can clone a cell out of it meanwhile,
+        // so a count of one means no request has it.
+        self.live.retain(|_, cell| {
+            if Arc::strong_count(cell) > 1 {
+                return true;
+            }
+            let cell = cell.lock().unwrap_or_else(PoisonError::into_inner);
+            cell.used_at >= idle_before || cell.account.reserved > Usd::ZERO
+        });
+        before - self.live.len()
+    }
+
+    /// Accounts in memory.
+    pub fn live_count(&self) -> usize {
+        self.live.len()
+    }
+
     /// Users' spend in their current period at `now`, most first (users who spent nothing in
     /// it are left out), among the accounts used since the start. A scan of the live accounts:
     /// an admin's ranking, not a request's.
@@ -216,6 +251,15 @@ mod tests {
         assert_eq!((left.scope, left.usd), (Scope::Key, Usd::from_pico(10)));
         let refused = accounts.reserve(&ann, Usd::from_pico(20), 0);
         assert_eq!(refused, Reserve::Refused { scope: Scope::Key, remaining: Usd::from_pico(10) });
+    }
+
+    #[test]
+    fn accounts_without_storage_behind_them_never_leave_memory() {
+        let accounts = Accounts::default();
+        let ann = chain(None, Some(1000), None, "ann");
+        accounts.snapshot(ann.user(), 0);
+        assert_eq!(accounts.evict_idle(i64::MAX), 0, "the memory ledger's spend exists only here");
+        assert_eq!(accounts.live_count(), 1);
     }
 
     #[derive(Debug, Clone)]

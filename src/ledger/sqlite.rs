@@ -26,8 +26,15 @@ use super::{
 use crate::cost::Usd;
 
 const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(20);
-/// How often old request records are pruned.
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How often old request records are pruned and idle accounts dropped from memory.
+const SWEEP_EVERY_S: i64 = 60;
+/// An account unused this long, with nothing reserved, leaves memory (its spend is in the
+/// file, read back on its next use): memory follows the accounts in use, not every account
+/// used since the start.
+const EVICT_IDLE_S: i64 = 300;
+/// Margin between an account's last use and the writer's last commit before eviction: the
+/// settlement follows the account's last lock within microseconds, never seconds.
+const EVICT_MARGIN_S: i64 = 2;
 /// The writer thread's name, as `ps -T` and `/proc/<pid>/task/*/comm` show it.
 const WRITER_THREAD: &str = "tollgate-ledger";
 /// The writer's niceness (Linux): see [`yield_to_requests`].
@@ -43,7 +50,7 @@ enum Write {
 }
 
 pub struct SqliteLedger {
-    accounts: Accounts,
+    accounts: Arc<Accounts>,
     /// `Sender` is `Sync`: settlements from every worker send without a lock of ours.
     writer: mpsc::Sender<Write>,
     path: String,
@@ -62,6 +69,7 @@ fn storage(context: &str) -> impl Fn(rusqlite::Error) -> LedgerError + '_ {
 const SCHEMA: &str = "
     PRAGMA journal_mode = WAL;
     PRAGMA synchronous = NORMAL;
+    PRAGMA cache_size = -32768;
     CREATE TABLE IF NOT EXISTS spend (
         user TEXT NOT NULL,
         period_start INTEGER NOT NULL,
@@ -98,20 +106,24 @@ impl SqliteLedger {
         let conn = Connection::open(path).map_err(storage(&display))?;
         conn.execute_batch(SCHEMA).map_err(storage(&display))?;
         let reader = Mutex::new(Connection::open(path).map_err(storage(&display))?);
-        let accounts = Accounts::with_loader(Box::new(move |account, start| match load(&reader, account, start) {
-            Ok(found) => found,
-            Err(e) => {
-                // Refusing would lose nothing but availability; starting the account from
-                // zero could overspend its budget by what it spent. Say so loudly.
-                tracing::error!(error = %e, account, "reading an account's spend back failed; it starts from zero");
-                None
-            }
-        }));
+        let accounts =
+            Arc::new(Accounts::with_loader(Box::new(move |account, start| match load(&reader, account, start) {
+                Ok(found) => found,
+                Err(e) => {
+                    // Refusing would lose nothing but availability; starting the account from
+                    // zero could overspend its budget by what it spent. Say so loudly.
+                    tracing::error!(error = %e, account, "reading an account's spend back failed; it starts from zero");
+                    None
+                }
+            })));
         let (tx, rx) = mpsc::channel();
         let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         std::thread::Builder::new()
             .name(WRITER_THREAD.into())
-            .spawn(move || write_loop(conn, rx, retention_ms))
+            .spawn({
+                let accounts = Arc::clone(&accounts);
+                move || write_loop(conn, rx, retention_ms, &accounts)
+            })
             .map_err(|e| LedgerError::Storage(format!("cannot start the ledger writer: {e}")))?;
         Ok(Self { accounts, writer: tx, path: display })
     }
@@ -185,34 +197,53 @@ fn yield_to_requests() {
     }
 }
 
-fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Write>, retention_ms: i64) {
+fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Write>, retention_ms: i64, accounts: &Accounts) {
     yield_to_requests();
-    let mut last_prune = std::time::SystemTime::UNIX_EPOCH;
+    let mut last_sweep = crate::clock::unix_now();
+    // Everything settled before this (Unix seconds) is committed: what eviction needs.
+    let (mut durable_through, mut last_commit_ok) = (i64::MIN, true);
     // Kept from one window to the next: under load a batch is hundreds of settlements, and
     // growing a new vector to that size every window was ~5% of this thread's time.
     let mut batch = Vec::new();
-    while let Ok(first) = rx.recv() {
-        // Sleep through the window, then take everything that came: while this thread is not
-        // blocked in `recv`, a settlement's `send` wakes nobody. Waiting in `recv_timeout`
-        // instead cost every request a futex wake and two context switches under load.
-        std::thread::sleep(GROUP_COMMIT_WINDOW);
-        batch.push(first);
-        batch.extend(rx.try_iter());
-        let result = commit(&mut conn, &batch).map_err(|e| e.to_string());
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "ledger commit failed");
-        }
-        for write in batch.drain(..) {
-            if let Write::Flush(done) = write {
-                let _ = done.send(result.clone());
+    loop {
+        match rx.recv_timeout(Duration::from_secs(SWEEP_EVERY_S.unsigned_abs())) {
+            Ok(first) => {
+                // Sleep through the window, then take everything that came: while this thread
+                // is not blocked in `recv`, a settlement's `send` wakes nobody. Waiting in
+                // `recv_timeout` instead cost every request a futex wake and two context
+                // switches under load.
+                std::thread::sleep(GROUP_COMMIT_WINDOW);
+                let drained_at = crate::clock::unix_now();
+                batch.push(first);
+                batch.extend(rx.try_iter());
+                let result = commit(&mut conn, &batch).map_err(|e| e.to_string());
+                last_commit_ok = result.is_ok();
+                match &result {
+                    Ok(()) => durable_through = drained_at,
+                    Err(e) => tracing::error!(error = %e, "ledger commit failed"),
+                }
+                for write in batch.drain(..) {
+                    if let Write::Flush(done) = write {
+                        let _ = done.send(result.clone());
+                    }
+                }
             }
+            // Nothing came for a while: what came before is committed, if its commit was.
+            Err(mpsc::RecvTimeoutError::Timeout) if last_commit_ok => durable_through = crate::clock::unix_now(),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
-        if last_prune.elapsed().unwrap_or(PRUNE_EVERY) >= PRUNE_EVERY {
-            last_prune = std::time::SystemTime::now();
+        let now = crate::clock::unix_now();
+        if now - last_sweep >= SWEEP_EVERY_S {
+            last_sweep = now;
             let oldest = crate::clock::unix_now_ms().saturating_sub(retention_ms);
             if let Err(e) = conn.execute("DELETE FROM requests WHERE at_ms < ?1", params![oldest]) {
                 tracing::warn!(error = %e, "pruning old request records failed");
             }
+            let idle_before =
+                (crate::clock::unix_now() - EVICT_IDLE_S).min(durable_through.saturating_sub(EVICT_MARGIN_S));
+            let evicted = accounts.evict_idle(idle_before);
+            tracing::debug!(evicted, live = accounts.live_count(), "idle accounts left memory");
         }
     }
 }
@@ -371,7 +402,7 @@ impl Ledger for SqliteLedger {
     }
 
     fn in_process(&self) -> Option<&Accounts> {
-        Some(&self.accounts)
+        Some(self.accounts.as_ref())
     }
 
     fn ranking(&self, now: i64, limit: usize) -> BoxFuture<'_, Result<super::Ranking, LedgerError>> {
@@ -535,6 +566,44 @@ mod tests {
             assert_eq!(r.cost, Usd::from_pico(i64::try_from(i).unwrap()));
             assert_eq!(r.status, if i == count - 1 { 499 } else { 200 });
         }
+    }
+
+    /// Idle accounts leave memory and come back from the file with their spend; an account
+    /// with a reservation out stays, whatever its idleness.
+    #[tokio::test]
+    async fn an_evicted_account_comes_back_from_the_file_with_its_spend() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = SqliteLedger::open(&dir.path().join("ledger.db"), Duration::from_secs(86_400)).unwrap();
+        let now = crate::clock::unix_now();
+        let (alice, bob) = (user("alice"), user("bob"));
+        let Reserve::Reserved { id, .. } = ledger.reserve(&alice, Usd::from_pico(100), now).await.unwrap() else {
+            panic!("within budget")
+        };
+        let record = RequestRecord {
+            at_ms: now * 1000,
+            user: Arc::clone(&alice.user().account),
+            route: "auto".into(),
+            backend: "a".into(),
+            reason: "quality-first".into(),
+            prompt_tokens: 10,
+            completion_tokens: 1,
+            cost: Usd::from_pico(70),
+            status: 200,
+            latency_ms: 1,
+        };
+        ledger.settle(&alice, id, Usd::from_pico(100), record, now);
+        let Reserve::Reserved { .. } = ledger.reserve(&bob, Usd::from_pico(500), now).await.unwrap() else {
+            panic!("within budget")
+        };
+        ledger.flush().await.unwrap();
+        assert_eq!(ledger.accounts.live_count(), 2);
+
+        assert_eq!(ledger.accounts.evict_idle(now + 10), 1, "alice is idle and settled; bob holds a reservation");
+        assert_eq!(ledger.accounts.live_count(), 1);
+        let left = ledger.remaining(&alice, now).await.unwrap().unwrap();
+        assert_eq!(left.usd, Usd::from_pico(1_000_000 - 70), "alice's spend read back from the file");
+        assert_eq!(ledger.remaining(&bob, now).await.unwrap().unwrap().usd, Usd::from_pico(1_000_000 - 500));
+        assert_eq!(ledger.accounts.evict_idle(now - 10), 0, "nothing is idle since before its last use");
     }
 
     #[tokio::test]
