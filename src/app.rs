@@ -29,7 +29,7 @@ use crate::ledger::{self, Ledger};
 use crate::metrics::Metrics;
 use crate::ratelimit::Limiter;
 use crate::snapshot::Snapshot;
-use crate::tenancy::cache::{Tenants, DEFAULT_MAX_PRINCIPALS};
+use crate::tenancy::cache::Tenants;
 
 /// State shared by every request.
 pub struct AppState {
@@ -78,7 +78,7 @@ impl AppState {
         let metrics = Arc::new(Metrics::new()?);
         let (ledger, limiter) = ledger::open(&config.ledger, &metrics)?;
         let directory = crate::tenancy::open(&config.ledger, limiter.shared_store())?;
-        let tenants = Arc::new(Tenants::new(directory, Arc::clone(&metrics), DEFAULT_MAX_PRINCIPALS));
+        let tenants = Arc::new(Tenants::new(directory, Arc::clone(&metrics), config.server.max_cached_keys));
         if tenants.directory.feed().is_some() {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(crate::tenancy::cache::follow_feed(Arc::downgrade(&tenants)));

@@ -30,7 +30,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "load"))
-from harness import cpu_seconds, free_port, status_kib, wait_http, wait_port  # noqa: E402
+from harness import cpu_seconds, free_port, status_kib, wait_port  # noqa: E402
 
 ADMIN_KEY = "tg-scale-bench-admin-key"
 HOT_KEYS = 10_000
@@ -149,8 +149,15 @@ class Run:
         started = time.monotonic()
         self.start(name, [f"{self.bins}/tollgate", "serve", "--config", config, "--listen", f"127.0.0.1:{port}"],
                    env={"TOLLGATE_ADMIN_KEY": ADMIN_KEY, "TOLLGATE_LOG": "warn"})
-        wait_http(f"http://127.0.0.1:{port}/readyz", 120, what=name)
-        return port, time.monotonic() - started
+        deadline = started + 120
+        while time.monotonic() < deadline:
+            try:
+                if get(port, "/readyz", key="")[0] == 200:
+                    return port, time.monotonic() - started
+            except OSError:
+                pass
+            time.sleep(0.01)
+        raise SystemExit(f"{name} was not ready within 120 s")
 
     def load(self, port, keys_file, concurrency, duration, extra=()):
         argv = [f"{self.bins}/examples/load_client", "--url", f"http://127.0.0.1:{port}/v1/chat/completions",
@@ -247,6 +254,16 @@ def admin_list(port, plan, limit):
             return names, pages, time.monotonic() - started
 
 
+def redis_stats(port):
+    out = subprocess.run(["redis-cli", "-p", str(port), "INFO", "stats"], capture_output=True, text=True, check=True)
+    get = lambda name: int(re.search(rf"{name}:(\d+)", out.stdout).group(1))  # noqa: E731
+    stats = {k: get(k) for k in ("total_commands_processed", "total_net_input_bytes", "total_net_output_bytes")}
+    cpu = subprocess.run(["redis-cli", "-p", str(port), "INFO", "cpu"], capture_output=True, text=True, check=True)
+    seconds = sum(float(m) for m in re.findall(r"used_cpu_(?:user|sys):([\d.]+)", cpu.stdout))
+    stats["cpu_us"] = seconds * 1e6
+    return stats
+
+
 def redis_info(port):
     out = subprocess.run(["redis-cli", "-p", str(port), "INFO", "memory"], capture_output=True, text=True, check=True)
     used = re.search(r"used_memory:(\d+)", out.stdout)
@@ -260,6 +277,7 @@ def measure_store(run, store, report):
     if store == "sqlite":
         scale_ledger = f'[ledger]\nbackend = "sqlite"\npath = "{run.tmp}/scale.db"'
         base_ledger = f'[ledger]\nbackend = "sqlite"\npath = "{run.tmp}/base.db"'
+        spread_ledger = f'[ledger]\nbackend = "sqlite"\npath = "{run.tmp}/spread.db"'
     else:
         port = free_port()
         run.start("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -268,10 +286,13 @@ def measure_store(run, store, report):
         run.redis_port = port
         scale_ledger = f'[ledger]\nbackend = "redis"\nurl = "redis://127.0.0.1:{port}"\nkey_prefix = "scale:"'
         base_ledger = f'[ledger]\nbackend = "redis"\nurl = "redis://127.0.0.1:{port}"\nkey_prefix = "base:"'
-    users = "".join(CONFIG_USER.format(i=i, sha=hashlib.sha256(config_key(i).encode()).hexdigest())
-                    for i in range(10))
+        spread_ledger = f'[ledger]\nbackend = "redis"\nurl = "redis://127.0.0.1:{port}"\nkey_prefix = "spread:"'
+    config_users = [CONFIG_USER.format(i=i, sha=hashlib.sha256(config_key(i).encode()).hexdigest())
+                    for i in range(HOT_KEYS)]
     scale_conf = run.config(f"scale-{store}", scale_ledger, "")
-    base_conf = run.config(f"base-{store}", base_ledger, users)
+    base_conf = run.config(f"base-{store}", base_ledger, "".join(config_users[:10]))
+    # 10k config users: traffic as spread as the API keys', through the config's own key table.
+    spread_conf = run.config(f"spread-{store}", spread_ledger, "".join(config_users))
 
     print(f"[{store}] seeding {a.users} users ...", flush=True)
     seed = subprocess.run([f"{run.bins}/examples/seed_tenants", "--config", scale_conf, "--users", str(a.users)],
@@ -285,9 +306,10 @@ def measure_store(run, store, report):
         out["redis_after_seed"] = redis_info(run.redis_port)
     print(f"[{store}] seeded: {out['seed']}", flush=True)
 
-    scale_name, base_name = f"scale-{store}", f"base-{store}"
+    scale_name, base_name, spread_name = f"scale-{store}", f"base-{store}", f"spread-{store}"
     scale_port, out["start_s"] = run.gateway(scale_name, scale_conf)
     base_port, out["base_start_s"] = run.gateway(base_name, base_conf)
+    spread_port, _ = run.gateway(spread_name, spread_conf)
     time.sleep(2)
     out["rss_idle_mib"] = status_kib(run.procs[scale_name].pid, "VmRSS") / 1024
     out["base_rss_idle_mib"] = status_kib(run.procs[base_name].pid, "VmRSS") / 1024
@@ -299,28 +321,42 @@ def measure_store(run, store, report):
     fresh = [bench_key((a.users // 2 + 2 * i + 1) % a.users) for i in range(FRESH_KEYS)]
     fresh_file = run.write(f"fresh-{store}.keys", "\n".join(fresh) + "\n")
     config_keys = run.write("config.keys", "\n".join(config_key(i) for i in range(10)) + "\n")
+    spread_keys = run.write("spread.keys", "\n".join(config_key(i) for i in range(HOT_KEYS)) + "\n")
 
     # First sight against cached, one request at a time (bounded so that no key comes twice).
     before = metric(scrape(scale_port), "tollgate_principal_cache_total", 'result="miss"')
+    rss_before = status_kib(run.procs[scale_name].pid, "VmRSS")
     first = run.load(scale_port, fresh_file, 1, a.first_sight_s)
+    rss_grew = status_kib(run.procs[scale_name].pid, "VmRSS") - rss_before
     misses = metric(scrape(scale_port), "tollgate_principal_cache_total", 'result="miss"') - before
     if first["all"] >= FRESH_KEYS:
         raise SystemExit(f"first-sight pass reused keys ({first['all']} requests over {FRESH_KEYS} keys)")
     cached = run.load(scale_port, fresh_file, 1, a.first_sight_s)
     config_c1 = run.load(base_port, config_keys, 1, a.first_sight_s)
-    out["first_sight"] = {"first": first, "cached": cached, "config_users": config_c1, "misses": misses}
+    out["first_sight"] = {"first": first, "cached": cached, "config_users": config_c1, "misses": misses,
+                          "rss_bytes_per_new_principal": rss_grew * 1024 / max(first["all"], 1)}
 
     # Hot path: 10k API keys against 10 config users, alternating rounds.
     run.load(scale_port, hot, 64, 2)  # every hot key resolved once, connections warm
     run.load(base_port, config_keys, 64, 1)
+    run.load(spread_port, spread_keys, 64, 2)
     rounds = []
     for r in range(a.rounds):
         b = run.load_with_cpu(base_name, base_port, config_keys, 64, a.duration)
         s = run.load_with_cpu(scale_name, scale_port, hot, 64, a.duration)
-        rounds.append({"base": b, "scale": s})
-        print(f"[{store}] round {r + 1}: config users {b['rps']:.0f} RPS, {HOT_KEYS} API keys {s['rps']:.0f} RPS "
-              f"({s['rps'] / b['rps']:.3f}x)", flush=True)
+        sp = run.load_with_cpu(spread_name, spread_port, spread_keys, 64, a.duration)
+        rounds.append({"base": b, "scale": s, "spread": sp})
+        print(f"[{store}] round {r + 1}: 10 config users {b['rps']:.0f} RPS, {HOT_KEYS} API keys {s['rps']:.0f} RPS "
+              f"({s['rps'] / b['rps']:.3f}x), {HOT_KEYS} config users {sp['rps']:.0f} RPS", flush=True)
+    run.stop(spread_name)
     out["rounds"] = rounds
+    if store == "redis":
+        # What a request costs Redis: commands and bytes, API keys against config users.
+        for name, port, keys in (("scale", scale_port, hot), ("base", base_port, config_keys)):
+            before = redis_stats(run.redis_port)
+            done = run.load(port, keys, 64, a.duration)["all"]
+            after = redis_stats(run.redis_port)
+            out[f"redis_per_request_{name}"] = {k: (after[k] - before[k]) / done for k in after}
 
     # Unknown-key flood beside the known keys.
     flood_keys = run.write("flood.keys", "\n".join("tg-" + secrets.token_hex(32) for _ in range(a.flood_keys)) + "\n")
@@ -389,6 +425,14 @@ def table(report):
                 f"CPU/request {cs:.1f} vs {cb:.1f} µs")
     row("RPS at c=64, 10k API keys ÷ 10 config users", "≥ 0.95", hot)
 
+    def spread(r):
+        ratios = [x["scale"]["rps"] / x["spread"]["rps"] for x in r["rounds"]]
+        sp = median([x["spread"]["rps"] for x in r["rounds"]])
+        cs = median([x["spread"]["cpu_us_per_req"] for x in r["rounds"]])
+        return (f"10k config users {sp:,.0f} RPS, {cs:.1f} µs/request; API keys ÷ them **{median(ratios):.3f}×** "
+                f"(rounds {', '.join(f'{x:.2f}' for x in ratios)})")
+    row("the same spread through the config: 10k config users", "-", spread)
+
     def first(r):
         f = r["first_sight"]
         return (f"p50 {f['first']['p50_ms']:.3f} / p99 {f['first']['p99_ms']:.3f} ms first; "
@@ -411,6 +455,16 @@ def table(report):
         lambda r: f"{r['admin']['users']:,} in **{r['admin']['create_s']:.2f} s**; listed in "
         f"{r['admin']['pages']} pages, {r['admin']['list_s']:.2f} s, each once: {r['admin']['exact']}")
     row("RSS after all of it", "-", lambda r: f"{r['rss_after_load_mib']:.1f} MiB")
+    row("RSS growth per key first seen", "-",
+        lambda r: f"{r['first_sight']['rss_bytes_per_new_principal']:,.0f} bytes")
+    for r in report.values():
+        for name in ("scale", "base"):
+            per = r.get(f"redis_per_request_{name}")
+            if per:
+                rows.append(f"\nRedis per request ({'API keys' if name == 'scale' else 'config users'}): "
+                            f"{per['total_commands_processed']:.2f} commands, "
+                            f"{per['total_net_input_bytes']:.0f} bytes in, {per['total_net_output_bytes']:.0f} out, "
+                            f"{per['cpu_us']:.1f} µs of Redis CPU.")
     for r in report.values():
         if "redis_after_seed" in r:
             rows.append(f"\nRedis after seeding: {r['redis_after_seed']['used_memory_mib']:.0f} MiB, "

@@ -155,6 +155,9 @@ pub struct Server {
     pub max_header_bytes: usize,
     /// When set, `/metrics` needs `Authorization: Bearer <this key>`.
     pub metrics_key: Option<Secret>,
+    /// API keys resolved and kept in memory at most (about 2 KiB each with their account);
+    /// read at start.
+    pub max_cached_keys: usize,
 }
 
 /// `[ledger]`: where spend and reservations live.

@@ -45,6 +45,7 @@ pub(super) fn default_server() -> Server {
         body_read_timeout: Duration::from_secs(DEFAULT_BODY_READ_TIMEOUT_S),
         max_header_bytes: DEFAULT_MAX_HEADER_BYTES as usize,
         metrics_key: None,
+        max_cached_keys: crate::tenancy::cache::DEFAULT_MAX_PRINCIPALS,
     }
 }
 
@@ -65,6 +66,8 @@ pub(super) fn server(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) ->
     let body_read_timeout_s = positive(f, p, "body_read_timeout_s").unwrap_or(DEFAULT_BODY_READ_TIMEOUT_S);
     let max_header_bytes = positive(f, p, "max_header_bytes").unwrap_or(DEFAULT_MAX_HEADER_BYTES);
     let metrics_key = secret(f, p, env, "metrics_key_env");
+    let max_cached_keys = positive(f, p, "max_cached_keys")
+        .map_or(crate::tenancy::cache::DEFAULT_MAX_PRINCIPALS, |n| usize::try_from(n).unwrap_or(usize::MAX));
     f.finish(p);
     Server {
         listen,
@@ -78,6 +81,7 @@ pub(super) fn server(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) ->
         body_read_timeout: Duration::from_secs(body_read_timeout_s),
         max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
         metrics_key,
+        max_cached_keys,
     }
 }
 

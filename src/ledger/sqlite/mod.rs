@@ -5,19 +5,22 @@
 //! commit after it happens, well under 100 ms, on a host with CPU to spare (the writer runs at
 //! nice 10: on one saturated by other work, commits come later and larger). The database runs
 //! in WAL mode with `synchronous = NORMAL`: a commit survives `kill -9` of the gateway (it is in
-//! the OS's hands); only a power loss can take the last commits. Nothing is read at start: an
-//! account's current-period spend is read back on its first use; reservations are not stored,
-//! so a crash drops them.
+//! the OS's hands); only a power loss can take the last commits. The `spend` table follows the
+//! records by up to a second ([`spend`]); at start, only the records it does not count yet are
+//! read (a second's worth after a crash, none after a clean stop): an account's current-period
+//! spend is read back on its first use; reservations are not stored, so a crash drops them.
 
-use std::collections::HashMap;
+mod spend;
+mod writer;
+
 use std::path::Path;
-use std::sync::{mpsc, Arc, LazyLock, Mutex, PoisonError};
-
-use smallvec::SmallVec;
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::{params, Connection};
 use tokio::sync::oneshot;
+
+use writer::{Write, WRITER_THREAD};
 
 use super::accounts::Accounts;
 use super::{
@@ -25,29 +28,9 @@ use super::{
 };
 use crate::cost::Usd;
 
-const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(20);
-/// How often old request records are pruned and idle accounts dropped from memory.
-const SWEEP_EVERY_S: i64 = 60;
-/// An account unused this long, with nothing reserved, leaves memory (its spend is in the
-/// file, read back on its next use): memory follows the accounts in use, not every account
-/// used since the start.
-const EVICT_IDLE_S: i64 = 300;
-/// Margin between an account's last use and the writer's last commit before eviction: the
-/// settlement follows the account's last lock within microseconds, never seconds.
-const EVICT_MARGIN_S: i64 = 2;
-/// The writer thread's name, as `ps -T` and `/proc/<pid>/task/*/comm` show it.
-const WRITER_THREAD: &str = "tollgate-ledger";
-/// The writer's niceness (Linux): see [`yield_to_requests`].
-const WRITER_NICE: i32 = 10;
-
-enum Write {
-    /// A settled request: its record, and the cost booked in each level's account and period.
-    Settled {
-        accounts: SmallVec<[(Arc<str>, i64); 3]>,
-        record: RequestRecord,
-    },
-    Flush(oneshot::Sender<Result<(), String>>),
-}
+/// The `requests` table's columns, in the order rows are written and read.
+const REQUEST_COLUMN_LIST: &str =
+    "at_ms, user, route, backend, reason, prompt_tokens, completion_tokens, cost_pico, status, latency_ms";
 
 pub struct SqliteLedger {
     accounts: Arc<Accounts>,
@@ -103,8 +86,13 @@ impl SqliteLedger {
                 .map_err(|e| LedgerError::Storage(format!("cannot create {}: {e}", dir.display())))?;
         }
         let display = path.display().to_string();
-        let conn = Connection::open(path).map_err(storage(&display))?;
+        let mut conn = Connection::open(path).map_err(storage(&display))?;
         conn.execute_batch(SCHEMA).map_err(storage(&display))?;
+        spend::migrate(&mut conn).map_err(storage(&display))?;
+        let folded = spend::fold_unfolded(&mut conn).map_err(storage(&display))?;
+        if folded > 0 {
+            tracing::info!(records = folded, "spend of the records written just before a stop folded in");
+        }
         let reader = Mutex::new(Connection::open(path).map_err(storage(&display))?);
         let accounts =
             Arc::new(Accounts::with_loader(Box::new(move |account, start| match load(&reader, account, start) {
@@ -122,7 +110,7 @@ impl SqliteLedger {
             .name(WRITER_THREAD.into())
             .spawn({
                 let accounts = Arc::clone(&accounts);
-                move || write_loop(conn, rx, retention_ms, &accounts)
+                move || writer::write_loop(conn, rx, retention_ms, &accounts)
             })
             .map_err(|e| LedgerError::Storage(format!("cannot start the ledger writer: {e}")))?;
         Ok(Self { accounts, writer: tx, path: display })
@@ -183,182 +171,6 @@ fn read_ranking(path: &str, now: i64, limit: usize) -> rusqlite::Result<super::R
     let mut seen = std::collections::HashSet::new();
     ranked.retain(|(name, _)| seen.insert(Arc::clone(name)));
     Ok(ranked)
-}
-
-/// Lowers the calling thread's priority. A commit takes a core for a few hundred µs every
-/// window; at normal priority it preempted request handling, and on a 2-core machine that cost
-/// ~20 µs of every request's p50 at concurrency 1 (same-run A/B; a thread spinning as long did
-/// the same). At nice 10 it runs on a core that requests leave idle, and under saturation it
-/// still gets the few percent of a core it needs: a late batch is only a larger one.
-fn yield_to_requests() {
-    #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), WRITER_NICE) {
-        tracing::debug!(error = %e, "the ledger writer keeps its priority");
-    }
-}
-
-fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Write>, retention_ms: i64, accounts: &Accounts) {
-    yield_to_requests();
-    let mut last_sweep = crate::clock::unix_now();
-    // Everything settled before this (Unix seconds) is committed: what eviction needs.
-    let (mut durable_through, mut last_commit_ok) = (i64::MIN, true);
-    // Kept from one window to the next: under load a batch is hundreds of settlements, and
-    // growing a new vector to that size every window was ~5% of this thread's time.
-    let mut batch = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_secs(SWEEP_EVERY_S.unsigned_abs())) {
-            Ok(first) => {
-                // Sleep through the window, then take everything that came: while this thread
-                // is not blocked in `recv`, a settlement's `send` wakes nobody. Waiting in
-                // `recv_timeout` instead cost every request a futex wake and two context
-                // switches under load.
-                std::thread::sleep(GROUP_COMMIT_WINDOW);
-                let drained_at = crate::clock::unix_now();
-                batch.push(first);
-                batch.extend(rx.try_iter());
-                let result = commit(&mut conn, &batch).map_err(|e| e.to_string());
-                last_commit_ok = result.is_ok();
-                match &result {
-                    Ok(()) => durable_through = drained_at,
-                    Err(e) => tracing::error!(error = %e, "ledger commit failed"),
-                }
-                for write in batch.drain(..) {
-                    if let Write::Flush(done) = write {
-                        let _ = done.send(result.clone());
-                    }
-                }
-            }
-            // Nothing came for a while: what came before is committed, if its commit was.
-            Err(mpsc::RecvTimeoutError::Timeout) if last_commit_ok => durable_through = crate::clock::unix_now(),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
-        }
-        let now = crate::clock::unix_now();
-        if now - last_sweep >= SWEEP_EVERY_S {
-            last_sweep = now;
-            let oldest = crate::clock::unix_now_ms().saturating_sub(retention_ms);
-            if let Err(e) = conn.execute("DELETE FROM requests WHERE at_ms < ?1", params![oldest]) {
-                tracing::warn!(error = %e, "pruning old request records failed");
-            }
-            let idle_before =
-                (crate::clock::unix_now() - EVICT_IDLE_S).min(durable_through.saturating_sub(EVICT_MARGIN_S));
-            let evicted = accounts.evict_idle(idle_before);
-            tracing::debug!(evicted, live = accounts.live_count(), "idle accounts left memory");
-        }
-    }
-}
-
-/// A batch's spend per (user, period, backend): one upsert each instead of one per request.
-#[derive(Default)]
-struct SpendDelta {
-    spent_pico: i64,
-    requests: i64,
-    prompt_tokens: i64,
-    completion_tokens: i64,
-}
-
-/// Request records inserted by one statement: per-statement work (stepping in and out of the
-/// VM, resetting, the statement's own checks) is paid once per this many rows.
-const ROWS_PER_INSERT: usize = 32;
-/// The `requests` table's columns, in the order rows are written and read.
-const REQUEST_COLUMN_LIST: &str =
-    "at_ms, user, route, backend, reason, prompt_tokens, completion_tokens, cost_pico, status, latency_ms";
-/// How many there are, as bound per row.
-const REQUEST_COLUMNS: usize = 10;
-
-static INSERT_MANY: LazyLock<String> = LazyLock::new(|| insert_requests_sql(ROWS_PER_INSERT));
-static INSERT_ONE: LazyLock<String> = LazyLock::new(|| insert_requests_sql(1));
-
-/// `INSERT INTO requests ... VALUES (...), (...), ...` for `rows` rows.
-fn insert_requests_sql(rows: usize) -> String {
-    let row = format!("({})", ["?"; REQUEST_COLUMNS].join(","));
-    format!("INSERT INTO requests ({REQUEST_COLUMN_LIST}) VALUES {}", vec![row; rows].join(","))
-}
-
-/// A count as SQLite's integer (which is signed), saturated.
-fn integer(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-/// Binds `r` as the row starting at parameter `first` (1-based).
-fn bind_request(
-    statement: &mut rusqlite::CachedStatement<'_>,
-    first: usize,
-    r: &RequestRecord,
-) -> rusqlite::Result<()> {
-    statement.raw_bind_parameter(first, r.at_ms)?;
-    statement.raw_bind_parameter(first + 1, &*r.user)?;
-    statement.raw_bind_parameter(first + 2, &*r.route)?;
-    statement.raw_bind_parameter(first + 3, &*r.backend)?;
-    statement.raw_bind_parameter(first + 4, r.reason.as_ref())?;
-    statement.raw_bind_parameter(first + 5, integer(r.prompt_tokens))?;
-    statement.raw_bind_parameter(first + 6, integer(r.completion_tokens))?;
-    statement.raw_bind_parameter(first + 7, r.cost.pico())?;
-    statement.raw_bind_parameter(first + 8, r.status)?;
-    statement.raw_bind_parameter(first + 9, integer(r.latency_ms))?;
-    Ok(())
-}
-
-fn commit(conn: &mut Connection, batch: &[Write]) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
-    {
-        let mut spend: HashMap<(&str, i64, &str), SpendDelta> = HashMap::new();
-        let mut records = Vec::with_capacity(batch.len());
-        for write in batch {
-            let Write::Settled { accounts, record: r } = write else { continue };
-            for (account, period_start) in accounts {
-                let delta = spend.entry((&**account, *period_start, &*r.backend)).or_default();
-                delta.spent_pico = delta.spent_pico.saturating_add(r.cost.pico());
-                delta.requests += 1;
-                delta.prompt_tokens = delta.prompt_tokens.saturating_add(integer(r.prompt_tokens));
-                delta.completion_tokens = delta.completion_tokens.saturating_add(integer(r.completion_tokens));
-            }
-            records.push(r);
-        }
-        let mut chunks = records.chunks_exact(ROWS_PER_INSERT);
-        if chunks.len() > 0 {
-            let mut many = tx.prepare_cached(&INSERT_MANY)?;
-            for chunk in chunks.by_ref() {
-                for (row, r) in chunk.iter().enumerate() {
-                    bind_request(&mut many, 1 + row * REQUEST_COLUMNS, r)?;
-                }
-                many.raw_execute()?;
-                // A batch under load takes the writer about a millisecond; handing the core
-                // back between statements keeps it from holding off a request worker that
-                // long (c=64 A/B on 2 cores: the machine's idle share fell from ~10% to ~7%).
-                std::thread::yield_now();
-            }
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut one = tx.prepare_cached(&INSERT_ONE)?;
-            for r in rest {
-                bind_request(&mut one, 1, r)?;
-                one.raw_execute()?;
-            }
-        }
-        let mut upsert = tx.prepare_cached(
-            "INSERT INTO spend (user, period_start, backend, spent_pico, requests, prompt_tokens, completion_tokens)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (user, period_start, backend) DO UPDATE SET
-               spent_pico = spent_pico + excluded.spent_pico,
-               requests = requests + excluded.requests,
-               prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-               completion_tokens = completion_tokens + excluded.completion_tokens",
-        )?;
-        for ((user, period_start, backend), d) in spend {
-            upsert.execute(params![
-                user,
-                period_start,
-                backend,
-                d.spent_pico,
-                d.requests,
-                d.prompt_tokens,
-                d.completion_tokens
-            ])?;
-        }
-    }
-    tx.commit()
 }
 
 impl Ledger for SqliteLedger {
@@ -443,14 +255,7 @@ pub fn read_report(path: &Path, since_ms: i64) -> Result<(Vec<RequestRecord>, Ve
         let mut statement = conn
             .prepare(&format!("SELECT {REQUEST_COLUMN_LIST} FROM requests WHERE at_ms >= ?1 ORDER BY at_ms, rowid"))?;
         let records = statement.query_map(params![since_ms], record_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-        let mut statement =
-            conn.prepare("SELECT user, period_start, SUM(spent_pico) FROM spend GROUP BY user, period_start")?;
-        let spend = statement
-            .query_map([], |row| {
-                Ok(PeriodSpend { user: row.get(0)?, period_start: row.get(1)?, spent: Usd::from_pico(row.get(2)?) })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok((records, spend))
+        Ok((records, spend::read_all(&conn)?))
     };
     read().map_err(storage(&display))
 }
@@ -518,12 +323,12 @@ mod tests {
         };
         // The thread lowers its own priority as it starts: give it up to 5 s.
         for _ in 0..1000 {
-            if writer_nices().contains(&WRITER_NICE) {
+            if writer_nices().contains(&writer::WRITER_NICE) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(writer_nices().contains(&WRITER_NICE), "writer threads' nice values: {:?}", writer_nices());
+        assert!(writer_nices().contains(&writer::WRITER_NICE), "writer threads' nice values: {:?}", writer_nices());
     }
 
     /// A window's records go in by statements of many rows and one statement per leftover:
@@ -534,7 +339,7 @@ mod tests {
         let ledger = SqliteLedger::open(&dir.path().join("ledger.db"), Duration::from_secs(86_400)).unwrap();
         let now = crate::clock::unix_now();
         let alice = user("alice");
-        let count = 2 * ROWS_PER_INSERT + 5;
+        let count = 2 * writer::ROWS_PER_INSERT + 5;
         for i in 0..count {
             let Reserve::Reserved { id, .. } = ledger.reserve(&alice, Usd::from_pico(10), now).await.unwrap() else {
                 panic!("within budget")
@@ -604,6 +409,82 @@ mod tests {
         assert_eq!(left.usd, Usd::from_pico(1_000_000 - 70), "alice's spend read back from the file");
         assert_eq!(ledger.remaining(&bob, now).await.unwrap().unwrap().usd, Usd::from_pico(1_000_000 - 500));
         assert_eq!(ledger.accounts.evict_idle(now - 10), 0, "nothing is idle since before its last use");
+    }
+
+    fn record(user: &Budgets, backend: &str, pico: i64, at_ms: i64) -> RequestRecord {
+        RequestRecord {
+            at_ms,
+            user: Arc::clone(&user.user().account),
+            route: "auto".into(),
+            backend: backend.into(),
+            reason: "quality-first".into(),
+            prompt_tokens: 10,
+            completion_tokens: 1,
+            cost: Usd::from_pico(pico),
+            status: 200,
+            latency_ms: 1,
+        }
+    }
+
+    /// A crash after a window's records were committed and before the second's sums were: the
+    /// report counts them as it reads, and the next open folds them into the spend, once.
+    #[tokio::test]
+    async fn records_committed_before_their_spend_count_in_the_report_and_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let retention = Duration::from_secs(86_400);
+        let now = crate::clock::unix_now();
+        let alice = user("alice");
+        let start = crate::ledger::period::start(BudgetPeriod::Day, now);
+        drop(SqliteLedger::open(&path, retention).unwrap());
+        // What the writer commits in a window, without the sums (as if killed before them).
+        let mut conn = Connection::open(&path).unwrap();
+        let levels: writer::Levels = smallvec::smallvec![("alice".into(), start)];
+        let batch: Vec<Write> = [30, 12]
+            .into_iter()
+            .map(|pico| Write::Settled { accounts: levels.clone(), record: record(&alice, "a", pico, now * 1000) })
+            .collect();
+        writer::commit(&mut conn, &batch, None).unwrap();
+        drop(conn);
+
+        let (_, spend) = read_report(&path, 0).unwrap();
+        let alice_spend: Vec<_> = spend.iter().filter(|s| s.user == "alice").collect();
+        assert_eq!(alice_spend.len(), 1);
+        assert_eq!((alice_spend[0].period_start, alice_spend[0].spent), (start, Usd::from_pico(42)));
+
+        let reopened = SqliteLedger::open(&path, retention).unwrap();
+        assert_eq!(reopened.remaining(&alice, now).await.unwrap().unwrap().usd, Usd::from_pico(1_000_000 - 42));
+        drop(reopened);
+        let again = SqliteLedger::open(&path, retention).unwrap();
+        assert_eq!(
+            again.remaining(&alice, now).await.unwrap().unwrap().usd,
+            Usd::from_pico(1_000_000 - 42),
+            "folded once, not at every open"
+        );
+    }
+
+    /// A ledger file from before records carried their levels: its spend already counts its
+    /// records, so opening it adds the column and counts nothing twice.
+    #[tokio::test]
+    async fn a_ledger_file_from_before_opens_without_counting_its_records_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let now = crate::clock::unix_now();
+        let start = crate::ledger::period::start(BudgetPeriod::Day, now);
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        conn.execute(
+            &format!(
+                "INSERT INTO requests ({REQUEST_COLUMN_LIST}) VALUES (?1, 'alice', 'auto', 'a', 'x', 1, 1, 25, 200, 1)"
+            ),
+            params![now * 1000],
+        )
+        .unwrap();
+        conn.execute("INSERT INTO spend VALUES ('alice', ?1, 'a', 25, 1, 1, 1)", params![start]).unwrap();
+        drop(conn);
+        let ledger = SqliteLedger::open(&path, Duration::from_secs(86_400)).unwrap();
+        assert_eq!(ledger.remaining(&user("alice"), now).await.unwrap().unwrap().usd, Usd::from_pico(1_000_000 - 25));
+        assert_eq!(ledger.records(10).await.unwrap().len(), 1);
     }
 
     #[tokio::test]
