@@ -378,6 +378,9 @@ def measure_store(run, store, report):
               f"{flooded['rps']:.0f} unknown-key requests/s ({loud['rps'] / quiet['rps']:.3f}x); "
               f"{misses:.0f} store lookups", flush=True)
     out["flood"] = flood_rounds
+    # What one unknown-key request costs the gateway, alone (every key already remembered).
+    alone = run.load_with_cpu(scale_name, scale_port, flood_keys, 32, 2, ["--expect-status", "401"])
+    out["unknown_key_cpu_us"] = alone["cpu_us_per_req"]
 
     out["rss_after_load_mib"] = status_kib(run.procs[scale_name].pid, "VmRSS") / 1024
     text = scrape(scale_port)
@@ -451,6 +454,7 @@ def table(report):
                 f"{rate:,.0f} unknown-key requests/s; {misses:.0f} store lookups for {sent:,} requests "
                 f"over {len(r['flood'])} rounds of the same {r['flood_keys']:,} keys")
     row("known-key RPS under an unknown-key flood ÷ without", "≥ 0.90; ≤ 1 lookup/key/min", flood)
+    row("gateway CPU per unknown-key request (401)", "-", lambda r: f"{r['unknown_key_cpu_us']:.1f} µs")
     row("create users + keys through the API (8 connections)", "10k in ≤ 10 s",
         lambda r: f"{r['admin']['users']:,} in **{r['admin']['create_s']:.2f} s**; listed in "
         f"{r['admin']['pages']} pages, {r['admin']['list_s']:.2f} s, each once: {r['admin']['exact']}")

@@ -5,13 +5,13 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
-use super::admin::authorize;
+use super::admin::Admin;
 use crate::app::AppState;
 use crate::config::BudgetPeriod;
 use crate::cost::Usd;
@@ -106,9 +106,9 @@ fn team_json(t: &Team) -> Value {
     })
 }
 
-fn user_json(state: &AppState, u: &Member) -> Value {
-    let snapshot = state.snapshot.load();
-    let plan = snapshot.config.plan(&u.plan);
+/// A user as the API shows it, with its effective limits under `config`'s plans.
+fn user_json(config: &crate::config::Config, u: &Member) -> Value {
+    let plan = config.plan(&u.plan);
     let effective = plan.map(|plan| {
         let user = crate::tenancy::effective_user(u, plan);
         json!({
@@ -155,85 +155,65 @@ fn created(value: Value) -> Response {
     (StatusCode::CREATED, Json(value)).into_response()
 }
 
-fn answer(result: Result<Response, ApiError>) -> Response {
-    result.unwrap_or_else(IntoResponse::into_response)
-}
-
 // ---- teams --------------------------------------------------------------------------------
 
-pub async fn create_team(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    answer(
-        async {
-            authorize(&state, &headers)?;
-            let map = object(&body, &["name", "budget_usd", "budget_period"])?;
-            let team = Team {
-                name: name_field(&map, "name")?,
-                budget_usd: amount_field(&map, "budget_usd")?.flatten(),
-                budget_period: period_field(&map, "budget_period")?.unwrap_or(BudgetPeriod::Month),
-                created_at: crate::clock::unix_now(),
-            };
-            state.tenants.directory.insert_team(team.clone()).await?;
-            Ok(created(team_json(&team)))
-        }
-        .await,
-    )
+pub async fn create_team(State(state): State<Arc<AppState>>, _: Admin, body: Bytes) -> Result<Response, ApiError> {
+    let map = object(&body, &["name", "budget_usd", "budget_period"])?;
+    let team = Team {
+        name: name_field(&map, "name")?,
+        budget_usd: amount_field(&map, "budget_usd")?.flatten(),
+        budget_period: period_field(&map, "budget_period")?.unwrap_or(BudgetPeriod::Month),
+        created_at: crate::clock::unix_now(),
+    };
+    state.tenants.directory.insert_team(team.clone()).await?;
+    Ok(created(team_json(&team)))
 }
 
 async fn team_named(state: &AppState, name: &str) -> Result<Team, ApiError> {
     state.tenants.directory.team(name).await?.ok_or_else(|| ApiError::NotFound(format!("no team is named `{name}`")))
 }
 
-pub async fn get_team(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    answer(
-        async {
-            authorize(&state, &headers)?;
-            Ok(Json(team_json(&team_named(&state, &name).await?)).into_response())
-        }
-        .await,
-    )
+pub async fn get_team(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(team_json(&team_named(&state, &name).await?)).into_response())
 }
 
 pub async fn update_team(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _: Admin,
     Path(name): Path<String>,
     body: Bytes,
-) -> Response {
-    answer(
-        async {
-            authorize(&state, &headers)?;
-            let map = object(&body, &["budget_usd", "budget_period"])?;
-            let mut team = team_named(&state, &name).await?;
-            if let Some(budget) = amount_field(&map, "budget_usd")? {
-                team.budget_usd = budget;
-            }
-            if let Some(period) = period_field(&map, "budget_period")? {
-                team.budget_period = period;
-            }
-            if !state.tenants.directory.replace_team(team.clone()).await? {
-                return Err(ApiError::NotFound(format!("no team is named `{name}`")));
-            }
-            state.tenants.forget_team(&name);
-            Ok(Json(team_json(&team)).into_response())
-        }
-        .await,
-    )
+) -> Result<Response, ApiError> {
+    let map = object(&body, &["budget_usd", "budget_period"])?;
+    let mut team = team_named(&state, &name).await?;
+    if let Some(budget) = amount_field(&map, "budget_usd")? {
+        team.budget_usd = budget;
+    }
+    if let Some(period) = period_field(&map, "budget_period")? {
+        team.budget_period = period;
+    }
+    if !state.tenants.directory.replace_team(team.clone()).await? {
+        return Err(ApiError::NotFound(format!("no team is named `{name}`")));
+    }
+    state.tenants.forget_team(&name);
+    Ok(Json(team_json(&team)).into_response())
 }
 
-pub async fn delete_team(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    answer(
-        async {
-            authorize(&state, &headers)?;
-            match state.tenants.directory.delete_team(&name).await? {
-                TeamDeletion::Deleted => Ok(StatusCode::NO_CONTENT.into_response()),
-                TeamDeletion::Absent => Err(ApiError::NotFound(format!("no team is named `{name}`"))),
-                TeamDeletion::HasMembers(n) => {
-                    Err(ApiError::Conflict(format!("team `{name}` still has {n} members: move or delete them first")))
-                }
-            }
+pub async fn delete_team(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    match state.tenants.directory.delete_team(&name).await? {
+        TeamDeletion::Deleted => Ok(StatusCode::NO_CONTENT.into_response()),
+        TeamDeletion::Absent => Err(ApiError::NotFound(format!("no team is named `{name}`"))),
+        TeamDeletion::HasMembers(n) => {
+            Err(ApiError::Conflict(format!("team `{name}` still has {n} members: move or delete them first")))
         }
-        .await,
-    )
+    }
 }
 
 // ---- users --------------------------------------------------------------------------------
@@ -282,28 +262,22 @@ fn overrides_of(map: &Map<String, Value>) -> Result<Option<crate::config::LimitO
         .transpose()
 }
 
-pub async fn create_user(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    answer(
-        async {
-            authorize(&state, &headers)?;
-            let map = object(&body, &["name", "plan", "team", "overrides", "metrics"])?;
-            let user = Member {
-                name: name_field(&map, "name")?,
-                plan: name_field(&map, "plan")?,
-                team: team_of(&map)?.flatten(),
-                overrides: overrides_of(&map)?.unwrap_or_default(),
-                metrics: bool_field(&map, "metrics")?.unwrap_or(false),
-                created_at: crate::clock::unix_now(),
-            };
-            if state.snapshot.load().user(&user.name).is_some() {
-                return Err(ApiError::Conflict(format!("`{}` is a user of the config file", user.name)));
-            }
-            check_membership(&state, &user, false).await?;
-            state.tenants.directory.insert_user(user.clone()).await?;
-            Ok(created(user_json(&state, &user)))
-        }
-        .await,
-    )
+pub async fn create_user(State(state): State<Arc<AppState>>, _: Admin, body: Bytes) -> Result<Response, ApiError> {
+    let map = object(&body, &["name", "plan", "team", "overrides", "metrics"])?;
+    let user = Member {
+        name: name_field(&map, "name")?,
+        plan: name_field(&map, "plan")?,
+        team: team_of(&map)?.flatten(),
+        overrides: overrides_of(&map)?.unwrap_or_default(),
+        metrics: bool_field(&map, "metrics")?.unwrap_or(false),
+        created_at: crate::clock::unix_now(),
+    };
+    if state.snapshot.load().user(&user.name).is_some() {
+        return Err(ApiError::Conflict(format!("`{}` is a user of the config file", user.name)));
+    }
+    check_membership(&state, &user, false).await?;
+    state.tenants.directory.insert_user(user.clone()).await?;
+    Ok(created(user_json(&state.snapshot.load().config, &user)))
 }
 
 async fn user_named(state: &AppState, name: &str) -> Result<Member, ApiError> {
@@ -315,14 +289,13 @@ async fn user_named(state: &AppState, name: &str) -> Result<Member, ApiError> {
         .ok_or_else(|| ApiError::NotFound(format!("no API user is named `{name}`")))
 }
 
-pub async fn get_user(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    answer(
-        async {
-            authorize(&state, &headers)?;
-            Ok(Json(user_json(&state, &user_named(&state, &name).await?)).into_response())
-        }
-        .await,
-    )
+pub async fn get_user(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let user = user_named(&state, &name).await?;
+    Ok(Json(user_json(&state.snapshot.load().config, &user)).into_response())
 }
 
 #[derive(serde::Deserialize)]
@@ -336,77 +309,64 @@ pub struct ListQuery {
 /// `GET /admin/users`: by name; `next_cursor` continues after the last one (`null`: no more).
 pub async fn list_users(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _: Admin,
     Query(q): Query<ListQuery>,
-) -> Response {
-    answer(
-        async {
-            authorize(&state, &headers)?;
-            let limit = page_limit(q.limit)?;
-            // One more than asked says whether there is a next page without another query.
-            let query = UserQuery { after: q.cursor, limit: limit + 1, plan: q.plan, team: q.team };
-            let mut users = state.tenants.directory.users(&query).await?;
-            let more = users.len() > limit;
-            users.truncate(limit);
-            let next = if more { users.last().map(|u| u.name.clone()) } else { None };
-            let data: Vec<Value> = users.iter().map(|u| user_json(&state, u)).collect();
-            Ok(Json(json!({ "object": "list", "data": data, "next_cursor": next })).into_response())
-        }
-        .await,
-    )
+) -> Result<Response, ApiError> {
+    let limit = page_limit(q.limit)?;
+    // One more than asked says whether there is a next page without another query.
+    let query = UserQuery { after: q.cursor, limit: limit + 1, plan: q.plan, team: q.team };
+    let mut users = state.tenants.directory.users(&query).await?;
+    let more = users.len() > limit;
+    users.truncate(limit);
+    let next = if more { users.last().map(|u| u.name.clone()) } else { None };
+    let snapshot = state.snapshot.load();
+    let data: Vec<Value> = users.iter().map(|u| user_json(&snapshot.config, u)).collect();
+    Ok(Json(json!({ "object": "list", "data": data, "next_cursor": next })).into_response())
 }
 
 pub async fn update_user(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _: Admin,
     Path(name): Path<String>,
     body: Bytes,
-) -> Response {
-    answer(
-        async {
-            authorize(&state, &headers)?;
-            let map = object(&body, &["plan", "team", "overrides", "metrics"])?;
-            let mut user = user_named(&state, &name).await?;
-            let metrics_was = user.metrics;
-            if map.contains_key("plan") {
-                user.plan = name_field(&map, "plan")?;
-            }
-            if let Some(team) = team_of(&map)? {
-                user.team = team;
-            }
-            if let Some(o) = overrides_of(&map)? {
-                user.overrides = o;
-            }
-            if let Some(metrics) = bool_field(&map, "metrics")? {
-                user.metrics = metrics;
-            }
-            check_membership(&state, &user, metrics_was).await?;
-            if !state.tenants.directory.replace_user(user.clone()).await? {
-                return Err(ApiError::NotFound(format!("no API user is named `{name}`")));
-            }
-            state.tenants.forget_user(&name);
-            Ok(Json(user_json(&state, &user)).into_response())
-        }
-        .await,
-    )
+) -> Result<Response, ApiError> {
+    let map = object(&body, &["plan", "team", "overrides", "metrics"])?;
+    let mut user = user_named(&state, &name).await?;
+    let metrics_was = user.metrics;
+    if map.contains_key("plan") {
+        user.plan = name_field(&map, "plan")?;
+    }
+    if let Some(team) = team_of(&map)? {
+        user.team = team;
+    }
+    if let Some(o) = overrides_of(&map)? {
+        user.overrides = o;
+    }
+    if let Some(metrics) = bool_field(&map, "metrics")? {
+        user.metrics = metrics;
+    }
+    check_membership(&state, &user, metrics_was).await?;
+    if !state.tenants.directory.replace_user(user.clone()).await? {
+        return Err(ApiError::NotFound(format!("no API user is named `{name}`")));
+    }
+    state.tenants.forget_user(&name);
+    Ok(Json(user_json(&state.snapshot.load().config, &user)).into_response())
 }
 
-pub async fn delete_user(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    answer(
-        async {
-            authorize(&state, &headers)?;
-            let revoked = state.tenants.directory.delete_user(&name, crate::clock::unix_now()).await?;
-            let Some(revoked) = revoked else {
-                return Err(ApiError::NotFound(format!("no API user is named `{name}`")));
-            };
-            for sha in &revoked {
-                state.tenants.forget_key(sha);
-            }
-            state.tenants.forget_user(&name);
-            Ok(StatusCode::NO_CONTENT.into_response())
-        }
-        .await,
-    )
+pub async fn delete_user(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let revoked = state.tenants.directory.delete_user(&name, crate::clock::unix_now()).await?;
+    let Some(revoked) = revoked else {
+        return Err(ApiError::NotFound(format!("no API user is named `{name}`")));
+    };
+    for sha in &revoked {
+        state.tenants.forget_key(sha);
+    }
+    state.tenants.forget_user(&name);
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 // ---- keys ---------------------------------------------------------------------------------
@@ -456,50 +416,44 @@ async fn issue(state: &AppState, mut key: ApiKey) -> Result<Response, ApiError> 
 
 pub async fn create_key(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _: Admin,
     Path(name): Path<String>,
     body: Bytes,
-) -> Response {
-    answer(
-        async {
-            authorize(&state, &headers)?;
-            let map = object(&body, &["label", "expires_at", "budget_usd", "budget_period", "rpm", "end_users"])?;
-            user_named(&state, &name).await?;
-            let now = crate::clock::unix_now();
-            let label = match map.get("label") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) if s.len() <= 128 && !s.chars().any(char::is_control) => Some(s.clone()),
-                Some(_) => return Err(bad("`label` must be a string of at most 128 printable characters", "label")),
-            };
-            let rpm = match map.get("rpm") {
-                None | Some(Value::Null) => None,
-                Some(v) => Some(
-                    v.as_u64()
-                        .filter(|n| *n > 0)
-                        .and_then(|n| u32::try_from(n).ok())
-                        .ok_or_else(|| bad("`rpm` must be a whole number above 0", "rpm"))?,
-                ),
-            };
-            let key = ApiKey {
-                id: String::new(),
-                user: name,
-                sha256: [0; 32],
-                prefix: String::new(),
-                label,
-                created_at: now,
-                expires_at: expiry_field(&map, now)?,
-                revoked_at: None,
-                last_used_at: None,
-                budget_usd: amount_field(&map, "budget_usd")?.flatten(),
-                budget_period: period_field(&map, "budget_period")?.unwrap_or(BudgetPeriod::Total),
-                rpm,
-                end_users: end_users_field(&state, &map)?,
-                lineage: String::new(),
-            };
-            issue(&state, key).await
-        }
-        .await,
-    )
+) -> Result<Response, ApiError> {
+    let map = object(&body, &["label", "expires_at", "budget_usd", "budget_period", "rpm", "end_users"])?;
+    user_named(&state, &name).await?;
+    let now = crate::clock::unix_now();
+    let label = match map.get("label") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.len() <= 128 && !s.chars().any(char::is_control) => Some(s.clone()),
+        Some(_) => return Err(bad("`label` must be a string of at most 128 printable characters", "label")),
+    };
+    let rpm = match map.get("rpm") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .filter(|n| *n > 0)
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| bad("`rpm` must be a whole number above 0", "rpm"))?,
+        ),
+    };
+    let key = ApiKey {
+        id: String::new(),
+        user: name,
+        sha256: [0; 32],
+        prefix: String::new(),
+        label,
+        created_at: now,
+        expires_at: expiry_field(&map, now)?,
+        revoked_at: None,
+        last_used_at: None,
+        budget_usd: amount_field(&map, "budget_usd")?.flatten(),
+        budget_period: period_field(&map, "budget_period")?.unwrap_or(BudgetPeriod::Total),
+        rpm,
+        end_users: end_users_field(&state, &map)?,
+        lineage: String::new(),
+    };
+    issue(&state, key).await
 }
 
 /// `end_users: {"plan": "<plan>"}`: a service key whose requests name end users on that plan.
@@ -516,74 +470,65 @@ fn end_users_field(state: &AppState, map: &Map<String, Value>) -> Result<Option<
     Ok(Some(plan.to_owned()))
 }
 
-pub async fn list_keys(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    answer(
-        async {
-            authorize(&state, &headers)?;
-            user_named(&state, &name).await?;
-            let keys = state.tenants.directory.keys_of(&name).await?;
-            let data: Vec<Value> = keys.iter().map(key_json).collect();
-            Ok(Json(json!({ "object": "list", "data": data })).into_response())
-        }
-        .await,
-    )
+pub async fn list_keys(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    user_named(&state, &name).await?;
+    let keys = state.tenants.directory.keys_of(&name).await?;
+    let data: Vec<Value> = keys.iter().map(key_json).collect();
+    Ok(Json(json!({ "object": "list", "data": data })).into_response())
 }
 
 async fn key_with_id(state: &AppState, id: &str) -> Result<ApiKey, ApiError> {
     state.tenants.directory.key(id).await?.ok_or_else(|| ApiError::NotFound(format!("no key has the id `{id}`")))
 }
 
-pub async fn revoke_key(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    answer(
-        async {
-            authorize(&state, &headers)?;
-            let mut key = key_with_id(&state, &id).await?;
-            if key.revoked_at.is_none() {
-                key.revoked_at = Some(crate::clock::unix_now());
-                state.tenants.directory.replace_key(key.clone()).await?;
-            }
-            state.tenants.forget_key(&key.sha256);
-            Ok(StatusCode::NO_CONTENT.into_response())
-        }
-        .await,
-    )
+pub async fn revoke_key(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let mut key = key_with_id(&state, &id).await?;
+    if key.revoked_at.is_none() {
+        key.revoked_at = Some(crate::clock::unix_now());
+        state.tenants.directory.replace_key(key.clone()).await?;
+    }
+    state.tenants.forget_key(&key.sha256);
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// `POST /admin/keys/{id}/rotate`: a new key with the old one's settings; the old one keeps
 /// working for `grace_s` seconds (0: revoked now).
 pub async fn rotate_key(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _: Admin,
     Path(id): Path<String>,
     body: Bytes,
-) -> Response {
-    answer(
-        async {
-            authorize(&state, &headers)?;
-            let map = object(&body, &["grace_s"])?;
-            let grace = match map.get("grace_s") {
-                None | Some(Value::Null) => 0,
-                Some(v) => v.as_u64().filter(|g| *g <= MAX_GRACE_S).ok_or_else(|| {
-                    bad(format!("`grace_s` must be a whole number from 0 to {MAX_GRACE_S}"), "grace_s")
-                })?,
-            };
-            let mut old = key_with_id(&state, &id).await?;
-            let now = crate::clock::unix_now();
-            if !old.usable(now) {
-                return Err(ApiError::Conflict(format!("key `{id}` is revoked or expired: create a new key instead")));
-            }
-            let fresh = ApiKey { created_at: now, last_used_at: None, ..old.clone() };
-            let response = issue(&state, fresh).await?;
-            if grace == 0 {
-                old.revoked_at = Some(now);
-            } else {
-                let until = now.saturating_add(i64::try_from(grace).unwrap_or(i64::MAX));
-                old.expires_at = Some(old.expires_at.map_or(until, |at| at.min(until)));
-            }
-            state.tenants.directory.replace_key(old.clone()).await?;
-            state.tenants.forget_key(&old.sha256);
-            Ok(response)
-        }
-        .await,
-    )
+) -> Result<Response, ApiError> {
+    let map = object(&body, &["grace_s"])?;
+    let grace = match map.get("grace_s") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v
+            .as_u64()
+            .filter(|g| *g <= MAX_GRACE_S)
+            .ok_or_else(|| bad(format!("`grace_s` must be a whole number from 0 to {MAX_GRACE_S}"), "grace_s"))?,
+    };
+    let mut old = key_with_id(&state, &id).await?;
+    let now = crate::clock::unix_now();
+    if !old.usable(now) {
+        return Err(ApiError::Conflict(format!("key `{id}` is revoked or expired: create a new key instead")));
+    }
+    let fresh = ApiKey { created_at: now, last_used_at: None, ..old.clone() };
+    let response = issue(&state, fresh).await?;
+    if grace == 0 {
+        old.revoked_at = Some(now);
+    } else {
+        let until = now.saturating_add(i64::try_from(grace).unwrap_or(i64::MAX));
+        old.expires_at = Some(old.expires_at.map_or(until, |at| at.min(until)));
+    }
+    state.tenants.directory.replace_key(old.clone()).await?;
+    state.tenants.forget_key(&old.sha256);
+    Ok(response)
 }

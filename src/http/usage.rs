@@ -5,12 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::Json;
 use serde::Serialize;
 
-use super::admin::authorize;
+use super::admin::Admin;
 use crate::app::AppState;
 use crate::config::User;
 use crate::error::ApiError;
@@ -119,70 +118,65 @@ pub struct UsageQuery {
 /// continues; `null` when there is no more.
 pub async fn all_usage(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _: Admin,
     Query(q): Query<UsageQuery>,
-) -> Response {
-    let result = async {
-        authorize(&state, &headers)?;
-        let limit = super::tenants::page_limit(q.limit)?;
-        let snapshot = state.snapshot.load_full();
-        let now = crate::clock::unix_now();
-        let wanted = |u: &User| {
-            q.plan.as_deref().is_none_or(|p| u.plan.as_deref() == Some(p))
-                && q.team.as_deref().is_none_or(|t| u.team.as_deref() == Some(t))
-        };
-        let over_price = q.over_price.unwrap_or(false);
-        let (data, next) = match q.sort.as_deref() {
-            None | Some("name") => {
-                let (users, next) = page_by_name(&state, &snapshot, &q, limit).await?;
-                let mut data = Vec::with_capacity(users.len());
-                for user in users.iter().filter(|u| wanted(u)) {
-                    let entry = usage(&state, user, now).await?;
-                    if !over_price || entry.margin_usd.is_some_and(|m| m < 0.0) {
-                        data.push(entry);
-                    }
+) -> Result<impl IntoResponse, ApiError> {
+    let limit = super::tenants::page_limit(q.limit)?;
+    let snapshot = state.snapshot.load_full();
+    let now = crate::clock::unix_now();
+    let wanted = |u: &User| {
+        q.plan.as_deref().is_none_or(|p| u.plan.as_deref() == Some(p))
+            && q.team.as_deref().is_none_or(|t| u.team.as_deref() == Some(t))
+    };
+    let over_price = q.over_price.unwrap_or(false);
+    let (data, next) = match q.sort.as_deref() {
+        None | Some("name") => {
+            let (users, next) = page_by_name(&state, &snapshot, &q, limit).await?;
+            let mut data = Vec::with_capacity(users.len());
+            for user in users.iter().filter(|u| wanted(u)) {
+                let entry = usage(&state, user, now).await?;
+                if !over_price || entry.margin_usd.is_some_and(|m| m < 0.0) {
+                    data.push(entry);
                 }
-                (data, next)
             }
-            Some("spent") => {
-                let offset = match q.cursor.as_deref() {
-                    None => 0,
-                    Some(c) => c.parse::<usize>().map_err(|_| {
-                        ApiError::bad_request(
-                            "with `sort=spent`, `cursor` is the offset `next_cursor` gave",
-                            Some("cursor"),
-                        )
-                    })?,
-                };
-                let ranked = state.ledger.ranking(now, MAX_RANKED).await?;
-                let mut data = Vec::with_capacity(limit);
-                let mut position = offset;
-                for (name, _) in ranked.iter().skip(offset) {
-                    if data.len() == limit {
-                        break;
-                    }
-                    position += 1;
-                    let Some(user) = effective_user_named(&state, &snapshot, name).await? else { continue };
-                    if !wanted(&user) {
-                        continue;
-                    }
-                    let entry = usage(&state, &user, now).await?;
-                    if !over_price || entry.margin_usd.is_some_and(|m| m < 0.0) {
-                        data.push(entry);
-                    }
+            (data, next)
+        }
+        Some("spent") => {
+            let offset = match q.cursor.as_deref() {
+                None => 0,
+                Some(c) => c.parse::<usize>().map_err(|_| {
+                    ApiError::bad_request(
+                        "with `sort=spent`, `cursor` is the offset `next_cursor` gave",
+                        Some("cursor"),
+                    )
+                })?,
+            };
+            let ranked = state.ledger.ranking(now, MAX_RANKED).await?;
+            let mut data = Vec::with_capacity(limit);
+            let mut position = offset;
+            for (name, _) in ranked.iter().skip(offset) {
+                if data.len() == limit {
+                    break;
                 }
-                let next = (position < ranked.len()).then(|| position.to_string());
-                (data, next)
+                position += 1;
+                let Some(user) = effective_user_named(&state, &snapshot, name).await? else { continue };
+                if !wanted(&user) {
+                    continue;
+                }
+                let entry = usage(&state, &user, now).await?;
+                if !over_price || entry.margin_usd.is_some_and(|m| m < 0.0) {
+                    data.push(entry);
+                }
             }
-            Some(other) => {
-                let message = format!("`sort` must be `name` or `spent`, not `{other}`");
-                return Err(ApiError::bad_request(message, Some("sort")));
-            }
-        };
-        Ok(Json(serde_json::json!({ "object": "list", "data": data, "next_cursor": next })))
-    }
-    .await;
-    result.into_response()
+            let next = (position < ranked.len()).then(|| position.to_string());
+            (data, next)
+        }
+        Some(other) => {
+            let message = format!("`sort` must be `name` or `spent`, not `{other}`");
+            return Err(ApiError::bad_request(message, Some("sort")));
+        }
+    };
+    Ok(Json(serde_json::json!({ "object": "list", "data": data, "next_cursor": next })))
 }
 
 /// One page of users by name after the cursor: config users and API users merged.
@@ -214,51 +208,49 @@ async fn page_by_name(
     Ok((merged, next))
 }
 
-pub async fn user_usage(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    let result = async {
-        authorize(&state, &headers)?;
-        let snapshot = state.snapshot.load_full();
-        let user = effective_user_named(&state, &snapshot, &name).await?.ok_or(ApiError::UnknownUser(name))?;
-        Ok::<_, ApiError>(Json(usage(&state, &user, crate::clock::unix_now()).await?))
-    }
-    .await;
-    result.into_response()
+pub async fn user_usage(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let snapshot = state.snapshot.load_full();
+    let user = effective_user_named(&state, &snapshot, &name).await?.ok_or(ApiError::UnknownUser(name))?;
+    Ok::<_, ApiError>(Json(usage(&state, &user, crate::clock::unix_now()).await?))
 }
 
 /// `GET /admin/teams/{name}/usage`: the team's spend against its budget, and its members'.
-pub async fn team_usage(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    let result = async {
-        authorize(&state, &headers)?;
-        let team = state
-            .tenants
-            .directory
-            .team(&name)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no team is named `{name}`")))?;
-        let now = crate::clock::unix_now();
-        let account = state.ledger.usage(&crate::tenancy::team_budget(&team), now).await?;
-        let query = UserQuery { team: Some(name.clone()), limit: MAX_TEAM_MEMBERS, ..Default::default() };
-        let snapshot = state.snapshot.load_full();
-        let mut members = Vec::new();
-        for member in state.tenants.directory.users(&query).await? {
-            if let Some(user) = effective_user_named(&state, &snapshot, &member.name).await? {
-                members.push(usage(&state, &user, now).await?);
-            }
+pub async fn team_usage(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let team = state
+        .tenants
+        .directory
+        .team(&name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no team is named `{name}`")))?;
+    let now = crate::clock::unix_now();
+    let account = state.ledger.usage(&crate::tenancy::team_budget(&team), now).await?;
+    let query = UserQuery { team: Some(name.clone()), limit: MAX_TEAM_MEMBERS, ..Default::default() };
+    let snapshot = state.snapshot.load_full();
+    let mut members = Vec::new();
+    for member in state.tenants.directory.users(&query).await? {
+        if let Some(user) = effective_user_named(&state, &snapshot, &member.name).await? {
+            members.push(usage(&state, &user, now).await?);
         }
-        Ok::<_, ApiError>(Json(serde_json::json!({
-            "team": team.name,
-            "period": period::name(team.budget_period),
-            "period_start": period::rfc3339(account.period_start),
-            "budget_usd": team.budget_usd.map(|b| b.as_f64()),
-            "spent_usd": account.totals.spent.as_f64(),
-            "reserved_usd": account.reserved.as_f64(),
-            "remaining_usd": team.budget_usd.map(|b| account.remaining(b).as_f64()),
-            "requests": account.totals.requests,
-            "prompt_tokens": account.totals.prompt_tokens,
-            "completion_tokens": account.totals.completion_tokens,
-            "members": members,
-        })))
     }
-    .await;
-    result.into_response()
+    Ok::<_, ApiError>(Json(serde_json::json!({
+        "team": team.name,
+        "period": period::name(team.budget_period),
+        "period_start": period::rfc3339(account.period_start),
+        "budget_usd": team.budget_usd.map(|b| b.as_f64()),
+        "spent_usd": account.totals.spent.as_f64(),
+        "reserved_usd": account.reserved.as_f64(),
+        "remaining_usd": team.budget_usd.map(|b| account.remaining(b).as_f64()),
+        "requests": account.totals.requests,
+        "prompt_tokens": account.totals.prompt_tokens,
+        "completion_tokens": account.totals.completion_tokens,
+        "members": members,
+    })))
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::time::Instant;
 
-use super::store::{Change, Directory};
+use super::store::{Change, Directory, KeyChain};
 use super::Principal;
 use crate::auth::AuthError;
 use crate::config::Config;
@@ -77,21 +77,12 @@ impl Tenants {
         }
         self.metrics.principal_cache.with_label_values(&["miss"]).inc();
         let epoch = self.epoch.load(Ordering::Acquire);
-        let store = unavailable;
-        let key = self.directory.key_by_hash(&sha256).await.map_err(store)?;
-        let Some(key) = key.filter(|k| k.revoked_at.is_none()) else {
-            self.remember_unknown(sha256, now, epoch);
-            return Err(AuthError::Unknown);
-        };
-        let Some(member) = self.directory.user(&key.user).await.map_err(store)? else {
+        let chain = self.directory.key_chain(&sha256).await.map_err(unavailable)?;
+        let Some(KeyChain { key, user: Some(member), team }) = chain.filter(|c| c.key.revoked_at.is_none()) else {
             self.remember_unknown(sha256, now, epoch);
             return Err(AuthError::Unknown);
         };
         let plan = config.plan(&member.plan).ok_or_else(|| AuthError::PlanGone(member.plan.clone()))?;
-        let team = match &member.team {
-            Some(name) => self.directory.team(name).await.map_err(store)?,
-            None => None,
-        };
         let principal = Arc::new(Principal::of_member(&member, plan, team.as_ref(), &key));
         if !principal.admits(unix) {
             return Err(AuthError::Unknown);

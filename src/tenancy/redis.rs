@@ -26,7 +26,9 @@ use redis::Script;
 
 use super::model::{ApiKey, Member, Team};
 use super::overrides;
-use super::store::{Change, ChangeFeed, Changes, Directory, StoreError, StoreResult, TeamDeletion, UserQuery};
+use super::store::{
+    Change, ChangeFeed, Changes, Directory, KeyChain, StoreError, StoreResult, TeamDeletion, UserQuery,
+};
 use crate::config::BudgetPeriod;
 use crate::cost::Usd;
 use crate::ledger::redis::{Op, Store};
@@ -172,6 +174,24 @@ if not id then return {} end
 return redis.call('HGETALL', ARGV[1] .. 'key:' .. id)
 ";
 
+/// ARGV: T, key hash (hex). Returns {} for an unknown key, else the key's, its user's and the
+/// user's team's fields ({} for one that is gone): a first sight in one round trip.
+const KEY_CHAIN: &str = r"
+local T = ARGV[1]
+local id = redis.call('GET', T .. 'keyhash:' .. ARGV[2])
+if not id then return {} end
+local key = redis.call('HGETALL', T .. 'key:' .. id)
+local function field(flat, name)
+  for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
+end
+local user, team = {}, {}
+local user_name = field(key, 'user')
+if user_name then user = redis.call('HGETALL', T .. 'user:' .. user_name) end
+local team_name = field(user, 'team')
+if team_name then team = redis.call('HGETALL', T .. 'team:' .. team_name) end
+return {key, user, team}
+";
+
 /// ARGV: T, then id/at pairs. Keeps the latest use of each existing key.
 const TOUCH_KEYS: &str = r"
 for i = 2, #ARGV, 2 do
@@ -194,6 +214,7 @@ struct Scripts {
     insert_key: Script,
     replace_key: Script,
     key_by_hash: Script,
+    key_chain: Script,
     touch_keys: Script,
 }
 
@@ -210,6 +231,7 @@ impl Default for Scripts {
             insert_key: write(INSERT_KEY),
             replace_key: write(REPLACE_KEY),
             key_by_hash: Script::new(KEY_BY_HASH),
+            key_chain: Script::new(KEY_CHAIN),
             touch_keys: Script::new(TOUCH_KEYS),
         }
     }
@@ -573,6 +595,22 @@ impl Directory for RedisDirectory {
             let flat: Vec<String> =
                 self.store.script(Op::Tenants, &self.scripts.key_by_hash, &[], &args).await.map_err(unavailable)?;
             Ok(key_from(&Fields::new(flat)))
+        })
+    }
+
+    fn key_chain<'a>(&'a self, sha256: &'a [u8; 32]) -> BoxFuture<'a, StoreResult<Option<KeyChain>>> {
+        Box::pin(async move {
+            let args = [self.prefix.clone(), crate::config::hex(sha256)];
+            let parts: Vec<Vec<String>> =
+                self.store.script(Op::Tenants, &self.scripts.key_chain, &[], &args).await.map_err(unavailable)?;
+            let mut parts = parts.into_iter().map(Fields::new);
+            let Some(key) = parts.next().as_ref().and_then(key_from) else { return Ok(None) };
+            let user = parts.next().filter(|f| !f.is_empty()).map(|f| user_from(&key.user, &f));
+            let team = match (parts.next().filter(|f| !f.is_empty()), user.as_ref().and_then(|u| u.team.as_deref())) {
+                (Some(fields), Some(name)) => Some(team_from(name, &fields)),
+                _ => None,
+            };
+            Ok(Some(KeyChain { key, user, team }))
         })
     }
 

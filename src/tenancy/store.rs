@@ -46,6 +46,15 @@ impl UserQuery {
     }
 }
 
+/// A key with its user and the user's team: what resolving a key for the first time reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyChain {
+    pub key: ApiKey,
+    /// `None`: the user is gone (deleted meanwhile).
+    pub user: Option<Member>,
+    pub team: Option<Team>,
+}
+
 /// Teams, users and keys, kept by a store. Every write is one atomic step in the store;
 /// names and ids are unique.
 pub trait Directory: Send + Sync + 'static {
@@ -69,6 +78,19 @@ pub trait Directory: Send + Sync + 'static {
     fn insert_key(&self, key: ApiKey) -> BoxFuture<'_, StoreResult<()>>;
     fn key<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StoreResult<Option<ApiKey>>>;
     fn key_by_hash<'a>(&'a self, sha256: &'a [u8; 32]) -> BoxFuture<'a, StoreResult<Option<ApiKey>>>;
+    /// The key whose SHA-256 is `sha256`, with its user and team. A store across the network
+    /// answers in one round trip; this default asks three questions.
+    fn key_chain<'a>(&'a self, sha256: &'a [u8; 32]) -> BoxFuture<'a, StoreResult<Option<KeyChain>>> {
+        Box::pin(async move {
+            let Some(key) = self.key_by_hash(sha256).await? else { return Ok(None) };
+            let user = self.user(&key.user).await?;
+            let team = match user.as_ref().and_then(|u| u.team.as_deref()) {
+                Some(name) => self.team(name).await?,
+                None => None,
+            };
+            Ok(Some(KeyChain { key, user, team }))
+        })
+    }
     fn keys_of<'a>(&'a self, user: &'a str) -> BoxFuture<'a, StoreResult<Vec<ApiKey>>>;
     /// Replaces the key with that id (revocation, expiry); `false` when there is none.
     fn replace_key(&self, key: ApiKey) -> BoxFuture<'_, StoreResult<bool>>;
