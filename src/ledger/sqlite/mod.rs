@@ -384,19 +384,7 @@ mod tests {
         let Reserve::Reserved { id, .. } = ledger.reserve(&alice, Usd::from_pico(100), now).await.unwrap() else {
             panic!("within budget")
         };
-        let record = RequestRecord {
-            at_ms: now * 1000,
-            user: Arc::clone(&alice.user().account),
-            route: "auto".into(),
-            backend: "a".into(),
-            reason: "quality-first".into(),
-            prompt_tokens: 10,
-            completion_tokens: 1,
-            cost: Usd::from_pico(70),
-            status: 200,
-            latency_ms: 1,
-        };
-        ledger.settle(&alice, id, Usd::from_pico(100), record, now);
+        ledger.settle(&alice, id, Usd::from_pico(100), record(&alice, "a", 70, now * 1000), now);
         let Reserve::Reserved { .. } = ledger.reserve(&bob, Usd::from_pico(500), now).await.unwrap() else {
             panic!("within budget")
         };
@@ -502,19 +490,7 @@ mod tests {
             let Reserve::Reserved { id, .. } = ledger.reserve(who, Usd::from_pico(100), now).await.unwrap() else {
                 panic!("within budget")
             };
-            let record = RequestRecord {
-                at_ms: now * 1000,
-                user: Arc::clone(&who.user().account),
-                route: "auto".into(),
-                backend: backend.into(),
-                reason: "quality-first".into(),
-                prompt_tokens: 10,
-                completion_tokens: 1,
-                cost: Usd::from_pico(pico),
-                status: 200,
-                latency_ms: 1,
-            };
-            ledger.settle(who, id, Usd::from_pico(100), record, now);
+            ledger.settle(who, id, Usd::from_pico(100), record(who, backend, pico, now * 1000), now);
         }
         ledger.flush().await.unwrap();
         drop(ledger);
