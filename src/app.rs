@@ -2,7 +2,8 @@
 //!
 //! A request's way through, in order:
 //! 1. `http::proxy` loads **one** config [`Snapshot`] for the whole request, so a reload never
-//!    mixes two configs within one request.
+//!    mixes two configs within one request, and takes the request's id (`x-request-id`, or a
+//!    new one: `telemetry::request_id`), which the answer, the backend and the record carry.
 //! 2. The bearer key resolves to a `tenancy::Principal` (401 otherwise) before the body is read,
 //!    so an unauthenticated client cannot make the gateway buffer anything: a config user of
 //!    that snapshot (`auth`), else an API user's key from the tenant cache, or from the store on
@@ -15,6 +16,8 @@
 //! 5. A `metering::Meter` holds the request's slot, reservation and occupancy ticket, and
 //!    settles the actual cost when the answer ends, fails or is dropped by the client.
 //! 6. Every error becomes an `ApiError`, answered in the OpenAI shape by its one `IntoResponse`.
+//! 7. The access log's line (`telemetry::access_log`) is written by `http::proxy` when the
+//!    handler returns, or by the meter when a stream ends.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32};
@@ -29,6 +32,7 @@ use crate::ledger::{self, Ledger};
 use crate::metrics::Metrics;
 use crate::ratelimit::Limiter;
 use crate::snapshot::Snapshot;
+use crate::telemetry::AccessLog;
 use crate::tenancy::cache::Tenants;
 
 /// State shared by every request.
@@ -54,6 +58,8 @@ pub struct AppState {
     pub reload_lock: tokio::sync::Mutex<()>,
     /// Confidence-cascade thresholds per route, calibrated online; they survive reloads.
     pub calibrators: dashmap::DashMap<String, crate::cascade::Calibrator>,
+    /// One line per request on standard output (`telemetry.access_log`).
+    pub access_log: Arc<AccessLog>,
 }
 
 /// Why the gateway could not start.
@@ -67,6 +73,8 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     Tenants(#[from] crate::tenancy::store::StoreError),
+    #[error("the access log's writer thread: {0}")]
+    AccessLog(#[from] std::io::Error),
 }
 
 impl AppState {
@@ -85,6 +93,7 @@ impl AppState {
             }
         }
         ledger.requests_last_at_most(config.longest_request());
+        let access_log = AccessLog::to_stdout(config.telemetry.access_log, metrics.access_log_dropped.clone())?;
         let freed = Arc::new(Notify::new());
         let snapshot = Snapshot::new(config, None, &freed)?;
         Ok(Arc::new(Self {
@@ -100,6 +109,7 @@ impl AppState {
             env,
             reload_lock: tokio::sync::Mutex::new(()),
             calibrators: dashmap::DashMap::new(),
+            access_log,
         }))
     }
 }

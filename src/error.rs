@@ -121,6 +121,31 @@ impl ApiError {
         }
     }
 
+    /// The codes a client request can be refused with (`tollgate_rejected_requests_total`'s
+    /// `code` label, which starts at 0 for each), `connection_limit` included.
+    pub const REFUSAL_CODES: [&'static str; 20] = [
+        "invalid_request",
+        "invalid_api_key",
+        "plan_unavailable",
+        "tenant_store_unavailable",
+        "model_not_found",
+        "not_found",
+        "request_too_large",
+        "request_timeout",
+        "header_too_large",
+        "context_length_exceeded",
+        "quality_unavailable",
+        "max_request_cost_exceeded",
+        "budget_exceeded",
+        "backend_unavailable",
+        "capacity_exceeded",
+        "rate_limit_exceeded",
+        "upstream_timeout",
+        "upstream_error",
+        "ledger_unavailable",
+        "connection_limit",
+    ];
+
     /// The `error.code` field; also the bounded label of `tollgate_rejected_requests_total`.
     pub fn code(&self) -> &'static str {
         match self {
@@ -203,5 +228,42 @@ impl IntoResponse for ApiError {
             }
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a proxied request can fail with: each code is in the list the metric starts with.
+    #[test]
+    fn every_refusal_of_a_client_request_has_a_series_from_the_start() {
+        let usd = Usd::ZERO;
+        let refused = |refusal| ApiError::Refused { refusal, retry_after: None, remaining: None, scope: None };
+        let errors = [
+            ApiError::bad_request("x", None),
+            ApiError::BodyUnreadable,
+            ApiError::Auth(AuthError::Missing),
+            ApiError::Auth(AuthError::PlanGone("p".into())),
+            ApiError::Auth(AuthError::Unavailable("down".into())),
+            ApiError::UnknownModel("m".into()),
+            ApiError::NoSuchEndpoint("/x".into()),
+            ApiError::BodyTooLarge { limit: 1 },
+            ApiError::BodyTimeout(1),
+            ApiError::HeaderTooLarge(1),
+            refused(Refusal::ContextTooLong { needed: 2, largest: 1 }),
+            refused(Refusal::QualityUnavailable { required: 0.9, best: 0.1 }),
+            refused(Refusal::OverRequestCap { cheapest: usd, cap: usd }),
+            refused(Refusal::BudgetExceeded { remaining: usd, cheapest: usd }),
+            refused(Refusal::Unavailable),
+            refused(Refusal::AtCapacity),
+            ApiError::Upstream(UpstreamError::Timeout { backend: "b".into(), after: std::time::Duration::ZERO }),
+            ApiError::Upstream(UpstreamError::Connect { backend: "b".into() }),
+            ApiError::UpstreamGarbage,
+            ApiError::Ledger(LedgerError::Storage("x".into())),
+        ];
+        for error in &errors {
+            assert!(ApiError::REFUSAL_CODES.contains(&error.code()), "{}", error.code());
+        }
     }
 }

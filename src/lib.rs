@@ -28,6 +28,7 @@ pub mod secret;
 pub mod server;
 pub mod simulate;
 pub mod snapshot;
+pub mod telemetry;
 pub mod tenancy;
 pub mod upstream;
 mod wake;

@@ -89,6 +89,9 @@ pub struct Metrics {
     /// `tollgate_ledger_fail_open_reservations_total`: reservations granted by this replica's
     /// own accounting because Redis could not be reached (`on_ledger_error = "fail-open"`).
     pub ledger_fail_open: IntCounter,
+    /// `tollgate_access_log_dropped_total`: access log lines dropped because standard output
+    /// did not keep up (the proxy never waits for its log).
+    pub access_log_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -248,6 +251,18 @@ impl Metrics {
             "ledger_fail_open_reservations_total",
             "Reservations granted by this replica alone because the shared ledger was unreachable (fail-open).",
         )?;
+        let access_log_dropped = int_counter_one(
+            "access_log_dropped_total",
+            "Access log lines dropped because standard output did not keep up (requests never wait for the log).",
+        )?;
+        // Labelled counters that alerts watch exist at 0 from the start, so that `increase()`
+        // and `rate()` see their first event.
+        for result in ["success", "failure"] {
+            config_reloads.with_label_values(&[result]);
+        }
+        for code in crate::error::ApiError::REFUSAL_CODES {
+            rejected.with_label_values(&[code]);
+        }
         Ok(Self {
             registry,
             requests,
@@ -278,6 +293,7 @@ impl Metrics {
             ledger_backlog,
             ledger_reconciled,
             ledger_fail_open,
+            access_log_dropped,
         })
     }
 

@@ -68,10 +68,12 @@ async fn prepare_and_swap(state: &Arc<AppState>) -> Result<Applied, ReloadError>
     config.server.listen = current.config.server.listen;
     let applied = Applied { backends: config.backends.len(), routes: config.routes.len(), users: config.users.len() };
     let longest = config.longest_request();
+    let access_log = config.telemetry.access_log;
     let snapshot = Snapshot::new(config, Some(&current), &state.freed)?;
     // Reservations made from now on must outlive the new longest timeout.
     state.ledger.requests_last_at_most(longest);
     state.snapshot.store(Arc::new(snapshot));
+    state.access_log.set_format(access_log);
     // API users' limits come from plans, which the new config may have changed.
     state.tenants.forget_all();
     Ok(applied)

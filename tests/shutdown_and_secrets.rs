@@ -1,5 +1,5 @@
 //! A real process: SIGTERM lets streams finish and persists their cost; no secret ever shows
-//! in logs (at trace level), error bodies, metrics or admin answers.
+//! in logs (at trace level), the access log, error bodies, metrics or admin answers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -68,7 +68,7 @@ async fn secrets_never_reach_logs_error_bodies_metrics_or_admin_answers() {
          model = \"dead\"\nquality = 0.9\npricing = {{ input_per_mtok = 1, output_per_mtok = 1 }}\n\n",
         upstream.base_url()
     );
-    let config = sqlite_config(&real);
+    let config = format!("{}\n[telemetry]\naccess_log = \"json\"\n", sqlite_config(&real));
     std::fs::write(dir.path().join("tollgate.toml"), &config).unwrap();
     let env = [("TEST_ADMIN_KEY", ADMIN_KEY), ("TEST_BACKEND_KEY", BACKEND_KEY), ("TOLLGATE_LOG", "trace")];
     let process = Process::start(dir.path(), &env);
@@ -101,13 +101,16 @@ async fn secrets_never_reach_logs_error_bodies_metrics_or_admin_answers() {
     let metrics = client.get(process.url("/metrics")).send().await.unwrap().text().await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let log = process.log_text();
+    let access_log = process.access_lines(5).join("\n");
+    assert!(access_log.contains("\"status\":401"), "the access log is on: {access_log}");
     assert!(log.contains("TRACE") || log.contains("DEBUG"), "the log ran at trace level");
     assert!(upstream.seen().iter().all(|s| s.authorization.as_deref() == Some(&*format!("Bearer {BACKEND_KEY}"))));
 
     let secrets = [ALICE_KEY, BOB_KEY, ADMIN_KEY, BACKEND_KEY, &near_miss];
     let hashes = [key_hash(ALICE_KEY), key_hash(BOB_KEY), key_hash(ADMIN_KEY)];
-    for (place, text) in
-        [("log", &log), ("metrics", &metrics)].into_iter().chain(bodies.iter().map(|b| ("an answer", b)))
+    for (place, text) in [("log", &log), ("access log", &access_log), ("metrics", &metrics)]
+        .into_iter()
+        .chain(bodies.iter().map(|b| ("an answer", b)))
     {
         for secret in secrets.iter().copied().chain(hashes.iter().map(String::as_str)) {
             assert!(!text.contains(secret), "a secret ({}…) appears in {place}:\n{text}", &secret[..6]);

@@ -33,6 +33,7 @@ pub struct Config {
     /// `[[plans]]`: the templates API-created users are on.
     pub plans: Vec<Arc<Plan>>,
     pub metrics: MetricsSettings,
+    pub telemetry: Telemetry,
 }
 
 /// `[metrics]`
@@ -46,6 +47,49 @@ pub struct MetricsSettings {
 impl Default for MetricsSettings {
     fn default() -> Self {
         Self { max_user_series: 1000 }
+    }
+}
+
+/// `[telemetry]`: the access log and (OTLP) traces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Telemetry {
+    pub service_name: String,
+    pub sample_ratio: f64,
+    pub access_log: AccessLogFormat,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self { service_name: "tollgate".into(), sample_ratio: 1.0, access_log: AccessLogFormat::Off }
+    }
+}
+
+/// `telemetry.access_log`: one line per request on standard output, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AccessLogFormat {
+    Off = 0,
+    Json = 1,
+    Text = 2,
+}
+
+impl AccessLogFormat {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "off" => Some(Self::Off),
+            "json" => Some(Self::Json),
+            "text" => Some(Self::Text),
+            _ => None,
+        }
+    }
+
+    /// The inverse of `as u8`; anything else is `Off`.
+    pub fn from_u8(n: u8) -> Self {
+        match n {
+            1 => Self::Json,
+            2 => Self::Text,
+            _ => Self::Off,
+        }
     }
 }
 

@@ -89,7 +89,8 @@ pub(super) async fn attempt(
         let gateway_before = *before_send.get_or_insert_with(|| now.saturating_duration_since(ctx.started));
         let is_last = position + 1 == decision.order.len();
         let probe = probe.filter(|_| position == 0);
-        let sent = match upstream.send(&ctx.request, probe.is_some(), now, spare_headers.take()).await {
+        let sent = match upstream.send(&ctx.request, probe.is_some(), now, spare_headers.take(), &ctx.request_id).await
+        {
             // The estimate (characters / 4) can be far off for code or hex: when the backend
             // itself says the prompt does not fit and a later candidate may, escalate.
             Ok(answer) if answer.status() == StatusCode::BAD_REQUEST && !is_last => {
@@ -130,6 +131,10 @@ pub(super) async fn attempt(
                         reason: reason.label(),
                         started: ctx.started,
                         arrived_ms: ctx.arrived_ms,
+                        request_id: ctx.request_id.clone(),
+                        left_after_reserve: remaining.map(|l| l.usd),
+                        estimate,
+                        prior_cost: ctx.prior_cost,
                         prompt_estimate: plan.prompt_tokens,
                         tokens_estimate,
                         baseline: plan.baseline,

@@ -19,9 +19,11 @@ use crate::config::Cascade;
 use crate::cost::Usd;
 use crate::error::ApiError;
 use crate::ledger::Left;
+use crate::metering::Settled;
 use crate::policy::{self, Candidates, Reason, Refusal};
 use crate::request::{Endpoint, ProxyRequest};
 use crate::snapshot::{ModelTarget, Snapshot};
+use crate::telemetry::{AccessLog, RequestId};
 use crate::tenancy::Principal;
 
 pub const HEADER_BACKEND: HeaderName = HeaderName::from_static("x-tollgate-backend");
@@ -59,6 +61,18 @@ pub struct RequestContext {
     pub clamped: Option<u64>,
     /// What earlier calls for this request cost (a cascade's unsure first answer).
     pub prior_cost: Usd,
+    pub request_id: RequestId,
+    /// Set when the access log is on: answers then keep what they used and cost.
+    pub access_log: Option<Arc<AccessLog>>,
+    /// The last answer settled for this request (when the access log is on), whatever
+    /// happened after: what the request's line reports.
+    pub answered: std::sync::Mutex<Option<Settled>>,
+}
+
+/// How a dispatched request ended, and what its last answer used (when the access log is on).
+pub struct Dispatched {
+    pub result: Result<Response, ApiError>,
+    pub settled: Option<Settled>,
 }
 
 impl RequestContext {
@@ -97,9 +111,9 @@ fn plan<'s>(snapshot: &'s Snapshot, request: &ProxyRequest) -> Result<Plan<'s>, 
     Ok(Plan { shared: policy::plan::plan(&snapshot.config, target, shape), cascade })
 }
 
-pub async fn run(state: &Arc<AppState>, ctx: RequestContext) -> Result<Response, ApiError> {
+pub async fn run(state: &Arc<AppState>, mut ctx: RequestContext) -> Dispatched {
     let mut unsure_answer = None;
-    match decide_and_send(state, ctx, &mut unsure_answer).await {
+    let result = match decide_and_send(state, &mut ctx, &mut unsure_answer).await {
         // A cascade's escalation that cannot happen (budget spent by the first call, every
         // better backend down, the ledger gone) still leaves a paid-for answer: serve it.
         Err(e) if unsure_answer.is_some() => {
@@ -107,12 +121,14 @@ pub async fn run(state: &Arc<AppState>, ctx: RequestContext) -> Result<Response,
             unsure_answer.ok_or(e)
         }
         result => result,
-    }
+    };
+    let settled = ctx.answered.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    Dispatched { result, settled }
 }
 
 async fn decide_and_send(
     state: &Arc<AppState>,
-    mut ctx: RequestContext,
+    ctx: &mut RequestContext,
     unsure_answer: &mut Option<Response>,
 ) -> Result<Response, ApiError> {
     let snapshot = Arc::clone(&ctx.snapshot);
@@ -160,8 +176,7 @@ async fn decide_and_send(
                     (None, None) => None,
                 };
                 let decided = Decided { decision, at: now };
-                match attempt(state, &ctx, &plan, decided, &mut spare_headers, &mut tokens_held, probe.as_ref()).await?
-                {
+                match attempt(state, ctx, &plan, decided, &mut spare_headers, &mut tokens_held, probe.as_ref()).await? {
                     Outcome::Answered(response) => return Ok(response),
                     Outcome::Unsure { quality, cost, answer } => {
                         escalated_from = Some(quality);

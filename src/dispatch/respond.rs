@@ -31,6 +31,9 @@ pub(super) async fn respond(
     mut meter: Meter,
     probe: Option<&Probe<'_>>,
 ) -> Result<Outcome, ApiError> {
+    if ctx.access_log.is_some() {
+        meter.keep_summary();
+    }
     let Answered { upstream, reason, estimate, remaining_after_reserve, before_send } = answered;
     let backend = &upstream.backend;
     let (head, body) = answer.into_parts();
@@ -65,6 +68,9 @@ pub(super) async fn respond(
         if let Some(remaining) = remaining_after_reserve {
             put(&mut headers, HEADER_BUDGET_REMAINING, usd_value(remaining));
         }
+        if let Some(log) = &ctx.access_log {
+            meter.log_when_settled(Arc::clone(log));
+        }
         ResponseBody::Metered(Box::new(MeteredBody::new(body, meter, !ctx.request.client_wants_usage, backend.timeout)))
     } else {
         let bytes = match read_whole(body, deadline, backend.name.as_str()).await {
@@ -73,6 +79,7 @@ pub(super) async fn respond(
                 let timed_out = matches!(&e, ApiError::Upstream(u) if u.is_timeout());
                 meter.end(if timed_out { Ending::Deadline } else { Ending::BackendBroke });
                 meter.settle();
+                keep_answered(ctx, &meter, None);
                 return Err(e);
             }
         };
@@ -81,6 +88,7 @@ pub(super) async fn respond(
         if head.status.is_success() && !meter_json(&bytes, &mut meter) {
             meter.end(Ending::BackendBroke);
             meter.settle();
+            keep_answered(ctx, &meter, None);
             return Err(ApiError::UpstreamGarbage);
         }
         meter.end(Ending::Complete);
@@ -104,6 +112,7 @@ pub(super) async fn respond(
         if let Some(remaining) = remaining {
             put(&mut headers, HEADER_BUDGET_REMAINING, usd_value(remaining));
         }
+        keep_answered(ctx, &meter, remaining);
         ResponseBody::whole(bytes)
     };
     let mut response = Response::new(body);
@@ -117,6 +126,16 @@ pub(super) async fn respond(
             Outcome::Answered(response)
         }
     })
+}
+
+/// Keeps what a settled answer used for the request's access log line (when it is on), with
+/// the budget left as the ledger says it after the settlement when that was read.
+fn keep_answered(ctx: &RequestContext, meter: &Meter, remaining: Option<Usd>) {
+    if let Some(summary) = meter.summary() {
+        let mut summary = summary.clone();
+        summary.remaining = remaining.or(summary.remaining);
+        *ctx.answered.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(summary);
+    }
 }
 
 /// The cascade's verdict on a probed answer (already metered): whether it is unsure, and the

@@ -72,6 +72,7 @@ pub async fn requests(
                 "cost_usd": r.cost.as_f64(),
                 "status": r.status,
                 "latency_ms": r.latency_ms,
+                "request_id": r.request_id.as_deref(),
             })
         })
         .collect();

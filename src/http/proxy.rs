@@ -10,11 +10,12 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 
 use crate::app::AppState;
-use crate::body::{from_axum, Response};
+use crate::body::{from_axum, Response, ResponseBody};
 use crate::config::Policy;
-use crate::dispatch::{self, Hints, RequestContext};
+use crate::dispatch::{self, Dispatched, Hints, RequestContext};
 use crate::error::ApiError;
 use crate::request::{Endpoint, ProxyRequest};
+use crate::telemetry::{Entry, RequestId, HEADER_REQUEST_ID};
 
 // The router's routes for the proxied endpoints; `super::handle` serves them ahead of it.
 pub async fn chat_completions(state: State<Arc<AppState>>, request: Request) -> axum::response::Response {
@@ -45,24 +46,39 @@ where
     let arrived_ms = crate::clock::unix_now_ms();
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
-    let result = async {
+    let request_id = RequestId::from_headers(&headers);
+    let access_log = state.access_log.enabled().then(|| Arc::clone(&state.access_log));
+    // Who asked for what, as far as the request got: the access log's line for a refusal.
+    let mut seen: (Option<Arc<str>>, Option<Arc<str>>) = (None, None);
+    let dispatched = async {
         let snapshot = state.snapshot.load_full();
         let principal = state.authenticate(&snapshot, &headers, started).await?;
+        if access_log.is_some() {
+            seen.0 = Some(principal.user.name.as_str().into());
+        }
         let server = &snapshot.config.server;
         let read_by = started + server.body_read_timeout;
         let bytes = tokio::time::timeout_at(read_by, read_body(&headers, body, server.max_body_bytes))
             .await
             .map_err(|_| ApiError::BodyTimeout(server.body_read_timeout.as_secs()))??;
         let request = ProxyRequest::parse(endpoint, bytes)?;
+        if access_log.is_some() {
+            seen.1 = Some(request.model().into());
+        }
         let hints = hints(&headers)?;
         let principal = match principal.key.as_ref().filter(|k| k.end_users.is_some()) {
             None => principal,
             Some(_) => {
                 let id = end_user(&headers, &request)?;
-                state.tenants.end_user(&snapshot.config, &principal, &id, arrived_ms.div_euclid(1000)).await?
+                let end_user =
+                    state.tenants.end_user(&snapshot.config, &principal, &id, arrived_ms.div_euclid(1000)).await?;
+                if access_log.is_some() {
+                    seen.0 = Some(end_user.user.name.as_str().into());
+                }
+                end_user
             }
         };
-        dispatch::run(
+        Ok(dispatch::run(
             &state,
             RequestContext {
                 snapshot,
@@ -74,15 +90,40 @@ where
                 arrived_ms,
                 clamped: None,
                 prior_cost: crate::cost::Usd::ZERO,
+                request_id: request_id.clone(),
+                access_log: access_log.clone(),
+                answered: std::sync::Mutex::new(None),
             },
         )
-        .await
+        .await)
     }
     .await;
-    result.unwrap_or_else(|error| {
+    let (result, settled) = match dispatched {
+        Ok(Dispatched { result, settled }) => (result, settled),
+        Err(error) => (Err(error), None),
+    };
+    let mut error_code = None;
+    let mut response = result.unwrap_or_else(|error| {
         state.metrics.rejected.with_label_values(&[error.code()]).inc();
+        error_code = Some(error.code());
         from_axum(error.into_response())
-    })
+    });
+    if let Some(value) = request_id.header_value() {
+        response.headers_mut().insert(HEADER_REQUEST_ID, value);
+    }
+    // A stream's line is written by its meter when it ends; every other request's, here.
+    if let Some(log) = access_log.filter(|_| !matches!(response.body(), ResponseBody::Metered(_))) {
+        let (user, route) = seen;
+        let mut entry = match (settled, user.clone(), route.clone()) {
+            (Some(settled), Some(user), Some(route)) => settled.entry(arrived_ms, &request_id, user, route),
+            _ => Entry { user, route, ..Entry::new(arrived_ms, Arc::clone(request_id.shared())) },
+        };
+        entry.status = response.status().as_u16();
+        entry.error = error_code.or(entry.error);
+        entry.latency = started.elapsed();
+        log.log(entry);
+    }
+    response
 }
 
 /// The most a body's declared length makes us allocate before its bytes arrive.

@@ -296,7 +296,7 @@ mod tests {
             let mut open: Vec<(usize, i64)> = Vec::new();
             let record = |cost: i64| RequestRecord {
                 at_ms: 0, user: "x".into(), route: "r".into(), backend: "b".into(), reason: "cost-first".into(),
-                prompt_tokens: 0, completion_tokens: 0, cost: Usd::from_pico(cost), status: 200, latency_ms: 0,
+                prompt_tokens: 0, completion_tokens: 0, cost: Usd::from_pico(cost), status: 200, latency_ms: 0, request_id: None,
             };
             for op in ops {
                 match op {

@@ -60,6 +60,8 @@ pub struct RequestRecord {
     pub cost: Usd,
     pub status: u16,
     pub latency_ms: u64,
+    /// The request's id (`x-request-id`); `None` in records written before ids existed.
+    pub request_id: Option<Arc<str>>,
 }
 
 /// Spend of one account (a user's, a key's or a team's) in one budget period, as the SQLite

@@ -45,6 +45,15 @@ pub fn rfc3339(unix: i64) -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
+/// RFC 3339 with milliseconds when there are any: `2026-11-28T09:30:00.250Z`.
+pub fn rfc3339_ms(at_ms: i64) -> String {
+    let seconds = rfc3339(at_ms.div_euclid(1000));
+    match at_ms.rem_euclid(1000) {
+        0 => seconds,
+        ms => format!("{}.{ms:03}Z", seconds.trim_end_matches('Z')),
+    }
+}
+
 /// Unix milliseconds of an RFC 3339 timestamp: `2026-03-01T09:30:00Z`, with optional
 /// fractional seconds and a `±HH:MM` offset instead of `Z`. `None` when malformed.
 pub fn parse_rfc3339(text: &str) -> Option<i64> {

@@ -7,6 +7,7 @@ pub mod occupancy;
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -18,6 +19,7 @@ pub use crate::cost::Baseline;
 use crate::cost::{Pricing, Usd};
 use crate::ledger::{RequestRecord, Reservation};
 use crate::openai::Usage;
+use crate::telemetry::{AccessLog, Entry, RequestId};
 use crate::tenancy::Principal;
 use crate::upstream::{BackendState, Slot};
 use meters::PairMeters;
@@ -46,6 +48,54 @@ impl Ending {
             Self::Deadline => 504,
         }
     }
+
+    /// The error code a client saw (in-band, for a stream) when the answer did not complete.
+    fn error_code(self) -> Option<&'static str> {
+        match self {
+            Self::Complete => None,
+            Self::ClientGone => Some("client_closed_request"),
+            Self::BackendBroke => Some("upstream_error"),
+            Self::Deadline => Some("upstream_timeout"),
+        }
+    }
+}
+
+/// What a settled answer used and cost: what the access log says of it.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    pub backend: Arc<Backend>,
+    pub reason: Cow<'static, str>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// This answer's cost plus what earlier calls for the same request cost (a cascade's).
+    pub cost: Usd,
+    pub status: u16,
+    pub error: Option<&'static str>,
+    pub latency: Duration,
+    pub ttft: Option<Duration>,
+    /// The smallest budget left after it, as far as the reservation tells.
+    pub remaining: Option<Usd>,
+}
+
+impl Settled {
+    /// The access log's entry for request `id` of `user` to `route`.
+    pub fn entry(&self, at_ms: i64, id: &RequestId, user: Arc<str>, route: Arc<str>) -> Entry {
+        Entry {
+            user: Some(user),
+            route: Some(route),
+            backend: Some(Arc::clone(&self.backend)),
+            reason: Some(self.reason.clone()),
+            status: self.status,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cost: self.cost,
+            budget_remaining: self.remaining,
+            latency: self.latency,
+            ttft: self.ttft,
+            error: self.error,
+            ..Entry::new(at_ms, Arc::clone(id.shared()))
+        }
+    }
 }
 
 /// Everything one dispatched request holds until it is settled.
@@ -63,6 +113,13 @@ pub struct MeterStart {
     pub started: Instant,
     /// Unix milliseconds of the same moment, for the record.
     pub arrived_ms: i64,
+    pub request_id: RequestId,
+    /// The smallest budget left once the estimate was reserved.
+    pub left_after_reserve: Option<Usd>,
+    /// The estimate reserved.
+    pub estimate: Usd,
+    /// What earlier calls for this request cost (a cascade's first answer).
+    pub prior_cost: Usd,
     pub prompt_estimate: u64,
     /// Tokens taken from the user's tpm allowance at admission.
     pub tokens_estimate: u64,
@@ -85,6 +142,13 @@ pub struct Meter {
     counted_completion: u64,
     ending: Ending,
     cost: Option<Usd>,
+    ttft: Option<Duration>,
+    /// Set for an answer that settles after the request's handler returned (a stream): the
+    /// meter then writes the request's access log line itself.
+    log_to: Option<Arc<AccessLog>>,
+    /// Kept when asked for ([`Meter::keep_summary`]).
+    summary: Option<Settled>,
+    keep_summary: bool,
 }
 
 impl Meter {
@@ -96,13 +160,34 @@ impl Meter {
             counted_completion: 0,
             ending: Ending::ClientGone,
             cost: None,
+            ttft: None,
+            log_to: None,
+            summary: None,
+            keep_summary: false,
         }
     }
 
-    pub fn first_byte(&self) {
+    /// Keeps what the settlement used and cost, for [`Meter::summary`].
+    pub fn keep_summary(&mut self) {
+        self.keep_summary = true;
+    }
+
+    /// Writes the request's access log line when this settles (a streamed answer's).
+    pub fn log_when_settled(&mut self, log: Arc<AccessLog>) {
+        self.keep_summary = true;
+        self.log_to = Some(log);
+    }
+
+    /// What the settlement used and cost, if kept.
+    pub fn summary(&self) -> Option<&Settled> {
+        self.summary.as_ref()
+    }
+
+    pub fn first_byte(&mut self) {
         if let Some(s) = &self.start {
-            let elapsed = s.started.elapsed().as_secs_f64();
-            s.state.metrics.time_to_first_token.with_label_values(&[&s.backend.name]).observe(elapsed);
+            let elapsed = s.started.elapsed();
+            self.ttft = Some(elapsed);
+            s.state.metrics.time_to_first_token.with_label_values(&[&s.backend.name]).observe(elapsed.as_secs_f64());
         }
     }
 
@@ -179,7 +264,33 @@ impl Meter {
             cost,
             status,
             latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+            request_id: Some(Arc::clone(s.request_id.shared())),
         };
+        if self.keep_summary {
+            let summary = Settled {
+                backend: Arc::clone(&s.backend),
+                reason: record.reason.clone(),
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                cost: s.prior_cost.saturating_add(cost),
+                status,
+                error: self.ending.error_code(),
+                latency,
+                ttft: self.ttft,
+                remaining: s
+                    .left_after_reserve
+                    .map(|left| left.saturating_add(s.estimate).saturating_sub(cost).max(Usd::ZERO)),
+            };
+            if let Some(log) = &self.log_to {
+                log.log(summary.entry(
+                    s.arrived_ms,
+                    &s.request_id,
+                    Arc::clone(&record.user),
+                    Arc::clone(&record.route),
+                ));
+            }
+            self.summary = Some(summary);
+        }
         s.reservation.settle(record, crate::clock::unix_at(s.arrived_ms, s.started, now));
         drop(s.slot);
         cost

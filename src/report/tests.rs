@@ -48,6 +48,7 @@ fn record(at_ms: i64, route: &str, backend: &str, cost_pico: i64, latency_ms: u6
         cost: Usd::from_pico(cost_pico),
         status: 200,
         latency_ms,
+        request_id: None,
     }
 }
 

@@ -116,7 +116,7 @@ pub fn from_records(records: &[RequestRecord]) -> String {
             continue;
         }
         let line = OutLine {
-            t: rfc3339_ms(r.at_ms),
+            t: period::rfc3339_ms(r.at_ms),
             user: &r.user,
             model: &r.route,
             prompt_tokens: r.prompt_tokens,
@@ -128,15 +128,6 @@ pub fn from_records(records: &[RequestRecord]) -> String {
         }
     }
     out
-}
-
-/// RFC 3339 with milliseconds when there are any.
-fn rfc3339_ms(at_ms: i64) -> String {
-    let seconds = period::rfc3339(at_ms.div_euclid(1000));
-    match at_ms.rem_euclid(1000) {
-        0 => seconds,
-        ms => format!("{}.{ms:03}Z", seconds.trim_end_matches('Z')),
-    }
 }
 
 #[cfg(test)]
@@ -179,6 +170,7 @@ mod tests {
             cost: Usd::ZERO,
             status,
             latency_ms: 5,
+            request_id: None,
         };
         let records = [
             record(1_772_323_200_123, "cost-first", 200),

@@ -10,6 +10,8 @@ pub struct Process {
     pub child: Child,
     pub addr: String,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Standard output's lines: the access log.
+    pub stdout: Arc<Mutex<Vec<String>>>,
 }
 
 impl Process {
@@ -20,11 +22,20 @@ impl Process {
             .args(["serve", "--config", "tollgate.toml", "--listen", "127.0.0.1:0"])
             .current_dir(dir)
             .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (k, v) in env {
             command.env(k, v);
         }
         let mut child = command.spawn().unwrap();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let out_lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let out_sink = Arc::clone(&stdout);
+        std::thread::spawn(move || {
+            for line in out_lines.map_while(Result::ok) {
+                out_sink.lock().unwrap().push(line);
+            }
+        });
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let log = Arc::new(Mutex::new(Vec::new()));
         let addr = loop {
@@ -40,7 +51,20 @@ impl Process {
                 sink.lock().unwrap().push(line);
             }
         });
-        Self { child, addr, log }
+        Self { child, addr, log, stdout }
+    }
+
+    /// The access log's lines so far, once at least `want` are there (waits up to 5 s: the
+    /// log is written in batches).
+    pub fn access_lines(&self, want: usize) -> Vec<String> {
+        for _ in 0..250 {
+            let lines = self.stdout.lock().unwrap().clone();
+            if lines.len() >= want {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stdout.lock().unwrap().clone()
     }
 
     pub fn url(&self, path: &str) -> String {

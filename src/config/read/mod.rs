@@ -13,8 +13,8 @@ use self::backend::backend;
 use self::server::{default_ledger, default_server, ledger, server};
 use super::document::{Fields, Problems};
 use super::{
-    Backend, BudgetPeriod, Cascade, Config, Env, LedgerStore, LimitOverrides, Limits, MetricsSettings, Plan, Policy,
-    RedisStore, Route, Usd, User,
+    AccessLogFormat, Backend, BudgetPeriod, Cascade, Config, Env, LedgerStore, LimitOverrides, Limits, MetricsSettings,
+    Plan, Policy, RedisStore, Route, Telemetry, Usd, User,
 };
 use crate::secret::Secret;
 
@@ -41,6 +41,7 @@ pub(super) fn config(root: &Table, p: &mut Problems<'_>, env: &dyn Env) -> Confi
         f.finish(p);
         MetricsSettings { max_user_series }
     });
+    let telemetry = top.table(p, "telemetry").map_or_else(Telemetry::default, |mut f| telemetry(&mut f, p));
 
     if backends.is_empty() {
         p.at_line(1, "backends", "at least one [[backends]] entry is required");
@@ -72,7 +73,35 @@ pub(super) fn config(root: &Table, p: &mut Problems<'_>, env: &dyn Env) -> Confi
         f.finish(p);
     }
     top.finish(p);
-    Config { server, ledger, backends, routes, users, plans, metrics }
+    Config { server, ledger, backends, routes, users, plans, metrics, telemetry }
+}
+
+fn telemetry(f: &mut Fields<'_>, p: &mut Problems<'_>) -> Telemetry {
+    let defaults = Telemetry::default();
+    if f.has("otlp_endpoint") {
+        // Refused rather than accepted and ignored: an operator would wait for traces in vain.
+        let message = "OTLP trace export is not in this build yet; remove the key (the access log works)";
+        p.at_line(f.line_of(p, "otlp_endpoint"), &f.path_of("otlp_endpoint"), message);
+        f.optional::<String>(p, "otlp_endpoint");
+    }
+    let service_name = f.optional::<String>(p, "service_name").unwrap_or(defaults.service_name);
+    if service_name.trim().is_empty() {
+        p.at_line(f.line_of(p, "service_name"), &f.path_of("service_name"), "must not be empty");
+    }
+    let sample_ratio = f.optional::<f64>(p, "sample_ratio").unwrap_or(defaults.sample_ratio);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        p.at_line(f.line_of(p, "sample_ratio"), &f.path_of("sample_ratio"), "must be between 0 and 1");
+    }
+    let access_log = match f.optional::<String>(p, "access_log") {
+        None => defaults.access_log,
+        Some(text) => AccessLogFormat::parse(&text).unwrap_or_else(|| {
+            let message = format!("`{text}` is not an access log format (\"json\", \"text\" or \"off\")");
+            p.at_line(f.line_of(p, "access_log"), &f.path_of("access_log"), message);
+            defaults.access_log
+        }),
+    };
+    f.finish(p);
+    Telemetry { service_name, sample_ratio, access_log }
 }
 
 fn route(f: &mut Fields<'_>, p: &mut Problems<'_>, backends: &[Arc<Backend>]) -> Route {

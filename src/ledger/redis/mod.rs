@@ -136,6 +136,8 @@ struct StoredRecord {
     cost_pico: i64,
     status: u16,
     latency_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    request_id: Option<String>,
 }
 
 impl From<&RequestRecord> for StoredRecord {
@@ -151,6 +153,7 @@ impl From<&RequestRecord> for StoredRecord {
             cost_pico: r.cost.pico(),
             status: r.status,
             latency_ms: r.latency_ms,
+            request_id: r.request_id.as_deref().map(str::to_owned),
         }
     }
 }
@@ -168,6 +171,7 @@ impl From<StoredRecord> for RequestRecord {
             cost: Usd::from_pico(r.cost_pico),
             status: r.status,
             latency_ms: r.latency_ms,
+            request_id: r.request_id.map(Into::into),
         }
     }
 }

@@ -260,6 +260,7 @@ pub fn read_report(path: &Path, since_ms: i64) -> Result<(Vec<RequestRecord>, Ve
     read().map_err(storage(&display))
 }
 
+/// A row of `{REQUEST_COLUMN_LIST}` (and `request_id` after them, when selected).
 fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRecord> {
     Ok(RequestRecord {
         at_ms: row.get(0)?,
@@ -272,13 +273,14 @@ fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRecord> {
         cost: Usd::from_pico(row.get(7)?),
         status: row.get(8)?,
         latency_ms: row.get::<_, i64>(9)?.try_into().unwrap_or(0),
+        request_id: row.get::<_, Option<String>>(10).ok().flatten().map(Into::into),
     })
 }
 
 fn read_records(path: &str, limit: usize) -> rusqlite::Result<Vec<RequestRecord>> {
     let conn = Connection::open(path)?;
     let mut statement =
-        conn.prepare(&format!("SELECT {REQUEST_COLUMN_LIST} FROM requests ORDER BY rowid DESC LIMIT ?1"))?;
+        conn.prepare(&format!("SELECT {REQUEST_COLUMN_LIST}, request_id FROM requests ORDER BY rowid DESC LIMIT ?1"))?;
     let rows = statement.query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], record_from_row)?;
     let mut records = rows.collect::<rusqlite::Result<Vec<_>>>()?;
     records.reverse();
@@ -356,6 +358,7 @@ mod tests {
                 cost: Usd::from_pico(i64::try_from(i).unwrap()),
                 status: if i == count - 1 { 499 } else { 200 },
                 latency_ms: 3 * n,
+                request_id: Some(format!("req-{n}").into()),
             };
             ledger.settle(&alice, id, Usd::from_pico(10), record, now);
         }
@@ -370,6 +373,7 @@ mod tests {
             assert_eq!((r.prompt_tokens, r.completion_tokens, r.latency_ms), (n, 2 * n, 3 * n));
             assert_eq!(r.cost, Usd::from_pico(i64::try_from(i).unwrap()));
             assert_eq!(r.status, if i == count - 1 { 499 } else { 200 });
+            assert_eq!(r.request_id.as_deref(), Some(&*format!("req-{n}")));
         }
     }
 
@@ -411,6 +415,7 @@ mod tests {
             cost: Usd::from_pico(pico),
             status: 200,
             latency_ms: 1,
+            request_id: None,
         }
     }
 

@@ -22,14 +22,17 @@ pub const FLUSH_EVERY_MS: i64 = 1_000;
 /// Sums kept at most before a flush whatever the time: bounds the writer's memory.
 pub const MAX_PENDING: usize = 100_000;
 
-/// Added to a ledger file from before (idempotent): the records' levels and the watermark.
-/// Such a file's spend already counts every record it holds, so the watermark starts at its
-/// last record.
+/// Added to a ledger file from before (idempotent): the records' levels and the watermark, and
+/// their request ids. Such a file's spend already counts every record it holds, so the
+/// watermark starts at its last record.
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     tx.execute_batch("CREATE TABLE IF NOT EXISTS ledger_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")?;
-    if !has_levels(&tx)? {
+    if !has_column(&tx, "levels")? {
         tx.execute_batch("ALTER TABLE requests ADD COLUMN levels TEXT")?;
+    }
+    if !has_column(&tx, "request_id")? {
+        tx.execute_batch("ALTER TABLE requests ADD COLUMN request_id TEXT")?;
     }
     tx.execute(
         "INSERT OR IGNORE INTO ledger_meta (name, value)
@@ -39,8 +42,8 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-fn has_levels(conn: &Connection) -> rusqlite::Result<bool> {
-    conn.query_row("SELECT COUNT(*) FROM pragma_table_info('requests') WHERE name = 'levels'", [], |r| {
+fn has_column(conn: &Connection, column: &str) -> rusqlite::Result<bool> {
+    conn.query_row("SELECT COUNT(*) FROM pragma_table_info('requests') WHERE name = ?1", [column], |r| {
         r.get::<_, i64>(0)
     })
     .map(|n| n > 0)

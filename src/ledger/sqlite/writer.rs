@@ -33,6 +33,9 @@ pub(super) const WRITER_NICE: i32 = 10;
 /// The accounts and periods a settlement was booked in.
 pub type Levels = SmallVec<[(Arc<str>, i64); 3]>;
 
+// A settlement is every message but the rare flush: boxing it would cost each request an
+// allocation to save the flush a few hundred bytes.
+#[allow(clippy::large_enum_variant)]
 pub enum Write {
     /// A settled request: its record, and the cost booked in each level's account and period.
     Settled { accounts: Levels, record: RequestRecord },
@@ -172,8 +175,8 @@ impl Writer<'_> {
 /// Request records inserted by one statement: per-statement work (stepping in and out of the
 /// VM, resetting, the statement's own checks) is paid once per this many rows.
 pub const ROWS_PER_INSERT: usize = 32;
-/// Bound per row: the columns read back, then `levels`.
-const INSERT_COLUMNS: usize = 11;
+/// Bound per row: the columns read back, then `levels` and `request_id`.
+const INSERT_COLUMNS: usize = 12;
 
 static INSERT_MANY: LazyLock<String> = LazyLock::new(|| insert_requests_sql(ROWS_PER_INSERT));
 static INSERT_ONE: LazyLock<String> = LazyLock::new(|| insert_requests_sql(1));
@@ -181,7 +184,7 @@ static INSERT_ONE: LazyLock<String> = LazyLock::new(|| insert_requests_sql(1));
 /// `INSERT INTO requests ... VALUES (...), (...), ...` for `rows` rows.
 fn insert_requests_sql(rows: usize) -> String {
     let row = format!("({})", ["?"; INSERT_COLUMNS].join(","));
-    format!("INSERT INTO requests ({REQUEST_COLUMN_LIST}, levels) VALUES {}", vec![row; rows].join(","))
+    format!("INSERT INTO requests ({REQUEST_COLUMN_LIST}, levels, request_id) VALUES {}", vec![row; rows].join(","))
 }
 
 /// Binds a record and its levels as the row starting at parameter `first` (1-based).
@@ -202,6 +205,7 @@ fn bind_request(
     statement.raw_bind_parameter(first + 8, r.status)?;
     statement.raw_bind_parameter(first + 9, integer(r.latency_ms))?;
     statement.raw_bind_parameter(first + 10, spend::encode_levels(levels))?;
+    statement.raw_bind_parameter(first + 11, r.request_id.as_deref())?;
     Ok(())
 }
 
