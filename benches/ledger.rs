@@ -43,7 +43,7 @@ fn record() -> RequestRecord {
         cost: Usd::from_pico(40),
         status: 200,
         latency_ms: 3,
-        request_id: Some("0123456789abcdef0123456789abcdef".into()),
+        request_id: tollgate::telemetry::RequestId::from_stored("0123456789abcdef0123456789abcdef"),
     }
 }
 

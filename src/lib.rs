@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod background;
 pub mod body;
 pub mod cascade;
 pub mod cli;

@@ -56,7 +56,7 @@ fn record(cost: i64) -> RequestRecord {
         cost: Usd::from_pico(cost),
         status: 200,
         latency_ms: 5,
-        request_id: Some(format!("req-{cost}").into()),
+        request_id: tollgate::telemetry::RequestId::from_stored(&format!("req-{cost}")),
     }
 }
 
@@ -122,7 +122,7 @@ async fn a_new_day_starts_from_zero_spend_and_keeps_open_reservations() {
     let records = ledger.records(10).await.unwrap();
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].cost, Usd::from_pico(20 * USD));
-    assert_eq!(records[0].request_id.as_deref(), Some(&*format!("req-{}", 20 * USD)), "ids survive Redis");
+    assert_eq!(records[0].request_id.as_ref().map(|id| id.as_str().to_owned()), Some(format!("req-{}", 20 * USD)));
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ use crate::app::AppState;
 use crate::auth::{bearer, sha256, AuthError};
 use crate::error::ApiError;
 use crate::ledger::period;
+use crate::telemetry::RequestId;
 
 /// A request that carries the admin key. As an extractor, an admin handler cannot leave the
 /// check out, and it runs before the handler's body or path are read.
@@ -72,7 +73,7 @@ pub async fn requests(
                 "cost_usd": r.cost.as_f64(),
                 "status": r.status,
                 "latency_ms": r.latency_ms,
-                "request_id": r.request_id.as_deref(),
+                "request_id": r.request_id.as_ref().map(RequestId::as_str),
             })
         })
         .collect();

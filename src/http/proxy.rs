@@ -16,6 +16,7 @@ use crate::dispatch::{self, Dispatched, Hints, RequestContext};
 use crate::error::ApiError;
 use crate::request::{Endpoint, ProxyRequest};
 use crate::telemetry::{Entry, RequestId, HEADER_REQUEST_ID};
+use crate::tenancy::Principal;
 
 // The router's routes for the proxied endpoints; `super::handle` serves them ahead of it.
 pub async fn chat_completions(state: State<Arc<AppState>>, request: Request) -> axum::response::Response {
@@ -49,12 +50,12 @@ where
     let request_id = RequestId::from_headers(&headers);
     let access_log = state.access_log.enabled().then(|| Arc::clone(&state.access_log));
     // Who asked for what, as far as the request got: the access log's line for a refusal.
-    let mut seen: (Option<Arc<str>>, Option<Arc<str>>) = (None, None);
+    let mut seen: (Option<Arc<Principal>>, Option<Arc<str>>) = (None, None);
     let dispatched = async {
         let snapshot = state.snapshot.load_full();
         let principal = state.authenticate(&snapshot, &headers, started).await?;
         if access_log.is_some() {
-            seen.0 = Some(principal.user.name.as_str().into());
+            seen.0 = Some(Arc::clone(&principal));
         }
         let server = &snapshot.config.server;
         let read_by = started + server.body_read_timeout;
@@ -73,7 +74,7 @@ where
                 let end_user =
                     state.tenants.end_user(&snapshot.config, &principal, &id, arrived_ms.div_euclid(1000)).await?;
                 if access_log.is_some() {
-                    seen.0 = Some(end_user.user.name.as_str().into());
+                    seen.0 = Some(Arc::clone(&end_user));
                 }
                 end_user
             }
@@ -108,15 +109,16 @@ where
         error_code = Some(error.code());
         from_axum(error.into_response())
     });
-    if let Some(value) = request_id.header_value() {
-        response.headers_mut().insert(HEADER_REQUEST_ID, value);
-    }
+    response.headers_mut().insert(HEADER_REQUEST_ID, request_id.header_value());
     // A stream's line is written by its meter when it ends; every other request's, here.
     if let Some(log) = access_log.filter(|_| !matches!(response.body(), ResponseBody::Metered(_))) {
-        let (user, route) = seen;
-        let mut entry = match (settled, user.clone(), route.clone()) {
-            (Some(settled), Some(user), Some(route)) => settled.entry(arrived_ms, &request_id, user, route),
-            _ => Entry { user, route, ..Entry::new(arrived_ms, Arc::clone(request_id.shared())) },
+        let mut entry = match settled {
+            Some(settled) => settled.entry(arrived_ms, &request_id),
+            None => {
+                let (principal, route) = seen;
+                let user = principal.map(|p| Arc::from(p.user.name.as_str()));
+                Entry { user, route, ..Entry::new(arrived_ms, request_id) }
+            }
         };
         entry.status = response.status().as_u16();
         entry.error = error_code.or(entry.error);

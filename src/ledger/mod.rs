@@ -61,7 +61,7 @@ pub struct RequestRecord {
     pub status: u16,
     pub latency_ms: u64,
     /// The request's id (`x-request-id`); `None` in records written before ids existed.
-    pub request_id: Option<Arc<str>>,
+    pub request_id: Option<crate::telemetry::RequestId>,
 }
 
 /// Spend of one account (a user's, a key's or a team's) in one budget period, as the SQLite

@@ -63,6 +63,9 @@ impl Ending {
 /// What a settled answer used and cost: what the access log says of it.
 #[derive(Debug, Clone)]
 pub struct Settled {
+    pub user: Arc<str>,
+    /// The route's alias, or the pinned backend's name.
+    pub route: Arc<str>,
     pub backend: Arc<Backend>,
     pub reason: Cow<'static, str>,
     pub prompt_tokens: u64,
@@ -78,11 +81,11 @@ pub struct Settled {
 }
 
 impl Settled {
-    /// The access log's entry for request `id` of `user` to `route`.
-    pub fn entry(&self, at_ms: i64, id: &RequestId, user: Arc<str>, route: Arc<str>) -> Entry {
+    /// The access log's entry for request `id`, which arrived at `at_ms`.
+    pub fn entry(&self, at_ms: i64, id: &RequestId) -> Entry {
         Entry {
-            user: Some(user),
-            route: Some(route),
+            user: Some(Arc::clone(&self.user)),
+            route: Some(Arc::clone(&self.route)),
             backend: Some(Arc::clone(&self.backend)),
             reason: Some(self.reason.clone()),
             status: self.status,
@@ -93,7 +96,7 @@ impl Settled {
             latency: self.latency,
             ttft: self.ttft,
             error: self.error,
-            ..Entry::new(at_ms, Arc::clone(id.shared()))
+            ..Entry::new(at_ms, id.clone())
         }
     }
 }
@@ -264,10 +267,12 @@ impl Meter {
             cost,
             status,
             latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
-            request_id: Some(Arc::clone(s.request_id.shared())),
+            request_id: Some(s.request_id.clone()),
         };
         if self.keep_summary {
             let summary = Settled {
+                user: Arc::clone(&record.user),
+                route: Arc::clone(&record.route),
                 backend: Arc::clone(&s.backend),
                 reason: record.reason.clone(),
                 prompt_tokens: usage.prompt_tokens,
@@ -282,12 +287,7 @@ impl Meter {
                     .map(|left| left.saturating_add(s.estimate).saturating_sub(cost).max(Usd::ZERO)),
             };
             if let Some(log) = &self.log_to {
-                log.log(summary.entry(
-                    s.arrived_ms,
-                    &s.request_id,
-                    Arc::clone(&record.user),
-                    Arc::clone(&record.route),
-                ));
+                log.log(summary.entry(s.arrived_ms, &s.request_id));
             }
             self.summary = Some(summary);
         }

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::IntCounter;
-use serde::Serialize;
 
+use super::RequestId;
 use crate::config::{AccessLogFormat, Backend};
 use crate::cost::Usd;
 
@@ -35,7 +35,7 @@ pub const WRITER_THREAD: &str = "tollgate-access-log";
 pub struct Entry {
     /// Unix milliseconds when the request arrived.
     pub at_ms: i64,
-    pub request_id: Arc<str>,
+    pub request_id: RequestId,
     pub user: Option<Arc<str>>,
     /// The model the client asked for: a route's alias or a backend's name.
     pub route: Option<Arc<str>>,
@@ -60,7 +60,7 @@ pub struct Entry {
 
 impl Entry {
     /// An entry with nothing known yet but the request's arrival and id.
-    pub fn new(at_ms: i64, request_id: Arc<str>) -> Self {
+    pub fn new(at_ms: i64, request_id: RequestId) -> Self {
         Self {
             at_ms,
             request_id,
@@ -139,20 +139,21 @@ impl AccessLog {
 }
 
 fn write_loop(rx: &Receiver<Entry>, out: Box<dyn std::io::Write + Send>, format: impl Fn() -> AccessLogFormat) {
+    crate::background::yield_to_requests(WRITER_THREAD);
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
-    let mut line = String::with_capacity(512);
+    let mut line = Line::default();
     while let Ok(first) = rx.recv() {
         std::thread::sleep(BATCH_WINDOW);
         let format = format();
         for entry in std::iter::once(first).chain(rx.try_iter()) {
             line.clear();
             match format {
-                AccessLogFormat::Json => json(&entry, &mut line),
-                AccessLogFormat::Text => text(&entry, &mut line),
+                AccessLogFormat::Json => line.json(&entry),
+                AccessLogFormat::Text => line.text(&entry),
                 AccessLogFormat::Off => continue,
             }
-            line.push('\n');
-            if out.write_all(line.as_bytes()).is_err() {
+            line.bytes.push(b'\n');
+            if out.write_all(&line.bytes).is_err() {
                 break;
             }
         }
@@ -161,93 +162,137 @@ fn write_loop(rx: &Receiver<Entry>, out: Box<dyn std::io::Write + Send>, format:
     }
 }
 
-/// The JSON line's fields, in order.
-#[derive(Serialize)]
-struct JsonLine<'a> {
-    time: String,
-    request_id: &'a str,
-    user: Option<&'a str>,
-    route: Option<&'a str>,
-    backend: Option<&'a str>,
-    tier: Option<&'a str>,
-    reason: Option<&'a str>,
-    cache: Option<&'a str>,
-    status: u16,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    cost_usd: &'a serde_json::value::RawValue,
-    budget_remaining_usd: Option<&'a serde_json::value::RawValue>,
-    latency_ms: f64,
-    ttft_ms: Option<f64>,
-    error: Option<&'a str>,
+/// One field's value.
+enum Value<'a> {
+    Text(Option<&'a str>),
+    Count(u64),
+    Usd(Option<Usd>),
+    Ms(Option<Duration>),
 }
 
-/// Milliseconds with microsecond precision.
-fn ms(d: Duration) -> f64 {
-    (d.as_micros() as f64) / 1000.0
+/// The fields of a line, in order.
+fn fields<'e>(e: &'e Entry, mut field: impl FnMut(&'static str, Value<'e>)) {
+    field("request_id", Value::Text(Some(e.request_id.as_str())));
+    field("user", Value::Text(e.user.as_deref()));
+    field("route", Value::Text(e.route.as_deref()));
+    field("backend", Value::Text(e.backend.as_ref().map(|b| b.name.as_str())));
+    field("tier", Value::Text(e.backend.as_ref().map(|b| b.tier.as_str())));
+    field("reason", Value::Text(e.reason.as_deref()));
+    field("cache", Value::Text(e.cache));
+    field("status", Value::Count(u64::from(e.status)));
+    field("prompt_tokens", Value::Count(e.prompt_tokens));
+    field("completion_tokens", Value::Count(e.completion_tokens));
+    field("cost_usd", Value::Usd(Some(e.cost)));
+    field("budget_remaining_usd", Value::Usd(e.budget_remaining));
+    field("latency_ms", Value::Ms(Some(e.latency)));
+    field("ttft_ms", Value::Ms(e.ttft));
+    field("error", Value::Text(e.error));
 }
 
-/// A dollar amount as an exact JSON number (Usd prints plain decimals).
-fn usd_raw(usd: Usd) -> Option<Box<serde_json::value::RawValue>> {
-    serde_json::value::RawValue::from_string(usd.to_string()).ok()
+/// A line being formatted, and the last second's timestamp (lines come in order of their
+/// end, mostly within one second: formatting the date once per second is enough).
+#[derive(Default)]
+struct Line {
+    bytes: Vec<u8>,
+    second: Option<(i64, String)>,
 }
 
-fn json(e: &Entry, line: &mut String) {
-    let cost = usd_raw(e.cost);
-    let remaining = e.budget_remaining.and_then(usd_raw);
-    let zero = serde_json::value::RawValue::NULL;
-    let view = JsonLine {
-        time: crate::ledger::period::rfc3339_ms(e.at_ms),
-        request_id: &e.request_id,
-        user: e.user.as_deref(),
-        route: e.route.as_deref(),
-        backend: e.backend.as_ref().map(|b| b.name.as_str()),
-        tier: e.backend.as_ref().map(|b| b.tier.as_str()),
-        reason: e.reason.as_deref(),
-        cache: e.cache,
-        status: e.status,
-        prompt_tokens: e.prompt_tokens,
-        completion_tokens: e.completion_tokens,
-        cost_usd: cost.as_deref().unwrap_or(zero),
-        budget_remaining_usd: remaining.as_deref(),
-        latency_ms: ms(e.latency),
-        ttft_ms: e.ttft.map(ms),
-        error: e.error,
-    };
-    if let Ok(text) = serde_json::to_string(&view) {
-        line.push_str(&text);
+impl Line {
+    fn clear(&mut self) {
+        self.bytes.clear();
+    }
+
+    /// `2026-12-05T18:56:20.123Z`: always with milliseconds, so that every line has one shape.
+    fn time(&mut self, at_ms: i64) {
+        let second = at_ms.div_euclid(1000);
+        let cached = match &self.second {
+            Some((s, text)) if *s == second => text,
+            _ => {
+                let text = crate::ledger::period::rfc3339(second);
+                &self.second.insert((second, text.trim_end_matches('Z').to_owned())).1
+            }
+        };
+        self.bytes.extend_from_slice(cached.as_bytes());
+        let _ = write!(self.bytes, ".{:03}Z", at_ms.rem_euclid(1000));
+    }
+
+    fn json(&mut self, e: &Entry) {
+        self.bytes.extend_from_slice(b"{\"time\":\"");
+        self.time(e.at_ms);
+        self.bytes.push(b'"');
+        let bytes = &mut self.bytes;
+        fields(e, |key, value| {
+            let _ = write!(bytes, ",\"{key}\":");
+            match value {
+                Value::Text(Some(text)) => json_string(bytes, text),
+                Value::Count(n) => {
+                    let _ = write!(bytes, "{n}");
+                }
+                // Exact decimals: `Usd` prints plain digits, never an exponent.
+                Value::Usd(Some(usd)) => {
+                    let _ = write!(bytes, "{usd}");
+                }
+                Value::Ms(Some(d)) => milliseconds(bytes, d),
+                Value::Text(None) | Value::Usd(None) | Value::Ms(None) => bytes.extend_from_slice(b"null"),
+            }
+        });
+        self.bytes.push(b'}');
+    }
+
+    /// `key=value` pairs; `-` for what is unknown; values with spaces, quotes or `=` quoted.
+    fn text(&mut self, e: &Entry) {
+        self.bytes.extend_from_slice(b"time=");
+        self.time(e.at_ms);
+        let bytes = &mut self.bytes;
+        fields(e, |key, value| {
+            let _ = write!(bytes, " {key}=");
+            match value {
+                Value::Text(Some(text)) if text.is_empty() || text.bytes().any(needs_quotes) => {
+                    json_string(bytes, text)
+                }
+                Value::Text(Some(text)) => bytes.extend_from_slice(text.as_bytes()),
+                Value::Count(n) => {
+                    let _ = write!(bytes, "{n}");
+                }
+                Value::Usd(Some(usd)) => {
+                    let _ = write!(bytes, "{usd}");
+                }
+                Value::Ms(Some(d)) => milliseconds(bytes, d),
+                Value::Text(None) | Value::Usd(None) | Value::Ms(None) => bytes.push(b'-'),
+            }
+        });
     }
 }
 
-/// `key=value` pairs; `-` for what is unknown; values with spaces or quotes are quoted.
-fn text(e: &Entry, line: &mut String) {
-    use std::fmt::Write as _;
-    let mut pair = |key: &str, value: Option<&str>| {
-        let value = value.unwrap_or("-");
-        if value.is_empty() || value.bytes().any(|b| b == b' ' || b == b'"' || b == b'=' || b.is_ascii_control()) {
-            let _ = write!(line, " {key}={value:?}");
-        } else {
-            let _ = write!(line, " {key}={value}");
+fn needs_quotes(b: u8) -> bool {
+    b == b' ' || b == b'"' || b == b'=' || b == b'\\' || b.is_ascii_control()
+}
+
+/// Milliseconds with microseconds: `12.345`.
+fn milliseconds(bytes: &mut Vec<u8>, d: Duration) {
+    let micros = d.as_micros();
+    let _ = write!(bytes, "{}.{:03}", micros / 1000, micros % 1000);
+}
+
+/// A JSON string: quotes, backslashes and control characters escaped, the rest as it is.
+fn json_string(bytes: &mut Vec<u8>, text: &str) {
+    bytes.push(b'"');
+    if !text.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        bytes.extend_from_slice(text.as_bytes());
+    } else {
+        for b in text.bytes() {
+            match b {
+                b'"' => bytes.extend_from_slice(b"\\\""),
+                b'\\' => bytes.extend_from_slice(b"\\\\"),
+                b'\n' => bytes.extend_from_slice(b"\\n"),
+                b if b < 0x20 => {
+                    let _ = write!(bytes, "\\u{:04x}", b);
+                }
+                b => bytes.push(b),
+            }
         }
-    };
-    pair("time", Some(&crate::ledger::period::rfc3339_ms(e.at_ms)));
-    pair("request_id", Some(&e.request_id));
-    pair("user", e.user.as_deref());
-    pair("route", e.route.as_deref());
-    pair("backend", e.backend.as_ref().map(|b| b.name.as_str()));
-    pair("tier", e.backend.as_ref().map(|b| b.tier.as_str()));
-    pair("reason", e.reason.as_deref());
-    pair("cache", e.cache);
-    pair("status", Some(&e.status.to_string()));
-    pair("prompt_tokens", Some(&e.prompt_tokens.to_string()));
-    pair("completion_tokens", Some(&e.completion_tokens.to_string()));
-    pair("cost_usd", Some(&e.cost.to_string()));
-    pair("budget_remaining_usd", e.budget_remaining.map(|u| u.to_string()).as_deref());
-    pair("latency_ms", Some(&format!("{:.3}", ms(e.latency))));
-    pair("ttft_ms", e.ttft.map(|t| format!("{:.3}", ms(t))).as_deref());
-    pair("error", e.error);
-    // The first pair's leading space.
-    line.remove(0);
+    }
+    bytes.push(b'"');
 }
 
 #[cfg(test)]
@@ -256,6 +301,10 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+
+    fn id(text: &str) -> RequestId {
+        RequestId::from_stored(text).unwrap()
+    }
 
     fn entry() -> Entry {
         let env = |_: &str| None;
@@ -273,14 +322,15 @@ mod tests {
             budget_remaining: Some(Usd::from_pico(4_990_000_000_000)),
             latency: Duration::from_micros(12_345),
             ttft: Some(Duration::from_micros(2_500)),
-            ..Entry::new(1_764_892_800_123, "req-1".into())
+            ..Entry::new(1_764_892_800_123, id("req-1"))
         }
     }
 
     #[test]
     fn a_json_line_has_every_field_with_exact_money() {
-        let mut line = String::new();
-        json(&entry(), &mut line);
+        let mut formatted = Line::default();
+        formatted.json(&entry());
+        let line = String::from_utf8(formatted.bytes).unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["time"], "2025-12-05T00:00:00.123Z");
         assert_eq!(v["request_id"], "req-1");
@@ -299,12 +349,35 @@ mod tests {
     }
 
     #[test]
+    fn strings_a_client_chose_are_escaped_and_the_line_stays_one_line() {
+        let tricky = "he said \"hi\"\n\\ é\u{1}";
+        let mut formatted = Line::default();
+        formatted.json(&Entry { route: Some(tricky.into()), ..Entry::new(5, id("a")) });
+        let line = String::from_utf8(formatted.bytes).unwrap();
+        assert!(!line.contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["route"], tricky);
+        assert_eq!(v["time"], "1970-01-01T00:00:00.005Z");
+        let mut formatted = Line::default();
+        formatted.text(&Entry { route: Some(tricky.into()), ..Entry::new(5, id("a")) });
+        let line = String::from_utf8(formatted.bytes).unwrap();
+        assert!(!line.contains('\n') && line.contains(r#" route="he said \"hi\"\n\\ é\u0001" "#), "{line}");
+    }
+
+    #[test]
     fn a_text_line_is_key_value_pairs_with_dashes_for_the_unknown() {
-        let refused = Entry { status: 401, error: Some("invalid_api_key"), ..Entry::new(0, "r 2".into()) };
-        let mut line = String::new();
-        text(&refused, &mut line);
-        assert!(line.starts_with("time=1970-01-01T00:00:00Z request_id=\"r 2\" user=- route=-"), "{line}");
+        let refused = Entry {
+            status: 401,
+            error: Some("invalid_api_key"),
+            reason: Some("two words".into()),
+            ..Entry::new(0, id("r-2"))
+        };
+        let mut formatted = Line::default();
+        formatted.text(&refused);
+        let line = String::from_utf8(formatted.bytes).unwrap();
+        assert!(line.starts_with("time=1970-01-01T00:00:00.000Z request_id=r-2 user=- route=-"), "{line}");
         assert!(line.contains(" status=401 ") && line.ends_with(" error=invalid_api_key"), "{line}");
+        assert!(line.contains(" reason=\"two words\" "), "values with spaces are quoted: {line}");
         assert!(line.contains(" cost_usd=0.0 ") && line.contains(" ttft_ms=- "), "{line}");
     }
 
@@ -340,7 +413,7 @@ mod tests {
         let dropped = IntCounter::new("dropped", "test").unwrap();
         let log = AccessLog::start(AccessLogFormat::Json, dropped.clone(), Box::new(out.clone())).unwrap();
         for i in 0..3 {
-            log.log(Entry { status: 200, ..Entry::new(i, format!("id-{i}").into()) });
+            log.log(Entry { status: 200, ..Entry::new(i, id(&format!("id-{i}"))) });
         }
         let written = lines(&out, 3);
         assert_eq!(written.len(), 3);
@@ -351,7 +424,7 @@ mod tests {
         log.set_format(AccessLogFormat::Off);
         assert!(!log.enabled());
         log.set_format(AccessLogFormat::Text);
-        log.log(Entry { status: 404, ..Entry::new(9, "id-9".into()) });
+        log.log(Entry { status: 404, ..Entry::new(9, id("id-9")) });
         assert!(lines(&out, 4)[3].contains("request_id=id-9 "));
         assert_eq!(dropped.get(), 0);
     }
@@ -377,11 +450,11 @@ mod tests {
         // The writer takes the first entry and blocks on writing it (BufWriter passes a line
         // of over its capacity straight through); the queue then fills and the rest is dropped.
         let big = "x".repeat(100 * 1024);
-        log.log(Entry { user: Some(big.into()), ..Entry::new(0, "first".into()) });
+        log.log(Entry { user: Some(big.into()), ..Entry::new(0, id("first")) });
         std::thread::sleep(BATCH_WINDOW * 3);
         let sent = QUEUE + 500;
         for i in 0..sent {
-            log.log(Entry::new(i as i64, "x".into()));
+            log.log(Entry::new(i as i64, id("x")));
         }
         assert_eq!(dropped.get(), 500, "the queue holds {QUEUE}; the rest is counted, never waited for");
     }

@@ -3,7 +3,7 @@
 //! request record, so one request can be followed from the client to the backend and back.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -13,9 +13,10 @@ pub const HEADER_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id"
 /// W3C trace id or a prefixed ULID, short enough to bound what a client makes us log and store.
 pub const MAX_CLIENT_ID_BYTES: usize = 128;
 
-/// One request's id.
+/// One request's id, kept as the header value it travels as: the answer's and the backend
+/// request's headers share its bytes instead of formatting or copying them again.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestId(Arc<str>);
+pub struct RequestId(HeaderValue);
 
 impl RequestId {
     /// The client's `x-request-id` if it is sane (1 to [`MAX_CLIENT_ID_BYTES`] visible ASCII
@@ -24,11 +25,18 @@ impl RequestId {
         headers.get(HEADER_REQUEST_ID).and_then(|v| Self::sane(v.as_bytes())).unwrap_or_else(Self::generate)
     }
 
+    /// An id read back from storage, if it is one.
+    pub fn from_stored(text: &str) -> Option<Self> {
+        Self::sane(text.as_bytes())
+    }
+
+    /// Copied: a view into the connection's read buffer would keep the whole buffer alive for
+    /// as long as the id lives.
     fn sane(bytes: &[u8]) -> Option<Self> {
         let ok = !bytes.is_empty()
             && bytes.len() <= MAX_CLIENT_ID_BYTES
             && bytes.iter().all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
-        ok.then(|| std::str::from_utf8(bytes).ok().map(|s| Self(s.into()))).flatten()
+        ok.then(|| HeaderValue::from_bytes(bytes).ok().map(Self)).flatten()
     }
 
     /// 32 lowercase hex digits (the shape of a W3C trace id): 64 random bits drawn once per
@@ -45,26 +53,29 @@ impl RequestId {
         });
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        Self(format!("{:016x}{:016x}", *PROCESS, mix(n ^ *PROCESS)).into())
+        let mut hex = [0u8; 32];
+        for (i, digit) in hex.iter_mut().enumerate() {
+            let word = if i < 16 { *PROCESS } else { mix(n ^ *PROCESS) };
+            let nibble = (word >> (60 - 4 * (i % 16))) & 0xf;
+            *digit = b"0123456789abcdef"[nibble as usize];
+        }
+        // Hex digits are always a valid header value.
+        Self(HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("0")))
     }
 
+    /// Only visible ASCII gets in, so this is the whole id.
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.to_str().unwrap_or_default()
     }
 
-    pub fn shared(&self) -> &Arc<str> {
-        &self.0
-    }
-
-    /// As a header value: always valid, since only visible ASCII gets in.
-    pub fn header_value(&self) -> Option<HeaderValue> {
-        HeaderValue::from_str(&self.0).ok()
+    pub fn header_value(&self) -> HeaderValue {
+        self.0.clone()
     }
 }
 
 impl std::fmt::Display for RequestId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
@@ -91,7 +102,9 @@ mod tests {
     fn a_sane_client_id_is_kept_as_it_is() {
         let id = RequestId::from_headers(&with(b"req_01HZX-abc.123:4"));
         assert_eq!(id.as_str(), "req_01HZX-abc.123:4");
-        assert_eq!(id.header_value().unwrap(), "req_01HZX-abc.123:4");
+        assert_eq!(id.header_value(), "req_01HZX-abc.123:4");
+        assert_eq!(RequestId::from_stored(id.as_str()), Some(id));
+        assert_eq!(RequestId::from_stored("two words"), None);
     }
 
     #[test]

@@ -187,9 +187,7 @@ impl Upstream {
             Transport::Http { pool, destination } => {
                 let body = forward::upstream_body(request, &self.backend.model, with_logprobs);
                 let mut http_request = destination.request(request.endpoint, body, spare_headers);
-                if let Some(id) = request_id.header_value() {
-                    http_request.headers_mut().insert(crate::telemetry::HEADER_REQUEST_ID, id);
-                }
+                http_request.headers_mut().insert(crate::telemetry::HEADER_REQUEST_ID, request_id.header_value());
                 let timeout = self.backend.first_byte_timeout;
                 let response = match tokio::time::timeout_at(now + timeout, pool.send(http_request, now)).await {
                     Err(_) => {

@@ -36,6 +36,7 @@ use smallvec::SmallVec;
 use super::{period, Account, BoxFuture, Budget, Budgets, Ledger, LedgerError, Left, RequestRecord, Reserve, Totals};
 use crate::config::{BudgetPeriod, OnLedgerError};
 use crate::cost::Usd;
+use crate::telemetry::RequestId;
 use scripts::{DEDUPE_WINDOW_MS, MAX_RECORDS};
 use store::{Write, WriteScript};
 
@@ -153,7 +154,7 @@ impl From<&RequestRecord> for StoredRecord {
             cost_pico: r.cost.pico(),
             status: r.status,
             latency_ms: r.latency_ms,
-            request_id: r.request_id.as_deref().map(str::to_owned),
+            request_id: r.request_id.as_ref().map(|id| id.as_str().to_owned()),
         }
     }
 }
@@ -171,7 +172,7 @@ impl From<StoredRecord> for RequestRecord {
             cost: Usd::from_pico(r.cost_pico),
             status: r.status,
             latency_ms: r.latency_ms,
-            request_id: r.request_id.map(Into::into),
+            request_id: r.request_id.as_deref().and_then(RequestId::from_stored),
         }
     }
 }

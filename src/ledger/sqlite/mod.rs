@@ -27,6 +27,7 @@ use super::{
     Account, BoxFuture, Budget, Budgets, Ledger, LedgerError, Left, PeriodSpend, RequestRecord, Reserve, Totals,
 };
 use crate::cost::Usd;
+use crate::telemetry::RequestId;
 
 /// The `requests` table's columns, in the order rows are written and read.
 const REQUEST_COLUMN_LIST: &str =
@@ -273,7 +274,7 @@ fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRecord> {
         cost: Usd::from_pico(row.get(7)?),
         status: row.get(8)?,
         latency_ms: row.get::<_, i64>(9)?.try_into().unwrap_or(0),
-        request_id: row.get::<_, Option<String>>(10).ok().flatten().map(Into::into),
+        request_id: row.get::<_, Option<String>>(10).ok().flatten().as_deref().and_then(RequestId::from_stored),
     })
 }
 
@@ -325,12 +326,12 @@ mod tests {
         };
         // The thread lowers its own priority as it starts: give it up to 5 s.
         for _ in 0..1000 {
-            if writer_nices().contains(&writer::WRITER_NICE) {
+            if writer_nices().contains(&crate::background::NICE) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(writer_nices().contains(&writer::WRITER_NICE), "writer threads' nice values: {:?}", writer_nices());
+        assert!(writer_nices().contains(&crate::background::NICE), "writer threads' nice values: {:?}", writer_nices());
     }
 
     /// A window's records go in by statements of many rows and one statement per leftover:
@@ -358,7 +359,7 @@ mod tests {
                 cost: Usd::from_pico(i64::try_from(i).unwrap()),
                 status: if i == count - 1 { 499 } else { 200 },
                 latency_ms: 3 * n,
-                request_id: Some(format!("req-{n}").into()),
+                request_id: RequestId::from_stored(&format!("req-{n}")),
             };
             ledger.settle(&alice, id, Usd::from_pico(10), record, now);
         }
@@ -373,7 +374,7 @@ mod tests {
             assert_eq!((r.prompt_tokens, r.completion_tokens, r.latency_ms), (n, 2 * n, 3 * n));
             assert_eq!(r.cost, Usd::from_pico(i64::try_from(i).unwrap()));
             assert_eq!(r.status, if i == count - 1 { 499 } else { 200 });
-            assert_eq!(r.request_id.as_deref(), Some(&*format!("req-{n}")));
+            assert_eq!(r.request_id.as_ref().map(RequestId::as_str), Some(&*format!("req-{n}")));
         }
     }
 

@@ -27,8 +27,6 @@ const EVICT_IDLE_S: i64 = 300;
 const EVICT_MARGIN_S: i64 = 2;
 /// The writer thread's name, as `ps -T` and `/proc/<pid>/task/*/comm` show it.
 pub const WRITER_THREAD: &str = "tollgate-ledger";
-/// The writer's niceness (Linux): see [`yield_to_requests`].
-pub(super) const WRITER_NICE: i32 = 10;
 
 /// The accounts and periods a settlement was booked in.
 pub type Levels = SmallVec<[(Arc<str>, i64); 3]>;
@@ -41,18 +39,6 @@ pub enum Write {
     Settled { accounts: Levels, record: RequestRecord },
     /// Everything sent before, records and sums, in the file; then answer.
     Flush(oneshot::Sender<Result<(), String>>),
-}
-
-/// Lowers the calling thread's priority. A commit takes a core for a few hundred µs every
-/// window; at normal priority it preempted request handling, and on a 2-core machine that cost
-/// ~20 µs of every request's p50 at concurrency 1 (same-run A/B; a thread spinning as long did
-/// the same). At nice 10 it runs on a core that requests leave idle, and under saturation it
-/// still gets the few percent of a core it needs: a late batch is only a larger one.
-fn yield_to_requests() {
-    #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), WRITER_NICE) {
-        tracing::debug!(error = %e, "the ledger writer keeps its priority");
-    }
 }
 
 /// The writer's state between windows.
@@ -69,7 +55,7 @@ struct Writer<'a> {
 }
 
 pub fn write_loop(conn: Connection, rx: mpsc::Receiver<Write>, retention_ms: i64, accounts: &Accounts) {
-    yield_to_requests();
+    crate::background::yield_to_requests(WRITER_THREAD);
     let now = crate::clock::unix_now();
     let mut writer = Writer {
         conn,
@@ -205,7 +191,7 @@ fn bind_request(
     statement.raw_bind_parameter(first + 8, r.status)?;
     statement.raw_bind_parameter(first + 9, integer(r.latency_ms))?;
     statement.raw_bind_parameter(first + 10, spend::encode_levels(levels))?;
-    statement.raw_bind_parameter(first + 11, r.request_id.as_deref())?;
+    statement.raw_bind_parameter(first + 11, r.request_id.as_ref().map(crate::telemetry::RequestId::as_str))?;
     Ok(())
 }
 
