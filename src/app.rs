@@ -32,7 +32,7 @@ use crate::ledger::{self, Ledger};
 use crate::metrics::Metrics;
 use crate::ratelimit::Limiter;
 use crate::snapshot::Snapshot;
-use crate::telemetry::AccessLog;
+use crate::telemetry::{AccessLog, Tracing};
 use crate::tenancy::cache::Tenants;
 
 /// State shared by every request.
@@ -60,6 +60,8 @@ pub struct AppState {
     pub calibrators: dashmap::DashMap<String, crate::cascade::Calibrator>,
     /// One line per request on standard output (`telemetry.access_log`).
     pub access_log: Arc<AccessLog>,
+    /// OTLP traces (`telemetry.otlp_endpoint`); set at start.
+    pub tracing: Option<Arc<Tracing>>,
 }
 
 /// Why the gateway could not start.
@@ -75,6 +77,8 @@ pub enum StartError {
     Tenants(#[from] crate::tenancy::store::StoreError),
     #[error("the access log's writer thread: {0}")]
     AccessLog(#[from] std::io::Error),
+    #[error(transparent)]
+    Tracing(#[from] crate::telemetry::trace::TraceError),
 }
 
 impl AppState {
@@ -94,6 +98,11 @@ impl AppState {
         }
         ledger.requests_last_at_most(config.longest_request());
         let access_log = AccessLog::to_stdout(config.telemetry.access_log, metrics.access_log_dropped.clone())?;
+        let tracing = Tracing::start(
+            &config.telemetry,
+            metrics.trace_spans_exported.clone(),
+            metrics.trace_export_failures.clone(),
+        )?;
         let freed = Arc::new(Notify::new());
         let snapshot = Snapshot::new(config, None, &freed)?;
         Ok(Arc::new(Self {
@@ -110,6 +119,7 @@ impl AppState {
             reload_lock: tokio::sync::Mutex::new(()),
             calibrators: dashmap::DashMap::new(),
             access_log,
+            tracing,
         }))
     }
 }

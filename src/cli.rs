@@ -292,6 +292,10 @@ async fn serve_config(config: Config, path: Option<PathBuf>) -> Result<(), Strin
     if let Err(e) = state.ledger.flush().await {
         tracing::error!(error = %e, "the ledger could not be flushed at shutdown");
     }
+    if let Some(tracer) = state.tracing.clone() {
+        // The exporter's HTTP client blocks: its last export runs off the runtime's workers.
+        let _ = tokio::task::spawn_blocking(move || tracer.shutdown()).await;
+    }
     served.map_err(|e| format!("server failed: {e}"))
 }
 

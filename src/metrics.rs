@@ -92,6 +92,11 @@ pub struct Metrics {
     /// `tollgate_access_log_dropped_total`: access log lines dropped because standard output
     /// did not keep up (the proxy never waits for its log).
     pub access_log_dropped: IntCounter,
+    /// `tollgate_trace_spans_exported_total`: spans the OTLP collector accepted.
+    pub trace_spans_exported: IntCounter,
+    /// `tollgate_trace_export_failures_total`: span batches the collector did not take
+    /// (unreachable, refused, timed out): their spans are lost, no request is.
+    pub trace_export_failures: IntCounter,
 }
 
 impl Metrics {
@@ -255,6 +260,11 @@ impl Metrics {
             "access_log_dropped_total",
             "Access log lines dropped because standard output did not keep up (requests never wait for the log).",
         )?;
+        let trace_spans_exported = int_counter_one("trace_spans_exported_total", "Spans the OTLP collector accepted.")?;
+        let trace_export_failures = int_counter_one(
+            "trace_export_failures_total",
+            "Span batches the OTLP collector did not take (unreachable, refused or timed out); requests are unaffected.",
+        )?;
         // Labelled counters that alerts watch exist at 0 from the start, so that `increase()`
         // and `rate()` see their first event.
         for result in ["success", "failure"] {
@@ -294,6 +304,8 @@ impl Metrics {
             ledger_reconciled,
             ledger_fail_open,
             access_log_dropped,
+            trace_spans_exported,
+            trace_export_failures,
         })
     }
 

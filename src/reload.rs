@@ -64,6 +64,10 @@ async fn prepare_and_swap(state: &Arc<AppState>) -> Result<Applied, ReloadError>
     if config.ledger != current.config.ledger {
         return Err(ReloadError::NeedsRestart("[ledger]"));
     }
+    let traces = |t: &crate::config::Telemetry| (t.otlp_endpoint.clone(), t.service_name.clone(), t.sample_ratio);
+    if traces(&config.telemetry) != traces(&current.config.telemetry) {
+        return Err(ReloadError::NeedsRestart("[telemetry] otlp_endpoint, service_name or sample_ratio"));
+    }
     // The socket is bound once; a `--listen` override must survive reloads too.
     config.server.listen = current.config.server.listen;
     let applied = Applied { backends: config.backends.len(), routes: config.routes.len(), users: config.users.len() };

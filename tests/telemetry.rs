@@ -200,21 +200,27 @@ async fn the_text_format_and_a_reload_that_turns_the_log_off() {
 }
 
 #[test]
-fn traces_are_refused_clearly_until_they_exist_and_bad_values_are_named() {
+fn bad_telemetry_values_are_named_with_their_line() {
     let text = "[[backends]]\nname = \"sim\"\nsimulate = { ttft_ms = 1 }\nmodel = \"m\"\nquality = 0.5\n\
-                pricing = { hourly_usd = 1 }\n\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\n\
+                pricing = { hourly_usd = 1 }\n\n[telemetry]\notlp_endpoint = \"https://collector.example:4318\"\n\
                 sample_ratio = 1.5\naccess_log = \"yaml\"\nservice_name = \"tollgate\"\n";
     let no_env = |_: &str| None;
-    let error = tollgate::config::Config::parse(text, "t.toml", &no_env).unwrap_err().to_string();
+    let parse = |text: &str| tollgate::config::Config::parse(text, "t.toml", &no_env);
+    let error = parse(text).unwrap_err().to_string();
     for expected in [
-        "t.toml:9: telemetry.otlp_endpoint: OTLP trace export is not in this build yet",
+        "t.toml:9: telemetry.otlp_endpoint: https is not supported by this build's OTLP exporter",
         "t.toml:10: telemetry.sample_ratio: must be between 0 and 1",
         "t.toml:11: telemetry.access_log: `yaml` is not an access log format",
     ] {
         assert!(error.contains(expected), "missing `{expected}` in:\n{error}");
     }
-    let fine =
-        text.replace("otlp_endpoint = \"http://127.0.0.1:4318\"\n", "").replace("1.5", "0.5").replace("yaml", "json");
-    let config = tollgate::config::Config::parse(&fine, "t.toml", &no_env).unwrap();
+    let error = parse(&text.replace("https://collector.example:4318", "collector:4318")).unwrap_err().to_string();
+    assert!(error.contains("t.toml:9: telemetry.otlp_endpoint: must be an http:// URL with a host"), "{error}");
+    let fine = text
+        .replace("https://collector.example:4318", "http://127.0.0.1:4318")
+        .replace("1.5", "0.5")
+        .replace("yaml", "json");
+    let config = parse(&fine).unwrap();
     assert_eq!(config.telemetry.access_log, tollgate::config::AccessLogFormat::Json);
+    assert_eq!(config.telemetry.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4318"));
 }

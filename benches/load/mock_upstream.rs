@@ -6,6 +6,9 @@
 //! It does as little as it can so that what the harness measures is the proxy in front of it:
 //! no JSON parsing (a byte search for `"stream": true`), answers pre-rendered at start.
 //!
+//! It is also an OTLP/HTTP sink for the tracing benchmark: `POST …/v1/traces` is read whole
+//! and answered 200 with an empty (valid) protobuf response, the spans discarded.
+//!
 //! ```text
 //! mock_upstream [--listen 127.0.0.1:0] [--latency-ms 0] [--chunks 32] [--chunk-gap-us 0] [--threads 1]
 //! ```
@@ -84,7 +87,14 @@ type MockBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 
 async fn answer(settings: Arc<Settings>, request: Request<Incoming>) -> Result<Response<MockBody>, Infallible> {
     let path_ok = request.uri().path().ends_with("/chat/completions");
+    let traces = request.uri().path().ends_with("/v1/traces");
     let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    if traces {
+        let mut response = Response::new(Full::new(Bytes::new()).boxed_unsync());
+        *response.headers_mut() =
+            std::iter::once((header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-protobuf"))).collect();
+        return Ok(response);
+    }
     if !path_ok {
         let mut response = Response::new(Full::new(Bytes::from_static(b"{}")).boxed_unsync());
         *response.status_mut() = StatusCode::NOT_FOUND;

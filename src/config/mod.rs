@@ -53,6 +53,8 @@ impl Default for MetricsSettings {
 /// `[telemetry]`: the access log and (OTLP) traces.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Telemetry {
+    /// An OTLP/HTTP collector's base URL (`http://host:4318`); no traces without one.
+    pub otlp_endpoint: Option<String>,
     pub service_name: String,
     pub sample_ratio: f64,
     pub access_log: AccessLogFormat,
@@ -60,7 +62,12 @@ pub struct Telemetry {
 
 impl Default for Telemetry {
     fn default() -> Self {
-        Self { service_name: "tollgate".into(), sample_ratio: 1.0, access_log: AccessLogFormat::Off }
+        Self {
+            otlp_endpoint: None,
+            service_name: "tollgate".into(),
+            sample_ratio: 1.0,
+            access_log: AccessLogFormat::Off,
+        }
     }
 }
 

@@ -17,6 +17,7 @@ use crate::error::ApiError;
 use crate::ledger;
 use crate::metering::{Meter, MeterStart};
 use crate::policy::{Decision, Reason};
+use crate::telemetry::{ClientSpan, Propagation};
 use crate::upstream::health::Admission;
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -89,8 +90,17 @@ pub(super) async fn attempt(
         let gateway_before = *before_send.get_or_insert_with(|| now.saturating_duration_since(ctx.started));
         let is_last = position + 1 == decision.order.len();
         let probe = probe.filter(|_| position == 0);
-        let sent = match upstream.send(&ctx.request, probe.is_some(), now, spare_headers.take(), &ctx.request_id).await
-        {
+        let client_span = match (&state.tracing, &ctx.span_parent) {
+            (Some(tracing), Some(parent)) => {
+                Some(tracing.client_span(parent, backend, ctx.request.endpoint, position + 1))
+            }
+            _ => None,
+        };
+        let propagation = Propagation {
+            request_id: &ctx.request_id,
+            traceparent: client_span.as_ref().and_then(ClientSpan::traceparent),
+        };
+        let sent = match upstream.send(&ctx.request, probe.is_some(), now, spare_headers.take(), propagation).await {
             // The estimate (characters / 4) can be far off for code or hex: when the backend
             // itself says the prompt does not fit and a later candidate may, escalate.
             Ok(answer) if answer.status() == StatusCode::BAD_REQUEST && !is_last => {
@@ -135,6 +145,7 @@ pub(super) async fn attempt(
                         left_after_reserve: remaining.map(|l| l.usd),
                         estimate,
                         prior_cost: ctx.prior_cost,
+                        client_span,
                         prompt_estimate: plan.prompt_tokens,
                         tokens_estimate,
                         baseline: plan.baseline,
@@ -160,6 +171,9 @@ pub(super) async fn attempt(
             }
         };
         breaker_probe.armed = false;
+        if let Some(span) = client_span {
+            span.failed(failure.kind(), failure.to_string());
+        }
         // Nothing reached the client: free everything and charge nothing for this attempt.
         upstream.state.occupancy.leave(ticket, Instant::now());
         drop((reservation, slot));

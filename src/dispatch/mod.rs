@@ -23,7 +23,7 @@ use crate::metering::Settled;
 use crate::policy::{self, Candidates, Reason, Refusal};
 use crate::request::{Endpoint, ProxyRequest};
 use crate::snapshot::{ModelTarget, Snapshot};
-use crate::telemetry::{AccessLog, RequestId};
+use crate::telemetry::{RequestId, Trail};
 use crate::tenancy::Principal;
 
 pub const HEADER_BACKEND: HeaderName = HeaderName::from_static("x-tollgate-backend");
@@ -62,17 +62,24 @@ pub struct RequestContext {
     /// What earlier calls for this request cost (a cascade's unsure first answer).
     pub prior_cost: Usd,
     pub request_id: RequestId,
-    /// Set when the access log is on: answers then keep what they used and cost.
-    pub access_log: Option<Arc<AccessLog>>,
-    /// The last answer settled for this request (when the access log is on), whatever
-    /// happened after: what the request's line reports.
+    /// The request's access log line and server span, when either is on: a streamed answer
+    /// takes it, to finish it when the stream ends.
+    pub trail: std::sync::Mutex<Option<Trail>>,
+    /// Whether answers keep what they used and cost (the trail is on).
+    pub summarize: bool,
+    /// What attempts' client spans are children of (traces on).
+    pub span_parent: Option<opentelemetry::Context>,
+    /// The last answer settled for this request (when summarized), whatever happened after:
+    /// what the request's line and span report.
     pub answered: std::sync::Mutex<Option<Settled>>,
 }
 
-/// How a dispatched request ended, and what its last answer used (when the access log is on).
+/// How a dispatched request ended, what its last answer used (when summarized), and its trail
+/// unless a stream took it.
 pub struct Dispatched {
     pub result: Result<Response, ApiError>,
     pub settled: Option<Settled>,
+    pub trail: Option<Trail>,
 }
 
 impl RequestContext {
@@ -123,7 +130,8 @@ pub async fn run(state: &Arc<AppState>, mut ctx: RequestContext) -> Dispatched {
         result => result,
     };
     let settled = ctx.answered.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
-    Dispatched { result, settled }
+    let trail = ctx.trail.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    Dispatched { result, settled, trail }
 }
 
 async fn decide_and_send(

@@ -31,7 +31,7 @@ pub(super) async fn respond(
     mut meter: Meter,
     probe: Option<&Probe<'_>>,
 ) -> Result<Outcome, ApiError> {
-    if ctx.access_log.is_some() {
+    if ctx.summarize {
         meter.keep_summary();
     }
     let Answered { upstream, reason, estimate, remaining_after_reserve, before_send } = answered;
@@ -68,8 +68,8 @@ pub(super) async fn respond(
         if let Some(remaining) = remaining_after_reserve {
             put(&mut headers, HEADER_BUDGET_REMAINING, usd_value(remaining));
         }
-        if let Some(log) = &ctx.access_log {
-            meter.log_when_settled(Arc::clone(log));
+        if let Some(trail) = ctx.trail.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            meter.finish_when_settled(trail);
         }
         ResponseBody::Metered(Box::new(MeteredBody::new(body, meter, !ctx.request.client_wants_usage, backend.timeout)))
     } else {

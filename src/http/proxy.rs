@@ -10,12 +10,12 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 
 use crate::app::AppState;
-use crate::body::{from_axum, Response, ResponseBody};
+use crate::body::{from_axum, Response};
 use crate::config::Policy;
 use crate::dispatch::{self, Dispatched, Hints, RequestContext};
 use crate::error::ApiError;
 use crate::request::{Endpoint, ProxyRequest};
-use crate::telemetry::{Entry, RequestId, HEADER_REQUEST_ID};
+use crate::telemetry::{Entry, RequestId, Trail, HEADER_REQUEST_ID};
 use crate::tenancy::Principal;
 
 // The router's routes for the proxied endpoints; `super::handle` serves them ahead of it.
@@ -48,14 +48,18 @@ where
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
     let request_id = RequestId::from_headers(&headers);
-    let access_log = state.access_log.enabled().then(|| Arc::clone(&state.access_log));
-    // Who asked for what, as far as the request got: the access log's line for a refusal.
-    let mut seen: (Option<Arc<Principal>>, Option<Arc<str>>) = (None, None);
+    let mut trail = Trail {
+        log: state.access_log.enabled().then(|| Arc::clone(&state.access_log)),
+        span: state.tracing.as_ref().map(|t| t.server_span(&headers, endpoint)),
+    };
+    let summarize = trail.is_on();
+    let span_parent = trail.span.as_ref().map(|s| s.child_parent().clone());
+    let mut seen = Seen::default();
     let dispatched = async {
         let snapshot = state.snapshot.load_full();
         let principal = state.authenticate(&snapshot, &headers, started).await?;
-        if access_log.is_some() {
-            seen.0 = Some(Arc::clone(&principal));
+        if summarize {
+            seen.principal = Some(Arc::clone(&principal));
         }
         let server = &snapshot.config.server;
         let read_by = started + server.body_read_timeout;
@@ -63,8 +67,8 @@ where
             .await
             .map_err(|_| ApiError::BodyTimeout(server.body_read_timeout.as_secs()))??;
         let request = ProxyRequest::parse(endpoint, bytes)?;
-        if access_log.is_some() {
-            seen.1 = Some(request.model().into());
+        if summarize {
+            seen.model = Some(request.model().into());
         }
         let hints = hints(&headers)?;
         let principal = match principal.key.as_ref().filter(|k| k.end_users.is_some()) {
@@ -73,8 +77,8 @@ where
                 let id = end_user(&headers, &request)?;
                 let end_user =
                     state.tenants.end_user(&snapshot.config, &principal, &id, arrived_ms.div_euclid(1000)).await?;
-                if access_log.is_some() {
-                    seen.0 = Some(Arc::clone(&end_user));
+                if summarize {
+                    seen.principal = Some(Arc::clone(&end_user));
                 }
                 end_user
             }
@@ -92,7 +96,9 @@ where
                 clamped: None,
                 prior_cost: crate::cost::Usd::ZERO,
                 request_id: request_id.clone(),
-                access_log: access_log.clone(),
+                trail: std::sync::Mutex::new(Some(std::mem::take(&mut trail))),
+                summarize,
+                span_parent,
                 answered: std::sync::Mutex::new(None),
             },
         )
@@ -100,7 +106,11 @@ where
     }
     .await;
     let (result, settled) = match dispatched {
-        Ok(Dispatched { result, settled }) => (result, settled),
+        Ok(Dispatched { result, settled, trail: back }) => {
+            // A stream took the trail, to finish it when it ends.
+            trail = back.unwrap_or_default();
+            (result, settled)
+        }
         Err(error) => (Err(error), None),
     };
     let mut error_code = None;
@@ -110,22 +120,33 @@ where
         from_axum(error.into_response())
     });
     response.headers_mut().insert(HEADER_REQUEST_ID, request_id.header_value());
-    // A stream's line is written by its meter when it ends; every other request's, here.
-    if let Some(log) = access_log.filter(|_| !matches!(response.body(), ResponseBody::Metered(_))) {
+    // A stream's trail is finished by its meter when it ends; every other request's, here.
+    if trail.is_on() {
         let mut entry = match settled {
             Some(settled) => settled.entry(arrived_ms, &request_id),
-            None => {
-                let (principal, route) = seen;
-                let user = principal.map(|p| Arc::from(p.user.name.as_str()));
-                Entry { user, route, ..Entry::new(arrived_ms, request_id) }
-            }
+            None => seen.entry(arrived_ms, request_id),
         };
         entry.status = response.status().as_u16();
         entry.error = error_code.or(entry.error);
         entry.latency = started.elapsed();
-        log.log(entry);
+        trail.finish(entry);
     }
     response
+}
+
+/// Who asked for what, as far as a request got (when its trail is on): what the access log
+/// line and the span of a request refused before any answer say.
+#[derive(Default)]
+struct Seen {
+    principal: Option<Arc<Principal>>,
+    model: Option<Arc<str>>,
+}
+
+impl Seen {
+    fn entry(self, at_ms: i64, id: RequestId) -> Entry {
+        let user = self.principal.map(|p| Arc::from(p.user.name.as_str()));
+        Entry { user, route: self.model, ..Entry::new(at_ms, id) }
+    }
 }
 
 /// The most a body's declared length makes us allocate before its bytes arrive.

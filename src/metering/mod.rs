@@ -19,7 +19,7 @@ pub use crate::cost::Baseline;
 use crate::cost::{Pricing, Usd};
 use crate::ledger::{RequestRecord, Reservation};
 use crate::openai::Usage;
-use crate::telemetry::{AccessLog, Entry, RequestId};
+use crate::telemetry::{ClientSpan, Entry, RequestId, Trail};
 use crate::tenancy::Principal;
 use crate::upstream::{BackendState, Slot};
 use meters::PairMeters;
@@ -123,6 +123,8 @@ pub struct MeterStart {
     pub estimate: Usd,
     /// What earlier calls for this request cost (a cascade's first answer).
     pub prior_cost: Usd,
+    /// This attempt's span (traces on), ended with the answer.
+    pub client_span: Option<ClientSpan>,
     pub prompt_estimate: u64,
     /// Tokens taken from the user's tpm allowance at admission.
     pub tokens_estimate: u64,
@@ -147,8 +149,8 @@ pub struct Meter {
     cost: Option<Usd>,
     ttft: Option<Duration>,
     /// Set for an answer that settles after the request's handler returned (a stream): the
-    /// meter then writes the request's access log line itself.
-    log_to: Option<Arc<AccessLog>>,
+    /// meter then finishes the request's trail (log line, server span) itself.
+    trail: Option<Trail>,
     /// Kept when asked for ([`Meter::keep_summary`]).
     summary: Option<Settled>,
     keep_summary: bool,
@@ -164,7 +166,7 @@ impl Meter {
             ending: Ending::ClientGone,
             cost: None,
             ttft: None,
-            log_to: None,
+            trail: None,
             summary: None,
             keep_summary: false,
         }
@@ -175,10 +177,10 @@ impl Meter {
         self.keep_summary = true;
     }
 
-    /// Writes the request's access log line when this settles (a streamed answer's).
-    pub fn log_when_settled(&mut self, log: Arc<AccessLog>) {
+    /// Finishes the request's trail when this settles (a streamed answer's).
+    pub fn finish_when_settled(&mut self, trail: Trail) {
         self.keep_summary = true;
-        self.log_to = Some(log);
+        self.trail = Some(trail);
     }
 
     /// What the settlement used and cost, if kept.
@@ -217,7 +219,7 @@ impl Meter {
         if let Some(cost) = self.cost {
             return cost;
         }
-        let Some(s) = self.start.take() else { return Usd::ZERO };
+        let Some(mut s) = self.start.take() else { return Usd::ZERO };
         let (usage, estimated) = match self.reported {
             Some(usage) => (usage, false),
             None if self.billable() => (Usage::new(s.prompt_estimate, self.counted_completion), true),
@@ -286,8 +288,11 @@ impl Meter {
                     .left_after_reserve
                     .map(|left| left.saturating_add(s.estimate).saturating_sub(cost).max(Usd::ZERO)),
             };
-            if let Some(log) = &self.log_to {
-                log.log(summary.entry(s.arrived_ms, &s.request_id));
+            if let Some(span) = s.client_span.take() {
+                span.finish(&summary, cost);
+            }
+            if let Some(trail) = self.trail.take() {
+                trail.finish(summary.entry(s.arrived_ms, &s.request_id));
             }
             self.summary = Some(summary);
         }

@@ -178,7 +178,7 @@ impl Upstream {
         with_logprobs: bool,
         now: tokio::time::Instant,
         spare_headers: Option<http::HeaderMap>,
-        request_id: &crate::telemetry::RequestId,
+        propagation: crate::telemetry::Propagation<'_>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         match &self.transport {
             Transport::Simulated(sim) => {
@@ -187,7 +187,7 @@ impl Upstream {
             Transport::Http { pool, destination } => {
                 let body = forward::upstream_body(request, &self.backend.model, with_logprobs);
                 let mut http_request = destination.request(request.endpoint, body, spare_headers);
-                http_request.headers_mut().insert(crate::telemetry::HEADER_REQUEST_ID, request_id.header_value());
+                propagation.apply(http_request.headers_mut());
                 let timeout = self.backend.first_byte_timeout;
                 let response = match tokio::time::timeout_at(now + timeout, pool.send(http_request, now)).await {
                     Err(_) => {

@@ -29,6 +29,8 @@ pub struct Seen {
     pub authorization: Option<String>,
     /// The `x-request-id` the gateway sent.
     pub request_id: Option<String>,
+    /// The W3C `traceparent` the gateway sent.
+    pub traceparent: Option<String>,
     pub body: Value,
 }
 
@@ -90,8 +92,15 @@ async fn handle(
     Json(body): Json<Value>,
 ) -> Response {
     let authorization = headers.get("authorization").map(|v| v.to_str().unwrap().to_owned());
-    let request_id = headers.get("x-request-id").map(|v| v.to_str().unwrap().to_owned());
-    seen.lock().unwrap().push(Seen { path: uri.path().to_owned(), authorization, request_id, body: body.clone() });
+    let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+    let (request_id, traceparent) = (header("x-request-id"), header("traceparent"));
+    seen.lock().unwrap().push(Seen {
+        path: uri.path().to_owned(),
+        authorization,
+        request_id,
+        traceparent,
+        body: body.clone(),
+    });
     let model = body["model"].as_str().unwrap_or("echo").to_owned();
     let stream = body["stream"].as_bool().unwrap_or(false);
     let include_usage = body["stream_options"]["include_usage"].as_bool().unwrap_or(false);

@@ -78,11 +78,21 @@ pub(super) fn config(root: &Table, p: &mut Problems<'_>, env: &dyn Env) -> Confi
 
 fn telemetry(f: &mut Fields<'_>, p: &mut Problems<'_>) -> Telemetry {
     let defaults = Telemetry::default();
-    if f.has("otlp_endpoint") {
-        // Refused rather than accepted and ignored: an operator would wait for traces in vain.
-        let message = "OTLP trace export is not in this build yet; remove the key (the access log works)";
-        p.at_line(f.line_of(p, "otlp_endpoint"), &f.path_of("otlp_endpoint"), message);
-        f.optional::<String>(p, "otlp_endpoint");
+    let otlp_endpoint = f.optional::<String>(p, "otlp_endpoint");
+    if let Some(endpoint) = &otlp_endpoint {
+        let problem = match endpoint.parse::<http::Uri>() {
+            Err(_) => Some("is not a URL (e.g. \"http://127.0.0.1:4318\")".to_owned()),
+            Ok(uri) if uri.scheme_str() == Some("https") => Some(
+                "https is not supported by this build's OTLP exporter: send to a collector or agent over http".into(),
+            ),
+            Ok(uri) if uri.scheme_str() != Some("http") || uri.host().is_none() => {
+                Some("must be an http:// URL with a host (e.g. \"http://127.0.0.1:4318\")".into())
+            }
+            Ok(_) => None,
+        };
+        if let Some(message) = problem {
+            p.at_line(f.line_of(p, "otlp_endpoint"), &f.path_of("otlp_endpoint"), message);
+        }
     }
     let service_name = f.optional::<String>(p, "service_name").unwrap_or(defaults.service_name);
     if service_name.trim().is_empty() {
@@ -101,7 +111,7 @@ fn telemetry(f: &mut Fields<'_>, p: &mut Problems<'_>) -> Telemetry {
         }),
     };
     f.finish(p);
-    Telemetry { service_name, sample_ratio, access_log }
+    Telemetry { otlp_endpoint, service_name, sample_ratio, access_log }
 }
 
 fn route(f: &mut Fields<'_>, p: &mut Problems<'_>, backends: &[Arc<Backend>]) -> Route {
