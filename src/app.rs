@@ -32,6 +32,7 @@ use crate::ledger::{self, Ledger};
 use crate::metrics::Metrics;
 use crate::ratelimit::Limiter;
 use crate::snapshot::Snapshot;
+use crate::telemetry::trace::Counters;
 use crate::telemetry::{AccessLog, Tracing};
 use crate::tenancy::cache::Tenants;
 
@@ -100,8 +101,12 @@ impl AppState {
         let access_log = AccessLog::to_stdout(config.telemetry.access_log, metrics.access_log_dropped.clone())?;
         let tracing = Tracing::start(
             &config.telemetry,
-            metrics.trace_spans_exported.clone(),
-            metrics.trace_export_failures.clone(),
+            env.as_ref(),
+            Counters {
+                exported: metrics.trace_spans_exported.clone(),
+                failures: metrics.trace_export_failures.clone(),
+                dropped: metrics.trace_spans_dropped.clone(),
+            },
         )?;
         let freed = Arc::new(Notify::new());
         let snapshot = Snapshot::new(config, None, &freed)?;

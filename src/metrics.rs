@@ -97,6 +97,9 @@ pub struct Metrics {
     /// `tollgate_trace_export_failures_total`: span batches the collector did not take
     /// (unreachable, refused, timed out): their spans are lost, no request is.
     pub trace_export_failures: IntCounter,
+    /// `tollgate_trace_spans_dropped_total`: spans dropped because the export queue was full
+    /// (the collector slower than the traffic); requests never wait for it.
+    pub trace_spans_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -265,6 +268,10 @@ impl Metrics {
             "trace_export_failures_total",
             "Span batches the OTLP collector did not take (unreachable, refused or timed out); requests are unaffected.",
         )?;
+        let trace_spans_dropped = int_counter_one(
+            "trace_spans_dropped_total",
+            "Spans dropped because the OTLP export queue was full; requests never wait for the exporter.",
+        )?;
         // Labelled counters that alerts watch exist at 0 from the start, so that `increase()`
         // and `rate()` see their first event.
         for result in ["success", "failure"] {
@@ -306,6 +313,7 @@ impl Metrics {
             access_log_dropped,
             trace_spans_exported,
             trace_export_failures,
+            trace_spans_dropped,
         })
     }
 

@@ -202,22 +202,28 @@ async fn the_text_format_and_a_reload_that_turns_the_log_off() {
 #[test]
 fn bad_telemetry_values_are_named_with_their_line() {
     let text = "[[backends]]\nname = \"sim\"\nsimulate = { ttft_ms = 1 }\nmodel = \"m\"\nquality = 0.5\n\
-                pricing = { hourly_usd = 1 }\n\n[telemetry]\notlp_endpoint = \"https://collector.example:4318\"\n\
+                pricing = { hourly_usd = 1 }\n\n[telemetry]\notlp_endpoint = \"ftp://collector.example:4318\"\n\
                 sample_ratio = 1.5\naccess_log = \"yaml\"\nservice_name = \"tollgate\"\n";
     let no_env = |_: &str| None;
     let parse = |text: &str| tollgate::config::Config::parse(text, "t.toml", &no_env);
     let error = parse(text).unwrap_err().to_string();
     for expected in [
-        "t.toml:9: telemetry.otlp_endpoint: https is not supported by this build's OTLP exporter",
+        "t.toml:9: telemetry.otlp_endpoint: must be an http:// or https:// URL with a host",
         "t.toml:10: telemetry.sample_ratio: must be between 0 and 1",
         "t.toml:11: telemetry.access_log: `yaml` is not an access log format",
     ] {
         assert!(error.contains(expected), "missing `{expected}` in:\n{error}");
     }
-    let error = parse(&text.replace("https://collector.example:4318", "collector:4318")).unwrap_err().to_string();
-    assert!(error.contains("t.toml:9: telemetry.otlp_endpoint: must be an http:// URL with a host"), "{error}");
+    let error = parse(&text.replace("ftp://collector.example:4318", "collector:4318")).unwrap_err().to_string();
+    assert!(error.contains("t.toml:9: telemetry.otlp_endpoint: must be an http:// or https:// URL"), "{error}");
+    let https = text.replace("ftp:", "https:").replace("1.5", "0.5").replace("yaml", "json");
+    assert_eq!(
+        parse(&https).unwrap().telemetry.otlp_endpoint.as_deref(),
+        Some("https://collector.example:4318"),
+        "a vendor's collector over TLS"
+    );
     let fine = text
-        .replace("https://collector.example:4318", "http://127.0.0.1:4318")
+        .replace("ftp://collector.example:4318", "http://127.0.0.1:4318")
         .replace("1.5", "0.5")
         .replace("yaml", "json");
     let config = parse(&fine).unwrap();

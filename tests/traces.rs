@@ -32,6 +32,8 @@ struct Received {
     kind: i32,
     trace_id: String,
     span_id: String,
+    trace_state: String,
+    flags: u32,
     parent_span_id: String,
     attributes: HashMap<String, AnyValue>,
     error: bool,
@@ -66,9 +68,13 @@ impl Received {
 struct Collector {
     addr: std::net::SocketAddr,
     spans: Arc<Mutex<Vec<Received>>>,
+    headers: Arc<Mutex<Vec<axum::http::HeaderMap>>>,
 }
 
-async fn receive(State(spans): State<Arc<Mutex<Vec<Received>>>>, body: Bytes) -> Vec<u8> {
+type Inbox = (Arc<Mutex<Vec<Received>>>, Arc<Mutex<Vec<axum::http::HeaderMap>>>);
+
+async fn receive(State((spans, exports)): State<Inbox>, headers: axum::http::HeaderMap, body: Bytes) -> Vec<u8> {
+    exports.lock().unwrap().push(headers);
     let request = ExportTraceServiceRequest::decode(body).expect("an OTLP protobuf export request");
     let mut received = spans.lock().unwrap();
     for resource_spans in request.resource_spans {
@@ -89,6 +95,8 @@ async fn receive(State(spans): State<Arc<Mutex<Vec<Received>>>>, body: Bytes) ->
                 kind: span.kind,
                 trace_id: hex(&span.trace_id),
                 span_id: hex(&span.span_id),
+                trace_state: span.trace_state,
+                flags: span.flags,
                 parent_span_id: hex(&span.parent_span_id),
                 attributes: span
                     .attributes
@@ -111,11 +119,13 @@ fn hex(bytes: &[u8]) -> String {
 impl Collector {
     async fn start() -> Self {
         let spans = Arc::new(Mutex::new(Vec::new()));
-        let app = Router::new().route("/v1/traces", post(receive)).with_state(Arc::clone(&spans));
+        let headers = Arc::new(Mutex::new(Vec::new()));
+        let app =
+            Router::new().route("/v1/traces", post(receive)).with_state((Arc::clone(&spans), Arc::clone(&headers)));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self { addr, spans }
+        Self { addr, spans, headers }
     }
 
     /// The spans received, once there are at least `want` (waits up to 10 s).
@@ -149,7 +159,9 @@ async fn spans_continue_the_client_trace_with_one_client_span_per_attempt_and_ge
     let dir = tempfile::tempdir().unwrap();
     let endpoint = format!("http://{}", collector.addr);
     std::fs::write(dir.path().join("tollgate.toml"), config(&upstream, &endpoint, 1.0)).unwrap();
-    let process = Process::start(dir.path(), ENV);
+    // A vendor's collector key, the OpenTelemetry way (percent-encoded).
+    let env = [ENV, &[("OTEL_EXPORTER_OTLP_HEADERS", "x-collector-key=k%3Dey")]].concat();
+    let process = Process::start(dir.path(), &env);
     let client = reqwest::Client::new();
     let url = process.url("/v1/chat/completions");
 
@@ -158,6 +170,7 @@ async fn spans_continue_the_client_trace_with_one_client_span_per_attempt_and_ge
         .post(&url)
         .bearer_auth(ALICE_KEY)
         .header("traceparent", format!("00-{TRACE_ID}-{CLIENT_SPAN}-01"))
+        .header("tracestate", "vendor=abc")
         .json(&json!({"model": "fallback", "messages": [{"role": "user", "content": "hi"}]}))
         .send()
         .await
@@ -186,6 +199,8 @@ async fn spans_continue_the_client_trace_with_one_client_span_per_attempt_and_ge
 
     let server = servers.iter().find(|s| s.trace_id == TRACE_ID).expect("the client's trace is continued");
     assert_eq!(server.parent_span_id, CLIENT_SPAN);
+    assert_eq!(server.trace_state, "vendor=abc");
+    assert_eq!(server.flags, 0x301, "sampled, with a remote parent");
     assert_eq!(server.name, "chat fallback");
     assert_eq!(server.text("gen_ai.operation.name"), Some("chat"));
     assert_eq!(server.text("gen_ai.request.model"), Some("fallback"));
@@ -205,6 +220,7 @@ async fn spans_continue_the_client_trace_with_one_client_span_per_attempt_and_ge
     assert_eq!(attempts.len(), 2, "one client span per attempt");
     for attempt in &attempts {
         assert_eq!(attempt.parent_span_id, server.span_id, "attempts are children of the server span");
+        assert_eq!(attempt.flags, 0x101, "sampled, with a local parent");
         assert!(attempt.start_ns >= server.start_ns && attempt.end_ns <= server.end_ns);
     }
     let (failed, answered) = (attempts[0], attempts[1]);
@@ -224,6 +240,13 @@ async fn spans_continue_the_client_trace_with_one_client_span_per_attempt_and_ge
     let sent: Vec<String> = upstream.seen().iter().filter_map(|s| s.traceparent.clone()).collect();
     assert_eq!(sent[0], format!("00-{TRACE_ID}-{}-01", failed.span_id));
     assert_eq!(sent[1], format!("00-{TRACE_ID}-{}-01", answered.span_id));
+    assert!(upstream.seen().iter().take(2).all(|s| s.tracestate.as_deref() == Some("vendor=abc")));
+    let exports = collector.headers.lock().unwrap().clone();
+    assert!(!exports.is_empty());
+    for headers in &exports {
+        assert_eq!(headers["content-type"], "application/x-protobuf");
+        assert_eq!(headers["x-collector-key"], "k=ey", "headers from OTEL_EXPORTER_OTLP_HEADERS");
+    }
 
     let stream_server = servers.iter().find(|s| s.text("tollgate.user") == Some("bob")).unwrap();
     assert!(stream_server.parent_span_id.is_empty(), "a trace of its own");
@@ -238,6 +261,8 @@ async fn spans_continue_the_client_trace_with_one_client_span_per_attempt_and_ge
     let metrics = client.get(process.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metric_value(&metrics, "tollgate_trace_spans_exported_total", &[]) >= 6.0);
     assert_eq!(metric_value(&metrics, "tollgate_trace_export_failures_total", &[]), 0.0);
+    assert_eq!(metric_value(&metrics, "tollgate_trace_spans_dropped_total", &[]), 0.0);
+    assert!(!metrics.contains("k=ey"), "the collector key stays out of the metrics");
 }
 
 #[tokio::test]
@@ -257,6 +282,20 @@ async fn unsampled_traces_propagate_without_exporting_and_a_sampled_parent_wins(
     }
     let sent = upstream.seen();
     assert!(sent.iter().all(|s| s.traceparent.as_deref().is_some_and(|t| t.ends_with("-00"))), "not sampled");
+    let ids: std::collections::HashSet<_> = sent.iter().map(|s| s.traceparent.clone()).collect();
+    assert_eq!(ids.len(), 5, "each request a trace of its own");
+    // A client's unsampled context goes upstream as it came: this hop records nothing.
+    let unsampled = format!("00-{TRACE_ID}-{CLIENT_SPAN}-00");
+    let response = client
+        .post(&url)
+        .bearer_auth(ALICE_KEY)
+        .header("traceparent", &unsampled)
+        .json(&chat("echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(upstream.seen().last().unwrap().traceparent.as_deref(), Some(unsampled.as_str()));
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(collector.spans(0).await.is_empty(), "sample_ratio 0 exports nothing");
 

@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::ledger;
 use crate::metering::{Meter, MeterStart};
 use crate::policy::{Decision, Reason};
-use crate::telemetry::{ClientSpan, Propagation};
+use crate::telemetry::Propagation;
 use crate::upstream::health::Admission;
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -90,16 +90,14 @@ pub(super) async fn attempt(
         let gateway_before = *before_send.get_or_insert_with(|| now.saturating_duration_since(ctx.started));
         let is_last = position + 1 == decision.order.len();
         let probe = probe.filter(|_| position == 0);
-        let client_span = match (&state.tracing, &ctx.span_parent) {
-            (Some(tracing), Some(parent)) => {
-                Some(tracing.client_span(parent, backend, ctx.request.endpoint, position + 1))
+        let client_span = match (&state.tracing, &ctx.trace) {
+            (Some(tracing), Some(trace)) => {
+                let attempt = u32::try_from(position + 1).unwrap_or(u32::MAX);
+                Some(tracing.client_span(trace, backend, ctx.request.endpoint, attempt))
             }
             _ => None,
         };
-        let propagation = Propagation {
-            request_id: &ctx.request_id,
-            traceparent: client_span.as_ref().and_then(ClientSpan::traceparent),
-        };
+        let propagation = Propagation { request_id: &ctx.request_id, span: client_span.as_ref() };
         let sent = match upstream.send(&ctx.request, probe.is_some(), now, spare_headers.take(), propagation).await {
             // The estimate (characters / 4) can be far off for code or hex: when the backend
             // itself says the prompt does not fit and a later candidate may, escalate.

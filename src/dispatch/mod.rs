@@ -23,7 +23,7 @@ use crate::metering::Settled;
 use crate::policy::{self, Candidates, Reason, Refusal};
 use crate::request::{Endpoint, ProxyRequest};
 use crate::snapshot::{ModelTarget, Snapshot};
-use crate::telemetry::{RequestId, Trail};
+use crate::telemetry::{RequestId, TraceContext, Trail};
 use crate::tenancy::Principal;
 
 pub const HEADER_BACKEND: HeaderName = HeaderName::from_static("x-tollgate-backend");
@@ -68,17 +68,17 @@ pub struct RequestContext {
     /// Whether answers keep what they used and cost (the trail is on).
     pub summarize: bool,
     /// What attempts' client spans are children of (traces on).
-    pub span_parent: Option<opentelemetry::Context>,
+    pub trace: Option<Arc<TraceContext>>,
     /// The last answer settled for this request (when summarized), whatever happened after:
     /// what the request's line and span report.
-    pub answered: std::sync::Mutex<Option<Settled>>,
+    pub answered: std::sync::Mutex<Option<Box<Settled>>>,
 }
 
 /// How a dispatched request ended, what its last answer used (when summarized), and its trail
 /// unless a stream took it.
 pub struct Dispatched {
     pub result: Result<Response, ApiError>,
-    pub settled: Option<Settled>,
+    pub settled: Option<Box<Settled>>,
     pub trail: Option<Trail>,
 }
 

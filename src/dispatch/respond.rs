@@ -132,7 +132,7 @@ pub(super) async fn respond(
 /// the budget left as the ledger says it after the settlement when that was read.
 fn keep_answered(ctx: &RequestContext, meter: &Meter, remaining: Option<Usd>) {
     if let Some(summary) = meter.summary() {
-        let mut summary = summary.clone();
+        let mut summary = Box::new(summary.clone());
         summary.remaining = remaining.or(summary.remaining);
         *ctx.answered.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(summary);
     }

@@ -53,7 +53,7 @@ where
         span: state.tracing.as_ref().map(|t| t.server_span(&headers, endpoint)),
     };
     let summarize = trail.is_on();
-    let span_parent = trail.span.as_ref().map(|s| s.child_parent().clone());
+    let trace = trail.span.as_ref().map(|s| s.context().clone());
     let mut seen = Seen::default();
     let dispatched = async {
         let snapshot = state.snapshot.load_full();
@@ -98,7 +98,7 @@ where
                 request_id: request_id.clone(),
                 trail: std::sync::Mutex::new(Some(std::mem::take(&mut trail))),
                 summarize,
-                span_parent,
+                trace,
                 answered: std::sync::Mutex::new(None),
             },
         )

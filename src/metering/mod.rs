@@ -152,7 +152,7 @@ pub struct Meter {
     /// meter then finishes the request's trail (log line, server span) itself.
     trail: Option<Trail>,
     /// Kept when asked for ([`Meter::keep_summary`]).
-    summary: Option<Settled>,
+    summary: Option<Box<Settled>>,
     keep_summary: bool,
 }
 
@@ -185,7 +185,7 @@ impl Meter {
 
     /// What the settlement used and cost, if kept.
     pub fn summary(&self) -> Option<&Settled> {
-        self.summary.as_ref()
+        self.summary.as_deref()
     }
 
     pub fn first_byte(&mut self) {
@@ -294,7 +294,7 @@ impl Meter {
             if let Some(trail) = self.trail.take() {
                 trail.finish(summary.entry(s.arrived_ms, &s.request_id));
             }
-            self.summary = Some(summary);
+            self.summary = Some(Box::new(summary));
         }
         s.reservation.settle(record, crate::clock::unix_at(s.arrived_ms, s.started, now));
         drop(s.slot);

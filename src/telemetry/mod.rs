@@ -7,11 +7,11 @@ pub mod trace;
 
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName};
 
 pub use access_log::{AccessLog, Entry};
 pub use request_id::{RequestId, HEADER_REQUEST_ID};
-pub use trace::{ClientSpan, ServerSpan, Tracing};
+pub use trace::{ClientSpan, ServerSpan, TraceContext, Tracing};
 
 /// What reports one request when it ends: its access log line and its server span, either
 /// or both (`None` of them: the request builds no summary at all).
@@ -28,11 +28,14 @@ impl Trail {
 
     /// Ends the request's span and writes its line.
     pub fn finish(self, entry: Entry) {
-        if let Some(span) = self.span {
-            span.finish(&entry);
-        }
-        if let Some(log) = self.log {
-            log.log(entry);
+        match (self.span, self.log) {
+            (Some(span), Some(log)) => {
+                span.finish(entry.clone());
+                log.log(entry);
+            }
+            (Some(span), None) => span.finish(entry),
+            (None, Some(log)) => log.log(entry),
+            (None, None) => {}
         }
     }
 }
@@ -41,14 +44,17 @@ impl Trail {
 #[derive(Debug, Clone, Copy)]
 pub struct Propagation<'a> {
     pub request_id: &'a RequestId,
-    pub traceparent: Option<&'a HeaderValue>,
+    pub span: Option<&'a ClientSpan>,
 }
 
 impl Propagation<'_> {
     pub fn apply(&self, headers: &mut HeaderMap) {
         headers.insert(HEADER_REQUEST_ID, self.request_id.header_value());
-        if let Some(traceparent) = self.traceparent {
-            headers.insert(http::header::HeaderName::from_static("traceparent"), traceparent.clone());
+        if let Some(span) = self.span {
+            headers.insert(HeaderName::from_static("traceparent"), span.traceparent().clone());
+            if let Some(state) = span.tracestate() {
+                headers.insert(HeaderName::from_static("tracestate"), state.clone());
+            }
         }
     }
 }

@@ -3,7 +3,7 @@
 
 mod forward;
 pub mod health;
-mod pool;
+pub(crate) mod pool;
 mod simulate;
 pub mod sse;
 pub mod state;

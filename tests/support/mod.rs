@@ -29,8 +29,9 @@ pub struct Seen {
     pub authorization: Option<String>,
     /// The `x-request-id` the gateway sent.
     pub request_id: Option<String>,
-    /// The W3C `traceparent` the gateway sent.
+    /// The W3C `traceparent` and `tracestate` the gateway sent.
     pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
     pub body: Value,
 }
 
@@ -93,12 +94,13 @@ async fn handle(
 ) -> Response {
     let authorization = headers.get("authorization").map(|v| v.to_str().unwrap().to_owned());
     let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
-    let (request_id, traceparent) = (header("x-request-id"), header("traceparent"));
+    let (request_id, traceparent, tracestate) = (header("x-request-id"), header("traceparent"), header("tracestate"));
     seen.lock().unwrap().push(Seen {
         path: uri.path().to_owned(),
         authorization,
         request_id,
         traceparent,
+        tracestate,
         body: body.clone(),
     });
     let model = body["model"].as_str().unwrap_or("echo").to_owned();

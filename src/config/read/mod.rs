@@ -82,11 +82,8 @@ fn telemetry(f: &mut Fields<'_>, p: &mut Problems<'_>) -> Telemetry {
     if let Some(endpoint) = &otlp_endpoint {
         let problem = match endpoint.parse::<http::Uri>() {
             Err(_) => Some("is not a URL (e.g. \"http://127.0.0.1:4318\")".to_owned()),
-            Ok(uri) if uri.scheme_str() == Some("https") => Some(
-                "https is not supported by this build's OTLP exporter: send to a collector or agent over http".into(),
-            ),
-            Ok(uri) if uri.scheme_str() != Some("http") || uri.host().is_none() => {
-                Some("must be an http:// URL with a host (e.g. \"http://127.0.0.1:4318\")".into())
+            Ok(uri) if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() => {
+                Some("must be an http:// or https:// URL with a host (e.g. \"http://127.0.0.1:4318\")".into())
             }
             Ok(_) => None,
         };
