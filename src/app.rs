@@ -63,6 +63,8 @@ pub struct AppState {
     pub access_log: Arc<AccessLog>,
     /// OTLP traces (`telemetry.otlp_endpoint`); set at start.
     pub tracing: Option<Arc<Tracing>>,
+    /// The response cache (`[cache]`; `None`: off).
+    pub cache: Option<crate::cache::ResponseCache>,
 }
 
 /// Why the gateway could not start.
@@ -80,6 +82,8 @@ pub enum StartError {
     AccessLog(#[from] std::io::Error),
     #[error(transparent)]
     Tracing(#[from] crate::telemetry::trace::TraceError),
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
 }
 
 impl AppState {
@@ -108,6 +112,7 @@ impl AppState {
                 dropped: metrics.trace_spans_dropped.clone(),
             },
         )?;
+        let cache = crate::cache::ResponseCache::open(&config.cache, env.as_ref(), metrics.cache.clone())?;
         let freed = Arc::new(Notify::new());
         let snapshot = Snapshot::new(config, None, &freed)?;
         Ok(Arc::new(Self {
@@ -125,6 +130,7 @@ impl AppState {
             calibrators: dashmap::DashMap::new(),
             access_log,
             tracing,
+            cache,
         }))
     }
 }

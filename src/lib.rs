@@ -8,6 +8,7 @@ pub mod app;
 pub mod auth;
 pub mod background;
 pub mod body;
+pub mod cache;
 pub mod cascade;
 pub mod cli;
 pub mod clock;

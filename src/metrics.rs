@@ -100,6 +100,9 @@ pub struct Metrics {
     /// `tollgate_trace_spans_dropped_total`: spans dropped because the export queue was full
     /// (the collector slower than the traffic); requests never wait for it.
     pub trace_spans_dropped: IntCounter,
+    /// `tollgate_cache_requests_total{result}`, `tollgate_cache_saved_usd_total`,
+    /// `tollgate_cache_bytes`.
+    pub cache: crate::cache::CacheMetrics,
 }
 
 impl Metrics {
@@ -272,6 +275,26 @@ impl Metrics {
             "trace_spans_dropped_total",
             "Spans dropped because the OTLP export queue was full; requests never wait for the exporter.",
         )?;
+        let cache = crate::cache::CacheMetrics {
+            requests: counter(
+                "cache_requests_total",
+                "Requests looked up in the response cache, by result (hit, miss, bypass: not cacheable or Cache-Control).",
+                &["result"],
+            )?,
+            saved: {
+                let c = prometheus::Counter::new(
+                    "cache_saved_usd_total",
+                    "What the answers served from the cache would have cost from their backends.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            bytes: {
+                let g = prometheus::IntGauge::new("cache_bytes", "Bytes the response cache's memory store holds.")?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+        };
         // Labelled counters that alerts watch exist at 0 from the start, so that `increase()`
         // and `rate()` see their first event.
         for result in ["success", "failure"] {
@@ -314,6 +337,7 @@ impl Metrics {
             trace_spans_exported,
             trace_export_failures,
             trace_spans_dropped,
+            cache,
         })
     }
 

@@ -68,6 +68,9 @@ async fn prepare_and_swap(state: &Arc<AppState>) -> Result<Applied, ReloadError>
     if traces(&config.telemetry) != traces(&current.config.telemetry) {
         return Err(ReloadError::NeedsRestart("[telemetry] otlp_endpoint, service_name or sample_ratio"));
     }
+    if config.cache != current.config.cache {
+        return Err(ReloadError::NeedsRestart("[cache]"));
+    }
     // The socket is bound once; a `--listen` override must survive reloads too.
     config.server.listen = current.config.server.listen;
     let applied = Applied { backends: config.backends.len(), routes: config.routes.len(), users: config.users.len() };

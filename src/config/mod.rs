@@ -34,6 +34,72 @@ pub struct Config {
     pub plans: Vec<Arc<Plan>>,
     pub metrics: MetricsSettings,
     pub telemetry: Telemetry,
+    pub cache: CacheSettings,
+}
+
+/// `[cache]`: the response cache, the zero-cost tier.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheSettings {
+    pub enabled: bool,
+    pub store: CacheStore,
+    /// The memory store's bound (answers' bytes and their keys).
+    pub max_bytes: u64,
+    /// The largest answer stored.
+    pub max_entry_bytes: u64,
+    pub ttl: Duration,
+    pub scope: CacheScope,
+    pub cacheable: Cacheable,
+    /// The environment variable holding the key of the cache keys' HMAC; a random one per
+    /// process when unset (fine for one gateway's memory store).
+    pub secret_env: Option<String>,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            store: CacheStore::Memory,
+            max_bytes: 256 * 1024 * 1024,
+            max_entry_bytes: 1024 * 1024,
+            ttl: Duration::from_secs(3600),
+            scope: CacheScope::User,
+            cacheable: Cacheable::Deterministic,
+            secret_env: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStore {
+    Memory,
+    Redis,
+}
+
+/// Whose answers a request may be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheScope {
+    User,
+    /// The user's team's (a user on no team: its own).
+    Team,
+    Global,
+}
+
+impl CacheScope {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Team => "team",
+            Self::Global => "global",
+        }
+    }
+}
+
+/// Which requests are looked up and stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cacheable {
+    /// `temperature` 0 or a `seed`: the answers a client can expect to repeat.
+    Deterministic,
+    All,
 }
 
 /// `[metrics]`

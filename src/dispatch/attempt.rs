@@ -144,6 +144,7 @@ pub(super) async fn attempt(
                         estimate,
                         prior_cost: ctx.prior_cost,
                         client_span,
+                        cache: ctx.cache_verdict.map(crate::cache::Verdict::label),
                         prompt_estimate: plan.prompt_tokens,
                         tokens_estimate,
                         baseline: plan.baseline,

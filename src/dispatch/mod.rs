@@ -8,6 +8,7 @@ use http::HeaderName;
 use tokio::time::Instant;
 
 mod attempt;
+mod cached;
 mod guards;
 mod respond;
 
@@ -15,6 +16,7 @@ use attempt::{attempt, Decided, Outcome, Probe};
 use guards::{QueuePlace, TokenHold};
 
 use crate::app::AppState;
+use crate::cache::{Lookup, Verdict};
 use crate::config::Cascade;
 use crate::cost::Usd;
 use crate::error::ApiError;
@@ -31,6 +33,7 @@ pub const HEADER_TIER: HeaderName = HeaderName::from_static("x-tollgate-tier");
 pub const HEADER_REASON: HeaderName = HeaderName::from_static("x-tollgate-reason");
 pub const HEADER_COST: HeaderName = HeaderName::from_static("x-tollgate-cost-usd");
 pub const HEADER_BUDGET_REMAINING: HeaderName = HeaderName::from_static("x-tollgate-budget-remaining-usd");
+pub const HEADER_CACHE: HeaderName = HeaderName::from_static("x-tollgate-cache");
 pub const HEADER_MAX_TOKENS_CLAMPED: HeaderName = HeaderName::from_static("x-tollgate-max-tokens-clamped");
 
 /// A whole non-streamed answer is read before it is forwarded (to meter it exactly and put
@@ -72,6 +75,10 @@ pub struct RequestContext {
     /// The last answer settled for this request (when summarized), whatever happened after:
     /// what the request's line and span report.
     pub answered: std::sync::Mutex<Option<Box<Settled>>>,
+    /// What the request does with the response cache (`None`: no cache, or bypassed).
+    pub cache: Option<Lookup>,
+    /// The cache's verdict on it (`None`: no cache).
+    pub cache_verdict: Option<Verdict>,
 }
 
 /// How a dispatched request ended, what its last answer used (when summarized), and its trail
@@ -148,6 +155,30 @@ async fn decide_and_send(
     // Rate limits count the request at its arrival.
     state.limiter.admit(&principal.allowances, tokens_estimate, ctx.started).await?;
     let mut tokens_held = TokenHold { state, allowances: &principal.allowances, tokens: tokens_estimate, armed: true };
+    // The zero-cost tier first: after the rate limits (a hit counts against them), before the
+    // budget (a hit costs nothing, so an exhausted budget still gets it).
+    if let Some(cache) = &state.cache {
+        ctx.cache = cache.lookup(&principal, &ctx.request, spare_headers.as_ref());
+        let hit = ctx
+            .cache
+            .filter(|lookup| lookup.read)
+            .and_then(|lookup| cache.get(&lookup.key, policy::plan::min_quality(user, ctx.hints)));
+        if let Some(hit) = hit {
+            if let Some(response) = cached::serve(state, ctx, &hit).await {
+                ctx.cache_verdict = Some(Verdict::Hit);
+                tokens_held.armed = false;
+                state.limiter.settle_tokens(
+                    &principal.allowances,
+                    tokens_estimate,
+                    hit.prompt_tokens + hit.completion_tokens,
+                );
+                return Ok(response);
+            }
+        }
+        let verdict = if ctx.cache.is_some() { Verdict::Miss } else { Verdict::Bypass };
+        cache.count(verdict, Usd::ZERO);
+        ctx.cache_verdict = Some(verdict);
+    }
 
     let queue_deadline = ctx.started + snapshot.config.server.queue_timeout;
     let mut queue_place: Option<QueuePlace<'_>> = None;

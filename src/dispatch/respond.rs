@@ -12,8 +12,8 @@ use tokio::time::Instant;
 
 use super::attempt::{Answered, Outcome, Probe};
 use super::{
-    RequestContext, HEADER_BACKEND, HEADER_BUDGET_REMAINING, HEADER_COST, HEADER_MAX_TOKENS_CLAMPED, HEADER_REASON,
-    HEADER_TIER, MAX_ANSWER_BYTES,
+    RequestContext, HEADER_BACKEND, HEADER_BUDGET_REMAINING, HEADER_CACHE, HEADER_COST, HEADER_MAX_TOKENS_CLAMPED,
+    HEADER_REASON, HEADER_TIER, MAX_ANSWER_BYTES,
 };
 use crate::app::AppState;
 use crate::body::{Response, ResponseBody};
@@ -59,6 +59,9 @@ pub(super) async fn respond(
     put(&mut headers, HEADER_REASON, reason_value(reason));
     if let Some(clamped) = ctx.clamped {
         headers.insert(HEADER_MAX_TOKENS_CLAMPED, HeaderValue::from(clamped));
+    }
+    if let Some(verdict) = ctx.cache_verdict {
+        headers.insert(HEADER_CACHE, HeaderValue::from_static(verdict.label()));
     }
 
     let mut unsure = None;
@@ -113,6 +116,9 @@ pub(super) async fn respond(
             put(&mut headers, HEADER_BUDGET_REMAINING, usd_value(remaining));
         }
         keep_answered(ctx, &meter, remaining);
+        if unsure.is_none() && head.status == http::StatusCode::OK {
+            store(state, ctx, backend, &meter, cost, &bytes);
+        }
         ResponseBody::whole(bytes)
     };
     let mut response = Response::new(body);
@@ -126,6 +132,35 @@ pub(super) async fn respond(
             Outcome::Answered(response)
         }
     })
+}
+
+/// Stores a complete answer in the response cache when the request may be, unless budget
+/// clamping cut it short (`finish_reason: "length"` under a clamped `max_tokens`: not the
+/// answer the request asked for).
+fn store(
+    state: &AppState,
+    ctx: &RequestContext,
+    backend: &Arc<crate::config::Backend>,
+    meter: &Meter,
+    cost: Usd,
+    bytes: &Bytes,
+) {
+    let (Some(cache), Some(lookup)) = (&state.cache, ctx.cache.filter(|l| l.write)) else { return };
+    if ctx.clamped.is_some() && crate::cache::cut_by_length(bytes) {
+        return;
+    }
+    let usage = meter.reported_usage().unwrap_or_default();
+    cache.put(
+        lookup.key,
+        crate::cache::Cached {
+            endpoint: ctx.request.endpoint,
+            body: bytes.clone(),
+            backend: Arc::clone(backend),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cost,
+        },
+    );
 }
 
 /// Keeps what a settled answer used for the request's access log line (when it is on), with
@@ -172,7 +207,7 @@ pub(super) async fn read_whole(
     }
 }
 
-fn put(headers: &mut HeaderMap, name: HeaderName, value: Option<HeaderValue>) {
+pub(super) fn put(headers: &mut HeaderMap, name: HeaderName, value: Option<HeaderValue>) {
     if let Some(value) = value {
         headers.insert(name, value);
     }

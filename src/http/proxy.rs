@@ -100,6 +100,8 @@ where
                 summarize,
                 trace,
                 answered: std::sync::Mutex::new(None),
+                cache: None,
+                cache_verdict: None,
             },
         )
         .await)

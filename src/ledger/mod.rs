@@ -89,6 +89,11 @@ pub trait Ledger: Send + Sync + 'static {
     fn release(&self, budgets: &Budgets, id: u64, amount: Usd, now: i64);
     /// Replaces reservation `id` (of `reserved`) by the actual cost in `record`, at every level.
     fn settle(&self, budgets: &Budgets, id: u64, reserved: Usd, record: RequestRecord, now: i64);
+    /// Records a request that reserved nothing and cost nothing (a cache hit): its record and
+    /// tokens land like any settlement's. Never makes the caller wait.
+    fn record_free(&self, budgets: &Budgets, record: RequestRecord, now: i64) {
+        self.settle(budgets, 0, Usd::ZERO, record, now);
+    }
     /// The smallest budget left now across levels; `None` when no level has a budget.
     fn remaining<'a>(&'a self, budgets: &'a Budgets, now: i64) -> BoxFuture<'a, Result<Option<Left>, LedgerError>>;
     /// One level's account for its current period.

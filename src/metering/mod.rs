@@ -78,6 +78,8 @@ pub struct Settled {
     pub ttft: Option<Duration>,
     /// The smallest budget left after it, as far as the reservation tells.
     pub remaining: Option<Usd>,
+    /// The response cache's verdict (`None`: no cache).
+    pub cache: Option<&'static str>,
 }
 
 impl Settled {
@@ -96,6 +98,7 @@ impl Settled {
             latency: self.latency,
             ttft: self.ttft,
             error: self.error,
+            cache: self.cache,
             ..Entry::new(at_ms, id.clone())
         }
     }
@@ -125,6 +128,8 @@ pub struct MeterStart {
     pub prior_cost: Usd,
     /// This attempt's span (traces on), ended with the answer.
     pub client_span: Option<ClientSpan>,
+    /// The response cache's verdict on the request (`None`: no cache).
+    pub cache: Option<&'static str>,
     pub prompt_estimate: u64,
     /// Tokens taken from the user's tpm allowance at admission.
     pub tokens_estimate: u64,
@@ -181,6 +186,11 @@ impl Meter {
     pub fn finish_when_settled(&mut self, trail: Trail) {
         self.keep_summary = true;
         self.trail = Some(trail);
+    }
+
+    /// The usage the backend reported, if it did.
+    pub fn reported_usage(&self) -> Option<Usage> {
+        self.reported
     }
 
     /// What the settlement used and cost, if kept.
@@ -287,6 +297,7 @@ impl Meter {
                 remaining: s
                     .left_after_reserve
                     .map(|left| left.saturating_add(s.estimate).saturating_sub(cost).max(Usd::ZERO)),
+                cache: s.cache,
             };
             if let Some(span) = s.client_span.take() {
                 span.finish(&summary, cost);

@@ -13,8 +13,8 @@ use self::backend::backend;
 use self::server::{default_ledger, default_server, ledger, server};
 use super::document::{Fields, Problems};
 use super::{
-    AccessLogFormat, Backend, BudgetPeriod, Cascade, Config, Env, LedgerStore, LimitOverrides, Limits, MetricsSettings,
-    Plan, Policy, RedisStore, Route, Telemetry, Usd, User,
+    AccessLogFormat, Backend, BudgetPeriod, CacheScope, CacheSettings, CacheStore, Cacheable, Cascade, Config, Env,
+    LedgerStore, LimitOverrides, Limits, MetricsSettings, Plan, Policy, RedisStore, Route, Telemetry, Usd, User,
 };
 use crate::secret::Secret;
 
@@ -42,6 +42,7 @@ pub(super) fn config(root: &Table, p: &mut Problems<'_>, env: &dyn Env) -> Confi
         MetricsSettings { max_user_series }
     });
     let telemetry = top.table(p, "telemetry").map_or_else(Telemetry::default, |mut f| telemetry(&mut f, p));
+    let cache = top.table(p, "cache").map_or_else(CacheSettings::default, |mut f| cache(&mut f, p));
 
     if backends.is_empty() {
         p.at_line(1, "backends", "at least one [[backends]] entry is required");
@@ -73,7 +74,69 @@ pub(super) fn config(root: &Table, p: &mut Problems<'_>, env: &dyn Env) -> Confi
         f.finish(p);
     }
     top.finish(p);
-    Config { server, ledger, backends, routes, users, plans, metrics, telemetry }
+    if cache.enabled && cache.store == CacheStore::Redis {
+        p.at_line(1, "cache.store", "\"redis\" is not available in this build yet; use \"memory\"");
+    }
+    Config { server, ledger, backends, routes, users, plans, metrics, telemetry, cache }
+}
+
+fn cache(f: &mut Fields<'_>, p: &mut Problems<'_>) -> CacheSettings {
+    let defaults = CacheSettings::default();
+    let enabled = f.optional::<bool>(p, "enabled").unwrap_or(true);
+    let mut choice = |key: &'static str, allowed: &[&'static str]| -> Option<&'static str> {
+        let text = f.optional::<String>(p, key)?;
+        let found = allowed.iter().find(|a| **a == text).copied();
+        if found.is_none() {
+            let list = allowed.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
+            p.at_line(f.line_of(p, key), &f.path_of(key), format!("`{text}` is not one of {list}"));
+        }
+        found
+    };
+    let store = match choice("store", &["memory", "redis"]) {
+        Some("redis") => CacheStore::Redis,
+        _ => defaults.store,
+    };
+    let scope = match choice("scope", &["user", "team", "global"]) {
+        Some("team") => CacheScope::Team,
+        Some("global") => CacheScope::Global,
+        _ => defaults.scope,
+    };
+    let cacheable = match choice("cacheable", &["deterministic", "all"]) {
+        Some("all") => Cacheable::All,
+        _ => defaults.cacheable,
+    };
+    let max_bytes = f.optional::<u64>(p, "max_bytes").unwrap_or(defaults.max_bytes);
+    let max_entry_bytes = f.optional::<u64>(p, "max_entry_bytes").unwrap_or(defaults.max_entry_bytes);
+    if max_bytes == 0 {
+        p.at_line(f.line_of(p, "max_bytes"), &f.path_of("max_bytes"), "must be positive");
+    }
+    if max_entry_bytes == 0 || max_entry_bytes > max_bytes {
+        p.at_line(
+            f.line_of(p, "max_entry_bytes"),
+            &f.path_of("max_entry_bytes"),
+            "must be positive and at most max_bytes",
+        );
+    }
+    let ttl_s = f.optional::<u64>(p, "ttl_s").unwrap_or(defaults.ttl.as_secs());
+    if ttl_s == 0 {
+        p.at_line(
+            f.line_of(p, "ttl_s"),
+            &f.path_of("ttl_s"),
+            "must be positive (set enabled = false to turn the cache off)",
+        );
+    }
+    let secret_env = f.optional::<String>(p, "secret_env");
+    f.finish(p);
+    CacheSettings {
+        enabled,
+        store,
+        max_bytes,
+        max_entry_bytes,
+        ttl: std::time::Duration::from_secs(ttl_s),
+        scope,
+        cacheable,
+        secret_env,
+    }
 }
 
 fn telemetry(f: &mut Fields<'_>, p: &mut Problems<'_>) -> Telemetry {

@@ -362,6 +362,12 @@ impl Ledger for RedisLedger {
         self.store.submit(write);
     }
 
+    fn record_free(&self, budgets: &Budgets, record: RequestRecord, now: i64) {
+        // A local id: no reservation to remove in Redis, and a settlement id of its own.
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) | LOCAL;
+        self.settle(budgets, id, Usd::ZERO, record, now);
+    }
+
     fn settle(&self, budgets: &Budgets, id: u64, reserved: Usd, record: RequestRecord, now: i64) {
         let local = id & LOCAL != 0;
         if !local {

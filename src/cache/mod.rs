@@ -1,0 +1,218 @@
+//! The response cache: the zero-cost tier of the routing decision. An exact-match cache of
+//! complete 200 answers, filed under a keyed hash of the scope and the canonical request
+//! (`key`), served only to requests whose quality floor the producing backend meets, replayed
+//! as a stream to streaming clients (`replay`), metered at $0 with the cost it avoided.
+
+mod key;
+pub mod replay;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use prometheus::{Counter, IntCounterVec, IntGauge};
+
+pub use self::key::{canonical, is_cacheable, CacheKey};
+use crate::config::{CacheScope, CacheSettings, CacheStore, Env};
+use crate::cost::Usd;
+use crate::request::{Endpoint, ProxyRequest};
+use crate::tenancy::Principal;
+
+/// Bytes an entry costs beyond its answer (its key, the store's bookkeeping), so that many
+/// small answers cannot overrun `max_bytes`.
+const ENTRY_OVERHEAD_BYTES: usize = 256;
+
+/// Why the cache could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache.secret_env: the environment variable `{0}` is not set or empty")]
+    MissingSecret(String),
+    #[error("cache.store = \"redis\" is not available in this build yet; use \"memory\"")]
+    RedisNotYet,
+}
+
+/// One stored answer.
+#[derive(Debug)]
+pub struct Cached {
+    pub endpoint: Endpoint,
+    /// The answer's JSON body, as it was served.
+    pub body: Bytes,
+    /// The backend that produced it, as configured then.
+    pub backend: Arc<crate::config::Backend>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// What the answer cost when it was produced: what each hit saves.
+    pub cost: Usd,
+}
+
+/// The verdict on one request, as `x-tollgate-cache` and the metrics say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Hit,
+    Miss,
+    /// Not looked up (not cacheable, `Cache-Control: no-cache`/`no-store`).
+    Bypass,
+}
+
+impl Verdict {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Bypass => "bypass",
+        }
+    }
+}
+
+/// What a request does with the cache.
+#[derive(Debug, Clone, Copy)]
+pub struct Lookup {
+    pub key: CacheKey,
+    /// Served from the cache if there (not under `no-cache`).
+    pub read: bool,
+    /// Its answer stored (not under `no-store`).
+    pub write: bool,
+}
+
+/// The cache's metrics.
+#[derive(Clone)]
+pub struct CacheMetrics {
+    pub requests: IntCounterVec,
+    pub saved: Counter,
+    pub bytes: IntGauge,
+}
+
+pub struct ResponseCache {
+    settings: CacheSettings,
+    secret: Vec<u8>,
+    entries: moka::sync::Cache<CacheKey, Arc<Cached>>,
+    metrics: CacheMetrics,
+}
+
+impl std::fmt::Debug for ResponseCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseCache").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+impl ResponseCache {
+    /// The cache `settings` describe, or `None` when it is off.
+    pub fn open(settings: &CacheSettings, env: &dyn Env, metrics: CacheMetrics) -> Result<Option<Self>, CacheError> {
+        if !settings.enabled {
+            return Ok(None);
+        }
+        if settings.store == CacheStore::Redis {
+            return Err(CacheError::RedisNotYet);
+        }
+        let secret = match &settings.secret_env {
+            Some(name) => env
+                .var(name)
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| CacheError::MissingSecret(name.clone()))?
+                .into_bytes(),
+            None => {
+                let mut random = vec![0u8; 32];
+                // Without the OS's randomness, a per-process value still keeps keys unguessable
+                // from outside the process for this process's lifetime.
+                if getrandom::getrandom(&mut random).is_err() {
+                    random = format!("{}:{}", std::process::id(), crate::clock::unix_now_ns()).into_bytes();
+                }
+                random
+            }
+        };
+        let entries = moka::sync::Cache::builder()
+            .max_capacity(settings.max_bytes)
+            .time_to_live(settings.ttl)
+            .weigher(|_key: &CacheKey, cached: &Arc<Cached>| {
+                u32::try_from(cached.body.len() + ENTRY_OVERHEAD_BYTES).unwrap_or(u32::MAX)
+            })
+            .build();
+        for verdict in [Verdict::Hit, Verdict::Miss, Verdict::Bypass] {
+            metrics.requests.with_label_values(&[verdict.label()]);
+        }
+        Ok(Some(Self { settings: settings.clone(), secret, entries, metrics }))
+    }
+
+    /// What `request` from `principal` does with the cache: `None` when it bypasses it (not
+    /// cacheable, or `Cache-Control: no-store` and `no-cache` both).
+    pub fn lookup(&self, principal: &Principal, request: &ProxyRequest, headers: Option<&HeaderMap>) -> Option<Lookup> {
+        if !is_cacheable(request, self.settings.cacheable) {
+            return None;
+        }
+        let (no_cache, no_store) = headers.map_or((false, false), cache_control);
+        let (read, write) = (!no_cache && !no_store, !no_store);
+        if !read && !write {
+            return None;
+        }
+        let user = &principal.user;
+        let scope_id = match self.settings.scope {
+            CacheScope::User => user.name.as_str(),
+            CacheScope::Team => user.team.as_deref().unwrap_or(user.name.as_str()),
+            CacheScope::Global => "",
+        };
+        // A user on no team under `team` scope is its own team, apart from any team's name.
+        let scope = match (self.settings.scope, &user.team) {
+            (CacheScope::Team, None) => CacheScope::User,
+            (scope, _) => scope,
+        };
+        Some(Lookup { key: key::key(&self.secret, scope, scope_id, request), read, write })
+    }
+
+    /// A stored answer for `key` from a backend at least as good as `min_quality`.
+    pub fn get(&self, key: &CacheKey, min_quality: f64) -> Option<Arc<Cached>> {
+        self.entries.get(key).filter(|cached| cached.backend.quality >= min_quality)
+    }
+
+    /// Stores `cached` under `key`, unless it is larger than an entry may be.
+    pub fn put(&self, key: CacheKey, cached: Cached) {
+        if cached.body.len() as u64 > self.settings.max_entry_bytes {
+            return;
+        }
+        // A better backend's answer is not replaced by a worse one's.
+        if self.entries.get(&key).is_some_and(|old| old.backend.quality > cached.backend.quality) {
+            return;
+        }
+        self.entries.insert(key, Arc::new(cached));
+        // The store counts its weight as it applies its pending work (evictions included).
+        self.entries.run_pending_tasks();
+        self.metrics.bytes.set(i64::try_from(self.entries.weighted_size()).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a request's verdict, and what a hit saved.
+    pub fn count(&self, verdict: Verdict, saved: Usd) {
+        self.metrics.requests.with_label_values(&[verdict.label()]).inc();
+        if verdict == Verdict::Hit {
+            self.metrics.saved.inc_by(saved.as_f64());
+        }
+    }
+}
+
+/// Whether an answer ended because it ran out of tokens (`finish_reason: "length"` in any
+/// choice).
+pub fn cut_by_length(answer: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        choices: Vec<Choice>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Choice {
+        finish_reason: Option<String>,
+    }
+    serde_json::from_slice::<Answer>(answer)
+        .map_or(true, |a| a.choices.iter().any(|c| c.finish_reason.as_deref() == Some("length")))
+}
+
+/// `Cache-Control: no-cache` (do not serve from the cache) and `no-store` (do not store, nor
+/// serve), case-insensitive, in any of the header's values.
+fn cache_control(headers: &HeaderMap) -> (bool, bool) {
+    let mut found = (false, false);
+    for value in headers.get_all(http::header::CACHE_CONTROL) {
+        for directive in value.to_str().unwrap_or_default().split(',') {
+            let directive = directive.trim();
+            found.0 |= directive.eq_ignore_ascii_case("no-cache");
+            found.1 |= directive.eq_ignore_ascii_case("no-store");
+        }
+    }
+    found
+}
