@@ -22,7 +22,7 @@ fn config(upstream: &str, cache: &str) -> String {
         )
     };
     format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_key_env = \"TEST_ADMIN_KEY\"\n\n{}{}\
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_key_env = \"TEST_ADMIN_KEY\"\n\n{}{}{}{}{}\
          [[routes]]\nmodel = \"auto\"\nbackends = [\"premium\", \"cheap\"]\n\n\
          [[users]]\nname = \"alice\"\nkey_sha256 = \"{}\"\npolicy = \"quality-first\"\nmin_quality = 0.8\n\n\
          [[users]]\nname = \"bob\"\nkey_sha256 = \"{}\"\npolicy = \"cost-first\"\n\n\
@@ -30,6 +30,9 @@ fn config(upstream: &str, cache: &str) -> String {
          [cache]\n{cache}\n",
         backend("premium", "echo", "quality", 0.9, 1.0, 2.0),
         backend("cheap", "echo-small", "economy", 0.3, 0.1, 0.2),
+        backend("slow", "slow-stream", "quality", 0.9, 1.0, 2.0),
+        backend("slow-json", "slow-json", "quality", 0.9, 1.0, 2.0),
+        backend("broken", "fail", "quality", 0.9, 1.0, 2.0),
         key_hash(ALICE_KEY),
         key_hash(BOB_KEY),
         key_hash(CAROL_KEY),
@@ -82,14 +85,7 @@ async fn a_repeat_is_a_hit_at_zero_cost_that_the_backend_never_sees() {
     let stream = send(&gateway, ALICE_KEY, &streamed, None).await;
     assert_eq!(header(&stream, "x-tollgate-cache"), "hit");
     assert!(header(&stream, "content-type").starts_with("text/event-stream"));
-    let text = stream.text().await.unwrap();
-    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
-    let events: Vec<Value> = text
-        .split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
-        .filter(|e| *e != "[DONE]")
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let events = events(&stream.text().await.unwrap());
     let content: String = events.iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(content, first_body["choices"][0]["message"]["content"].as_str().unwrap());
     assert_eq!(events.last().unwrap()["usage"]["completion_tokens"], UPSTREAM_COMPLETION_TOKENS);
@@ -181,4 +177,89 @@ async fn an_exhausted_budget_still_gets_its_hits_and_the_ttl_expires_them() {
     let expired = send(&gateway, CAROL_KEY, &question, None).await;
     assert_eq!(expired.status(), 429, "past the TTL it is a miss again, and the budget decides");
     assert_eq!(upstream.seen().len(), 1);
+}
+
+fn events(text: &str) -> Vec<Value> {
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_clean_stream_is_stored_for_every_client_and_a_cut_one_is_not() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config(&upstream.base_url(), "scope = \"user\""), ENV).await;
+    let question = ask("Stream me", 0.0);
+    let mut streamed = question.clone();
+    streamed["stream"] = json!(true);
+
+    let first = send(&gateway, ALICE_KEY, &streamed, None).await;
+    assert_eq!(header(&first, "x-tollgate-cache"), "miss");
+    let live: String = events(&first.text().await.unwrap())
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(live, "tok tok tok tok tok ");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Stored whole: an unstreamed client gets the assembled answer, with its usage.
+    let whole = send(&gateway, ALICE_KEY, &question, None).await;
+    assert_eq!(header(&whole, "x-tollgate-cache"), "hit");
+    let answer: Value = whole.json().await.unwrap();
+    assert_eq!(answer["object"], "chat.completion");
+    assert_eq!(answer["choices"][0]["message"]["content"], live.as_str());
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+    assert_eq!(answer["usage"]["completion_tokens"], UPSTREAM_COMPLETION_TOKENS);
+    // And a streaming client its replay, without the usage chunk it did not ask for.
+    let again = send(&gateway, ALICE_KEY, &streamed, None).await;
+    assert_eq!(header(&again, "x-tollgate-cache"), "hit");
+    let replayed = events(&again.text().await.unwrap());
+    assert!(replayed.iter().all(|e| e.get("usage").is_none()));
+    let text: String = replayed.iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, live);
+    assert_eq!(upstream.seen().len(), 1);
+
+    // A client that hangs up mid-stream leaves nothing stored.
+    let mut slow = streamed.clone();
+    slow["model"] = json!("slow");
+    let mut cut = send(&gateway, ALICE_KEY, &slow, None).await;
+    assert_eq!(header(&cut, "x-tollgate-cache"), "miss");
+    assert!(cut.chunk().await.unwrap().is_some());
+    drop(cut);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let retry = send(&gateway, ALICE_KEY, &slow, None).await;
+    assert_eq!(header(&retry, "x-tollgate-cache"), "miss", "the cut stream was not stored");
+    assert_eq!(upstream.seen().len(), 3);
+}
+
+#[tokio::test]
+async fn identical_requests_in_flight_together_make_one_upstream_call() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config(&upstream.base_url(), "scope = \"global\""), ENV).await;
+    let mut question = ask("Everyone asks this", 0.0);
+    question["model"] = json!("slow-json");
+    let answers = gateway.post_concurrently(10, "/v1/chat/completions", ALICE_KEY, &question).await;
+    let mut verdicts = Vec::new();
+    for answer in answers {
+        assert_eq!(answer.status(), 200);
+        verdicts.push(header(&answer, "x-tollgate-cache").to_owned());
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(body["choices"][0]["message"]["content"], "hello from upstream");
+    }
+    assert_eq!(upstream.seen().len(), 1, "one upstream call for ten identical requests");
+    verdicts.sort();
+    assert_eq!(verdicts.iter().filter(|v| *v == "hit").count(), 9, "{verdicts:?}");
+
+    // A leader that fails lets the others go on their own: none waits for ever, none is
+    // served a failure from the cache.
+    let mut failing = ask("Nobody can answer", 0.0);
+    failing["model"] = json!("broken");
+    let answers = gateway.post_concurrently(3, "/v1/chat/completions", ALICE_KEY, &failing).await;
+    for answer in answers {
+        assert_eq!((answer.status().as_u16(), header(&answer, "x-tollgate-cache")), (502, ""));
+    }
+    assert_eq!(upstream.seen().len(), 4, "each asked the backend itself");
 }

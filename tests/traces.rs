@@ -258,7 +258,15 @@ async fn spans_continue_the_client_trace_with_one_client_span_per_attempt_and_ge
     assert!(refusal.error && refusal.text("error.type") == Some("invalid_api_key"));
     assert!(clients.iter().all(|c| c.trace_id != refusal.trace_id), "no backend was called");
 
-    let metrics = client.get(process.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    // The exporter counts a batch once the collector's answer is read: just after it arrived.
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = client.get(process.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        if metric_value(&metrics, "tollgate_trace_spans_exported_total", &[]) >= 6.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(metric_value(&metrics, "tollgate_trace_spans_exported_total", &[]) >= 6.0);
     assert_eq!(metric_value(&metrics, "tollgate_trace_export_failures_total", &[]), 0.0);
     assert_eq!(metric_value(&metrics, "tollgate_trace_spans_dropped_total", &[]), 0.0);

@@ -3,6 +3,7 @@
 //! (`key`), served only to requests whose quality floor the producing backend meets, replayed
 //! as a stream to streaming clients (`replay`), metered at $0 with the cost it avoided.
 
+pub mod assemble;
 mod key;
 pub mod replay;
 
@@ -87,6 +88,40 @@ pub struct ResponseCache {
     secret: Vec<u8>,
     entries: moka::sync::Cache<CacheKey, Arc<Cached>>,
     metrics: CacheMetrics,
+    /// Requests whose answer is on its way, by key: identical requests wait for it.
+    flights: Flights,
+}
+
+type Flights = Arc<dashmap::DashMap<CacheKey, tokio::sync::watch::Receiver<()>>>;
+
+/// A request's part in single flight.
+pub enum Flight {
+    /// The first of identical requests: it asks the backend; its guard, dropped once its
+    /// answer is stored (or failed), wakes the others.
+    Leader(FlightGuard),
+    /// Another is asking: wait on this (it closes when the leader's guard drops).
+    Follower(tokio::sync::watch::Receiver<()>),
+}
+
+/// Held by a leader until its answer is stored or it gave up.
+pub struct FlightGuard {
+    flights: Flights,
+    key: CacheKey,
+    _done: tokio::sync::watch::Sender<()>,
+}
+
+impl std::fmt::Debug for FlightGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlightGuard").finish_non_exhaustive()
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        // Removed before the sender drops: a request arriving now leads a new flight rather
+        // than waiting on a finished one.
+        self.flights.remove(&self.key);
+    }
 }
 
 impl std::fmt::Debug for ResponseCache {
@@ -130,7 +165,7 @@ impl ResponseCache {
         for verdict in [Verdict::Hit, Verdict::Miss, Verdict::Bypass] {
             metrics.requests.with_label_values(&[verdict.label()]);
         }
-        Ok(Some(Self { settings: settings.clone(), secret, entries, metrics }))
+        Ok(Some(Self { settings: settings.clone(), secret, entries, metrics, flights: Flights::default() }))
     }
 
     /// What `request` from `principal` does with the cache: `None` when it bypasses it (not
@@ -163,6 +198,18 @@ impl ResponseCache {
         self.entries.get(key).filter(|cached| cached.backend.quality >= min_quality)
     }
 
+    /// Joins the flight for `key`: leads it if no identical request is on its way.
+    pub fn flight(&self, key: CacheKey) -> Flight {
+        match self.flights.entry(key) {
+            dashmap::Entry::Occupied(leader) => Flight::Follower(leader.get().clone()),
+            dashmap::Entry::Vacant(place) => {
+                let (done, waiting) = tokio::sync::watch::channel(());
+                place.insert(waiting);
+                Flight::Leader(FlightGuard { flights: Arc::clone(&self.flights), key, _done: done })
+            }
+        }
+    }
+
     /// Stores `cached` under `key`, unless it is larger than an entry may be.
     pub fn put(&self, key: CacheKey, cached: Cached) {
         if cached.body.len() as u64 > self.settings.max_entry_bytes {
@@ -184,6 +231,69 @@ impl ResponseCache {
         if verdict == Verdict::Hit {
             self.metrics.saved.inc_by(saved.as_f64());
         }
+    }
+}
+
+/// A cacheable streamed answer on its way to the client, stored once it ended cleanly.
+pub struct StreamCapture {
+    assembler: assemble::Assembler,
+    state: Arc<crate::app::AppState>,
+    key: CacheKey,
+    backend: Arc<crate::config::Backend>,
+    /// Budget clamping shortened `max_tokens`: an answer cut by length is not stored.
+    clamped: bool,
+    /// A leader's flight: identical requests wait until the stream ends.
+    _flight: Option<FlightGuard>,
+}
+
+impl StreamCapture {
+    /// `None` unless the request's answer may be stored.
+    pub fn new(
+        state: &Arc<crate::app::AppState>,
+        lookup: Option<Lookup>,
+        endpoint: Endpoint,
+        backend: &Arc<crate::config::Backend>,
+        clamped: bool,
+        flight: Option<FlightGuard>,
+    ) -> Option<Box<Self>> {
+        let cache = state.cache.as_ref()?;
+        let lookup = lookup.filter(|l| l.write)?;
+        let max_bytes = usize::try_from(cache.settings.max_entry_bytes).unwrap_or(usize::MAX);
+        Some(Box::new(Self {
+            assembler: assemble::Assembler::new(endpoint, max_bytes),
+            state: Arc::clone(state),
+            key: lookup.key,
+            backend: Arc::clone(backend),
+            clamped,
+            _flight: flight,
+        }))
+    }
+
+    /// Complete events, as they go to the client.
+    pub fn feed(&mut self, events: &[u8]) {
+        self.assembler.feed(events);
+    }
+
+    /// The stream ended cleanly (`[DONE]`): stores the answer it made, if it made one.
+    pub fn store(self, usage: Option<crate::openai::Usage>, cost: Usd) {
+        let Some(cache) = self.state.cache.as_ref() else { return };
+        let endpoint = self.assembler.endpoint();
+        let Some(answer) = self.assembler.finish(usage) else { return };
+        if self.clamped && cut_by_length(&answer) {
+            return;
+        }
+        let usage = usage.unwrap_or_default();
+        cache.put(
+            self.key,
+            Cached {
+                endpoint,
+                body: Bytes::from(answer),
+                backend: self.backend,
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                cost,
+            },
+        );
     }
 }
 

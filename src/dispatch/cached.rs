@@ -14,13 +14,62 @@ use super::{
 };
 use crate::app::AppState;
 use crate::body::{Response, ResponseBody};
-use crate::cache::{replay, Cached, Verdict};
+use crate::cache::{replay, Cached, Flight, Verdict};
 use crate::cost::Usd;
 use crate::ledger::RequestRecord;
 use crate::metering::Settled;
 
 /// The routing reason of an answer served from the cache.
 pub const REASON_CACHE: &str = "cache";
+
+/// A request served from the cache, and the tokens its answer holds (for the tpm allowance).
+pub(super) struct Hit {
+    pub response: Response,
+    pub tokens: u64,
+}
+
+/// Looks the request up: its answer if stored (or stored by an identical request in flight,
+/// waited for), else `None` with the request's verdict set and, for the first of identical
+/// requests, its flight to lead.
+pub(super) async fn look_up(
+    state: &Arc<AppState>,
+    ctx: &mut RequestContext,
+    headers: Option<&http::HeaderMap>,
+) -> Option<Hit> {
+    let cache = state.cache.as_ref()?;
+    ctx.cache = cache.lookup(&ctx.principal, &ctx.request, headers);
+    let Some(lookup) = ctx.cache.filter(|l| l.read) else {
+        let verdict = if ctx.cache.is_some() { Verdict::Miss } else { Verdict::Bypass };
+        cache.count(verdict, Usd::ZERO);
+        ctx.cache_verdict = Some(verdict);
+        return None;
+    };
+    let floor = crate::policy::plan::min_quality(&ctx.principal.user, ctx.hints);
+    let mut hit = cache.get(&lookup.key, floor);
+    if hit.is_none() && lookup.write {
+        match cache.flight(lookup.key) {
+            Flight::Leader(guard) => {
+                *ctx.flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(guard);
+            }
+            Flight::Follower(mut leader) => {
+                // Bounded by the longest a backend may take; then, or if the leader failed,
+                // this request goes on its own.
+                let longest = ctx.snapshot.config.longest_request();
+                let _ = tokio::time::timeout(longest, leader.changed()).await;
+                hit = cache.get(&lookup.key, floor);
+            }
+        }
+    }
+    if let Some(hit) = hit {
+        if let Some(response) = serve(state, ctx, &hit).await {
+            ctx.cache_verdict = Some(Verdict::Hit);
+            return Some(Hit { response, tokens: hit.prompt_tokens + hit.completion_tokens });
+        }
+    }
+    cache.count(Verdict::Miss, Usd::ZERO);
+    ctx.cache_verdict = Some(Verdict::Miss);
+    None
+}
 
 /// The response serving `hit` to the request, or `None` when the entry cannot be replayed the
 /// way the request wants it (then it is a miss).

@@ -16,7 +16,7 @@ use attempt::{attempt, Decided, Outcome, Probe};
 use guards::{QueuePlace, TokenHold};
 
 use crate::app::AppState;
-use crate::cache::{Lookup, Verdict};
+use crate::cache::{FlightGuard, Lookup, Verdict};
 use crate::config::Cascade;
 use crate::cost::Usd;
 use crate::error::ApiError;
@@ -79,6 +79,8 @@ pub struct RequestContext {
     pub cache: Option<Lookup>,
     /// The cache's verdict on it (`None`: no cache).
     pub cache_verdict: Option<Verdict>,
+    /// Leading identical requests to the backend: they wait until this answer is stored.
+    pub flight: std::sync::Mutex<Option<FlightGuard>>,
 }
 
 /// How a dispatched request ended, what its last answer used (when summarized), and its trail
@@ -157,27 +159,10 @@ async fn decide_and_send(
     let mut tokens_held = TokenHold { state, allowances: &principal.allowances, tokens: tokens_estimate, armed: true };
     // The zero-cost tier first: after the rate limits (a hit counts against them), before the
     // budget (a hit costs nothing, so an exhausted budget still gets it).
-    if let Some(cache) = &state.cache {
-        ctx.cache = cache.lookup(&principal, &ctx.request, spare_headers.as_ref());
-        let hit = ctx
-            .cache
-            .filter(|lookup| lookup.read)
-            .and_then(|lookup| cache.get(&lookup.key, policy::plan::min_quality(user, ctx.hints)));
-        if let Some(hit) = hit {
-            if let Some(response) = cached::serve(state, ctx, &hit).await {
-                ctx.cache_verdict = Some(Verdict::Hit);
-                tokens_held.armed = false;
-                state.limiter.settle_tokens(
-                    &principal.allowances,
-                    tokens_estimate,
-                    hit.prompt_tokens + hit.completion_tokens,
-                );
-                return Ok(response);
-            }
-        }
-        let verdict = if ctx.cache.is_some() { Verdict::Miss } else { Verdict::Bypass };
-        cache.count(verdict, Usd::ZERO);
-        ctx.cache_verdict = Some(verdict);
+    if let Some(hit) = cached::look_up(state, ctx, spare_headers.as_ref()).await {
+        tokens_held.armed = false;
+        state.limiter.settle_tokens(&principal.allowances, tokens_estimate, hit.tokens);
+        return Ok(hit.response);
     }
 
     let queue_deadline = ctx.started + snapshot.config.server.queue_timeout;

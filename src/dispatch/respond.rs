@@ -74,7 +74,16 @@ pub(super) async fn respond(
         if let Some(trail) = ctx.trail.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
             meter.finish_when_settled(trail);
         }
-        ResponseBody::Metered(Box::new(MeteredBody::new(body, meter, !ctx.request.client_wants_usage, backend.timeout)))
+        let capture = crate::cache::StreamCapture::new(
+            state,
+            ctx.cache,
+            ctx.request.endpoint,
+            backend,
+            ctx.clamped.is_some(),
+            ctx.flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take(),
+        );
+        let metered = MeteredBody::new(body, meter, !ctx.request.client_wants_usage, backend.timeout).capture(capture);
+        ResponseBody::Metered(Box::new(metered))
     } else {
         let bytes = match read_whole(body, deadline, backend.name.as_str()).await {
             Ok(bytes) => bytes,

@@ -102,6 +102,7 @@ where
                 answered: std::sync::Mutex::new(None),
                 cache: None,
                 cache_verdict: None,
+                flight: std::sync::Mutex::new(None),
             },
         )
         .await)

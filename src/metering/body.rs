@@ -13,6 +13,7 @@ use serde::Deserialize;
 use tokio::time::{Instant, Sleep};
 
 use super::{Ending, Meter};
+use crate::cache::StreamCapture;
 use crate::openai::UsageCarrier;
 use crate::request::estimate_text_tokens;
 use crate::upstream::sse::SseScanner;
@@ -32,6 +33,8 @@ pub struct MeteredBody {
     first_byte_seen: bool,
     /// An event still to send before ending (an error notice for a stream cut short).
     trailer: Option<Bytes>,
+    /// A cacheable answer's events, stored if the stream ends cleanly.
+    capture: Option<Box<StreamCapture>>,
 }
 
 impl MeteredBody {
@@ -47,11 +50,21 @@ impl MeteredBody {
             meter: Some(meter),
             first_byte_seen: false,
             trailer: None,
+            capture: None,
         }
+    }
+
+    /// Stores the answer in the response cache if it ends cleanly.
+    pub fn capture(mut self, capture: Option<Box<StreamCapture>>) -> Self {
+        self.capture = capture;
+        self
     }
 
     fn take_bytes(&mut self, bytes: Bytes) -> Bytes {
         let out = self.scanner.feed(bytes);
+        if let Some(capture) = &mut self.capture {
+            capture.feed(&out);
+        }
         if let Some(meter) = &mut self.meter {
             if !self.first_byte_seen && !out.is_empty() {
                 self.first_byte_seen = true;
@@ -80,8 +93,13 @@ impl MeteredBody {
 
     fn finish(&mut self, ending: Ending) {
         if let Some(mut meter) = self.meter.take() {
+            let complete = matches!(ending, Ending::Complete);
             meter.end(ending);
-            meter.settle();
+            let usage = meter.reported_usage();
+            let cost = meter.settle();
+            if let Some(capture) = self.capture.take().filter(|_| complete) {
+                capture.store(usage, cost);
+            }
         }
     }
 }
@@ -135,6 +153,9 @@ impl Body for MeteredBody {
                 }
                 None => {
                     let rest = this.scanner.finish();
+                    if let Some(capture) = &mut this.capture {
+                        capture.feed(&rest);
+                    }
                     if let (Some(meter), Some(usage)) = (&mut this.meter, this.scanner.usage()) {
                         meter.reported(usage);
                     }
