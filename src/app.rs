@@ -112,7 +112,12 @@ impl AppState {
                 dropped: metrics.trace_spans_dropped.clone(),
             },
         )?;
-        let cache = crate::cache::ResponseCache::open(&config.cache, env.as_ref(), metrics.cache.clone())?;
+        let cache = crate::cache::ResponseCache::open(
+            &config.cache,
+            env.as_ref(),
+            metrics.cache.clone(),
+            limiter.shared_store(),
+        )?;
         let freed = Arc::new(Notify::new());
         let snapshot = Snapshot::new(config, None, &freed)?;
         Ok(Arc::new(Self {

@@ -294,6 +294,10 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            errors: int_counter_one(
+                "cache_store_errors_total",
+                "Response cache reads that failed (the Redis store away); each was served as a miss.",
+            )?,
         };
         // Labelled counters that alerts watch exist at 0 from the start, so that `increase()`
         // and `rate()` see their first event.

@@ -9,6 +9,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use support::fleet::{RedisServer, Replica};
 use support::*;
 
 const CAROL_KEY: &str = "sk-carol-test-key";
@@ -262,4 +263,48 @@ async fn identical_requests_in_flight_together_make_one_upstream_call() {
         assert_eq!((answer.status().as_u16(), header(&answer, "x-tollgate-cache")), (502, ""));
     }
     assert_eq!(upstream.seen().len(), 4, "each asked the backend itself");
+}
+
+#[tokio::test]
+async fn replicas_share_hits_through_redis_and_redis_away_is_a_miss_not_an_error() {
+    let upstream = Upstream::start().await;
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(
+        &upstream.base_url(),
+        "store = \"redis\"\nscope = \"global\"\nsecret_env = \"TEST_CACHE_SECRET\"\n\n\
+         [ledger]\nbackend = \"redis\"\nurl = \"REDIS\"\non_ledger_error = \"fail-open\"\ntimeout_ms = 500\n",
+    )
+    .replace("REDIS", &redis.url());
+    let env = [ENV, &[("TEST_CACHE_SECRET", "shared-by-the-replicas")]].concat();
+    let (a, b) =
+        (Replica::start_with_env(dir.path(), "a", &text, &env), Replica::start_with_env(dir.path(), "b", &text, &env));
+    let client = reqwest::Client::new();
+    let ask_at = |replica: &Replica, body: &Value| {
+        client.post(replica.url("/v1/chat/completions")).bearer_auth(ALICE_KEY).json(body).send()
+    };
+    let question = ask("Shared?", 0.0);
+    let first = ask_at(&a, &question).await.unwrap();
+    assert_eq!(header(&first, "x-tollgate-cache"), "miss");
+    let answer: Value = first.json().await.unwrap();
+    // The write lands on its own task, just after the answer.
+    let mut verdict = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let other = ask_at(&b, &question).await.unwrap();
+        verdict = header(&other, "x-tollgate-cache").to_owned();
+        if verdict == "hit" {
+            assert_eq!(header(&other, "x-tollgate-backend"), "premium");
+            assert_eq!(other.json::<Value>().await.unwrap(), answer);
+            break;
+        }
+    }
+    assert_eq!(verdict, "hit", "replica b is served what replica a stored");
+    let calls = upstream.seen().len();
+
+    redis.kill();
+    let away = ask_at(&b, &question).await.unwrap();
+    assert_eq!((away.status().as_u16(), header(&away, "x-tollgate-cache")), (200, "miss"), "a miss, not an error");
+    assert_eq!(upstream.seen().len(), calls + 1);
+    assert!(b.metric("tollgate_cache_store_errors_total").await >= 1.0);
 }

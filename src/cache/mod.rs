@@ -6,6 +6,7 @@
 pub mod assemble;
 mod key;
 pub mod replay;
+mod store;
 
 use std::sync::Arc;
 
@@ -19,17 +20,13 @@ use crate::cost::Usd;
 use crate::request::{Endpoint, ProxyRequest};
 use crate::tenancy::Principal;
 
-/// Bytes an entry costs beyond its answer (its key, the store's bookkeeping), so that many
-/// small answers cannot overrun `max_bytes`.
-const ENTRY_OVERHEAD_BYTES: usize = 256;
-
 /// Why the cache could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("cache.secret_env: the environment variable `{0}` is not set or empty")]
     MissingSecret(String),
-    #[error("cache.store = \"redis\" is not available in this build yet; use \"memory\"")]
-    RedisNotYet,
+    #[error("cache.store = \"redis\" needs the ledger on redis")]
+    NoRedis,
 }
 
 /// One stored answer.
@@ -81,12 +78,14 @@ pub struct CacheMetrics {
     pub requests: IntCounterVec,
     pub saved: Counter,
     pub bytes: IntGauge,
+    /// Store reads that failed (Redis away): served as misses.
+    pub errors: prometheus::IntCounter,
 }
 
 pub struct ResponseCache {
     settings: CacheSettings,
     secret: Vec<u8>,
-    entries: moka::sync::Cache<CacheKey, Arc<Cached>>,
+    store: store::Store,
     metrics: CacheMetrics,
     /// Requests whose answer is on its way, by key: identical requests wait for it.
     flights: Flights,
@@ -132,12 +131,15 @@ impl std::fmt::Debug for ResponseCache {
 
 impl ResponseCache {
     /// The cache `settings` describe, or `None` when it is off.
-    pub fn open(settings: &CacheSettings, env: &dyn Env, metrics: CacheMetrics) -> Result<Option<Self>, CacheError> {
+    /// `redis`: the ledger's store, for `store = "redis"`.
+    pub fn open(
+        settings: &CacheSettings,
+        env: &dyn Env,
+        metrics: CacheMetrics,
+        redis: Option<&Arc<crate::ledger::redis::Store>>,
+    ) -> Result<Option<Self>, CacheError> {
         if !settings.enabled {
             return Ok(None);
-        }
-        if settings.store == CacheStore::Redis {
-            return Err(CacheError::RedisNotYet);
         }
         let secret = match &settings.secret_env {
             Some(name) => env
@@ -155,17 +157,15 @@ impl ResponseCache {
                 random
             }
         };
-        let entries = moka::sync::Cache::builder()
-            .max_capacity(settings.max_bytes)
-            .time_to_live(settings.ttl)
-            .weigher(|_key: &CacheKey, cached: &Arc<Cached>| {
-                u32::try_from(cached.body.len() + ENTRY_OVERHEAD_BYTES).unwrap_or(u32::MAX)
-            })
-            .build();
+        let store = match (settings.store, redis) {
+            (CacheStore::Memory, _) => store::Store::memory(settings.max_bytes, settings.ttl, metrics.bytes.clone()),
+            (CacheStore::Redis, Some(ledger)) => store::Store::Redis { ledger: Arc::clone(ledger), ttl: settings.ttl },
+            (CacheStore::Redis, None) => return Err(CacheError::NoRedis),
+        };
         for verdict in [Verdict::Hit, Verdict::Miss, Verdict::Bypass] {
             metrics.requests.with_label_values(&[verdict.label()]);
         }
-        Ok(Some(Self { settings: settings.clone(), secret, entries, metrics, flights: Flights::default() }))
+        Ok(Some(Self { settings: settings.clone(), secret, store, metrics, flights: Flights::default() }))
     }
 
     /// What `request` from `principal` does with the cache: `None` when it bypasses it (not
@@ -193,9 +193,22 @@ impl ResponseCache {
         Some(Lookup { key: key::key(&self.secret, scope, scope_id, request), read, write })
     }
 
-    /// A stored answer for `key` from a backend at least as good as `min_quality`.
-    pub fn get(&self, key: &CacheKey, min_quality: f64) -> Option<Arc<Cached>> {
-        self.entries.get(key).filter(|cached| cached.backend.quality >= min_quality)
+    /// A stored answer for `key` from a backend at least as good as `min_quality`;
+    /// `backends`: the configuration in force. A store that fails is a miss.
+    pub async fn get(
+        &self,
+        key: &CacheKey,
+        min_quality: f64,
+        backends: &[Arc<crate::config::Backend>],
+    ) -> Option<Arc<Cached>> {
+        match self.store.get(key, backends).await {
+            Ok(found) => found.filter(|cached| cached.backend.quality >= min_quality),
+            Err(e) => {
+                self.metrics.errors.inc();
+                tracing::debug!(error = %e, "the cache store failed: a miss");
+                None
+            }
+        }
     }
 
     /// Joins the flight for `key`: leads it if no identical request is on its way.
@@ -215,14 +228,7 @@ impl ResponseCache {
         if cached.body.len() as u64 > self.settings.max_entry_bytes {
             return;
         }
-        // A better backend's answer is not replaced by a worse one's.
-        if self.entries.get(&key).is_some_and(|old| old.backend.quality > cached.backend.quality) {
-            return;
-        }
-        self.entries.insert(key, Arc::new(cached));
-        // The store counts its weight as it applies its pending work (evictions included).
-        self.entries.run_pending_tasks();
-        self.metrics.bytes.set(i64::try_from(self.entries.weighted_size()).unwrap_or(i64::MAX));
+        self.store.put(key, cached);
     }
 
     /// Counts a request's verdict, and what a hit saved.

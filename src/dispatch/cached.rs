@@ -45,7 +45,8 @@ pub(super) async fn look_up(
         return None;
     };
     let floor = crate::policy::plan::min_quality(&ctx.principal.user, ctx.hints);
-    let mut hit = cache.get(&lookup.key, floor);
+    let backends = &ctx.snapshot.config.backends;
+    let mut hit = cache.get(&lookup.key, floor, backends).await;
     if hit.is_none() && lookup.write {
         match cache.flight(lookup.key) {
             Flight::Leader(guard) => {
@@ -56,7 +57,7 @@ pub(super) async fn look_up(
                 // this request goes on its own.
                 let longest = ctx.snapshot.config.longest_request();
                 let _ = tokio::time::timeout(longest, leader.changed()).await;
-                hit = cache.get(&lookup.key, floor);
+                hit = cache.get(&lookup.key, floor, backends).await;
             }
         }
     }

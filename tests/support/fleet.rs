@@ -121,6 +121,11 @@ pub struct Replica {
 impl Replica {
     /// Serves `config` (written to `dir/<name>.toml`), with the test admin key.
     pub fn start(dir: &Path, name: &str, config: &str) -> Self {
+        Self::start_with_env(dir, name, config, &[])
+    }
+
+    /// With more environment variables.
+    pub fn start_with_env(dir: &Path, name: &str, config: &str, env: &[(&str, &str)]) -> Self {
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, config).unwrap();
         // TOLLGATE_BIN: a copy of the binary, when the target directory is shared with another
@@ -131,6 +136,7 @@ impl Replica {
             .arg(&path)
             .env("NO_COLOR", "1")
             .env("TEST_ADMIN_KEY", super::ADMIN_KEY)
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();

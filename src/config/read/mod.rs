@@ -74,8 +74,12 @@ pub(super) fn config(root: &Table, p: &mut Problems<'_>, env: &dyn Env) -> Confi
         f.finish(p);
     }
     top.finish(p);
-    if cache.enabled && cache.store == CacheStore::Redis {
-        p.at_line(1, "cache.store", "\"redis\" is not available in this build yet; use \"memory\"");
+    if cache.enabled && cache.store == CacheStore::Redis && !matches!(ledger.store, LedgerStore::Redis(_)) {
+        p.at_line(1, "cache.store", "\"redis\" is the ledger's Redis: set [ledger] backend = \"redis\"");
+    }
+    if cache.enabled && cache.store == CacheStore::Redis && cache.secret_env.is_none() {
+        let message = "is needed with store = \"redis\": replicas must share the key of the cache's keys";
+        p.at_line(1, "cache.secret_env", message);
     }
     Config { server, ledger, backends, routes, users, plans, metrics, telemetry, cache }
 }

@@ -41,6 +41,8 @@ pub enum Op {
     RateSettle,
     /// The tenant directory's reads and writes.
     Tenants,
+    /// The response cache's reads and writes (`[cache] store = "redis"`).
+    Cache,
 }
 
 impl Op {
@@ -55,6 +57,7 @@ impl Op {
             Self::RateLimit => "rate_limit",
             Self::RateSettle => "rate_settle",
             Self::Tenants => "tenants",
+            Self::Cache => "cache",
         }
     }
 }
