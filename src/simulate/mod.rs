@@ -55,6 +55,10 @@ pub struct UserRun {
     pub exhausted_at: Option<i64>,
     /// After each served request: the spend so far.
     pub spend: Vec<SpendPoint>,
+    /// Requests the response cache served (`[cache]` on, repeated `prompt_hash`).
+    pub cache_hits: u64,
+    /// What those would have cost.
+    pub cache_saved: Usd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +104,9 @@ pub fn run(config: &Config, trace: &[TraceRecord]) -> Run {
     let mut accounts: HashMap<&str, Account> = HashMap::new();
     let mut runs: Vec<Option<UserRun>> = vec![None; config.users.len()];
     let mut unknown_users = 0;
+    // (scope, model, prompt hash) -> the answer stored: when, from which backend, its cost.
+    let mut cache: HashMap<(String, &str, &str), (i64, usize, Usd)> = HashMap::new();
+    let cache_ttl_ms = i64::try_from(config.cache.ttl.as_millis()).unwrap_or(i64::MAX);
     for (position, record) in trace.iter().enumerate() {
         let Some(u) = config.users.iter().position(|u| u.name == record.user) else {
             unknown_users += 1;
@@ -118,6 +125,32 @@ pub fn run(config: &Config, trace: &[TraceRecord]) -> Run {
             continue;
         };
         let hints = plan::Hints { policy: None, min_quality: record.min_quality };
+        // As live: after the rate limits, before the budget; a hit needs a backend at least as
+        // good as the request's floor.
+        let cache_key = record
+            .prompt_hash
+            .as_deref()
+            .filter(|_| config.cache.enabled)
+            .map(|hash| (cache_scope(config, user), record.model.as_str(), hash));
+        if let Some(&(stored_at, index, cost)) = cache_key.as_ref().and_then(|k| cache.get(k)) {
+            let backend = &config.backends[index];
+            let fresh = record.at_ms.saturating_sub(stored_at) < cache_ttl_ms;
+            if fresh && backend.quality >= plan::min_quality(user, hints) {
+                let completion =
+                    record.max_tokens.map_or(record.completion_tokens, |m| record.completion_tokens.min(m));
+                out.served += 1;
+                out.cache_hits += 1;
+                out.cache_saved = out.cache_saved.saturating_add(cost);
+                out.prompt_tokens += record.prompt_tokens;
+                out.completion_tokens += completion;
+                let mix = out.tiers.entry(backend.tier.clone()).or_default();
+                mix.requests += 1;
+                mix.tokens += record.prompt_tokens + completion;
+                *out.reasons.entry("cache".into()).or_default() += 1;
+                out.spend.push(SpendPoint { at: now, period: account.totals.spent, total: out.spent });
+                continue;
+            }
+        }
         let mut shape =
             plan::Shape { prompt_tokens: record.prompt_tokens, max_tokens: record.max_tokens, embeddings: false };
         let mut clamped = false;
@@ -184,9 +217,29 @@ pub fn run(config: &Config, trace: &[TraceRecord]) -> Run {
         mix.tokens += tokens;
         *out.reasons.entry(decision.reason.label().into_owned()).or_default() += 1;
         out.spend.push(SpendPoint { at: now, period: account.totals.spent, total: out.spent });
+        if let Some(key) = cache_key {
+            // An answer cut by a clamped max_tokens is not stored, as live.
+            if !clamped {
+                let better_kept = cache.get(&key).is_some_and(|&(at, kept, _)| {
+                    record.at_ms.saturating_sub(at) < cache_ttl_ms && config.backends[kept].quality > backend.quality
+                });
+                if !better_kept {
+                    cache.insert(key, (record.at_ms, index, cost));
+                }
+            }
+        }
     }
     let span = trace.first().zip(trace.last()).map(|(a, b)| (a.at_ms.div_euclid(1000), b.at_ms.div_euclid(1000)));
     Run { users: runs.into_iter().flatten().collect(), unknown_users, span }
+}
+
+/// Whose answers a user may be served, as the live cache keys them.
+fn cache_scope(config: &Config, user: &crate::config::User) -> String {
+    match (config.cache.scope, &user.team) {
+        (crate::config::CacheScope::Global, _) => String::new(),
+        (crate::config::CacheScope::Team, Some(team)) => format!("team:{team}"),
+        _ => format!("user:{}", user.name),
+    }
 }
 
 /// What a simulated request costs: per token, its exact price; per hour, the backend's
@@ -224,6 +277,8 @@ impl UserRun {
             clamped: 0,
             exhausted_at: None,
             spend: Vec::new(),
+            cache_hits: 0,
+            cache_saved: Usd::ZERO,
         }
     }
 }

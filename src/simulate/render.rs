@@ -96,6 +96,11 @@ pub fn table(runs: &[(String, Run)]) -> String {
         row("tier mix (requests)", &|u| mix(u, false));
         row("tier mix (tokens)", &|u| mix(u, true));
         row("clamped max_tokens", &|u| u.clamped.to_string());
+        if found.iter().flatten().any(|u| u.cache_hits > 0) {
+            row("cache hits (saved)", &|u| {
+                format!("{} {} ({})", u.cache_hits, percent(u.cache_hits, u.requests), dollars(u.cache_saved))
+            });
+        }
         row("budget exhausted", &exhausted);
     }
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
@@ -166,6 +171,8 @@ fn user_json(u: &UserRun, span: Option<(i64, i64)>) -> Value {
         "tiers": tiers,
         "reasons": u.reasons,
         "clamped": u.clamped,
+        "cache_hits": u.cache_hits,
+        "cache_saved_usd": u.cache_saved.as_f64(),
         "budget_exhausted_at": u.exhausted_at.map(period::rfc3339),
         "spend_daily": daily,
     })

@@ -53,6 +53,7 @@ fn month(user: &str) -> Vec<TraceRecord> {
                 completion_tokens: 300,
                 max_tokens: Some(300),
                 min_quality: None,
+                prompt_hash: None,
             });
         }
     }
@@ -126,4 +127,55 @@ fn unknown_users_and_models_are_counted_not_fatal() {
     let result = run(&cfg, &trace);
     assert_eq!(result.unknown_users, 1);
     assert_eq!(result.users[0].refusals.get("model_not_found"), Some(&1));
+}
+
+/// Ten questions asked over and over: with `[cache]`, repeats within the TTL are hits at $0,
+/// their avoided cost counted; a user with a higher floor is not served a cheaper backend's
+/// answer under `global`; without `[cache]` the same trace pays for every request.
+#[test]
+fn repeated_prompt_hashes_are_hits_when_the_cache_is_on() {
+    let trace = |user: &str, min_quality: Option<f64>| -> Vec<TraceRecord> {
+        (0..100)
+            .map(|i| TraceRecord {
+                at_ms: (MARCH + i * 60) * 1000,
+                user: user.into(),
+                model: "auto".into(),
+                prompt_tokens: 500,
+                completion_tokens: 300,
+                max_tokens: Some(300),
+                min_quality,
+                prompt_hash: Some(format!("q{}", i % 10)),
+            })
+            .collect()
+    };
+    let users = format!(
+        "{}\n[[users]]\nname = \"a\"\nkey_sha256 = \"{}\"\npolicy = \"cost-first\"\n",
+        user("b", "min_quality = 0.8"),
+        "cd".repeat(32)
+    );
+    let cached = config(&format!("{users}\n[cache]\nscope = \"global\"\nttl_s = 86400\n"));
+    let plain = config(&users);
+    let mut both = trace("a", None);
+    both.extend(trace("b", None));
+    both.sort_by_key(|r| r.at_ms);
+
+    let without = run(&plain, &both);
+    assert!(without.users.iter().all(|u| u.cache_hits == 0 && u.served == 100));
+    let with = run(&cached, &both);
+    let (b, a) = (&with.users[0], &with.users[1]);
+    // a (cost-first, cheap backend) pays for each of the ten questions once, then hits; its
+    // cheap answers never reach b (floor 0.8), whose premium answers then serve a too.
+    assert_eq!((a.served, b.served), (100, 100));
+    assert_eq!(b.cache_hits, 90, "b asks the backend once per question");
+    assert_eq!(a.cache_hits, 90, "a's cheap answers were replaced by b's premium ones");
+    assert_eq!(a.reasons.get("cache"), Some(&a.cache_hits));
+    let paid_a = without.users[1].spent;
+    assert!(a.spent < paid_a && a.cache_saved > Usd::ZERO);
+    // What was saved plus what was paid is what every request would have cost, for b.
+    assert_eq!(b.spent.saturating_add(b.cache_saved), without.users[0].spent);
+
+    // Past the TTL a repeat is a miss again.
+    let short = config(&format!("{users}\n[cache]\nscope = \"user\"\nttl_s = 30\n"));
+    let expired = run(&short, &trace("b", None));
+    assert_eq!(expired.users[0].cache_hits, 0, "each question repeats only every 10 minutes");
 }

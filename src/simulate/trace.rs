@@ -4,7 +4,9 @@
 //! `{"t": 1772355600 | "2026-03-01T09:00:00Z", "user": "acme", "model": "auto",
 //!   "prompt_tokens": 1200, "completion_tokens": 350, "max_tokens": 512, "min_quality": 0.6}`
 //! (`max_tokens` and `min_quality` optional: without `max_tokens` the route's
-//! `default_max_tokens` sizes the estimate, as live).
+//! `default_max_tokens` sizes the estimate, as live). An optional `prompt_hash` (any string,
+//! e.g. a hash of the canonical request) marks a cacheable request: with `[cache]` on, a
+//! request whose hash, model and cache scope repeat within the TTL is a hit.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +24,8 @@ pub struct TraceRecord {
     pub max_tokens: Option<u64>,
     /// The request's quality hint (`x-tollgate-min-quality`).
     pub min_quality: Option<f64>,
+    /// Same hash, same request: what the response cache would serve again.
+    pub prompt_hash: Option<String>,
 }
 
 /// A trace that cannot be read.
@@ -45,6 +49,8 @@ struct Line {
     max_tokens: Option<u64>,
     #[serde(default)]
     min_quality: Option<f64>,
+    #[serde(default)]
+    prompt_hash: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -81,6 +87,7 @@ pub fn parse(text: &str, file: &str) -> Result<Vec<TraceRecord>, TraceError> {
             completion_tokens: line.completion_tokens,
             max_tokens: line.max_tokens.filter(|&m| m > 0),
             min_quality: line.min_quality,
+            prompt_hash: line.prompt_hash,
         });
     }
     records.sort_by_key(|r| r.at_ms);
