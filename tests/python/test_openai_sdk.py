@@ -48,6 +48,9 @@ policy = "quality-first"
 name = "demo-cost"
 key_sha256 = "be26e6eddb2b6125f7c09ac8d16d701ec340429350d996fa325bbafa50562fc3"
 policy = "cost-first"
+
+[cache]
+scope = "user"
 """
 
 
@@ -122,6 +125,36 @@ class OpenAISdkAgainstTollgate(unittest.TestCase):
         self.assertTrue(chunks)
         self.assertTrue(all(c.usage is None for c in chunks))
         self.assertTrue(all(c.choices for c in chunks), "no choices-less usage chunk")
+
+    def test_a_cached_answer_replays_as_a_stream_the_sdk_reads_like_a_live_one(self):
+        client = self.client(QUALITY_KEY)
+        question = dict(model="auto", messages=[{"role": "user", "content": "Cache me"}], temperature=0)
+
+        def streamed():
+            raw = client.chat.completions.with_raw_response.create(
+                **question, stream=True, stream_options={"include_usage": True}
+            )
+            text, usage, finish = "", None, None
+            for chunk in raw.parse():
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                    finish = chunk.choices[0].finish_reason or finish
+                if chunk.usage is not None:
+                    usage = chunk.usage
+            return raw.headers["x-tollgate-cache"], text, usage, finish
+
+        live = streamed()
+        self.assertEqual(live[0], "miss")
+        self.assertTrue(live[1].startswith("Premium answer"), live[1])
+        replayed = streamed()
+        self.assertEqual(replayed[0], "hit")
+        self.assertEqual(replayed[1:], live[1:], "text, usage and finish reason as the live stream had them")
+        whole = client.chat.completions.with_raw_response.create(**question)
+        self.assertEqual(whole.headers["x-tollgate-cache"], "hit")
+        self.assertEqual(float(whole.headers["x-tollgate-cost-usd"]), 0.0)
+        completion = whole.parse()
+        self.assertEqual(completion.choices[0].message.content, live[1])
+        self.assertEqual(completion.usage.completion_tokens, live[2].completion_tokens)
 
     def test_a_wrong_key_raises_authentication_error(self):
         with self.assertRaises(openai.AuthenticationError) as caught:
