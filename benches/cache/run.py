@@ -9,6 +9,12 @@ the load client's repeated body is answered from the cache after its first reque
 
     cargo build --release --bin tollgate --example mock_upstream --example load_client
     python3 benches/cache/run.py --bin-dir target/release [--rounds 3] [--duration 4]
+
+`--memory`: instead, fills a memory store bounded at 1 GiB with 2 KiB answers (every request a
+different question, so every one a miss that is stored) to 1.5x its bound, and prints the
+gateway's RSS and `tollgate_cache_bytes` as it goes: what the bound holds to.
+
+    python3 benches/cache/run.py --bin-dir target/release --memory
 """
 
 import argparse
@@ -34,7 +40,10 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=4.0)
     p.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
+    p.add_argument("--memory", action="store_true", help="measure the memory store's RSS at its bound instead")
     a = p.parse_args()
+    if a.memory:
+        return memory(a)
     tmp = tempfile.mkdtemp(prefix="tollgate-cache-bench-")
     procs = {}
     ports = {name: harness.free_port() for name in ("mock", "nginx", "through", "hit")}
@@ -109,6 +118,63 @@ def main():
                     pass
             else:
                 proc.terminate()
+        for proc in procs.values():
+            proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def memory(a):
+    """RSS of a gateway whose memory store is filled to 1.5x its 1 GiB bound."""
+    import hashlib
+    import json
+    import urllib.request
+    bound = 1 << 30
+    tmp = tempfile.mkdtemp(prefix="tollgate-cache-memory-")
+    procs = {}
+    try:
+        mock_port, port = harness.free_port(), harness.free_port()
+        procs["mock"] = subprocess.Popen([f"{a.bin_dir}/examples/mock_upstream", "--answer-bytes", "2048",
+                                          "--listen", f"127.0.0.1:{mock_port}"], stdout=subprocess.DEVNULL)
+        harness.wait_port(mock_port, 10, "mock")
+        upstream = f"http://127.0.0.1:{mock_port}"
+        path = os.path.join(tmp, "memory.toml")
+        with open(path, "w") as f:
+            f.write(harness.TOLLGATE_CONF.format(
+                ledger=os.path.join(tmp, "memory.db"), upstream=upstream, slow=upstream,
+                key_sha256=hashlib.sha256(harness.TOLLGATE_KEY.encode()).hexdigest()))
+            f.write(f'\n[cache]\ncacheable = "all"\nmax_bytes = {bound}\n')
+        procs["gateway"] = subprocess.Popen(
+            [f"{a.bin_dir}/tollgate", "serve", "--config", path, "--listen", f"127.0.0.1:{port}"],
+            env={**os.environ, "TOLLGATE_ADMIN_KEY": harness.ADMIN_KEY, "TOLLGATE_LOG": "warn"})
+        harness.wait_http(f"http://127.0.0.1:{port}/readyz", 20, what="gateway")
+        pid = procs["gateway"].pid
+        start_kib = harness.status_kib(pid, "VmRSS")
+        print(f"RSS at start: {start_kib / 1024:.0f} MiB")
+        print("| requests stored | cache_bytes MiB | RSS MiB | RSS ÷ bound |")
+        print("|---|---|---|---|")
+        loader = subprocess.Popen(
+            [f"{a.bin_dir}/examples/load_client", "--url", f"http://127.0.0.1:{port}/v1/chat/completions",
+             "--key", harness.TOLLGATE_KEY, "--unique", "--concurrency", "64", "--duration-s", "600", "--warmup-s", "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        peak = 0
+        while True:
+            time.sleep(5)
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+            stored = harness.metric_sum(metrics, "tollgate_cache_requests_total", 'result="miss"')
+            held = harness.metric_sum(metrics, "tollgate_cache_bytes")
+            rss = harness.status_kib(pid, "VmRSS") * 1024
+            peak = max(peak, rss)
+            print(f"| {stored:.0f} | {held / 2**20:.0f} | {rss / 2**20:.0f} | {rss / bound:.2f} |", flush=True)
+            # Filled to 1.5x the bound's worth of answers (~2.3 KiB weighed each).
+            if stored * 2300 > 1.5 * bound:
+                break
+        loader.terminate()
+        loader.wait()
+        print(f"\npeak RSS {peak / 2**20:.0f} MiB = {peak / bound:.2f}x the 1 GiB bound "
+              f"(start {start_kib / 1024:.0f} MiB)")
+    finally:
+        for proc in procs.values():
+            proc.terminate()
         for proc in procs.values():
             proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)

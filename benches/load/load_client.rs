@@ -46,9 +46,23 @@ struct Target {
     expect: Option<u16>,
     /// Each connection's pause between request starts, when the rate is bounded.
     pace: Option<Duration>,
+    /// `--unique`: every request's question carries its own number (cache misses).
+    unique: Option<Arc<AtomicUsize>>,
 }
 
 impl Target {
+    /// The next request's body.
+    fn body(&self) -> Bytes {
+        match &self.unique {
+            None => self.body.clone(),
+            Some(counter) => {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let text = String::from_utf8_lossy(&self.body).replacen("proxies.", &format!("proxies, #{n}."), 1);
+                Bytes::from(text)
+            }
+        }
+    }
+
     /// The key for the next request, if any: the keys in turn.
     fn key(&self) -> Option<&str> {
         if self.keys.is_empty() {
@@ -71,11 +85,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut url, mut key, mut model) = (String::new(), None, "auto".to_owned());
     let (mut concurrency, mut duration_s, mut warmup_s, mut threads) = (1usize, 5.0f64, 1.0f64, 1usize);
     let (mut stream, mut hold, mut watch_pid, mut hold_timeout_s) = (false, 0usize, 0u32, 60u64);
-    let (mut keys_file, mut rate, mut expect) = (None, 0f64, None);
+    let (mut keys_file, mut rate, mut expect, mut unique) = (None, 0f64, None, false);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         if flag == "--stream" {
             stream = true;
+            continue;
+        }
+        if flag == "--unique" {
+            unique = true;
             continue;
         }
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -122,6 +140,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         stream,
         expect,
         pace: (rate > 0.0).then(|| Duration::from_secs_f64(concurrency as f64 / rate)),
+        unique: unique.then(|| Arc::new(AtomicUsize::new(0))),
     };
     let runtime = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
@@ -157,12 +176,12 @@ async fn one(sender: &mut http1::SendRequest<Full<Bytes>>, target: &Target) -> O
         .method(Method::POST)
         .uri(target.path.as_str())
         .header(header::HOST, target.authority.as_str())
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, target.body.len());
+        .header(header::CONTENT_TYPE, "application/json");
     if let Some(key) = target.key() {
         builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
     }
-    let request = builder.body(Full::new(target.body.clone())).ok()?;
+    let body = target.body();
+    let request = builder.header(header::CONTENT_LENGTH, body.len()).body(Full::new(body)).ok()?;
     sender.ready().await.ok()?;
     let started = Instant::now();
     let response = sender.send_request(request).await.ok()?;
@@ -309,7 +328,7 @@ async fn hold_streams(target: Target, streams: usize, pid: u32, timeout: Duratio
             if let Some(key) = target.key() {
                 builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
             }
-            let request = builder.body(Full::new(target.body.clone())).ok()?;
+            let request = builder.body(Full::new(target.body())).ok()?;
             sender.ready().await.ok()?;
             let response = sender.send_request(request).await.ok()?;
             let mut body = response.into_body();

@@ -11,7 +11,9 @@
 //!
 //! ```text
 //! mock_upstream [--listen 127.0.0.1:0] [--latency-ms 0] [--chunks 32] [--chunk-gap-us 0] [--threads 1]
+//!               [--answer-bytes 0]
 //! ```
+//! `--answer-bytes`: the JSON answer's content padded to about that many bytes.
 //! `--latency-ms`: wait before the response head (a model's time to first token).
 //! `--chunk-gap-us`: pause between stream chunks; 0 yields to the runtime between chunks, so
 //! each chunk still goes out in its own write, as a real generator's would.
@@ -45,6 +47,7 @@ struct Settings {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut listen: SocketAddr = ([127, 0, 0, 1], 0).into();
     let (mut latency_ms, mut chunks, mut gap_us, mut threads) = (0u64, 32usize, 0u64, 1usize);
+    let mut answer_bytes = 0usize;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -52,6 +55,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--listen" => listen = value.parse()?,
             "--latency-ms" => latency_ms = value.parse()?,
             "--chunks" => chunks = value.parse()?,
+            "--answer-bytes" => answer_bytes = value.parse()?,
             "--chunk-gap-us" => gap_us = value.parse()?,
             "--threads" => threads = value.parse()?,
             other => return Err(format!("unknown flag {other}").into()),
@@ -60,7 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let settings = Arc::new(Settings {
         latency: Duration::from_millis(latency_ms),
         chunk_gap: Duration::from_micros(gap_us),
-        json: Bytes::from(json_answer(chunks)),
+        json: Bytes::from(json_answer(chunks, answer_bytes)),
         events: sse_events(chunks),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(threads.max(1)).enable_all().build()?;
@@ -124,9 +128,14 @@ fn asks_for_stream(body: &[u8]) -> bool {
     })
 }
 
-fn json_answer(completion_tokens: usize) -> String {
+/// `answer_bytes`: the content padded with words to about that many bytes (0: a short reply).
+fn json_answer(completion_tokens: usize, answer_bytes: usize) -> String {
+    let mut content = String::from("This is a mock answer of a few words, about as long as a short reply.");
+    while content.len() < answer_bytes {
+        content.push_str(" word");
+    }
     format!(
-        r#"{{"id":"chatcmpl-mock","object":"chat.completion","created":1700000000,"model":"mock-model","choices":[{{"index":0,"message":{{"role":"assistant","content":"This is a mock answer of a few words, about as long as a short reply."}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":24,"completion_tokens":{completion_tokens},"total_tokens":{}}}}}"#,
+        r#"{{"id":"chatcmpl-mock","object":"chat.completion","created":1700000000,"model":"mock-model","choices":[{{"index":0,"message":{{"role":"assistant","content":"{content}"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":24,"completion_tokens":{completion_tokens},"total_tokens":{}}}}}"#,
         24 + completion_tokens
     )
 }

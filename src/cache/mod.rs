@@ -293,7 +293,8 @@ impl StreamCapture {
             self.key,
             Cached {
                 endpoint,
-                body: Bytes::from(answer),
+                // Exactly its length: a serialiser's spare capacity would be kept with it.
+                body: Bytes::copy_from_slice(&answer),
                 backend: self.backend,
                 prompt_tokens: usage.prompt_tokens,
                 completion_tokens: usage.completion_tokens,
