@@ -20,6 +20,9 @@ use crate::cost::Usd;
 use crate::request::{Endpoint, ProxyRequest};
 use crate::tenancy::Principal;
 
+/// The routing reason of an answer served from the cache, in records, headers and metrics.
+pub const REASON: &str = "cache";
+
 /// Why the cache could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {

@@ -19,8 +19,7 @@ use crate::cost::Usd;
 use crate::ledger::RequestRecord;
 use crate::metering::Settled;
 
-/// The routing reason of an answer served from the cache.
-pub const REASON_CACHE: &str = "cache";
+use crate::cache::REASON as REASON_CACHE;
 
 /// A request served from the cache, and the tokens its answer holds (for the tpm allowance).
 pub(super) struct Hit {

@@ -42,6 +42,10 @@ pub struct UserReport {
     pub routed_tokens: u64,
     /// Records left out of savings and premium share (route gone, or a pinned backend).
     pub unrouted: u64,
+    /// Requests the response cache answered ($0 records, reason `cache`).
+    pub cache_hits: u64,
+    /// What those answers cost when their backend produced them: what the cache saved.
+    pub cache_saved: Usd,
     pub budget: Option<Usd>,
     pub plan: Option<String>,
     pub team: Option<String>,
@@ -109,6 +113,17 @@ pub fn build(
         u.prompt_tokens += r.prompt_tokens;
         u.completion_tokens += r.completion_tokens;
         u.cost = u.cost.saturating_add(r.cost);
+        // A hit was answered by no backend: it saved its producer's price, and neither occupies
+        // nor counts for that backend.
+        let hit = r.reason == crate::cache::REASON;
+        if hit {
+            u.cache_hits += 1;
+            if let Some(b) = config.backends.iter().find(|b| *b.name == *r.backend) {
+                let usage = Usage::new(r.prompt_tokens, r.completion_tokens);
+                let saved = crate::simulate::actual_cost(b.pricing, &usage, b.expected_tokens_per_s);
+                u.cache_saved = u.cache_saved.saturating_add(saved);
+            }
+        }
         match models.get(&*r.route) {
             Some(&ModelTarget::Route(i)) => {
                 let candidates = &config.routes[i].backends;
@@ -124,6 +139,9 @@ pub fn build(
                 }
             }
             _ => u.unrouted += 1,
+        }
+        if hit {
+            continue;
         }
         let b = backends
             .entry(Arc::clone(&r.backend))

@@ -92,6 +92,21 @@ pub fn table(report: &Report) -> String {
     }
     out.push_str(&columns(&rows));
     out.push('\n');
+    let hits: u64 = report.users.iter().map(|u| u.cache_hits).sum();
+    if hits > 0 {
+        let saved = report.users.iter().fold(Usd::ZERO, |sum, u| sum.saturating_add(u.cache_saved));
+        let by_user: Vec<String> = report
+            .users
+            .iter()
+            .filter(|u| u.cache_hits > 0)
+            .map(|u| format!("{} {} ({})", u.user, u.cache_hits, money(Some(u.cache_saved))))
+            .collect();
+        out.push_str(&format!(
+            "response cache: {hits} requests answered at $0, {} saved at their backends' prices: {}\n\n",
+            money(Some(saved)),
+            by_user.join(", ")
+        ));
+    }
     let mut rows = vec![["backend", "tier", "requests", "tokens", "attributed cost", "idle cost", "utilisation"]
         .map(String::from)
         .to_vec()];
@@ -148,6 +163,8 @@ pub fn json(report: &Report) -> Value {
                 "premium_token_share": share,
                 "premium_tokens": u.premium_tokens,
                 "unrouted_records": u.unrouted,
+                "cache_hits": u.cache_hits,
+                "cache_saved_usd": u.cache_saved.as_f64(),
                 "budget_usd": u.budget.map(Usd::as_f64),
                 "period_spend_usd": u.period_spend.map(Usd::as_f64),
                 "projected_period_spend_usd": u.projected.map(Usd::as_f64),

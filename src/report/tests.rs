@@ -102,3 +102,27 @@ fn savings_premium_share_and_idle_cost_come_from_the_route_as_configured() {
     assert_eq!(cpu.idle_cost, Some(Usd::from_pico(5_700_000_000)));
     assert_eq!(report.backends[0].busy_ms, None, "per-token backends have no idle cost");
 }
+
+/// A cache hit is a $0 request for its user, what its backend would have charged counted as
+/// saved, and no work for that backend: it neither counts there nor keeps it busy.
+#[test]
+fn cache_hits_save_their_producers_price_and_leave_the_backend_idle() {
+    let cfg = config();
+    let at = MARCH_10 * 1000;
+    let hit = |offset: i64| RequestRecord {
+        reason: crate::cache::REASON.into(),
+        ..record(at + offset, "auto", "cpu", 0, 1_000)
+    };
+    let records = [record(at, "auto", "cpu", 100_000_000, 1_000), hit(5_000), hit(6_000)];
+    let window = Window { start_ms: at, end_ms: at + 60_000 };
+    let report = build(&cfg, &[], &records, &[], window);
+    let u = &report.users[0];
+    assert_eq!((u.requests, u.cache_hits), (3, 2));
+    assert_eq!(u.cost, Usd::from_pico(100_000_000));
+    // Each hit: the hourly CPU backend's own estimate for the tokens (5 s at $0.36/h).
+    assert_eq!(u.cache_saved, Usd::from_pico(2 * 500_000_000));
+    let cpu = report.backends.iter().find(|b| b.backend == "cpu").unwrap();
+    assert_eq!((cpu.requests, cpu.busy_ms), (1, Some(1_000)), "only the request it answered kept it busy");
+    let text = super::render::table(&report);
+    assert!(text.contains("response cache: 2 requests answered at $0"), "{text}");
+}
