@@ -13,6 +13,7 @@ use support::fleet::{RedisServer, Replica};
 use support::*;
 
 const CAROL_KEY: &str = "sk-carol-test-key";
+const DAVE_KEY: &str = "sk-dave-test-key";
 
 fn config(upstream: &str, cache: &str) -> String {
     let backend = |name: &str, model: &str, tier: &str, quality: f64, input: f64, output: f64| {
@@ -23,20 +24,23 @@ fn config(upstream: &str, cache: &str) -> String {
         )
     };
     format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_key_env = \"TEST_ADMIN_KEY\"\n\n{}{}{}{}{}\
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_key_env = \"TEST_ADMIN_KEY\"\n\n{}{}{}{}{}{}\
          [[routes]]\nmodel = \"auto\"\nbackends = [\"premium\", \"cheap\"]\n\n\
          [[users]]\nname = \"alice\"\nkey_sha256 = \"{}\"\npolicy = \"quality-first\"\nmin_quality = 0.8\n\n\
          [[users]]\nname = \"bob\"\nkey_sha256 = \"{}\"\npolicy = \"cost-first\"\n\n\
          [[users]]\nname = \"carol\"\nkey_sha256 = \"{}\"\npolicy = \"cost-first\"\nbudget_usd = 0.0000026\n\n\
+         [[users]]\nname = \"dave\"\nkey_sha256 = \"{}\"\nbudget_usd = 0.0001\nclamp_max_tokens = true\n\n\
          [cache]\n{cache}\n",
         backend("premium", "echo", "quality", 0.9, 1.0, 2.0),
         backend("cheap", "echo-small", "economy", 0.3, 0.1, 0.2),
         backend("slow", "slow-stream", "quality", 0.9, 1.0, 2.0),
         backend("slow-json", "slow-json", "quality", 0.9, 1.0, 2.0),
         backend("broken", "fail", "quality", 0.9, 1.0, 2.0),
+        backend("truncating", "length", "quality", 0.9, 1.0, 2.0),
         key_hash(ALICE_KEY),
         key_hash(BOB_KEY),
         key_hash(CAROL_KEY),
+        key_hash(DAVE_KEY),
     )
 }
 
@@ -307,4 +311,25 @@ async fn replicas_share_hits_through_redis_and_redis_away_is_a_miss_not_an_error
     assert_eq!((away.status().as_u16(), header(&away, "x-tollgate-cache")), (200, "miss"), "a miss, not an error");
     assert_eq!(upstream.seen().len(), calls + 1);
     assert!(b.metric("tollgate_cache_store_errors_total").await >= 1.0);
+}
+
+#[tokio::test]
+async fn an_answer_cut_by_a_budget_clamp_is_not_stored_but_one_cut_by_the_clients_own_limit_is() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config(&upstream.base_url(), "scope = \"user\""), ENV).await;
+    let mut long = ask("Write a long story", 0.0);
+    long["model"] = json!("truncating");
+    long["max_tokens"] = json!(1000);
+    // Dave's budget pays fewer tokens than asked: clamped, and the answer stops at the clamp.
+    for _ in 0..2 {
+        let clamped = send(&gateway, DAVE_KEY, &long, None).await;
+        assert_eq!(clamped.status(), 200);
+        assert!(!header(&clamped, "x-tollgate-max-tokens-clamped").is_empty());
+        assert_eq!(header(&clamped, "x-tollgate-cache"), "miss", "never stored: not the answer asked for");
+    }
+    assert_eq!(upstream.seen().len(), 2);
+    // Alice's own max_tokens cut hers: that is the answer she asked for, and it is stored.
+    assert_eq!(header(&send(&gateway, ALICE_KEY, &long, None).await, "x-tollgate-cache"), "miss");
+    assert_eq!(header(&send(&gateway, ALICE_KEY, &long, None).await, "x-tollgate-cache"), "hit");
+    assert_eq!(upstream.seen().len(), 3);
 }

@@ -141,10 +141,12 @@ async fn handle(
     }
     let completions = uri.path().ends_with("/completions") && !uri.path().contains("chat");
     if !stream {
+        // `length`: an answer that ran out of tokens.
+        let finish = if model == "length" { "length" } else { "stop" };
         let choice = if completions {
-            json!({"index": 0, "text": "hello from upstream", "finish_reason": "stop"})
+            json!({"index": 0, "text": "hello from upstream", "finish_reason": finish})
         } else {
-            json!({"index": 0, "message": {"role": "assistant", "content": "hello from upstream"}, "finish_reason": "stop"})
+            json!({"index": 0, "message": {"role": "assistant", "content": "hello from upstream"}, "finish_reason": finish})
         };
         let mut answer = json!({"id": "x", "object": "chat.completion", "created": 1, "model": model, "choices": [choice],
                                 "timings": {"predicted_ms": 1.0}});
