@@ -304,6 +304,17 @@ async fn replicas_share_hits_through_redis_and_redis_away_is_a_miss_not_an_error
         }
     }
     assert_eq!(verdict, "hit", "replica b is served what replica a stored");
+
+    // Single flight holds with the shared store too: the first request's guard is released
+    // once Redis has its answer, so the ones waiting find it.
+    let mut slow = ask("Shared and slow", 0.0);
+    slow["model"] = json!("slow-json");
+    let before = upstream.seen().len();
+    let waiting: Vec<_> = (0..10).map(|_| ask_at(&a, &slow)).collect();
+    for answer in futures_join(waiting).await {
+        assert_eq!(answer.unwrap().status(), 200);
+    }
+    assert_eq!(upstream.seen().len(), before + 1, "one upstream call for ten identical requests");
     let calls = upstream.seen().len();
 
     redis.kill();
@@ -332,4 +343,18 @@ async fn an_answer_cut_by_a_budget_clamp_is_not_stored_but_one_cut_by_the_client
     assert_eq!(header(&send(&gateway, ALICE_KEY, &long, None).await, "x-tollgate-cache"), "miss");
     assert_eq!(header(&send(&gateway, ALICE_KEY, &long, None).await, "x-tollgate-cache"), "hit");
     assert_eq!(upstream.seen().len(), 3);
+}
+
+/// Awaits every future (in order), without a futures crate.
+async fn futures_join<F>(futures: Vec<F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let tasks: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        out.push(task.await.unwrap());
+    }
+    out
 }

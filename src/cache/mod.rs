@@ -226,12 +226,14 @@ impl ResponseCache {
         }
     }
 
-    /// Stores `cached` under `key`, unless it is larger than an entry may be.
-    pub fn put(&self, key: CacheKey, cached: Cached) {
+    /// Stores `cached` under `key`, unless it is larger than an entry may be. `flight`: the
+    /// leader's, released once the entry can be read (after Redis took it), so that the
+    /// requests waiting on it find it.
+    pub fn put(&self, key: CacheKey, cached: Cached, flight: Option<FlightGuard>) {
         if cached.body.len() as u64 > self.settings.max_entry_bytes {
             return;
         }
-        self.store.put(key, cached);
+        self.store.put(key, cached, flight);
     }
 
     /// Counts a request's verdict, and what a hit saved.
@@ -251,8 +253,9 @@ pub struct StreamCapture {
     backend: Arc<crate::config::Backend>,
     /// Budget clamping shortened `max_tokens`: an answer cut by length is not stored.
     clamped: bool,
-    /// A leader's flight: identical requests wait until the stream ends.
-    _flight: Option<FlightGuard>,
+    /// A leader's flight: identical requests wait until the stream ends (and its answer is
+    /// stored, when it is).
+    flight: Option<FlightGuard>,
 }
 
 impl StreamCapture {
@@ -274,7 +277,7 @@ impl StreamCapture {
             key: lookup.key,
             backend: Arc::clone(backend),
             clamped,
-            _flight: flight,
+            flight,
         }))
     }
 
@@ -285,25 +288,24 @@ impl StreamCapture {
 
     /// The stream ended cleanly (`[DONE]`): stores the answer it made, if it made one.
     pub fn store(self, usage: Option<crate::openai::Usage>, cost: Usd) {
-        let Some(cache) = self.state.cache.as_ref() else { return };
-        let endpoint = self.assembler.endpoint();
-        let Some(answer) = self.assembler.finish(usage) else { return };
-        if self.clamped && cut_by_length(&answer) {
+        let Self { assembler, state, key, backend, clamped, flight } = self;
+        let Some(cache) = state.cache.as_ref() else { return };
+        let endpoint = assembler.endpoint();
+        let Some(answer) = assembler.finish(usage) else { return };
+        if clamped && cut_by_length(&answer) {
             return;
         }
         let usage = usage.unwrap_or_default();
-        cache.put(
-            self.key,
-            Cached {
-                endpoint,
-                // Exactly its length: a serialiser's spare capacity would be kept with it.
-                body: Bytes::copy_from_slice(&answer),
-                backend: self.backend,
-                prompt_tokens: usage.prompt_tokens,
-                completion_tokens: usage.completion_tokens,
-                cost,
-            },
-        );
+        let cached = Cached {
+            endpoint,
+            // Exactly its length: a serialiser's spare capacity would be kept with it.
+            body: Bytes::copy_from_slice(&answer),
+            backend,
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cost,
+        };
+        cache.put(key, cached, flight);
     }
 }
 

@@ -70,8 +70,9 @@ impl Store {
         }
     }
 
-    /// Stores `cached` under `key`; Redis's write goes on its own task.
-    pub fn put(&self, key: CacheKey, cached: Cached) {
+    /// Stores `cached` under `key`; Redis's write goes on its own task, which releases
+    /// `flight` once Redis answered.
+    pub fn put(&self, key: CacheKey, cached: Cached, flight: Option<super::FlightGuard>) {
         match self {
             Self::Memory { entries, bytes } => {
                 // A better backend's answer is not replaced by a worse one's.
@@ -82,6 +83,7 @@ impl Store {
                 // The store counts its weight as it applies its pending work (evictions too).
                 entries.run_pending_tasks();
                 bytes.set(i64::try_from(entries.weighted_size()).unwrap_or(i64::MAX));
+                drop(flight);
             }
             Self::Redis { ledger, ttl } => {
                 let mut command = redis::cmd("SET");
@@ -95,6 +97,7 @@ impl Store {
                     if let Err(e) = ledger.command::<()>(Op::Cache, command).await {
                         tracing::debug!(error = %e, "a cache entry was not stored in redis");
                     }
+                    drop(flight);
                 });
             }
         }

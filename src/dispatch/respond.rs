@@ -172,6 +172,7 @@ fn store(
             completion_tokens: usage.completion_tokens,
             cost,
         },
+        ctx.flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take(),
     );
 }
 
