@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, Rust unit and integration tests, and the official
-# OpenAI Python SDK against a running gateway. Works on a fresh clone (creates .venv itself).
+# OpenAI and Anthropic Python SDKs against a running gateway. Works on a fresh clone (creates .venv itself).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +11,7 @@ cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --all-targets --locked
 
-echo "== OpenAI Python SDK"
+echo "== OpenAI and Anthropic Python SDKs"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

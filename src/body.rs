@@ -18,6 +18,8 @@ pub enum ResponseBody {
     Whole(Full<Bytes>),
     /// Boxed: a stream's state is ~0.5 KiB, and every response moves through hyper by value.
     Metered(Box<MeteredBody>),
+    /// An answer in another API than chat's (`http::client_api`).
+    Translated(Box<crate::apis::body::Translated<ResponseBody>>),
     Axum(axum::body::Body),
 }
 
@@ -40,6 +42,7 @@ impl Body for ResponseBody {
         match self.get_mut() {
             Self::Whole(body) => Pin::new(body).poll_frame(cx).map_err(|never| match never {}),
             Self::Metered(body) => Pin::new(body.as_mut()).poll_frame(cx).map_err(Into::into),
+            Self::Translated(body) => Pin::new(body.as_mut()).poll_frame(cx),
             Self::Axum(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
         }
     }
@@ -48,6 +51,7 @@ impl Body for ResponseBody {
         match self {
             Self::Whole(body) => body.is_end_stream(),
             Self::Metered(body) => body.is_end_stream(),
+            Self::Translated(body) => body.is_end_stream(),
             Self::Axum(body) => body.is_end_stream(),
         }
     }
@@ -56,6 +60,7 @@ impl Body for ResponseBody {
         match self {
             Self::Whole(body) => body.size_hint(),
             Self::Metered(body) => body.size_hint(),
+            Self::Translated(body) => body.size_hint(),
             Self::Axum(body) => body.size_hint(),
         }
     }

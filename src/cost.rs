@@ -92,24 +92,36 @@ impl std::fmt::Display for Usd {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pricing {
     /// Hosted APIs: USD per million tokens.
-    PerToken { input_per_mtok: Usd, output_per_mtok: Usd, cached_input_per_mtok: Option<Usd> },
+    /// Cached prompt tokens cost `cached_input_per_mtok` and prompt tokens written to the
+    /// upstream's cache `cache_write_per_mtok` (Anthropic's prompt caching); each defaults to
+    /// the input price.
+    PerToken {
+        input_per_mtok: Usd,
+        output_per_mtok: Usd,
+        cached_input_per_mtok: Option<Usd>,
+        cache_write_per_mtok: Option<Usd>,
+    },
     /// Self-hosted servers: the hourly cost, shared among the requests in flight.
     PerHour { hourly_usd: Usd },
 }
 
 impl Pricing {
-    /// The cost of `usage` under per-token pricing. Cached prompt tokens are priced at the
-    /// cached price when one is set and are never also charged at the full price. Per-hour
-    /// backends are charged by occupancy instead (see `metering::occupancy`): zero here.
+    /// The cost of `usage` under per-token pricing. Cached (and cache-written) prompt tokens
+    /// are priced at their own price when one is set and are never also charged at the full
+    /// price. Per-hour backends are charged by occupancy instead (see `metering::occupancy`):
+    /// zero here.
     pub fn price_tokens(&self, usage: &Usage) -> Usd {
         match *self {
-            Self::PerToken { input_per_mtok, output_per_mtok, cached_input_per_mtok } => {
+            Self::PerToken { input_per_mtok, output_per_mtok, cached_input_per_mtok, cache_write_per_mtok } => {
                 let cached = usage.cached_tokens();
-                let uncached = usage.prompt_tokens - cached;
+                let written = usage.cache_write_tokens();
+                let uncached = usage.prompt_tokens - cached - written;
                 let cached_price = cached_input_per_mtok.unwrap_or(input_per_mtok);
+                let write_price = cache_write_per_mtok.unwrap_or(input_per_mtok);
                 input_per_mtok
                     .scale(i128::from(uncached), TOKENS_PER_MTOK)
                     .saturating_add(cached_price.scale(i128::from(cached), TOKENS_PER_MTOK))
+                    .saturating_add(write_price.scale(i128::from(written), TOKENS_PER_MTOK))
                     .saturating_add(output_per_mtok.scale(i128::from(usage.completion_tokens), TOKENS_PER_MTOK))
             }
             Self::PerHour { .. } => Usd::ZERO,

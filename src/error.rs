@@ -17,6 +17,9 @@ use crate::upstream::UpstreamError;
 pub enum ApiError {
     #[error("{message}")]
     BadRequest { message: String, param: Option<&'static str> },
+    /// A request in another API (`apis`) that cannot be put into the one it must go in.
+    #[error(transparent)]
+    Untranslatable(#[from] crate::apis::Untranslatable),
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error("no such endpoint: {0}")]
@@ -114,6 +117,7 @@ impl ApiError {
             },
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Upstream(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
+            Self::Untranslatable(_) | Self::Upstream(UpstreamError::Untranslatable { .. }) => StatusCode::BAD_REQUEST,
             Self::Upstream(_) | Self::UpstreamGarbage => StatusCode::BAD_GATEWAY,
             Self::Ledger(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::AdminDisabled => StatusCode::FORBIDDEN,
@@ -149,7 +153,10 @@ impl ApiError {
     /// The `error.code` field; also the bounded label of `tollgate_rejected_requests_total`.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::BadRequest { .. } | Self::BodyUnreadable => "invalid_request",
+            Self::BadRequest { .. }
+            | Self::BodyUnreadable
+            | Self::Untranslatable(_)
+            | Self::Upstream(UpstreamError::Untranslatable { .. }) => "invalid_request",
             Self::Auth(AuthError::PlanGone(_)) => "plan_unavailable",
             Self::Auth(AuthError::Unavailable(_)) => "tenant_store_unavailable",
             Self::Auth(_) => "invalid_api_key",
@@ -181,9 +188,12 @@ impl ApiError {
         }
     }
 
-    fn param(&self) -> Option<&'static str> {
+    fn param(&self) -> Option<&str> {
         match self {
             Self::BadRequest { param, .. } => *param,
+            Self::Untranslatable(e) | Self::Upstream(UpstreamError::Untranslatable { reason: e, .. }) => {
+                e.param.as_deref()
+            }
             Self::UnknownModel(_) => Some("model"),
             Self::Refused { refusal: Refusal::ContextTooLong { .. } | Refusal::OverRequestCap { .. }, .. } => {
                 Some("max_tokens")

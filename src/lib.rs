@@ -4,6 +4,7 @@
 //! [`http`] handlers → [`auth`] → [`request`] (parse) → [`dispatch`] ([`policy`] decides,
 //! [`upstream`] sends) → [`metering`] (usage, however the body ends) → [`metrics`].
 
+pub mod apis;
 pub mod app;
 pub mod auth;
 pub mod background;

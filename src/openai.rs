@@ -17,6 +17,11 @@ pub struct Usage {
 pub struct PromptTokensDetails {
     #[serde(default)]
     pub cached_tokens: u64,
+    /// Prompt tokens written to the upstream's prompt cache: our own member, set when an
+    /// Anthropic answer is translated (its `cache_creation_input_tokens`), priced at
+    /// `cache_write_per_mtok`.
+    #[serde(default)]
+    pub cache_write_tokens: u64,
 }
 
 impl Usage {
@@ -27,6 +32,12 @@ impl Usage {
     /// Prompt tokens the upstream served from its cache (a subset of `prompt_tokens`).
     pub fn cached_tokens(&self) -> u64 {
         self.prompt_tokens_details.map_or(0, |d| d.cached_tokens.min(self.prompt_tokens))
+    }
+
+    /// Prompt tokens written to the upstream's cache (a subset of `prompt_tokens`, disjoint
+    /// from the cached ones).
+    pub fn cache_write_tokens(&self) -> u64 {
+        self.prompt_tokens_details.map_or(0, |d| d.cache_write_tokens.min(self.prompt_tokens - self.cached_tokens()))
     }
 }
 

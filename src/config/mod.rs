@@ -323,6 +323,9 @@ pub struct Backend {
     /// A label for headers and metrics (`quality`, `economy`, ...).
     pub tier: String,
     pub target: Target,
+    /// The API the upstream speaks: requests to an `Anthropic` backend are translated to the
+    /// Messages API and its answers back (`apis::messages`).
+    pub api: Api,
     /// The upstream's model name: requests are rewritten to it.
     pub model: String,
     /// Token quality, 0..=1.
@@ -340,6 +343,13 @@ pub struct Backend {
     pub pricing: Pricing,
     /// Generation speed assumed when estimating an hourly-priced request's occupied time.
     pub expected_tokens_per_s: u32,
+}
+
+/// The API a backend speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    OpenAi,
+    Anthropic,
 }
 
 /// Where a backend's answers come from.

@@ -25,8 +25,12 @@ fn amounts_print_as_exact_decimals() {
 
 #[test]
 fn per_token_price_matches_the_formula() {
-    let pricing =
-        Pricing::PerToken { input_per_mtok: usd(0.6), output_per_mtok: usd(2.4), cached_input_per_mtok: None };
+    let pricing = Pricing::PerToken {
+        input_per_mtok: usd(0.6),
+        output_per_mtok: usd(2.4),
+        cached_input_per_mtok: None,
+        cache_write_per_mtok: None,
+    };
     // 1000 * 0.60 / 1e6 + 500 * 2.40 / 1e6 = 0.0006 + 0.0012
     assert_eq!(pricing.price_tokens(&Usage::new(1000, 500)), usd(0.0018));
 }
@@ -37,17 +41,53 @@ fn cached_prompt_tokens_are_priced_once_at_the_cached_price() {
         input_per_mtok: usd(1.0),
         output_per_mtok: usd(2.0),
         cached_input_per_mtok: Some(usd(0.1)),
+        cache_write_per_mtok: None,
     };
     let usage = Usage {
         prompt_tokens: 1000,
         completion_tokens: 0,
-        prompt_tokens_details: Some(crate::openai::PromptTokensDetails { cached_tokens: 600 }),
+        prompt_tokens_details: Some(crate::openai::PromptTokensDetails { cached_tokens: 600, cache_write_tokens: 0 }),
     };
     // 400 uncached at 1.00 + 600 cached at 0.10
     assert_eq!(pricing.price_tokens(&usage), usd(0.00046));
     // Without a cached price, cached tokens cost the normal price, still once.
-    let plain = Pricing::PerToken { input_per_mtok: usd(1.0), output_per_mtok: usd(2.0), cached_input_per_mtok: None };
+    let plain = Pricing::PerToken {
+        input_per_mtok: usd(1.0),
+        output_per_mtok: usd(2.0),
+        cached_input_per_mtok: None,
+        cache_write_per_mtok: None,
+    };
     assert_eq!(plain.price_tokens(&usage), usd(0.001));
+}
+
+#[test]
+fn anthropic_cache_reads_and_writes_are_priced_at_their_own_prices_once() {
+    // Claude-like prices: 3.00 in, 15.00 out, 0.30 cache read, 3.75 cache write.
+    let pricing = Pricing::PerToken {
+        input_per_mtok: usd(3.0),
+        output_per_mtok: usd(15.0),
+        cached_input_per_mtok: Some(usd(0.3)),
+        cache_write_per_mtok: Some(usd(3.75)),
+    };
+    // 100 fresh + 1000 read + 2000 written = 3100 prompt tokens (OpenAI's convention).
+    let usage = Usage {
+        prompt_tokens: 3100,
+        completion_tokens: 10,
+        prompt_tokens_details: Some(crate::openai::PromptTokensDetails {
+            cached_tokens: 1000,
+            cache_write_tokens: 2000,
+        }),
+    };
+    // 100 * 3 + 1000 * 0.3 + 2000 * 3.75 + 10 * 15 = 300 + 300 + 7500 + 150 = 8250 per 1e6
+    assert_eq!(pricing.price_tokens(&usage), usd(0.00825));
+    // More written and read than the prompt holds (a broken upstream): never below zero fresh.
+    let odd = Usage {
+        prompt_tokens: 1000,
+        completion_tokens: 0,
+        prompt_tokens_details: Some(crate::openai::PromptTokensDetails { cached_tokens: 800, cache_write_tokens: 800 }),
+    };
+    // 800 read at 0.3 + 200 written at 3.75
+    assert_eq!(pricing.price_tokens(&odd), usd(0.00099));
 }
 
 #[test]
@@ -59,8 +99,12 @@ fn an_hourly_estimate_is_the_exclusive_time_at_the_expected_speed() {
 
 #[test]
 fn the_affordable_completion_is_the_largest_that_fits() {
-    let per_token =
-        Pricing::PerToken { input_per_mtok: usd(1.0), output_per_mtok: usd(2.0), cached_input_per_mtok: None };
+    let per_token = Pricing::PerToken {
+        input_per_mtok: usd(1.0),
+        output_per_mtok: usd(2.0),
+        cached_input_per_mtok: None,
+        cache_write_per_mtok: None,
+    };
     // $0.001 pays 100 prompt tokens ($0.0001) and 450 completion tokens ($0.0009).
     assert_eq!(per_token.affordable_completion(100, usd(0.001), 20), 450);
     assert_eq!(per_token.affordable_completion(2000, usd(0.001), 20), 0, "the prompt alone is over");
@@ -77,7 +121,7 @@ proptest! {
         let pricing = Pricing::PerToken {
             input_per_mtok: Usd::from_pico(input),
             output_per_mtok: Usd::from_pico(output),
-            cached_input_per_mtok: None,
+            cached_input_per_mtok: None, cache_write_per_mtok: None,
         };
         let budget = Usd::from_pico(budget);
         let n = pricing.affordable_completion(prompt, budget, 20);
@@ -99,7 +143,7 @@ proptest! {
         let pricing = Pricing::PerToken {
             input_per_mtok: Usd::from_pico(i64::from(input) * 1_000_000),
             output_per_mtok: Usd::from_pico(i64::from(output) * 1_000_000),
-            cached_input_per_mtok: None,
+            cached_input_per_mtok: None, cache_write_per_mtok: None,
         };
         let whole = pricing.price_tokens(&Usage::new(a + c, b + d));
         let parts = pricing.price_tokens(&Usage::new(a, b)).saturating_add(pricing.price_tokens(&Usage::new(c, d)));
@@ -111,12 +155,12 @@ proptest! {
         let pricing = Pricing::PerToken {
             input_per_mtok: Usd::from_pico(3_000_000_000_000),
             output_per_mtok: Usd::from_pico(0),
-            cached_input_per_mtok: Some(Usd::from_pico(300_000_000_000)),
+            cached_input_per_mtok: Some(Usd::from_pico(300_000_000_000)), cache_write_per_mtok: None,
         };
         let with_cache = Usage {
             prompt_tokens: prompt,
             completion_tokens: 0,
-            prompt_tokens_details: Some(crate::openai::PromptTokensDetails { cached_tokens: cached }),
+            prompt_tokens_details: Some(crate::openai::PromptTokensDetails { cached_tokens: cached, cache_write_tokens: 0 }),
         };
         prop_assert!(pricing.price_tokens(&with_cache) <= pricing.price_tokens(&Usage::new(prompt, 0)));
         prop_assert!(pricing.price_tokens(&with_cache) >= Usd::ZERO);
@@ -139,6 +183,7 @@ fn savings_are_the_baseline_price_of_the_same_usage_minus_the_cost_never_negativ
             input_per_mtok: per_mtok(2),
             output_per_mtok: per_mtok(8),
             cached_input_per_mtok: None,
+            cache_write_per_mtok: None,
         },
         tokens_per_s: 20,
     };

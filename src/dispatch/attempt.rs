@@ -164,6 +164,8 @@ pub(super) async fn attempt(
                 };
                 return respond(state, ctx, answered, answer, meter, probe).await;
             }
+            // The request cannot be put in this backend's API: the next candidate may take it.
+            Err(e @ UpstreamError::Untranslatable { .. }) => e,
             Err(e) => {
                 upstream.state.failed(Instant::now());
                 e

@@ -2,6 +2,7 @@
 //! of the router (see [`handle`]).
 
 mod admin;
+mod client_api;
 mod health;
 mod key;
 mod models;
@@ -21,12 +22,15 @@ use crate::app::AppState;
 use crate::body::{from_axum, Response};
 use crate::error::ApiError;
 use crate::request::Endpoint;
+use client_api::ClientApi;
 
 pub fn routes(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(proxy::chat_completions))
         .route("/v1/completions", post(proxy::completions))
         .route("/v1/embeddings", post(proxy::embeddings))
+        .route("/v1/responses", post(proxy::responses))
+        .route("/v1/messages", post(proxy::messages))
         .route("/v1/models", get(models::list))
         .route("/v1/key", get(key::show))
         .route("/healthz", get(health::healthz))
@@ -64,7 +68,7 @@ pub async fn handle(router: Router, state: &Arc<AppState>, request: http::Reques
             _ => None,
         };
         if let Some(endpoint) = endpoint {
-            return proxy::proxy(State(Arc::clone(state)), endpoint, request).await;
+            return proxy::proxy(State(Arc::clone(state)), ClientApi::OpenAi, endpoint, request).await;
         }
     }
     match router.oneshot(request).await {

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 
+use super::client_api::ClientApi;
 use crate::app::AppState;
 use crate::body::{from_axum, Response};
 use crate::config::Policy;
@@ -20,21 +21,31 @@ use crate::tenancy::Principal;
 
 // The router's routes for the proxied endpoints; `super::handle` serves them ahead of it.
 pub async fn chat_completions(state: State<Arc<AppState>>, request: Request) -> axum::response::Response {
-    proxy(state, Endpoint::ChatCompletions, request).await.map(axum::body::Body::new)
+    proxy(state, ClientApi::OpenAi, Endpoint::ChatCompletions, request).await.map(axum::body::Body::new)
 }
 
 pub async fn completions(state: State<Arc<AppState>>, request: Request) -> axum::response::Response {
-    proxy(state, Endpoint::Completions, request).await.map(axum::body::Body::new)
+    proxy(state, ClientApi::OpenAi, Endpoint::Completions, request).await.map(axum::body::Body::new)
 }
 
 pub async fn embeddings(state: State<Arc<AppState>>, request: Request) -> axum::response::Response {
-    proxy(state, Endpoint::Embeddings, request).await.map(axum::body::Body::new)
+    proxy(state, ClientApi::OpenAi, Endpoint::Embeddings, request).await.map(axum::body::Body::new)
+}
+
+pub async fn responses(state: State<Arc<AppState>>, request: Request) -> axum::response::Response {
+    proxy(state, ClientApi::Responses, Endpoint::ChatCompletions, request).await.map(axum::body::Body::new)
+}
+
+pub async fn messages(state: State<Arc<AppState>>, request: Request) -> axum::response::Response {
+    proxy(state, ClientApi::Messages, Endpoint::ChatCompletions, request).await.map(axum::body::Body::new)
 }
 
 /// Takes the whole request rather than axum's `HeaderMap` extractor, which clones every header,
-/// and its body as the server gave it (boxing it would cost an allocation).
+/// and its body as the server gave it (boxing it would cost an allocation). A client speaking
+/// another API (`api`) is served through chat completions (`endpoint`), translated both ways.
 pub(super) async fn proxy<B>(
     State(state): State<Arc<AppState>>,
+    api: ClientApi,
     endpoint: Endpoint,
     request: http::Request<B>,
 ) -> Response
@@ -46,7 +57,9 @@ where
     // The same moment on the wall clock: the request's later wall times derive from the two.
     let arrived_ms = crate::clock::unix_now_ms();
     let (parts, body) = request.into_parts();
-    let headers = parts.headers;
+    let mut headers = parts.headers;
+    api.adopt_key(&mut headers);
+    let mut asked = None;
     let request_id = RequestId::from_headers(&headers);
     let mut trail = Trail {
         log: state.access_log.enabled().then(|| Arc::clone(&state.access_log)),
@@ -66,7 +79,9 @@ where
         let bytes = tokio::time::timeout_at(read_by, read_body(&headers, body, server.max_body_bytes))
             .await
             .map_err(|_| ApiError::BodyTimeout(server.body_read_timeout.as_secs()))??;
+        let (bytes, client_asked) = api.to_chat(bytes)?;
         let request = ProxyRequest::parse(endpoint, bytes)?;
+        asked = Some(client_asked.estimated(request.prompt_tokens_estimate));
         if summarize {
             seen.model = Some(request.model().into());
         }
@@ -122,6 +137,7 @@ where
         error_code = Some(error.code());
         from_axum(error.into_response())
     });
+    response = api.answer(asked, response);
     response.headers_mut().insert(HEADER_REQUEST_ID, request_id.header_value());
     // A stream's trail is finished by its meter when it ends; every other request's, here.
     if trail.is_on() {

@@ -2,11 +2,13 @@
 //! for, the backend's own key, and nothing of the client's credentials.
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Uri};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use http_body_util::Full;
 use serde_json::{Map, Value};
 
+use crate::config::Api;
 use crate::request::{Endpoint, ProxyRequest};
+use crate::secret::Secret;
 
 /// The JSON sent upstream: the client's bytes, member by member, with `model` set to the
 /// backend's, streams asking for usage (`stream_options.include_usage`: it makes the cost exact;
@@ -108,19 +110,24 @@ fn with_usage(options: Option<Value>) -> Map<String, Value> {
 }
 
 /// Where a backend's requests go, prepared once per config load: the path of each endpoint
-/// under `base_url`, the `Host` header and the backend's own key.
+/// under `base_url`, the `Host` header and the backend's own key (as a bearer token, or for
+/// an Anthropic backend as `x-api-key` with the `anthropic-version` it speaks).
 #[derive(Debug)]
 pub struct Destination {
     chat_completions: Uri,
     completions: Uri,
     embeddings: Uri,
     host: HeaderValue,
-    authorization: Option<HeaderValue>,
+    credentials: Option<(HeaderName, HeaderValue)>,
+    api: Api,
 }
+
+/// The Messages API version Tollgate's translation follows.
+const ANTHROPIC_VERSION: &str = "2023-06-01";
 
 impl Destination {
     /// Also returns scheme://authority, what the connector dials.
-    pub fn new(base_url: &str, authorization: Option<HeaderValue>) -> Result<(Self, Uri), String> {
+    pub fn new(base_url: &str, api: Api, key: Option<&Secret>) -> Result<(Self, Uri), String> {
         let invalid = |e: &dyn std::fmt::Display| format!("its base_url is not a valid URL: {e}");
         let url: Uri = base_url.parse().map_err(|e| invalid(&e))?;
         let (Some(scheme), Some(authority)) = (url.scheme(), url.authority()) else {
@@ -134,15 +141,33 @@ impl Destination {
             .map_err(|e| invalid(&e))?;
         let prefix = url.path().trim_end_matches('/');
         let path = |endpoint: Endpoint| -> Result<Uri, String> {
-            format!("{prefix}{}", endpoint.path()).parse().map_err(|e| invalid(&e))
+            let path = match (api, endpoint) {
+                (Api::Anthropic, Endpoint::ChatCompletions) => "/messages",
+                _ => endpoint.path(),
+            };
+            format!("{prefix}{path}").parse().map_err(|e| invalid(&e))
         };
         let host = HeaderValue::from_str(authority.as_str()).map_err(|e| invalid(&e))?;
+        let credentials = match key {
+            None => None,
+            Some(key) => {
+                let (name, value) = match api {
+                    Api::OpenAi => (header::AUTHORIZATION, format!("Bearer {}", key.expose())),
+                    Api::Anthropic => (HeaderName::from_static("x-api-key"), key.expose().to_owned()),
+                };
+                let mut value = HeaderValue::try_from(value)
+                    .map_err(|_| "its API key holds characters a header cannot carry".to_owned())?;
+                value.set_sensitive(true);
+                Some((name, value))
+            }
+        };
         let destination = Self {
             chat_completions: path(Endpoint::ChatCompletions)?,
             completions: path(Endpoint::Completions)?,
             embeddings: path(Endpoint::Embeddings)?,
             host,
-            authorization,
+            credentials,
+            api,
         };
         Ok((destination, origin))
     }
@@ -167,8 +192,11 @@ impl Destination {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json, text/event-stream"));
         headers.insert(header::USER_AGENT, HeaderValue::from_static(concat!("tollgate/", env!("CARGO_PKG_VERSION"))));
-        if let Some(value) = &self.authorization {
-            headers.insert(header::AUTHORIZATION, value.clone());
+        if let Some((name, value)) = &self.credentials {
+            headers.insert(name.clone(), value.clone());
+        }
+        if self.api == Api::Anthropic {
+            headers.insert("anthropic-version", HeaderValue::from_static(ANTHROPIC_VERSION));
         }
         request
     }
@@ -232,8 +260,9 @@ mod tests {
 
     #[test]
     fn requests_go_to_the_endpoint_under_the_base_url_path_with_host_and_key() {
-        let key = HeaderValue::from_static("Bearer sk-backend");
-        let (destination, origin) = Destination::new("https://api.example.com:8443/openai/v1", Some(key)).unwrap();
+        let key = Secret::new("sk-backend".to_owned());
+        let (destination, origin) =
+            Destination::new("https://api.example.com:8443/openai/v1", Api::OpenAi, Some(&key)).unwrap();
         assert_eq!(origin.to_string(), "https://api.example.com:8443/");
         // The client's own headers, its key among them, are dropped from the reused map.
         let mut spare = HeaderMap::new();
@@ -245,7 +274,7 @@ mod tests {
         assert_eq!(request.headers()[header::AUTHORIZATION], "Bearer sk-backend");
         assert_eq!(request.headers().get_all(header::AUTHORIZATION).iter().count(), 1);
         assert!(request.headers().get("x-client-secret").is_none());
-        let (destination, origin) = Destination::new("http://127.0.0.1:9000", None).unwrap();
+        let (destination, origin) = Destination::new("http://127.0.0.1:9000", Api::OpenAi, None).unwrap();
         assert_eq!(origin.to_string(), "http://127.0.0.1:9000/");
         let mut spare = HeaderMap::new();
         spare.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sk-client"));
@@ -254,5 +283,19 @@ mod tests {
         assert!(request.headers().get(header::AUTHORIZATION).is_none(), "no backend key: none at all");
         let request = destination.request(Endpoint::Embeddings, Bytes::new(), None);
         assert_eq!(request.headers()[header::HOST], "127.0.0.1:9000");
+    }
+
+    #[test]
+    fn an_anthropic_backend_gets_chat_at_messages_with_its_key_and_version_headers() {
+        let key = Secret::new("sk-ant".to_owned());
+        let (destination, _) = Destination::new("https://anthropic.example/v1/", Api::Anthropic, Some(&key)).unwrap();
+        let mut spare = HeaderMap::new();
+        spare.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sk-client"));
+        let request = destination.request(Endpoint::ChatCompletions, Bytes::new(), Some(spare));
+        assert_eq!(request.uri().to_string(), "/v1/messages");
+        assert_eq!(request.headers()["x-api-key"], "sk-ant");
+        assert!(request.headers()["x-api-key"].is_sensitive(), "kept out of debug output");
+        assert_eq!(request.headers()["anthropic-version"], ANTHROPIC_VERSION);
+        assert!(request.headers().get(header::AUTHORIZATION).is_none(), "the client's key never goes upstream");
     }
 }

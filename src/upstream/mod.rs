@@ -1,6 +1,7 @@
 //! The client side: one [`Upstream`] per configured backend, over our own keep-alive connections
 //! (`pool`) or an in-process simulation.
 
+mod anthropic;
 mod forward;
 pub mod health;
 pub(crate) mod pool;
@@ -21,7 +22,7 @@ use http::{HeaderValue, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 
-use crate::config::{Backend, Simulate, Target};
+use crate::config::{Api, Backend, Simulate, Target};
 use crate::request::ProxyRequest;
 
 /// A response body from a backend: read from a pooled connection, or made here (a simulated
@@ -29,6 +30,8 @@ use crate::request::ProxyRequest;
 /// body: one allocation fewer per request.
 pub enum UpstreamBody {
     Connection(pool::ConnBody),
+    /// An Anthropic backend's answer, as a chat completion.
+    Translated(Box<crate::apis::body::Translated<pool::ConnBody>>),
     Whole(Full<Bytes>),
     Simulated(simulate::ChannelBody),
 }
@@ -46,6 +49,7 @@ impl Body for UpstreamBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             Self::Connection(body) => Pin::new(body).poll_frame(cx),
+            Self::Translated(body) => Pin::new(body.as_mut()).poll_frame(cx),
             Self::Whole(body) => Pin::new(body).poll_frame(cx).map_err(|never| match never {}),
             Self::Simulated(body) => Pin::new(body).poll_frame(cx),
         }
@@ -54,6 +58,7 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Connection(body) => body.is_end_stream(),
+            Self::Translated(body) => body.is_end_stream(),
             Self::Whole(body) => body.is_end_stream(),
             Self::Simulated(body) => body.is_end_stream(),
         }
@@ -62,6 +67,7 @@ impl Body for UpstreamBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Connection(body) => body.size_hint(),
+            Self::Translated(body) => body.size_hint(),
             Self::Whole(body) => body.size_hint(),
             Self::Simulated(body) => body.size_hint(),
         }
@@ -93,6 +99,9 @@ pub enum UpstreamError {
     Status { backend: String, status: u16 },
     #[error("backend `{backend}` cannot be used: {reason}")]
     Unusable { backend: String, reason: String },
+    /// The request cannot be put in the API the backend speaks: not the backend's fault.
+    #[error("backend `{backend}` speaks another API, which cannot express this request: {reason}")]
+    Untranslatable { backend: String, reason: crate::apis::Untranslatable },
 }
 
 impl UpstreamError {
@@ -109,6 +118,7 @@ impl UpstreamError {
             Self::Broken { .. } => "broken",
             Self::ContextOverflow { .. } => "context",
             Self::Unusable { .. } => "unusable",
+            Self::Untranslatable { .. } => "untranslatable",
         }
     }
 }
@@ -147,16 +157,8 @@ impl Upstream {
             Target::Simulated(sim) => Transport::Simulated(sim.clone()),
             Target::Http { base_url, api_key } => {
                 let unusable = |reason: String| UpstreamError::Unusable { backend: backend.name.clone(), reason };
-                let authorization = match api_key {
-                    Some(key) => {
-                        let mut value = HeaderValue::try_from(format!("Bearer {}", key.expose()))
-                            .map_err(|_| unusable("its API key holds characters a header cannot carry".into()))?;
-                        value.set_sensitive(true);
-                        Some(value)
-                    }
-                    None => None,
-                };
-                let (destination, origin) = forward::Destination::new(base_url, authorization).map_err(unusable)?;
+                let (destination, origin) =
+                    forward::Destination::new(base_url, backend.api, api_key.as_ref()).map_err(unusable)?;
                 let max_idle = backend.max_concurrency as usize;
                 let pool = pool::Pool::new(origin, backend.connect_timeout, max_idle, POOL_IDLE_TIMEOUT)
                     .map_err(|e| unusable(format!("TLS setup failed: {e}")))?;
@@ -185,7 +187,10 @@ impl Upstream {
                 Ok(Box::pin(simulate::respond(sim, &self.backend, request, with_logprobs)).await)
             }
             Transport::Http { pool, destination } => {
-                let body = forward::upstream_body(request, &self.backend.model, with_logprobs);
+                let mut body = forward::upstream_body(request, &self.backend.model, with_logprobs);
+                if self.backend.api == Api::Anthropic {
+                    body = anthropic::request_body(&self.backend.name, request.endpoint, &body)?;
+                }
                 let mut http_request = destination.request(request.endpoint, body, spare_headers);
                 propagation.apply(http_request.headers_mut());
                 let timeout = self.backend.first_byte_timeout;
@@ -199,7 +204,10 @@ impl Upstream {
                     }
                     Ok(Ok(response)) => response,
                 };
-                Ok(response.map(UpstreamBody::Connection))
+                Ok(match self.backend.api {
+                    Api::OpenAi => response.map(UpstreamBody::Connection),
+                    Api::Anthropic => anthropic::answer(response),
+                })
             }
         }
     }

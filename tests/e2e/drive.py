@@ -1,4 +1,4 @@
-"""End to end with real parts: the official OpenAI Python SDK against a running Tollgate that
+"""End to end with real parts: the official OpenAI (and Anthropic) Python SDKs against a running Tollgate that
 routes between a real llama.cpp CPU backend and a premium backend (config/local-cpu.toml).
 
 Run by scripts/e2e-real.sh, which starts everything and passes, in the environment:
@@ -264,6 +264,50 @@ def traffic():
             assert e.status_code == 401 and e.code == "invalid_api_key", e
         else:
             raise AssertionError("no error")
+
+    @check("Responses API (official openai SDK) on the real CPU backend, streamed and not")
+    def _():
+        raw = cost.responses.with_raw_response.create(
+            model=CPU, instructions=SYSTEM["content"], input="Name a colour.", max_output_tokens=24, temperature=0
+        )
+        assert raw.headers["x-tollgate-backend"] == CPU, raw.headers["x-tollgate-backend"]
+        response = raw.parse()
+        assert response.object == "response" and response.status in ("completed", "incomplete"), response.status
+        assert has_words(response.output_text), response.output_text
+        assert response.usage.input_tokens > 0 and 0 < response.usage.output_tokens <= 24, response.usage
+        types, text, completed = [], "", None
+        for event in cost.responses.create(
+            model=CPU, instructions=SYSTEM["content"], input="Name a fruit.", max_output_tokens=24, stream=True
+        ):
+            types.append(event.type)
+            if event.type == "response.output_text.delta":
+                text += event.delta
+            if event.type in ("response.completed", "response.incomplete"):
+                completed = event.response
+        assert types[0] == "response.created" and completed is not None, types
+        assert has_words(text) and completed.output_text == text, (text, completed.output_text)
+        assert completed.usage.output_tokens > 0, completed.usage
+
+    @check("Messages API (official anthropic SDK, x-api-key) on the real CPU backend, streamed and not")
+    def _():
+        import anthropic
+
+        claude = anthropic.Anthropic(base_url=TOLLGATE, api_key=COST_KEY, max_retries=0, timeout=90)
+        raw = claude.messages.with_raw_response.create(
+            model=CPU, max_tokens=24, system=SYSTEM["content"], messages=[{"role": "user", "content": "Name a city."}]
+        )
+        assert raw.headers["x-tollgate-backend"] == CPU, raw.headers["x-tollgate-backend"]
+        message = raw.parse()
+        assert message.type == "message" and message.stop_reason in ("end_turn", "max_tokens"), message.stop_reason
+        assert has_words(message.content[0].text), message.content
+        assert message.usage.output_tokens > 0, message.usage
+        with claude.messages.stream(
+            model=CPU, max_tokens=24, system=SYSTEM["content"], messages=[{"role": "user", "content": "Name a river."}]
+        ) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        assert has_words(text) and final.content[0].text == text, (text, final.content)
+        assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0, final.usage
 
     @check("/admin/requests: each CPU request is charged its occupied time at the hourly price")
     def _():

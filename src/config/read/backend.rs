@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::{amount, check_label, positive, secret};
 use crate::config::document::{Fields, Problems};
-use crate::config::{Backend, Env, Pricing, Simulate, Target, Usd};
+use crate::config::{Api, Backend, Env, Pricing, Simulate, Target, Usd};
 
 const DEFAULT_TIMEOUT_S: u64 = 120;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
@@ -28,6 +28,23 @@ pub(super) fn backend(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -
     let connect_ms = positive(f, p, "connect_timeout_ms").unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS);
     let first_byte_s = positive(f, p, "first_byte_timeout_s").unwrap_or(timeout_s);
     let target = target(f, p, env);
+    let api = match f.optional::<String>(p, "api").as_deref() {
+        None | Some("openai") => Api::OpenAi,
+        Some("anthropic") => {
+            if matches!(target, Target::Simulated(_)) {
+                p.at_line(f.line_of(p, "api"), &f.path_of("api"), "a simulated backend speaks the OpenAI API only");
+            }
+            Api::Anthropic
+        }
+        Some(other) => {
+            p.at_line(
+                f.line_of(p, "api"),
+                &f.path_of("api"),
+                format!("must be \"openai\" or \"anthropic\", got {other:?}"),
+            );
+            Api::OpenAi
+        }
+    };
     let pricing = pricing(f, p);
     let expected_tokens_per_s = positive(f, p, "expected_tokens_per_s").map_or_else(
         || match &target {
@@ -46,6 +63,7 @@ pub(super) fn backend(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -
         name,
         tier,
         target,
+        api,
         model,
         quality,
         context_window,
@@ -112,7 +130,12 @@ fn target(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> Target {
 }
 
 fn pricing(f: &mut Fields<'_>, p: &mut Problems<'_>) -> Pricing {
-    let free = Pricing::PerToken { input_per_mtok: Usd::ZERO, output_per_mtok: Usd::ZERO, cached_input_per_mtok: None };
+    let free = Pricing::PerToken {
+        input_per_mtok: Usd::ZERO,
+        output_per_mtok: Usd::ZERO,
+        cached_input_per_mtok: None,
+        cache_write_per_mtok: None,
+    };
     let Some(mut t) = f.table(p, "pricing") else {
         p.at_line(f.line(), &f.path_of("pricing"), "missing required field `pricing` (per token or per hour)");
         return free;
@@ -120,8 +143,9 @@ fn pricing(f: &mut Fields<'_>, p: &mut Problems<'_>) -> Pricing {
     let input = amount(&mut t, p, "input_per_mtok");
     let output = amount(&mut t, p, "output_per_mtok");
     let cached = amount(&mut t, p, "cached_input_per_mtok");
+    let cache_write = amount(&mut t, p, "cache_write_per_mtok");
     let hourly = amount(&mut t, p, "hourly_usd");
-    let per_token = input.is_some() || output.is_some() || cached.is_some();
+    let per_token = input.is_some() || output.is_some() || cached.is_some() || cache_write.is_some();
     let pricing = match (per_token, hourly) {
         (true, None) => {
             if input.is_none() || output.is_none() {
@@ -135,6 +159,7 @@ fn pricing(f: &mut Fields<'_>, p: &mut Problems<'_>) -> Pricing {
                 input_per_mtok: input.unwrap_or(Usd::ZERO),
                 output_per_mtok: output.unwrap_or(Usd::ZERO),
                 cached_input_per_mtok: cached,
+                cache_write_per_mtok: cache_write,
             }
         }
         (false, Some(hourly_usd)) => Pricing::PerHour { hourly_usd },

@@ -1,0 +1,159 @@
+//! The API a client speaks on the endpoint it called: Chat Completions (and the other OpenAI
+//! endpoints) as they are, or the Responses and Messages APIs, translated to a chat request on
+//! the way in and the chat answer translated back on the way out (`apis`).
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+use serde_json::Value;
+
+use crate::apis::body::{StreamTranslator, Translated, WholeTranslator};
+use crate::apis::{messages, responses, Event};
+use crate::body::{Response, ResponseBody};
+use crate::error::ApiError;
+
+/// The largest whole answer translated (a proxied answer is at most 64 MiB already).
+const MAX_TRANSLATED_BYTES: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientApi {
+    OpenAi,
+    /// `POST /v1/responses`.
+    Responses,
+    /// `POST /v1/messages`: Anthropic's API, errors in its shape, `x-api-key` as the key.
+    Messages,
+}
+
+/// What turning the chat answer back into the client's API needs of its request.
+pub enum Asked {
+    OpenAi,
+    Responses(Box<Value>),
+    Messages { model: String, prompt_tokens_estimate: u64 },
+}
+
+impl Asked {
+    /// With the gateway's estimate of the prompt's tokens (what a Messages stream reports as
+    /// its input until the real count arrives at its end).
+    pub fn estimated(self, prompt_tokens: u64) -> Self {
+        match self {
+            Self::Messages { model, .. } => Self::Messages { model, prompt_tokens_estimate: prompt_tokens },
+            other => other,
+        }
+    }
+}
+
+impl ClientApi {
+    /// Anthropic clients send their key as `x-api-key`; it is taken as the bearer key.
+    pub fn adopt_key(self, headers: &mut HeaderMap) {
+        if self != Self::Messages || headers.contains_key(header::AUTHORIZATION) {
+            return;
+        }
+        if let Some(key) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+            if let Ok(mut value) = HeaderValue::try_from(format!("Bearer {key}")) {
+                value.set_sensitive(true);
+                headers.insert(header::AUTHORIZATION, value);
+            }
+        }
+    }
+
+    /// The client's body as a chat request's, and what its answer will need.
+    pub fn to_chat(self, body: Bytes) -> Result<(Bytes, Asked), ApiError> {
+        if self == Self::OpenAi {
+            return Ok((body, Asked::OpenAi));
+        }
+        let request: Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}"), None))?;
+        if !request.is_object() {
+            return Err(ApiError::bad_request("request body must be a JSON object", None));
+        }
+        let (chat, asked) = match self {
+            Self::Responses => (responses::chat_request(&request)?, Asked::Responses(Box::new(request))),
+            _ => {
+                let model = request.get("model").and_then(Value::as_str).unwrap_or_default().to_owned();
+                (messages::chat_request(&request)?, Asked::Messages { model, prompt_tokens_estimate: 0 })
+            }
+        };
+        Ok((Bytes::from(serde_json::to_vec(&chat).unwrap_or_default()), asked))
+    }
+
+    /// `response` (an answer or an error, the gateway's or a backend's) in the client's API.
+    pub fn answer(self, asked: Option<Asked>, response: Response) -> Response {
+        if self == Self::OpenAi {
+            return response;
+        }
+        let (mut head, body) = response.into_parts();
+        let is_sse = head
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let translated = match (head.status.is_success(), asked) {
+            (true, Some(Asked::Responses(request))) if is_sse => {
+                Translated::stream(body, Box::new(ResponsesFromChat(responses::FromChatStream::new(&request))))
+            }
+            (true, Some(Asked::Messages { model, prompt_tokens_estimate })) if is_sse => Translated::stream(
+                body,
+                Box::new(MessagesFromChat(messages::FromChatStream::new(&model, prompt_tokens_estimate))),
+            ),
+            (true, Some(Asked::Responses(request))) => {
+                let translate: WholeTranslator =
+                    Box::new(move |read: &[u8]| translate_json(read, |chat| responses::answer(chat, &request)));
+                Translated::whole(body, translate, MAX_TRANSLATED_BYTES)
+            }
+            (true, Some(Asked::Messages { .. })) => Translated::whole(
+                body,
+                Box::new(|read: &[u8]| translate_json(read, messages::answer)),
+                MAX_TRANSLATED_BYTES,
+            ),
+            // An error: the Responses API's are OpenAI's; Anthropic clients parse their own.
+            (false, _) if self == Self::Messages => {
+                let status = head.status;
+                let translate: WholeTranslator = Box::new(move |read: &[u8]| anthropic_error(status, read));
+                Translated::whole(body, translate, MAX_TRANSLATED_BYTES)
+            }
+            _ => return Response::from_parts(head, body),
+        };
+        head.headers.remove(header::CONTENT_LENGTH);
+        Response::from_parts(head, ResponseBody::Translated(Box::new(translated)))
+    }
+}
+
+fn translate_json(read: &[u8], translate: impl FnOnce(&Value) -> Value) -> Vec<u8> {
+    match serde_json::from_slice::<Value>(read) {
+        Ok(chat) => serde_json::to_vec(&translate(&chat)).unwrap_or_default(),
+        Err(_) => read.to_vec(),
+    }
+}
+
+/// An OpenAI-shaped error body (the gateway's, or a backend's) in Anthropic's shape.
+fn anthropic_error(status: StatusCode, read: &[u8]) -> Vec<u8> {
+    let parsed = serde_json::from_slice::<Value>(read).ok();
+    let message = parsed
+        .as_ref()
+        .and_then(|v| v.pointer("/error/message").or_else(|| v.get("message")).and_then(Value::as_str))
+        .map_or_else(|| String::from_utf8_lossy(read).into_owned(), str::to_owned);
+    serde_json::to_vec(&messages::error_body(status.as_u16(), &message)).unwrap_or_default()
+}
+
+struct ResponsesFromChat(responses::FromChatStream);
+
+impl StreamTranslator for ResponsesFromChat {
+    fn event(&mut self, event: &Event) -> Vec<u8> {
+        self.0.event(&event.data)
+    }
+
+    fn finish(&mut self) -> Vec<u8> {
+        self.0.finish()
+    }
+}
+
+struct MessagesFromChat(messages::FromChatStream);
+
+impl StreamTranslator for MessagesFromChat {
+    fn event(&mut self, event: &Event) -> Vec<u8> {
+        self.0.event(&event.data)
+    }
+
+    fn finish(&mut self) -> Vec<u8> {
+        self.0.finish()
+    }
+}
