@@ -8,14 +8,18 @@
 //!    so an unauthenticated client cannot make the gateway buffer anything: a config user of
 //!    that snapshot (`auth`), else an API user's key from the tenant cache, or from the store on
 //!    first sight. The principal carries every level's budget (key, user, team) and rate limits.
-//! 3. The body is read up to `max_body_bytes` (413) and parsed into a `ProxyRequest` (400).
+//! 3. The body is read up to `max_body_bytes` (413) and parsed into a `ProxyRequest` (400). A
+//!    Responses or Messages request (`http::client_api`) is translated to chat first (`apis`),
+//!    keeping the client's own request for a backend that serves that API itself.
 //! 4. `dispatch` resolves the model (404), applies rate limits (429), asks `policy::decide`
 //!    with the backends' health, capacity and the smallest budget left across levels, reserves
 //!    the estimate at every level in one step (429 `budget_exceeded` naming the level), sends,
 //!    and falls back on failures before the first byte.
 //! 5. A `metering::Meter` holds the request's slot, reservation and occupancy ticket, and
 //!    settles the actual cost when the answer ends, fails or is dropped by the client.
-//! 6. Every error becomes an `ApiError`, answered in the OpenAI shape by its one `IntoResponse`.
+//! 6. Every error becomes an `ApiError`, answered in the OpenAI shape by its one `IntoResponse`;
+//!    `http::client_api` turns answers and errors back into the client's API (Anthropic's error
+//!    shape on `/v1/messages`).
 //! 7. The access log's line (`telemetry::access_log`) is written by `http::proxy` when the
 //!    handler returns, or by the meter when a stream ends.
 

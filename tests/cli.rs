@@ -92,6 +92,53 @@ fn check_reports_every_problem_with_file_line_and_field() {
     assert!(!stderr.contains("TOLLGATE_TEST_UNSET_ADMIN=") && !stderr.contains("sk-"));
 }
 
+const BROKEN_APIS: &str = r#"
+[[backends]]
+name = "claude"
+api = "anthropic"
+base_url = "http://127.0.0.1:9/v1"
+native_apis = ["responses"]
+model = "c"
+quality = 0.9
+pricing = { input_per_mtok = 3.0, output_per_mtok = 15.0, cache_write_per_mtok = 3.75 }
+
+[[backends]]
+name = "sim"
+api = "anthropic"
+simulate = {}
+native_apis = ["completions"]
+model = "s"
+quality = 0.1
+pricing = { hourly_usd = 0.1 }
+
+[[backends]]
+name = "odd"
+api = "grpc"
+base_url = "http://127.0.0.1:9/v1"
+model = "o"
+quality = 0.1
+pricing = { hourly_usd = 0.1 }
+"#;
+
+#[test]
+fn check_names_what_a_backend_cannot_speak() {
+    let (_dir, path) = write_config(BROKEN_APIS);
+    let output = tollgate(&["check", &path], &[]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let expected = [
+        "6: backends[0].native_apis: an Anthropic backend does not serve the Responses API",
+        "13: backends[1].api: a simulated backend speaks the OpenAI API only",
+        "15: backends[1].native_apis: holds \"completions\": the APIs a backend may serve itself are \"responses\" and \"messages\"",
+        "22: backends[2].api: must be \"openai\" or \"anthropic\", got \"grpc\"",
+    ];
+    for line in expected {
+        let full = format!("{path}:{line}");
+        assert!(stderr.lines().any(|l| l == full), "missing `{full}` in:\n{stderr}");
+    }
+    assert!(stderr.contains(&format!("{} problem(s) found", expected.len())), "{stderr}");
+}
+
 #[test]
 fn check_reports_invalid_toml_with_its_line() {
     let (_dir, path) = write_config("[server]\nlisten = \"127.0.0.1:8080\"\nmax_body_bytes = \n");

@@ -11,12 +11,88 @@
 //!
 //! What cannot be translated is refused with a 400 naming it ([`Untranslatable`]), never
 //! dropped. The conversions are plain functions over JSON values, tested without any I/O.
+//!
+//! A backend that serves the client's API itself (`api = "anthropic"` for Messages, or
+//! `native_apis`) gets the client's request as it came ([`Native`]), and its answer goes back
+//! untranslated, read for usage in that API's shape (`usage`).
 
 pub mod body;
 pub mod messages;
 pub mod responses;
+pub mod usage;
 
 use serde_json::Value;
+
+/// The shape of a request or an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Chat,
+    /// OpenAI's Responses API.
+    Responses,
+    /// Anthropic's Messages API.
+    Messages,
+}
+
+/// A client's Responses or Messages request, kept as it came for a backend that serves that
+/// API itself.
+#[derive(Debug)]
+pub struct Native {
+    pub dialect: Dialect,
+    pub request: Value,
+    /// Why the request has no chat form: then only a backend serving `dialect` can take it,
+    /// and the chat request it is routed by is only an estimate of its size.
+    pub untranslatable: Option<Untranslatable>,
+}
+
+impl Native {
+    /// The request for a backend serving it natively: the client's JSON with the backend's
+    /// model and, when budget clamping shortened it, the completion limit in the API's field.
+    pub fn body(&self, backend_model: &str, max_tokens: Option<u64>) -> Vec<u8> {
+        let mut request = self.request.clone();
+        if let Some(fields) = request.as_object_mut() {
+            fields.insert("model".into(), Value::from(backend_model));
+            if let Some(tokens) = max_tokens {
+                let field = match self.dialect {
+                    Dialect::Responses => "max_output_tokens",
+                    _ => "max_tokens",
+                };
+                fields.insert(field.into(), Value::from(tokens));
+            }
+        }
+        serde_json::to_vec(&request).unwrap_or_default()
+    }
+}
+
+/// A rough chat request standing for a request that has no chat form: its model, limit and
+/// streaming as asked, and all of its input as text, so that the prompt's size is estimated
+/// on the safe side (JSON syntax counts too).
+pub fn size_estimate(dialect: Dialect, request: &Value) -> Value {
+    let field = |name: &str| request.get(name).filter(|v| !v.is_null());
+    let mut text = String::new();
+    for name in ["system", "instructions", "messages", "input", "tools"] {
+        if let Some(value) = field(name) {
+            text.push_str(&value.to_string());
+        }
+    }
+    let limit = match dialect {
+        Dialect::Responses => field("max_output_tokens"),
+        _ => field("max_tokens"),
+    };
+    let mut chat = serde_json::json!({
+        "model": field("model").cloned().unwrap_or(Value::Null),
+        "messages": [{"role": "user", "content": text}],
+    });
+    if let Some(fields) = chat.as_object_mut() {
+        if let Some(limit) = limit {
+            fields.insert("max_tokens".into(), limit.clone());
+        }
+        if field("stream").and_then(Value::as_bool) == Some(true) {
+            fields.insert("stream".into(), Value::Bool(true));
+            fields.insert("stream_options".into(), serde_json::json!({"include_usage": true}));
+        }
+    }
+    chat
+}
 
 /// A request that cannot be expressed in the API it must be sent in: answered 400, naming the
 /// field at fault.
@@ -139,6 +215,35 @@ mod tests {
             );
             assert_eq!(reader.finish(), None);
         }
+    }
+
+    #[test]
+    fn a_native_request_goes_as_it_came_with_the_backends_model_and_a_clamped_limit() {
+        let request = serde_json::json!({"model": "claude", "max_tokens": 900, "top_k": 5,
+            "system": [{"type": "text", "text": "Hi", "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": "x"}]});
+        let native = Native { dialect: Dialect::Messages, request: request.clone(), untranslatable: None };
+        let sent: Value = serde_json::from_slice(&native.body("claude-3-7", None)).unwrap();
+        let mut expected = request.clone();
+        expected["model"] = Value::from("claude-3-7");
+        assert_eq!(sent, expected, "nothing but the model changes");
+        let sent: Value = serde_json::from_slice(&native.body("m", Some(50))).unwrap();
+        assert_eq!(sent["max_tokens"], 50);
+        let native = Native { dialect: Dialect::Responses, request, untranslatable: None };
+        let sent: Value = serde_json::from_slice(&native.body("m", Some(50))).unwrap();
+        assert_eq!(sent["max_output_tokens"], 50, "the Responses API's own field");
+    }
+
+    #[test]
+    fn a_request_without_a_chat_form_is_routed_by_its_whole_inputs_size() {
+        let text = "word ".repeat(400);
+        let request = serde_json::json!({"model": "auto", "max_output_tokens": 64, "stream": true,
+            "truncation": "auto", "instructions": "Be brief.", "input": [{"role": "user", "content": text}]});
+        let chat = size_estimate(Dialect::Responses, &request);
+        assert_eq!((chat["model"].as_str(), chat["max_tokens"].as_u64()), (Some("auto"), Some(64)));
+        assert_eq!(chat["stream_options"]["include_usage"], true);
+        let content = chat["messages"][0]["content"].as_str().unwrap();
+        assert!(content.contains("Be brief.") && content.len() > text.len(), "every input counts: {}", content.len());
     }
 
     #[test]

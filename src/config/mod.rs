@@ -326,6 +326,8 @@ pub struct Backend {
     /// The API the upstream speaks: requests to an `Anthropic` backend are translated to the
     /// Messages API and its answers back (`apis::messages`).
     pub api: Api,
+    /// The client APIs it serves itself: their requests go to it as they came.
+    pub native: NativeApis,
     /// The upstream's model name: requests are rewritten to it.
     pub model: String,
     /// Token quality, 0..=1.
@@ -350,6 +352,23 @@ pub struct Backend {
 pub enum Api {
     OpenAi,
     Anthropic,
+}
+
+/// The client APIs other than chat a backend serves itself (`native_apis`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NativeApis {
+    pub responses: bool,
+    pub messages: bool,
+}
+
+impl NativeApis {
+    pub fn serves(self, dialect: crate::apis::Dialect) -> bool {
+        match dialect {
+            crate::apis::Dialect::Responses => self.responses,
+            crate::apis::Dialect::Messages => self.messages,
+            crate::apis::Dialect::Chat => true,
+        }
+    }
 }
 
 /// Where a backend's answers come from.

@@ -15,6 +15,7 @@ use super::{
     RequestContext, HEADER_BACKEND, HEADER_BUDGET_REMAINING, HEADER_CACHE, HEADER_COST, HEADER_MAX_TOKENS_CLAMPED,
     HEADER_REASON, HEADER_TIER, MAX_ANSWER_BYTES,
 };
+use crate::apis::Dialect;
 use crate::app::AppState;
 use crate::body::{Response, ResponseBody};
 use crate::cost::Usd;
@@ -43,6 +44,13 @@ pub(super) async fn respond(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let streamed = ctx.request.stream && head.status.is_success() && is_sse;
+    // A backend serving the client's API itself answered in it: read in that shape, never
+    // cached (the cache holds chat answers) nor judged by a cascade.
+    let dialect = head.extensions.get::<Dialect>().copied().unwrap_or(Dialect::Chat);
+    if dialect != Dialect::Chat {
+        // Identical requests waiting for this one to be stored go on their own now.
+        drop(ctx.flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
+    }
     // The gateway's own time after the backend answered: from here (for a non-streamed
     // answer, from its last byte) until the response is handed to the server.
     let mut answered_at = streamed.then(Instant::now);
@@ -76,13 +84,15 @@ pub(super) async fn respond(
         }
         let capture = crate::cache::StreamCapture::new(
             state,
-            ctx.cache,
+            ctx.cache.filter(|_| dialect == Dialect::Chat),
             ctx.request.endpoint,
             backend,
             ctx.clamped.is_some(),
             ctx.flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take(),
         );
-        let metered = MeteredBody::new(body, meter, !ctx.request.client_wants_usage, backend.timeout).capture(capture);
+        let metered = MeteredBody::new(body, meter, !ctx.request.client_wants_usage, backend.timeout)
+            .native(dialect)
+            .capture(capture);
         ResponseBody::Metered(Box::new(metered))
     } else {
         let bytes = match read_whole(body, deadline, backend.name.as_str()).await {
@@ -97,7 +107,7 @@ pub(super) async fn respond(
         };
         let done = Instant::now();
         answered_at = Some(done);
-        if head.status.is_success() && !meter_json(&bytes, &mut meter) {
+        if head.status.is_success() && !meter_json(dialect, &bytes, &mut meter) {
             meter.end(Ending::BackendBroke);
             meter.settle();
             keep_answered(ctx, &meter, None);
@@ -105,7 +115,7 @@ pub(super) async fn respond(
         }
         meter.end(Ending::Complete);
         let cost = meter.settle();
-        let bytes = match probe.filter(|_| head.status.is_success()) {
+        let bytes = match probe.filter(|_| head.status.is_success() && dialect == Dialect::Chat) {
             Some(probe) => {
                 let (is_unsure, bytes) = judge(state, ctx, probe, bytes);
                 unsure = is_unsure.then_some((probe.quality, cost));
@@ -125,7 +135,7 @@ pub(super) async fn respond(
             put(&mut headers, HEADER_BUDGET_REMAINING, usd_value(remaining));
         }
         keep_answered(ctx, &meter, remaining);
-        if unsure.is_none() && head.status == http::StatusCode::OK {
+        if unsure.is_none() && head.status == http::StatusCode::OK && dialect == Dialect::Chat {
             store(state, ctx, backend, &meter, cost, &bytes);
         }
         ResponseBody::whole(bytes)
@@ -133,6 +143,9 @@ pub(super) async fn respond(
     let mut response = Response::new(body);
     *response.status_mut() = head.status;
     *response.headers_mut() = headers;
+    if dialect != Dialect::Chat {
+        response.extensions_mut().insert(dialect);
+    }
     Ok(match unsure {
         Some((quality, cost)) => Outcome::Unsure { quality, cost, answer: response },
         None => {

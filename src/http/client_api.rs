@@ -7,7 +7,7 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 use serde_json::Value;
 
 use crate::apis::body::{StreamTranslator, Translated, WholeTranslator};
-use crate::apis::{messages, responses, Event};
+use crate::apis::{messages, responses, Dialect, Event, Native};
 use crate::body::{Response, ResponseBody};
 use crate::error::ApiError;
 
@@ -55,24 +55,37 @@ impl ClientApi {
         }
     }
 
-    /// The client's body as a chat request's, and what its answer will need.
-    pub fn to_chat(self, body: Bytes) -> Result<(Bytes, Asked), ApiError> {
-        if self == Self::OpenAi {
-            return Ok((body, Asked::OpenAi));
-        }
+    /// The client's body as a chat request's, what its answer will need, and the client's
+    /// request itself for a backend serving its API natively. A request with no chat form is
+    /// routed by an estimate of its size, and only such a backend can take it.
+    pub fn to_chat(self, body: Bytes) -> Result<(Bytes, Asked, Option<Native>), ApiError> {
+        let dialect = match self {
+            Self::OpenAi => return Ok((body, Asked::OpenAi, None)),
+            Self::Responses => Dialect::Responses,
+            Self::Messages => Dialect::Messages,
+        };
         let request: Value = serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}"), None))?;
         if !request.is_object() {
             return Err(ApiError::bad_request("request body must be a JSON object", None));
         }
-        let (chat, asked) = match self {
-            Self::Responses => (responses::chat_request(&request)?, Asked::Responses(Box::new(request))),
+        let translated = match dialect {
+            Dialect::Responses => responses::chat_request(&request),
+            _ => messages::chat_request(&request),
+        };
+        let (chat, untranslatable) = match translated {
+            Ok(chat) => (chat, None),
+            Err(e) => (crate::apis::size_estimate(dialect, &request), Some(e)),
+        };
+        let asked = match dialect {
+            Dialect::Responses => Asked::Responses(Box::new(request.clone())),
             _ => {
                 let model = request.get("model").and_then(Value::as_str).unwrap_or_default().to_owned();
-                (messages::chat_request(&request)?, Asked::Messages { model, prompt_tokens_estimate: 0 })
+                Asked::Messages { model, prompt_tokens_estimate: 0 }
             }
         };
-        Ok((Bytes::from(serde_json::to_vec(&chat).unwrap_or_default()), asked))
+        let native = Native { dialect, request, untranslatable };
+        Ok((Bytes::from(serde_json::to_vec(&chat).unwrap_or_default()), asked, Some(native)))
     }
 
     /// `response` (an answer or an error, the gateway's or a backend's) in the client's API.
@@ -81,12 +94,15 @@ impl ClientApi {
             return response;
         }
         let (mut head, body) = response.into_parts();
+        // A backend serving the client's API itself answered in it already (errors aside).
+        let native = head.extensions.get::<Dialect>().is_some_and(|&d| d != Dialect::Chat);
         let is_sse = head
             .headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         let translated = match (head.status.is_success(), asked) {
+            (true, _) if native => return Response::from_parts(head, body),
             (true, Some(Asked::Responses(request))) if is_sse => {
                 Translated::stream(body, Box::new(ResponsesFromChat(responses::FromChatStream::new(&request))))
             }

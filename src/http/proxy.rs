@@ -79,8 +79,9 @@ where
         let bytes = tokio::time::timeout_at(read_by, read_body(&headers, body, server.max_body_bytes))
             .await
             .map_err(|_| ApiError::BodyTimeout(server.body_read_timeout.as_secs()))??;
-        let (bytes, client_asked) = api.to_chat(bytes)?;
-        let request = ProxyRequest::parse(endpoint, bytes)?;
+        let (bytes, client_asked, native) = api.to_chat(bytes)?;
+        let mut request = ProxyRequest::parse(endpoint, bytes)?;
+        request.native = native.map(Box::new);
         asked = Some(client_asked.estimated(request.prompt_tokens_estimate));
         if summarize {
             seen.model = Some(request.model().into());

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use tokio::time::{Instant, Sleep};
 
 use super::{Ending, Meter};
+use crate::apis::Dialect;
 use crate::cache::StreamCapture;
 use crate::openai::UsageCarrier;
 use crate::request::estimate_text_tokens;
@@ -22,6 +23,8 @@ use crate::upstream::{BodyError, UpstreamBody};
 /// See the module doc. The meter settles when the stream ends, fails or is dropped.
 pub struct MeteredBody {
     inner: UpstreamBody,
+    /// The stream's API: what its events and an error notice look like.
+    dialect: Dialect,
     scanner: SseScanner,
     /// Fires after `silence` without a byte from the backend. Moved forward only when it fires
     /// (to `last_byte + silence`), not on every chunk: re-arming a timer per chunk costs more
@@ -43,6 +46,7 @@ impl MeteredBody {
     pub fn new(inner: UpstreamBody, meter: Meter, hide_usage: bool, silence: Duration) -> Self {
         Self {
             inner,
+            dialect: Dialect::Chat,
             scanner: SseScanner::new(hide_usage),
             deadline: Box::pin(tokio::time::sleep(silence)),
             silence,
@@ -52,6 +56,15 @@ impl MeteredBody {
             trailer: None,
             capture: None,
         }
+    }
+
+    /// A stream in a client API's own shape, from a backend serving that API itself.
+    pub fn native(mut self, dialect: Dialect) -> Self {
+        if dialect != Dialect::Chat {
+            self.dialect = dialect;
+            self.scanner = SseScanner::native(dialect);
+        }
+        self
     }
 
     /// Stores the answer in the response cache if it ends cleanly.
@@ -86,9 +99,17 @@ impl MeteredBody {
             _ => ("the backend connection broke mid-stream", "upstream_error"),
         };
         self.finish(ending);
-        Some(Bytes::from(format!(
-            "data: {{\"error\":{{\"message\":\"{message}\",\"type\":\"api_error\",\"param\":null,\"code\":\"{code}\"}}}}\n\n"
-        )))
+        Some(Bytes::from(match self.dialect {
+            Dialect::Chat => format!(
+                "data: {{\"error\":{{\"message\":\"{message}\",\"type\":\"api_error\",\"param\":null,\"code\":\"{code}\"}}}}\n\n"
+            ),
+            Dialect::Messages => format!(
+                "event: error\ndata: {{\"type\":\"error\",\"error\":{{\"type\":\"api_error\",\"message\":\"{message}\"}}}}\n\n"
+            ),
+            Dialect::Responses => format!(
+                "event: error\ndata: {{\"type\":\"error\",\"code\":\"{code}\",\"message\":\"{message}\",\"param\":null}}\n\n"
+            ),
+        }))
     }
 
     fn finish(&mut self, ending: Ending) {
@@ -203,7 +224,15 @@ struct MessageProbe {
 
 /// Reads the usage of a whole JSON answer into `meter` (or counts its text when it reports
 /// none); `false` when the body is not JSON at all.
-pub fn meter_json(bytes: &[u8], meter: &mut Meter) -> bool {
+pub fn meter_json(dialect: Dialect, bytes: &[u8], meter: &mut Meter) -> bool {
+    if dialect != Dialect::Chat {
+        let Ok(answer) = serde_json::from_slice::<serde_json::Value>(bytes) else { return false };
+        match crate::apis::usage::of_answer(dialect, &answer) {
+            Some(usage) => meter.reported(usage),
+            None => meter.counted(estimate_text_tokens(&answer.to_string())),
+        }
+        return true;
+    }
     if let Ok(UsageCarrier { usage: Some(usage) }) = serde_json::from_slice(bytes) {
         meter.reported(usage);
         true

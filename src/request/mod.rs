@@ -78,6 +78,9 @@ pub struct ProxyRequest {
     clamped_field: Option<&'static str>,
     /// Prompt tokens estimated from the input text (see `input::Summary`).
     pub prompt_tokens_estimate: u64,
+    /// The client's own request when it came in another API than chat (`apis`): what a
+    /// backend serving that API itself is sent.
+    pub native: Option<Box<crate::apis::Native>>,
 }
 
 type Members = smallvec::SmallVec<[Member; 8]>;
@@ -150,6 +153,7 @@ impl ProxyRequest {
             max_tokens,
             clamped_field: None,
             prompt_tokens_estimate: summary.prompt_tokens(),
+            native: None,
         })
     }
 

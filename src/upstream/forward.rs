@@ -6,6 +6,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use http_body_util::Full;
 use serde_json::{Map, Value};
 
+use crate::apis::Dialect;
 use crate::config::Api;
 use crate::request::{Endpoint, ProxyRequest};
 use crate::secret::Secret;
@@ -117,6 +118,9 @@ pub struct Destination {
     chat_completions: Uri,
     completions: Uri,
     embeddings: Uri,
+    /// The client APIs a backend may serve itself (`native_apis`).
+    responses: Uri,
+    messages: Uri,
     host: HeaderValue,
     credentials: Option<(HeaderName, HeaderValue)>,
     api: Api,
@@ -147,6 +151,7 @@ impl Destination {
             };
             format!("{prefix}{path}").parse().map_err(|e| invalid(&e))
         };
+        let native = |path: &str| -> Result<Uri, String> { format!("{prefix}{path}").parse().map_err(|e| invalid(&e)) };
         let host = HeaderValue::from_str(authority.as_str()).map_err(|e| invalid(&e))?;
         let credentials = match key {
             None => None,
@@ -165,6 +170,8 @@ impl Destination {
             chat_completions: path(Endpoint::ChatCompletions)?,
             completions: path(Endpoint::Completions)?,
             embeddings: path(Endpoint::Embeddings)?,
+            responses: native("/responses")?,
+            messages: native("/messages")?,
             host,
             credentials,
             api,
@@ -172,13 +179,22 @@ impl Destination {
         Ok((destination, origin))
     }
 
-    /// The HTTP request for `endpoint`, in origin form; its headers in `spare`, emptied first,
-    /// when there is one.
-    pub fn request(&self, endpoint: Endpoint, body: Bytes, spare: Option<HeaderMap>) -> Request<Full<Bytes>> {
-        let uri = match endpoint {
-            Endpoint::ChatCompletions => &self.chat_completions,
-            Endpoint::Completions => &self.completions,
-            Endpoint::Embeddings => &self.embeddings,
+    /// The HTTP request for `endpoint` (or, for a request passed through in the client's own
+    /// API, that API's path), in origin form; its headers in `spare`, emptied first, when there
+    /// is one.
+    pub fn request(
+        &self,
+        endpoint: Endpoint,
+        dialect: Dialect,
+        body: Bytes,
+        spare: Option<HeaderMap>,
+    ) -> Request<Full<Bytes>> {
+        let uri = match (dialect, endpoint) {
+            (Dialect::Responses, _) => &self.responses,
+            (Dialect::Messages, _) => &self.messages,
+            (Dialect::Chat, Endpoint::ChatCompletions) => &self.chat_completions,
+            (Dialect::Chat, Endpoint::Completions) => &self.completions,
+            (Dialect::Chat, Endpoint::Embeddings) => &self.embeddings,
         };
         let mut request = Request::new(Full::new(body));
         if let Some(mut headers) = spare {
@@ -268,7 +284,8 @@ mod tests {
         let mut spare = HeaderMap::new();
         spare.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sk-client"));
         spare.insert("x-client-secret", HeaderValue::from_static("s3cret"));
-        let request = destination.request(Endpoint::ChatCompletions, Bytes::from_static(b"{}"), Some(spare));
+        let request =
+            destination.request(Endpoint::ChatCompletions, Dialect::Chat, Bytes::from_static(b"{}"), Some(spare));
         assert_eq!(request.uri().to_string(), "/openai/v1/chat/completions");
         assert_eq!(request.headers()[header::HOST], "api.example.com:8443");
         assert_eq!(request.headers()[header::AUTHORIZATION], "Bearer sk-backend");
@@ -278,10 +295,10 @@ mod tests {
         assert_eq!(origin.to_string(), "http://127.0.0.1:9000/");
         let mut spare = HeaderMap::new();
         spare.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sk-client"));
-        let request = destination.request(Endpoint::Embeddings, Bytes::new(), Some(spare));
+        let request = destination.request(Endpoint::Embeddings, Dialect::Chat, Bytes::new(), Some(spare));
         assert_eq!(request.uri().to_string(), "/embeddings");
         assert!(request.headers().get(header::AUTHORIZATION).is_none(), "no backend key: none at all");
-        let request = destination.request(Endpoint::Embeddings, Bytes::new(), None);
+        let request = destination.request(Endpoint::Embeddings, Dialect::Chat, Bytes::new(), None);
         assert_eq!(request.headers()[header::HOST], "127.0.0.1:9000");
     }
 
@@ -291,8 +308,10 @@ mod tests {
         let (destination, _) = Destination::new("https://anthropic.example/v1/", Api::Anthropic, Some(&key)).unwrap();
         let mut spare = HeaderMap::new();
         spare.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sk-client"));
-        let request = destination.request(Endpoint::ChatCompletions, Bytes::new(), Some(spare));
+        let request = destination.request(Endpoint::ChatCompletions, Dialect::Chat, Bytes::new(), Some(spare));
         assert_eq!(request.uri().to_string(), "/v1/messages");
+        let native = destination.request(Endpoint::ChatCompletions, Dialect::Messages, Bytes::new(), None);
+        assert_eq!(native.uri().to_string(), "/v1/messages");
         assert_eq!(request.headers()["x-api-key"], "sk-ant");
         assert!(request.headers()["x-api-key"].is_sensitive(), "kept out of debug output");
         assert_eq!(request.headers()["anthropic-version"], ANTHROPIC_VERSION);

@@ -22,6 +22,7 @@ use http::{HeaderValue, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 
+use crate::apis::Dialect;
 use crate::config::{Api, Backend, Simulate, Target};
 use crate::request::ProxyRequest;
 
@@ -182,16 +183,32 @@ impl Upstream {
         spare_headers: Option<http::HeaderMap>,
         propagation: crate::telemetry::Propagation<'_>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        // A backend serving the client's API itself gets the client's request as it came.
+        let native = request.native.as_deref().filter(|n| self.backend.native.serves(n.dialect));
+        if let Some(reason) =
+            request.native.as_ref().and_then(|n| n.untranslatable.clone()).filter(|_| native.is_none())
+        {
+            return Err(UpstreamError::Untranslatable { backend: self.backend.name.clone(), reason });
+        }
         match &self.transport {
             Transport::Simulated(sim) => {
                 Ok(Box::pin(simulate::respond(sim, &self.backend, request, with_logprobs)).await)
             }
             Transport::Http { pool, destination } => {
-                let mut body = forward::upstream_body(request, &self.backend.model, with_logprobs);
-                if self.backend.api == Api::Anthropic {
-                    body = anthropic::request_body(&self.backend.name, request.endpoint, &body)?;
-                }
-                let mut http_request = destination.request(request.endpoint, body, spare_headers);
+                let (body, dialect) = match native {
+                    Some(native) => {
+                        let clamped = request.clamped_field().and(request.max_tokens);
+                        (Bytes::from(native.body(&self.backend.model, clamped)), native.dialect)
+                    }
+                    None => {
+                        let mut body = forward::upstream_body(request, &self.backend.model, with_logprobs);
+                        if self.backend.api == Api::Anthropic {
+                            body = anthropic::request_body(&self.backend.name, request.endpoint, &body)?;
+                        }
+                        (body, Dialect::Chat)
+                    }
+                };
+                let mut http_request = destination.request(request.endpoint, dialect, body, spare_headers);
                 propagation.apply(http_request.headers_mut());
                 let timeout = self.backend.first_byte_timeout;
                 let response = match tokio::time::timeout_at(now + timeout, pool.send(http_request, now)).await {
@@ -204,10 +221,15 @@ impl Upstream {
                     }
                     Ok(Ok(response)) => response,
                 };
-                Ok(match self.backend.api {
-                    Api::OpenAi => response.map(UpstreamBody::Connection),
-                    Api::Anthropic => anthropic::answer(response),
-                })
+                let mut response = match (self.backend.api, dialect) {
+                    (Api::Anthropic, Dialect::Chat) => anthropic::answer(response),
+                    _ => response.map(UpstreamBody::Connection),
+                };
+                // Tells metering how to read the answer, and the client side not to translate it.
+                if dialect != Dialect::Chat {
+                    response.extensions_mut().insert(dialect);
+                }
+                Ok(response)
             }
         }
     }

@@ -10,11 +10,16 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::apis::usage::{Seen, StreamUsage};
+use crate::apis::Dialect;
 use crate::openai::Usage;
 
 /// Reads usage out of an SSE stream and filters what the client should not see.
 #[derive(Debug)]
 pub struct SseScanner {
+    /// The stream's API: chat's chunks, or a client API passed through to a backend serving it.
+    dialect: Dialect,
+    native: StreamUsage,
     /// Bytes of an event not yet complete (split across network reads).
     pending: BytesMut,
     hide_usage: bool,
@@ -39,7 +44,21 @@ enum Verdict {
 
 impl SseScanner {
     pub fn new(hide_usage: bool) -> Self {
-        Self { pending: BytesMut::new(), hide_usage, usage: None, content_events: 0, saw_done: false }
+        Self {
+            dialect: Dialect::Chat,
+            native: StreamUsage::default(),
+            pending: BytesMut::new(),
+            hide_usage,
+            usage: None,
+            content_events: 0,
+            saw_done: false,
+        }
+    }
+
+    /// A stream in a client API's own shape (`response.completed`, `message_stop`...): read,
+    /// never filtered.
+    pub fn native(dialect: Dialect) -> Self {
+        Self { dialect, ..Self::new(false) }
     }
 
     /// The usage the backend reported, once its chunk has passed.
@@ -53,7 +72,8 @@ impl SseScanner {
         self.content_events
     }
 
-    /// Whether `data: [DONE]` arrived: the stream ended as the backend meant it to.
+    /// Whether `data: [DONE]` (or a native stream's own end) arrived: the stream ended as the
+    /// backend meant it to.
     pub fn saw_done(&self) -> bool {
         self.saw_done
     }
@@ -110,6 +130,15 @@ impl SseScanner {
             return Verdict::Keep;
         };
         let payload = payload.trim_ascii();
+        if self.dialect != Dialect::Chat {
+            match self.native.event(self.dialect, payload) {
+                Seen::Content => self.content_events += 1,
+                Seen::End => self.saw_done = true,
+                Seen::Other => {}
+            }
+            self.usage = self.native.usage();
+            return Verdict::Keep;
+        }
         if payload == b"[DONE]" {
             self.saw_done = true;
             return Verdict::Keep;

@@ -265,7 +265,7 @@ def traffic():
         else:
             raise AssertionError("no error")
 
-    @check("Responses API (official openai SDK) on the real CPU backend, streamed and not")
+    @check("Responses API (official openai SDK) passed through to the real CPU backend, streamed and not")
     def _():
         raw = cost.responses.with_raw_response.create(
             model=CPU, instructions=SYSTEM["content"], input="Name a colour.", max_output_tokens=24, temperature=0
@@ -288,7 +288,7 @@ def traffic():
         assert has_words(text) and completed.output_text == text, (text, completed.output_text)
         assert completed.usage.output_tokens > 0, completed.usage
 
-    @check("Messages API (official anthropic SDK, x-api-key) on the real CPU backend, streamed and not")
+    @check("Messages API (official anthropic SDK, x-api-key) passed through to the real CPU backend, streamed and not")
     def _():
         import anthropic
 

@@ -25,6 +25,7 @@ from openai import OpenAI
 KEY = "tg-demo-quality-key"
 KEY_SHA256 = "8eae327d4f0ad3b2bfc5dd5cd7e0d38b56a58aace19807a59dd57bee89445cf8"
 ANTHROPIC_BACKEND_KEY = "sk-ant-mock-backend-key"
+ADMIN_KEY = "tg-admin-mock-key"
 WEATHER_TOOL_OPENAI = {
     "type": "function",
     "name": "get_weather",
@@ -64,6 +65,14 @@ class MockUpstreams(http.server.BaseHTTPRequestHandler):
         MockUpstreams.received.append((self.path, dict(self.headers), body))
         if self.path == "/openai/v1/chat/completions":
             self.openai(body)
+        elif self.path == "/openai/v1/responses":
+            self.openai_responses(body)
+        elif self.path == "/openai/v1/messages":
+            # An OpenAI-compatible server with a Messages endpoint of its own (llama.cpp's
+            # has one): its errors keep the OpenAI shape.
+            if body.get("max_tokens") == 1:
+                return self.send_json(400, {"error": {"message": "max_tokens: too small for this mock", "type": "invalid_request_error"}})
+            self.anthropic(body)
         elif self.path == "/anthropic/v1/messages":
             if self.headers.get("x-api-key") != ANTHROPIC_BACKEND_KEY or not self.headers.get("anthropic-version"):
                 return self.send_json(401, {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}})
@@ -122,6 +131,35 @@ class MockUpstreams(http.server.BaseHTTPRequestHandler):
             self.sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": OPENAI_USAGE})
         self.sse("[DONE]")
 
+    def openai_responses(self, body):
+        """The Responses API's own answer and typed events, as a server that serves it does."""
+        usage = {"input_tokens": 40, "input_tokens_details": {"cached_tokens": 16}, "output_tokens": 9,
+                 "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 49}
+        item = {"type": "message", "id": "msg_native", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": HELLO, "annotations": []}]}
+        response = {"id": "resp_native", "object": "response", "created_at": 1700000000, "status": "completed",
+                    "model": body["model"], "output": [item], "usage": usage, "error": None,
+                    "incomplete_details": None, "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+        if not body.get("stream"):
+            return self.send_json(200, response)
+        self.start_stream()
+        seq = iter(range(100))
+        pending = {**response, "status": "in_progress", "output": [], "usage": None}
+        self.sse({"type": "response.created", "sequence_number": next(seq), "response": pending}, "response.created")
+        self.sse({"type": "response.output_item.added", "sequence_number": next(seq), "output_index": 0,
+                  "item": {**item, "status": "in_progress", "content": []}}, "response.output_item.added")
+        self.sse({"type": "response.content_part.added", "sequence_number": next(seq), "item_id": "msg_native",
+                  "output_index": 0, "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}},
+                 "response.content_part.added")
+        for word in re.findall(r"\S+\s*", HELLO):
+            self.sse({"type": "response.output_text.delta", "sequence_number": next(seq), "item_id": "msg_native",
+                      "output_index": 0, "content_index": 0, "delta": word, "logprobs": []}, "response.output_text.delta")
+        self.sse({"type": "response.output_text.done", "sequence_number": next(seq), "item_id": "msg_native",
+                  "output_index": 0, "content_index": 0, "text": HELLO, "logprobs": []}, "response.output_text.done")
+        self.sse({"type": "response.output_item.done", "sequence_number": next(seq), "output_index": 0, "item": item},
+                 "response.output_item.done")
+        self.sse({"type": "response.completed", "sequence_number": next(seq), "response": response}, "response.completed")
+
     def anthropic(self, body):
         last = body["messages"][-1]
         answered = isinstance(last["content"], list) and any(b.get("type") == "tool_result" for b in last["content"])
@@ -158,6 +196,7 @@ class MockUpstreams(http.server.BaseHTTPRequestHandler):
 CONFIG = """
 [server]
 listen = "127.0.0.1:0"
+admin_key_env = "MOCK_ADMIN_KEY"
 
 [[backends]]
 name = "gpt-mock"
@@ -175,9 +214,21 @@ model = "claude-mock-1"
 quality = 0.95
 pricing = {{ input_per_mtok = 3.00, output_per_mtok = 15.00, cached_input_per_mtok = 0.30, cache_write_per_mtok = 3.75 }}
 
+[[backends]]
+name = "native-mock"
+base_url = "http://127.0.0.1:{port}/openai/v1"
+native_apis = ["responses", "messages"]
+model = "native-mock-1"
+quality = 0.8
+pricing = {{ input_per_mtok = 1.00, output_per_mtok = 2.00, cached_input_per_mtok = 0.50 }}
+
 [[routes]]
 model = "gpt"
 backends = ["gpt-mock"]
+
+[[routes]]
+model = "native"
+backends = ["native-mock"]
 
 [[routes]]
 model = "claude"
@@ -201,7 +252,7 @@ class ClientApisAgainstTollgate(unittest.TestCase):
         with open(config, "w") as f:
             f.write(CONFIG.format(port=cls.upstream.server_address[1], key_sha256=KEY_SHA256))
         cls.log = open(os.path.join(cls.workdir.name, "tollgate.log"), "w+")
-        env = {**os.environ, "NO_COLOR": "1", "MOCK_ANTHROPIC_KEY": ANTHROPIC_BACKEND_KEY}
+        env = {**os.environ, "NO_COLOR": "1", "MOCK_ANTHROPIC_KEY": ANTHROPIC_BACKEND_KEY, "MOCK_ADMIN_KEY": ADMIN_KEY}
         cls.process = subprocess.Popen([binary, "serve", "--config", config], stderr=cls.log, stdout=cls.log, env=env)
         cls.origin = None
         deadline = time.monotonic() + 20
@@ -236,6 +287,11 @@ class ClientApisAgainstTollgate(unittest.TestCase):
 
     def last_received(self, path):
         return [body for p, _, body in MockUpstreams.received if p == path][-1]
+
+    def last_record(self):
+        request = urllib.request.Request(self.origin + "/admin/requests?limit=1", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return json.loads(answer.read())["data"][0]
 
     def assertCost(self, headers, expected):
         self.assertAlmostEqual(float(headers["x-tollgate-cost-usd"]), expected, delta=1e-12)
@@ -412,6 +468,50 @@ class ClientApisAgainstTollgate(unittest.TestCase):
             self.assertEqual(error["type"], "error")
             self.assertEqual(error["error"]["type"], "invalid_request_error")
         self.assertIn("max_tokens", error["error"]["message"], "a missing max_tokens is named")
+
+    # ---- Passed through to a backend serving the client's API itself -------------------------
+
+    def test_responses_pass_through_to_a_backend_serving_them_fields_and_all(self):
+        # `truncation: "auto"` has no chat form: only a backend serving Responses can take it.
+        raw = self.openai().responses.with_raw_response.create(model="native", input="Say hello", truncation="auto")
+        self.assertEqual(raw.headers["x-tollgate-backend"], "native-mock")
+        # 24 fresh at 1.00 + 16 cached at 0.50 + 9 out at 2.00, per million tokens
+        self.assertCost(raw.headers, (24 * 1.00 + 16 * 0.50 + 9 * 2.00) / 1e6)
+        response = raw.parse()
+        self.assertEqual((response.id, response.output_text), ("resp_native", HELLO))
+        sent = self.last_received("/openai/v1/responses")
+        self.assertEqual((sent["model"], sent["input"], sent["truncation"]), ("native-mock-1", "Say hello", "auto"))
+
+        events = list(self.openai().responses.create(model="native", input="Say hello", stream=True))
+        self.assertEqual(events[-1].type, "response.completed")
+        self.assertEqual("".join(e.delta for e in events if e.type == "response.output_text.delta"), HELLO)
+        record = self.last_record()
+        self.assertEqual((record["backend"], record["prompt_tokens"], record["completion_tokens"]), ("native-mock", 40, 9))
+        self.assertAlmostEqual(record["cost_usd"], (24 * 1.00 + 16 * 0.50 + 9 * 2.00) / 1e6, delta=1e-12)
+        # Without a backend serving Responses, the same request is refused, naming the field.
+        with self.assertRaises(openai.BadRequestError) as refused:
+            self.openai().responses.create(model="gpt", input="Say hello", truncation="auto")
+        self.assertEqual(refused.exception.body.get("param"), "truncation")
+
+    def test_messages_pass_through_to_an_anthropic_backend_with_what_chat_cannot_say(self):
+        system = [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]
+        with self.anthropic().messages.stream(
+            model="claude", max_tokens=64, extra_body={"top_k": 5}, system=system, messages=[{"role": "user", "content": "Say hello"}]
+        ) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        self.assertEqual((text, final.id), (HELLO, "msg_mock"))
+        sent = self.last_received("/anthropic/v1/messages")
+        self.assertEqual((sent["model"], sent["top_k"], sent["system"]), ("claude-mock-1", 5, system))
+        record = self.last_record()
+        self.assertEqual((record["backend"], record["prompt_tokens"], record["completion_tokens"]), ("claude-mock", 170, 7))
+        self.assertAlmostEqual(record["cost_usd"], ANTHROPIC_COST, delta=1e-12)
+        # A backend's OpenAI-shaped error on its Messages endpoint reaches an Anthropic client in
+        # Anthropic's shape.
+        with self.assertRaises(anthropic.BadRequestError) as refused:
+            self.anthropic().messages.create(model="native", max_tokens=1, messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(refused.exception.body["error"]["type"], "invalid_request_error")
+        self.assertIn("too small for this mock", refused.exception.body["error"]["message"])
 
     # ---- Chat Completions to an Anthropic backend ----------------------------------------------
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::{amount, check_label, positive, secret};
 use crate::config::document::{Fields, Problems};
-use crate::config::{Api, Backend, Env, Pricing, Simulate, Target, Usd};
+use crate::config::{Api, Backend, Env, NativeApis, Pricing, Simulate, Target, Usd};
 
 const DEFAULT_TIMEOUT_S: u64 = 120;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
@@ -45,6 +45,7 @@ pub(super) fn backend(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -
             Api::OpenAi
         }
     };
+    let native = native_apis(f, p, api, &target);
     let pricing = pricing(f, p);
     let expected_tokens_per_s = positive(f, p, "expected_tokens_per_s").map_or_else(
         || match &target {
@@ -64,6 +65,7 @@ pub(super) fn backend(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -
         tier,
         target,
         api,
+        native,
         model,
         quality,
         context_window,
@@ -74,6 +76,36 @@ pub(super) fn backend(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -
         pricing,
         expected_tokens_per_s,
     }
+}
+
+/// The client APIs the backend serves itself (`native_apis`): an Anthropic backend serves
+/// Messages, always.
+fn native_apis(f: &mut Fields<'_>, p: &mut Problems<'_>, api: Api, target: &Target) -> NativeApis {
+    let mut native = NativeApis { responses: false, messages: api == Api::Anthropic };
+    for name in f.optional::<Vec<String>>(p, "native_apis").unwrap_or_default() {
+        let problem = match (name.as_str(), api) {
+            ("messages", _) => {
+                native.messages = true;
+                None
+            }
+            ("responses", Api::OpenAi) => {
+                native.responses = true;
+                None
+            }
+            ("responses", Api::Anthropic) => Some("an Anthropic backend does not serve the Responses API".to_owned()),
+            (other, _) => {
+                Some(format!("holds {other:?}: the APIs a backend may serve itself are \"responses\" and \"messages\""))
+            }
+        };
+        let problem = problem.or_else(|| {
+            matches!(target, Target::Simulated(_))
+                .then(|| "a simulated backend serves chat completions only".to_owned())
+        });
+        if let Some(problem) = problem {
+            p.at_line(f.line_of(p, "native_apis"), &f.path_of("native_apis"), problem);
+        }
+    }
+    native
 }
 
 fn target(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> Target {
