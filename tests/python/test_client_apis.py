@@ -238,6 +238,9 @@ backends = ["claude-mock"]
 name = "demo"
 key_sha256 = "{key_sha256}"
 policy = "quality-first"
+
+[cache]
+cacheable = "deterministic"
 """
 
 
@@ -468,6 +471,35 @@ class ClientApisAgainstTollgate(unittest.TestCase):
             self.assertEqual(error["type"], "error")
             self.assertEqual(error["error"]["type"], "invalid_request_error")
         self.assertIn("max_tokens", error["error"]["message"], "a missing max_tokens is named")
+
+    def test_translated_requests_share_the_response_cache_streamed_or_not(self):
+        question = [{"role": "user", "content": "Say hello, deterministically"}]
+        first = self.anthropic().messages.with_raw_response.create(model="gpt", max_tokens=64, extra_body={"temperature": 0}, messages=question)
+        calls = len(MockUpstreams.received)
+        again = self.anthropic().messages.with_raw_response.create(model="gpt", max_tokens=64, extra_body={"temperature": 0}, messages=question)
+        self.assertEqual((first.headers["x-tollgate-cache"], again.headers["x-tollgate-cache"]), ("miss", "hit"))
+        self.assertEqual(float(again.headers["x-tollgate-cost-usd"]), 0.0)
+        self.assertEqual(again.parse().content[0].text, first.parse().content[0].text)
+        with self.anthropic().messages.stream(model="gpt", max_tokens=64, extra_body={"temperature": 0}, messages=question) as stream:
+            self.assertEqual("".join(stream.text_stream), HELLO, "a hit replays as a Messages stream")
+        # The same question through the Responses API is the same chat request: a hit too.
+        raw = self.openai().responses.with_raw_response.create(
+            model="gpt", input=question, max_output_tokens=64, temperature=0
+        )
+        self.assertEqual(len(MockUpstreams.received), calls, "no upstream call after the first")
+        self.assertEqual(raw.parse().output_text, HELLO)
+
+    def test_malformed_responses_requests_get_the_openai_error_shape(self):
+        for body, param in ((b"[1, 2]", None), (json.dumps({"model": "gpt"}).encode(), "input")):
+            request = urllib.request.Request(
+                self.origin + "/v1/responses", data=body, method="POST",
+                headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"},
+            )
+            with self.assertRaises(urllib.error.HTTPError) as failed:
+                urllib.request.urlopen(request, timeout=10)
+            self.assertEqual(failed.exception.code, 400)
+            error = json.loads(failed.exception.read())["error"]
+            self.assertEqual((error["type"], error["param"]), ("invalid_request_error", param))
 
     # ---- Passed through to a backend serving the client's API itself -------------------------
 
