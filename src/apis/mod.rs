@@ -160,7 +160,7 @@ impl EventReader {
 }
 
 /// Length up to and including the blank line that ends the first event.
-fn event_end(bytes: &[u8]) -> Option<usize> {
+pub(crate) fn event_end(bytes: &[u8]) -> Option<usize> {
     memchr::memchr_iter(b'\n', bytes).find_map(|i| match bytes.get(i + 1..) {
         Some([b'\n', ..]) => Some(i + 2),
         Some([b'\r', b'\n', ..]) => Some(i + 3),

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::apis::usage::{Seen, StreamUsage};
-use crate::apis::Dialect;
+use crate::apis::{event_end, Dialect};
 use crate::openai::Usage;
 
 /// Reads usage out of an SSE stream and filters what the client should not see.
@@ -105,7 +105,7 @@ impl SseScanner {
         let mut rewritten: Option<BytesMut> = None;
         let mut start = 0;
         while start < events.len() {
-            let end = next_event_end(&events[start..]).map_or(events.len(), |e| start + e);
+            let end = event_end(&events[start..]).map_or(events.len(), |e| start + e);
             let event = &events[start..end];
             match self.inspect(event) {
                 Verdict::Keep => {
@@ -203,20 +203,11 @@ fn data_of(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
     }
 }
 
-/// Length up to and including the blank line that ends the first event.
-fn next_event_end(bytes: &[u8]) -> Option<usize> {
-    memchr::memchr_iter(b'\n', bytes).find_map(|i| match bytes.get(i + 1..) {
-        Some([b'\n', ..]) => Some(i + 2),
-        Some([b'\r', b'\n', ..]) => Some(i + 3),
-        _ => None,
-    })
-}
-
 /// Length up to and including the blank line that ends the last complete event.
 fn last_event_end(bytes: &[u8]) -> Option<usize> {
     let mut end = None;
     let mut start = 0;
-    while let Some(e) = next_event_end(&bytes[start..]) {
+    while let Some(e) = event_end(&bytes[start..]) {
         start += e;
         end = Some(start);
     }

@@ -8,12 +8,8 @@ Run by scripts/test.sh: TOLLGATE_BIN names the built binary.
 
 import http.server
 import json
-import os
 import re
-import subprocess
-import tempfile
 import threading
-import time
 import unittest
 import urllib.error
 import urllib.request
@@ -21,6 +17,8 @@ import urllib.request
 import anthropic
 import openai
 from openai import OpenAI
+
+from gateway import Gateway
 
 KEY = "tg-demo-quality-key"
 KEY_SHA256 = "8eae327d4f0ad3b2bfc5dd5cd7e0d38b56a58aace19807a59dd57bee89445cf8"
@@ -249,36 +247,18 @@ class ClientApisAgainstTollgate(unittest.TestCase):
     def setUpClass(cls):
         cls.upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MockUpstreams)
         threading.Thread(target=cls.upstream.serve_forever, daemon=True).start()
-        binary = os.environ.get("TOLLGATE_BIN", "target/debug/tollgate")
-        cls.workdir = tempfile.TemporaryDirectory()
-        config = os.path.join(cls.workdir.name, "tollgate.toml")
-        with open(config, "w") as f:
-            f.write(CONFIG.format(port=cls.upstream.server_address[1], key_sha256=KEY_SHA256))
-        cls.log = open(os.path.join(cls.workdir.name, "tollgate.log"), "w+")
-        env = {**os.environ, "NO_COLOR": "1", "MOCK_ANTHROPIC_KEY": ANTHROPIC_BACKEND_KEY, "MOCK_ADMIN_KEY": ADMIN_KEY}
-        cls.process = subprocess.Popen([binary, "serve", "--config", config], stderr=cls.log, stdout=cls.log, env=env)
-        cls.origin = None
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and cls.origin is None:
-            cls.log.seek(0)
-            match = re.search(r"listen=(127\.0\.0\.1:\d+)", re.sub(r"\x1b\[[0-9;]*m", "", cls.log.read()))
-            if match:
-                cls.origin = f"http://{match.group(1)}"
-            elif cls.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        if cls.origin is None:
-            cls.tearDownClass()
-            raise RuntimeError("tollgate did not start")
+        env = {"MOCK_ANTHROPIC_KEY": ANTHROPIC_BACKEND_KEY, "MOCK_ADMIN_KEY": ADMIN_KEY}
+        config = CONFIG.format(port=cls.upstream.server_address[1], key_sha256=KEY_SHA256)
+        try:
+            cls.gateway = Gateway(config, env)
+        except RuntimeError:
+            cls.upstream.shutdown()
+            raise
+        cls.origin = cls.gateway.origin
 
     @classmethod
     def tearDownClass(cls):
-        cls.process.terminate()
-        cls.process.wait(timeout=10)
-        cls.log.seek(0)
-        log = cls.log.read()
-        cls.log.close()
-        cls.workdir.cleanup()
+        log = cls.gateway.stop()
         cls.upstream.shutdown()
         assert ANTHROPIC_BACKEND_KEY not in log, "the backend key reached the log"
 

@@ -3,15 +3,12 @@
 Run by scripts/test.sh: TOLLGATE_BIN names the built binary.
 """
 
-import os
-import re
-import subprocess
-import tempfile
-import time
 import unittest
 
 import openai
 from openai import OpenAI
+
+from gateway import Gateway
 
 QUALITY_KEY = "tg-demo-quality-key"
 COST_KEY = "tg-demo-cost-key"
@@ -57,35 +54,12 @@ scope = "user"
 class OpenAISdkAgainstTollgate(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        binary = os.environ.get("TOLLGATE_BIN", "target/debug/tollgate")
-        cls.workdir = tempfile.TemporaryDirectory()
-        config = os.path.join(cls.workdir.name, "tollgate.toml")
-        with open(config, "w") as f:
-            f.write(CONFIG)
-        cls.log = open(os.path.join(cls.workdir.name, "tollgate.log"), "w+")
-        cls.process = subprocess.Popen(
-            [binary, "serve", "--config", config], stderr=cls.log, stdout=cls.log, env={**os.environ, "NO_COLOR": "1"}
-        )
-        cls.base_url = None
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and cls.base_url is None:
-            cls.log.seek(0)
-            match = re.search(r"listen=(127\.0\.0\.1:\d+)", re.sub(r"\x1b\[[0-9;]*m", "", cls.log.read()))
-            if match:
-                cls.base_url = f"http://{match.group(1)}/v1"
-            elif cls.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        if cls.base_url is None:
-            cls.tearDownClass()
-            raise RuntimeError("tollgate did not start")
+        cls.gateway = Gateway(CONFIG)
+        cls.base_url = cls.gateway.origin + "/v1"
 
     @classmethod
     def tearDownClass(cls):
-        cls.process.terminate()
-        cls.process.wait(timeout=10)
-        cls.log.close()
-        cls.workdir.cleanup()
+        cls.gateway.stop()
 
     def client(self, key):
         return OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=10)
