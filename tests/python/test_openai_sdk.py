@@ -1,10 +1,12 @@
-"""The official OpenAI Python SDK against a real Tollgate process (simulated backends).
+"""The official OpenAI Python SDK (and Anthropic's, on /v1/messages) against a real Tollgate
+process (simulated backends).
 
 Run by scripts/test.sh: TOLLGATE_BIN names the built binary.
 """
 
 import unittest
 
+import anthropic
 import openai
 from openai import OpenAI
 
@@ -145,6 +147,19 @@ class OpenAISdkAgainstTollgate(unittest.TestCase):
             )
         self.assertEqual(caught.exception.status_code, 404)
         self.assertEqual(caught.exception.code, "model_not_found")
+
+    def test_the_responses_and_messages_apis_are_routed_like_chat(self):
+        raw = self.client(QUALITY_KEY).responses.with_raw_response.create(model="auto", input="Hello", max_output_tokens=40)
+        self.assertEqual(raw.headers["x-tollgate-backend"], "sim-premium")
+        self.assertTrue(raw.parse().output_text.startswith("Premium answer"))
+        claude = anthropic.Anthropic(base_url=self.gateway.origin, api_key=COST_KEY, max_retries=0, timeout=10)
+        raw = claude.messages.with_raw_response.create(
+            model="auto", max_tokens=40, messages=[{"role": "user", "content": "Hello"}]
+        )
+        self.assertEqual(raw.headers["x-tollgate-backend"], "sim-cpu")
+        message = raw.parse()
+        self.assertTrue(message.content[0].text.startswith("Cheap answer"), message.content)
+        self.assertEqual(message.usage.output_tokens, len(message.content[0].text.split()))
 
     def test_models_and_embeddings(self):
         client = self.client(QUALITY_KEY)
