@@ -31,6 +31,7 @@ pub fn routes(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(proxy::embeddings))
         .route("/v1/responses", post(proxy::responses))
         .route("/v1/messages", post(proxy::messages))
+        .route("/v1/messages/count_tokens", post(proxy::count_tokens))
         .route("/v1/models", get(models::list))
         .route("/v1/key", get(key::show))
         .route("/healthz", get(health::healthz))

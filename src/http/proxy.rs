@@ -40,6 +40,42 @@ pub async fn messages(state: State<Arc<AppState>>, request: Request) -> axum::re
     proxy(state, ClientApi::Messages, Endpoint::ChatCompletions, request).await.map(axum::body::Body::new)
 }
 
+/// `POST /v1/messages/count_tokens`: the prompt's size as the gateway estimates it for routing
+/// and budgets (characters / 4, plus each message's template), for Anthropic clients that size
+/// their context with it. No backend is called and nothing is charged.
+pub async fn count_tokens(State(state): State<Arc<AppState>>, request: Request) -> axum::response::Response {
+    let api = ClientApi::Messages;
+    let (parts, body) = request.into_parts();
+    let mut headers = parts.headers;
+    api.adopt_key(&mut headers);
+    let counted = async {
+        let started = Instant::now();
+        let snapshot = state.snapshot.load_full();
+        state.authenticate(&snapshot, &headers, started).await?;
+        let server = &snapshot.config.server;
+        let bytes = tokio::time::timeout_at(
+            started + server.body_read_timeout,
+            read_body(&headers, body, server.max_body_bytes),
+        )
+        .await
+        .map_err(|_| ApiError::BodyTimeout(server.body_read_timeout.as_secs()))??;
+        // The endpoint takes a Messages request without `max_tokens`.
+        let mut request: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}"), None))?;
+        if let Some(fields) = request.as_object_mut() {
+            fields.entry("max_tokens").or_insert(serde_json::Value::from(1));
+        }
+        let (chat, _, _) = api.to_chat(Bytes::from(serde_json::to_vec(&request).unwrap_or_default()))?;
+        let parsed = ProxyRequest::parse(Endpoint::ChatCompletions, chat)?;
+        Ok::<_, ApiError>(serde_json::json!({ "input_tokens": parsed.prompt_tokens_estimate }))
+    }
+    .await;
+    match counted {
+        Ok(answer) => axum::Json(answer).into_response(),
+        Err(error) => api.answer(None, from_axum(error.into_response())).map(axum::body::Body::new),
+    }
+}
+
 /// Takes the whole request rather than axum's `HeaderMap` extractor, which clones every header,
 /// and its body as the server gave it (boxing it would cost an allocation). A client speaking
 /// another API (`api`) is served through chat completions (`endpoint`), translated both ways.

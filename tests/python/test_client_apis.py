@@ -426,6 +426,18 @@ class ClientApisAgainstTollgate(unittest.TestCase):
             (20, 100, 50, 7),
         )
 
+    def test_count_tokens_estimates_the_prompt_without_calling_a_backend(self):
+        calls = len(MockUpstreams.received)
+        short = self.anthropic().messages.count_tokens(model="claude", messages=[{"role": "user", "content": "Hi"}])
+        long = self.anthropic().messages.count_tokens(
+            model="claude", system="Be brief.", messages=[{"role": "user", "content": "Tell me more. " * 100}]
+        )
+        self.assertGreater(short.input_tokens, 0)
+        self.assertGreater(long.input_tokens, short.input_tokens + 300, "about a token per 4 characters")
+        self.assertEqual(len(MockUpstreams.received), calls)
+        with self.assertRaises(anthropic.AuthenticationError):
+            self.anthropic(key="tg-wrong").messages.count_tokens(model="claude", messages=[{"role": "user", "content": "Hi"}])
+
     def test_messages_errors_come_in_anthropics_shape(self):
         with self.assertRaises(anthropic.AuthenticationError) as refused:
             self.anthropic(key="tg-wrong").messages.create(
