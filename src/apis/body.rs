@@ -18,6 +18,38 @@ pub trait StreamTranslator: Send {
     fn finish(&mut self) -> Vec<u8>;
 }
 
+// The translators of `messages` and `responses` (their inherent methods, which these name):
+// chat streams are read by their `data:` alone, Anthropic's by their event names too.
+impl StreamTranslator for super::messages::FromChatStream {
+    fn event(&mut self, event: &Event) -> Vec<u8> {
+        super::messages::FromChatStream::event(self, &event.data)
+    }
+
+    fn finish(&mut self) -> Vec<u8> {
+        super::messages::FromChatStream::finish(self)
+    }
+}
+
+impl StreamTranslator for super::responses::FromChatStream {
+    fn event(&mut self, event: &Event) -> Vec<u8> {
+        super::responses::FromChatStream::event(self, &event.data)
+    }
+
+    fn finish(&mut self) -> Vec<u8> {
+        super::responses::FromChatStream::finish(self)
+    }
+}
+
+impl StreamTranslator for super::messages::ToChatStream {
+    fn event(&mut self, event: &Event) -> Vec<u8> {
+        super::messages::ToChatStream::event(self, event.name.as_deref(), &event.data)
+    }
+
+    fn finish(&mut self) -> Vec<u8> {
+        super::messages::ToChatStream::finish(self)
+    }
+}
+
 /// Turns a whole answer into another API's.
 pub type WholeTranslator = Box<dyn FnOnce(&[u8]) -> Vec<u8> + Send>;
 

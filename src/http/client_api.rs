@@ -6,8 +6,8 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use serde_json::Value;
 
-use crate::apis::body::{StreamTranslator, Translated, WholeTranslator};
-use crate::apis::{messages, responses, Dialect, Event, Native};
+use crate::apis::body::{Translated, WholeTranslator};
+use crate::apis::{messages, responses, Dialect, Native};
 use crate::body::{Response, ResponseBody};
 use crate::error::ApiError;
 
@@ -104,12 +104,11 @@ impl ClientApi {
         let translated = match (head.status.is_success(), asked) {
             (true, _) if native => return Response::from_parts(head, body),
             (true, Some(Asked::Responses(request))) if is_sse => {
-                Translated::stream(body, Box::new(ResponsesFromChat(responses::FromChatStream::new(&request))))
+                Translated::stream(body, Box::new(responses::FromChatStream::new(&request)))
             }
-            (true, Some(Asked::Messages { model, prompt_tokens_estimate })) if is_sse => Translated::stream(
-                body,
-                Box::new(MessagesFromChat(messages::FromChatStream::new(&model, prompt_tokens_estimate))),
-            ),
+            (true, Some(Asked::Messages { model, prompt_tokens_estimate })) if is_sse => {
+                Translated::stream(body, Box::new(messages::FromChatStream::new(&model, prompt_tokens_estimate)))
+            }
             (true, Some(Asked::Responses(request))) => {
                 let translate: WholeTranslator =
                     Box::new(move |read: &[u8]| translate_json(read, |chat| responses::answer(chat, &request)));
@@ -148,28 +147,4 @@ fn anthropic_error(status: StatusCode, read: &[u8]) -> Vec<u8> {
         .and_then(|v| v.pointer("/error/message").or_else(|| v.get("message")).and_then(Value::as_str))
         .map_or_else(|| String::from_utf8_lossy(read).into_owned(), str::to_owned);
     serde_json::to_vec(&messages::error_body(status.as_u16(), &message)).unwrap_or_default()
-}
-
-struct ResponsesFromChat(responses::FromChatStream);
-
-impl StreamTranslator for ResponsesFromChat {
-    fn event(&mut self, event: &Event) -> Vec<u8> {
-        self.0.event(&event.data)
-    }
-
-    fn finish(&mut self) -> Vec<u8> {
-        self.0.finish()
-    }
-}
-
-struct MessagesFromChat(messages::FromChatStream);
-
-impl StreamTranslator for MessagesFromChat {
-    fn event(&mut self, event: &Event) -> Vec<u8> {
-        self.0.event(&event.data)
-    }
-
-    fn finish(&mut self) -> Vec<u8> {
-        self.0.finish()
-    }
 }

@@ -8,8 +8,8 @@ use http::{header, Response};
 use serde_json::Value;
 
 use super::{pool, UpstreamBody, UpstreamError};
-use crate::apis::body::{StreamTranslator, Translated, WholeTranslator};
-use crate::apis::{messages, Event};
+use crate::apis::body::{Translated, WholeTranslator};
+use crate::apis::messages;
 use crate::request::Endpoint;
 
 /// `max_tokens` is required by the Messages API; a chat request may leave it out. This is what
@@ -46,7 +46,7 @@ pub(super) fn answer(response: Response<pool::ConnBody>) -> Response<UpstreamBod
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let translated = if head.status.is_success() && is_sse {
-        Translated::stream(body, Box::new(ChatFromMessages(messages::ToChatStream::new())))
+        Translated::stream(body, Box::new(messages::ToChatStream::new()))
     } else {
         let translate: WholeTranslator = if head.status.is_success() {
             Box::new(|read: &[u8]| match serde_json::from_slice::<Value>(read) {
@@ -62,16 +62,4 @@ pub(super) fn answer(response: Response<pool::ConnBody>) -> Response<UpstreamBod
         Translated::whole(body, translate, MAX_TRANSLATED_BYTES)
     };
     Response::from_parts(head, UpstreamBody::Translated(Box::new(translated)))
-}
-
-struct ChatFromMessages(messages::ToChatStream);
-
-impl StreamTranslator for ChatFromMessages {
-    fn event(&mut self, event: &Event) -> Vec<u8> {
-        self.0.event(event.name.as_deref(), &event.data)
-    }
-
-    fn finish(&mut self) -> Vec<u8> {
-        self.0.finish()
-    }
 }
