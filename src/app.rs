@@ -69,6 +69,11 @@ pub struct AppState {
     pub tracing: Option<Arc<Tracing>>,
     /// The response cache (`[cache]`; `None`: off).
     pub cache: Option<crate::cache::ResponseCache>,
+    /// The dashboard's login sessions, by the SHA-256 of their cookie's token (a leaked map
+    /// holds no usable token). Per replica and in memory: a restart logs everyone out.
+    pub dashboard_sessions: dashmap::DashMap<[u8; 32], crate::http::dashboard::Session>,
+    /// When this process started (Unix seconds): the dashboard's totals count from here.
+    pub started_at_unix: i64,
 }
 
 /// Why the gateway could not start.
@@ -140,6 +145,8 @@ impl AppState {
             access_log,
             tracing,
             cache,
+            dashboard_sessions: dashmap::DashMap::new(),
+            started_at_unix: crate::clock::unix_now(),
         }))
     }
 }

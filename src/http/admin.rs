@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, Method};
 use axum::response::IntoResponse;
 use axum::Json;
 
@@ -14,8 +14,9 @@ use crate::error::ApiError;
 use crate::ledger::period;
 use crate::telemetry::RequestId;
 
-/// A request that carries the admin key. As an extractor, an admin handler cannot leave the
-/// check out, and it runs before the handler's body or path are read.
+/// A request that carries the admin key (or, for reading, a dashboard session begun with it).
+/// As an extractor, an admin handler cannot leave the check out, and it runs before the
+/// handler's body or path are read.
 pub struct Admin;
 
 impl axum::extract::FromRequestParts<Arc<AppState>> for Admin {
@@ -25,16 +26,32 @@ impl axum::extract::FromRequestParts<Arc<AppState>> for Admin {
         parts: &mut axum::http::request::Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
-        authorize(state, &parts.headers).map(|()| Admin)
+        authorize(state, &parts.method, &parts.headers).map(|()| Admin)
     }
 }
 
 /// Checks the admin key. Both sides are hashed before comparing, so the comparison time does
 /// not depend on how much of a guess is right.
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+///
+/// A bearer header, when there is one, decides. Without one, a GET (or HEAD) may present the
+/// dashboard's session cookie instead. Only reads: a browser attaches a cookie to requests
+/// other pages make, and SameSite=Strict stops other *sites* but not other origins of the same
+/// site (a sibling subdomain, another port on this host), which could then post admin writes
+/// (create keys, reload) with it. A cross-origin read gets nothing: the answer carries no CORS
+/// header, so the other page cannot see it.
+fn authorize(state: &AppState, method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
     let snapshot = state.snapshot.load();
     let Some(admin_key_sha256) = snapshot.admin_key_sha256 else { return Err(ApiError::AdminDisabled) };
-    let presented = bearer(headers)?;
+    let presented = match bearer(headers) {
+        Ok(presented) => presented,
+        Err(AuthError::Missing)
+            if matches!(*method, Method::GET | Method::HEAD)
+                && super::dashboard::has_session(state, headers, &admin_key_sha256) =>
+        {
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     if sha256(presented.as_bytes()) == admin_key_sha256 {
         Ok(())
     } else {

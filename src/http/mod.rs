@@ -3,6 +3,7 @@
 
 mod admin;
 mod client_api;
+pub mod dashboard;
 mod health;
 mod key;
 mod models;
@@ -49,6 +50,13 @@ pub fn routes(state: Arc<AppState>) -> Router {
         .route("/admin/users/{name}/keys", post(tenants::create_key).get(tenants::list_keys))
         .route("/admin/keys/{id}", delete(tenants::revoke_key))
         .route("/admin/keys/{id}/rotate", post(tenants::rotate_key))
+        .route("/admin/dashboard/overview", get(dashboard::overview::overview))
+        .route("/dashboard", get(dashboard::page))
+        .route("/dashboard/login", post(dashboard::login))
+        .route("/dashboard/logout", post(dashboard::logout))
+        .route("/dashboard/app.js", get(dashboard::script))
+        .route("/dashboard/app.css", get(dashboard::stylesheet))
+        .route("/dashboard/login.css", get(dashboard::login_stylesheet))
         .fallback(not_found)
         .with_state(state)
 }
