@@ -42,7 +42,9 @@ async function getJson(path) {
   const body = await response.json().catch(() => null);
   if (!response.ok) {
     const message = body && body.error ? body.error.message : 'HTTP ' + response.status;
-    throw new Error(message);
+    const error = new Error(message);
+    error.status = response.status;
+    throw error;
   }
   return body;
 }
@@ -63,7 +65,11 @@ function cell(row, text, className) {
 
 // ---- Overview ----
 
+// The latest overview: the user view takes each backend's tier from it.
+let lastOverview = null;
+
 function renderOverview(o) {
+  lastOverview = o;
   $('stamp').textContent = 'Updated ' + utc(o.generated_at);
   $('overview-scope').textContent = 'Since start (' + utc(o.started_at) + '), this replica';
 
@@ -203,7 +209,11 @@ function renderUsers(page) {
   body.replaceChildren();
   for (const u of page.data) {
     const row = body.insertRow();
-    cell(row, u.user, 'name');
+    const name = cell(row, '', 'name');
+    const link = document.createElement('a');
+    link.href = '#user=' + encodeURIComponent(u.user);
+    link.textContent = u.user;
+    name.appendChild(link);
     cell(row, u.plan ?? '—');
     cell(row, u.team ?? '—');
     cell(row, usd(u.spent_usd), 'num');
@@ -248,6 +258,230 @@ function firstPage() {
   loadUsers();
 }
 
+// ---- One user ----
+
+const userView = { request: 0 };
+
+// The user named by the address (`#user=NAME`), or null for the users list.
+function userInHash() {
+  const hash = window.location.hash;
+  if (!hash.startsWith('#user=')) return null;
+  try {
+    return decodeURIComponent(hash.slice('#user='.length)) || null;
+  } catch {
+    return null;
+  }
+}
+
+// How much of the budget period has gone by (0..1), or null for `total` (no end).
+function elapsedFraction(period, periodStart, nowMs) {
+  const start = new Date(periodStart);
+  let end;
+  if (period === 'day') {
+    end = new Date(start.getTime() + 86400000);
+  } else if (period === 'month') {
+    end = new Date(Date.UTC(start.getUTCFullYear(), start.getUTCMonth() + 1, 1));
+  } else {
+    return null;
+  }
+  const length = end.getTime() - start.getTime();
+  if (!(length > 0)) return null;
+  return Math.min(1, Math.max(0, (nowMs - start.getTime()) / length));
+}
+
+function barList(list, items, emptyText) {
+  list.replaceChildren();
+  if (items.length === 0) {
+    const item = document.createElement('li');
+    item.className = 'empty';
+    item.textContent = emptyText;
+    list.appendChild(item);
+  }
+  for (const it of items) {
+    const item = document.createElement('li');
+    const label = document.createElement('span');
+    label.className = 'bar-label';
+    label.textContent = it.label;
+    if (it.tag) {
+      const tag = document.createElement('span');
+      tag.className = 'tag';
+      tag.textContent = it.tag;
+      label.append(' ', tag);
+    }
+    const value = document.createElement('span');
+    value.className = 'bar-value';
+    value.textContent = it.value;
+    const track = document.createElement('span');
+    track.className = 'bar-track';
+    const fill = document.createElement('span');
+    fill.className = 'bar-fill';
+    fill.style.width = (100 * Math.min(1, Math.max(0, it.share))).toFixed(2) + '%';
+    track.appendChild(fill);
+    item.append(label, value, track);
+    list.appendChild(item);
+  }
+}
+
+function renderUserUsage(u, tiers) {
+  $('user-title').textContent = u.user;
+  $('user-scope').textContent = 'Plan ' + (u.plan ?? '—') + ' · team ' + (u.team ?? '—') +
+    ' · period ' + u.period + ' since ' + utc(u.period_start);
+
+  const fraction = elapsedFraction(u.period, u.period_start, Date.now());
+  $('user-spent').textContent = usd(u.spent_usd);
+  const hasBudget = u.budget_usd !== null && u.budget_usd > 0;
+  $('user-meter').hidden = !hasBudget;
+  if (hasBudget) {
+    const used = u.spent_usd / u.budget_usd;
+    $('user-meter-fill').style.width = (100 * Math.min(1, used)).toFixed(2) + '%';
+    $('user-meter-fill').classList.toggle('over', used >= 1);
+    $('user-meter-pace').hidden = fraction === null;
+    if (fraction !== null) {
+      $('user-meter-pace').style.left = (100 * fraction).toFixed(2) + '%';
+      $('user-meter-pace').title = 'pace: ' + usd(u.budget_usd * fraction) + ' by now';
+    }
+    $('user-spent-sub').textContent = percent(used) + ' of ' + usd(u.budget_usd) + ' / ' + u.period +
+      (fraction === null ? '' : '; pace line at ' + usd(u.budget_usd * fraction));
+  } else {
+    $('user-spent-sub').textContent = 'no budget';
+  }
+
+  if (fraction === null) {
+    $('user-projection').textContent = '—';
+    $('user-projection-sub').textContent = 'a total budget has no period end';
+  } else if (fraction <= 0) {
+    $('user-projection').textContent = '—';
+    $('user-projection-sub').textContent = 'the period has just begun';
+  } else {
+    const projected = u.spent_usd / fraction;
+    $('user-projection').textContent = usd(projected);
+    $('user-projection-sub').textContent = 'at this pace, by the end of the ' + u.period +
+      (hasBudget ? ' (' + percent(projected / u.budget_usd) + ' of the budget)' : '');
+    $('user-projection').classList.toggle('negative', hasBudget && projected > u.budget_usd);
+  }
+
+  $('user-price').textContent = usd(u.price_usd);
+  $('user-price-sub').textContent = u.price_usd === null ? 'no plan price' : 'per ' + u.period;
+  $('user-margin').textContent = usd(u.margin_usd);
+  $('user-margin').classList.toggle('negative', u.margin_usd !== null && u.margin_usd < 0);
+
+  const backends = Object.entries(u.by_backend);
+  const spendItems = backends
+    .map(([name, b]) => ({
+      label: name,
+      tag: tiers.get(name),
+      value: usd(b.spent_usd) + ' · ' + percent(u.spent_usd > 0 ? b.spent_usd / u.spent_usd : 0),
+      share: u.spent_usd > 0 ? b.spent_usd / u.spent_usd : 0,
+      sort: b.spent_usd,
+    }))
+    .sort((a, b) => b.sort - a.sort);
+  barList($('user-spend-mix'), spendItems, 'No spend this period.');
+  const requestItems = backends
+    .map(([name, b]) => ({
+      label: name,
+      tag: tiers.get(name),
+      value: count(b.requests) + ' · ' + percent(u.requests > 0 ? b.requests / u.requests : 0),
+      share: u.requests > 0 ? b.requests / u.requests : 0,
+      sort: b.requests,
+    }))
+    .sort((a, b) => b.sort - a.sort);
+  barList($('user-request-mix'), requestItems, 'No requests this period.');
+}
+
+function renderUserRequests(records) {
+  const body = $('user-requests').tBodies[0];
+  body.replaceChildren();
+  const newestFirst = records.slice().reverse();
+  for (const r of newestFirst) {
+    const row = body.insertRow();
+    cell(row, utc(r.at));
+    cell(row, r.backend);
+    cell(row, r.reason);
+    cell(row, count(r.prompt_tokens + r.completion_tokens), 'num');
+    cell(row, usd(r.cost_usd), 'num');
+    cell(row, String(r.status), r.status >= 400 ? 'num negative' : 'num');
+    cell(row, count(r.latency_ms), 'num');
+  }
+  $('user-requests-count').textContent = '(last ' + plural(records.length, 'request', 'requests') + ')';
+  $('user-requests-empty').hidden = records.length > 0;
+}
+
+function renderUserKeys(keys) {
+  const body = $('user-keys').tBodies[0];
+  body.replaceChildren();
+  $('user-keys-note').hidden = keys !== null && keys.length > 0;
+  $('user-keys-scroll').hidden = keys === null || keys.length === 0;
+  if (keys === null) {
+    $('user-keys-note').textContent = 'A config user: its key is in the config file (only its SHA-256).';
+    return;
+  }
+  $('user-keys-note').textContent = 'No keys.';
+  for (const k of keys) {
+    const row = body.insertRow();
+    cell(row, k.label ?? '—');
+    cell(row, k.prefix + '…', 'mono');
+    cell(row, utc(k.created_at));
+    cell(row, k.last_used_at ? utc(k.last_used_at) : 'never');
+    let state = 'active';
+    if (k.revoked) state = 'revoked';
+    else if (k.expires_at && new Date(k.expires_at).getTime() <= Date.now()) state = 'expired ' + utc(k.expires_at);
+    else if (k.expires_at) state = 'expires ' + utc(k.expires_at);
+    cell(row, state, k.revoked || state.startsWith('expired') ? 'negative' : '');
+  }
+}
+
+async function loadUser(name) {
+  const request = ++userView.request;
+  const section = $('user');
+  section.setAttribute('aria-busy', 'true');
+  $('user-title').textContent = name;
+  $('user-scope').textContent = '';
+  const path = encodeURIComponent(name);
+  try {
+    const [usage, records, keys, overview] = await Promise.all([
+      getJson('/admin/usage/' + path),
+      getJson('/admin/requests?' + new URLSearchParams({ user: name, limit: '50' }).toString()),
+      getJson('/admin/users/' + path + '/keys').then(
+        (answer) => answer.data,
+        (error) => {
+          if (error.status === 404) return null; // not an API user: a config user
+          throw error;
+        },
+      ),
+      lastOverview ? Promise.resolve(lastOverview) : getJson('/admin/dashboard/overview').catch(() => null),
+    ]);
+    if (request !== userView.request) return;
+    const tiers = new Map((overview ? overview.backends : []).filter((b) => b.tier).map((b) => [b.name, b.tier]));
+    renderUserUsage(usage, tiers);
+    renderUserRequests(records.data);
+    renderUserKeys(keys);
+    $('user-body').hidden = false;
+    showError('user-error', null);
+  } catch (error) {
+    if (request !== userView.request) return;
+    $('user-body').hidden = true;
+    const element = $('user-error');
+    element.textContent = error.status === 404
+      ? 'No user is named “' + name + '”.'
+      : 'Could not load: ' + error.message;
+    element.hidden = false;
+  }
+  section.setAttribute('aria-busy', 'false');
+}
+
+// Shows the users list or one user's view, as the address says.
+function route() {
+  const name = userInHash();
+  $('users').hidden = name !== null;
+  $('user').hidden = name === null;
+  if (name !== null) {
+    loadUser(name);
+    $('user').scrollIntoView({ block: 'start' });
+  } else {
+    userView.request++;
+  }
+}
+
 function start() {
   $('filter-plan').value = params.get('plan') ?? '';
   $('filter-team').value = params.get('team') ?? '';
@@ -271,8 +505,17 @@ function start() {
     loadUsers();
   });
 
+  $('back').addEventListener('click', (event) => {
+    event.preventDefault();
+    // Back to the list, keeping its filters in the address.
+    window.history.pushState(null, '', window.location.pathname + window.location.search);
+    route();
+  });
+  window.addEventListener('hashchange', route);
+
   loadOverview();
   loadUsers();
+  route();
   window.setInterval(loadOverview, OVERVIEW_REFRESH_MS);
 }
 

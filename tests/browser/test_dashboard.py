@@ -172,6 +172,7 @@ class DashboardInABrowser(unittest.TestCase):
         for name, (plan, team) in API_USERS.items():
             cls.admin("POST", "/admin/users", {"name": name, "plan": plan, "team": team})
             keys[name] = cls.admin("POST", f"/admin/users/{name}/keys", {"label": "browser test"})["key"]
+        cls.keys = keys
         cls.costs = []
         for user, n in REQUESTS.items():
             for i in range(n):
@@ -217,8 +218,8 @@ class DashboardInABrowser(unittest.TestCase):
         return page
 
     def settled(self, page):
-        page.wait_for_selector("#overview[aria-busy=false]")
-        page.wait_for_selector("#users[aria-busy=false]")
+        page.wait_for_selector("#overview[aria-busy=false]", state="attached")
+        page.wait_for_selector("#users[aria-busy=false]", state="attached")
 
     def rows(self, page):
         """The users table as {user: {column: text}}, in the page's order."""
@@ -362,6 +363,62 @@ class DashboardInABrowser(unittest.TestCase):
                 self.assertEqual(set(self.rows(page)), expected)
         self.assertCleanConsole(page)
 
+    def user_view(self, page, name):
+        """Opens `name`'s view from its link in the users table."""
+        page.click(f"#users-table tbody a[href='#user={name}']")
+        page.wait_for_selector("#user:not([hidden])")
+        page.wait_for_selector("#user[aria-busy=false]")
+        self.assertTrue(page.locator("#users").is_hidden())
+
+    def test_a_users_view_shows_its_spend_requests_and_keys(self):
+        page = self.open()
+        name = "cat"
+        self.user_view(page, name)
+        usage = self.admin("GET", f"/admin/usage/{name}")
+        self.assertEqual(page.locator("#user-title").inner_text(), name)
+        self.assertIn("pro", page.locator("#user-scope").inner_text())
+        self.assertIn("acme", page.locator("#user-scope").inner_text())
+        self.assertTrue(close(usd(page.locator("#user-spent").inner_text()), usage["spent_usd"]))
+        self.assertTrue(page.locator("#user-meter").is_visible())
+        self.assertTrue(page.locator("#user-meter-pace").is_visible(), "a monthly budget has a pace line")
+        self.assertIn("at this pace", page.locator("#user-projection-sub").inner_text())
+        rows = page.locator("#user-requests tbody tr")
+        self.assertEqual(rows.count(), REQUESTS[name])
+        costs = [usd(c) for c in page.locator("#user-requests tbody td:nth-child(5)").all_inner_texts()]
+        self.assertLessEqual(abs(sum(costs) - usage["spent_usd"]), usage["spent_usd"] * 1e-5, (costs, usage))
+        times = page.locator("#user-requests tbody td:first-child").all_inner_texts()
+        self.assertEqual(times, sorted(times, reverse=True), "newest first")
+        self.assertTrue(all(t.endswith("UTC") for t in times), times)
+        records = self.admin("GET", f"/admin/requests?user={name}&limit=50")["data"]
+        self.assertEqual({r["user"] for r in records}, {name})
+        self.assertEqual(len(records), REQUESTS[name])
+        self.assertEqual(len(self.admin("GET", f"/admin/requests?user={name}&limit=1")["data"]), 1)
+        mix = page.locator("#user-spend-mix .bar-label").all_inner_texts()
+        self.assertEqual({m.split()[0] for m in mix}, set(usage["by_backend"]))
+        key = self.keys[name]
+        [listed] = self.admin("GET", f"/admin/users/{name}/keys")["data"]
+        self.assertIn(listed["prefix"], page.locator("#user-keys").inner_text())
+        self.assertNotIn(key, page.content(), "the full key never reaches the page")
+        self.assertEqual(page.locator("#user-keys tbody tr").count(), 1)
+        page.click("text=Back to users")
+        page.wait_for_selector("#user", state="hidden")
+        self.assertTrue(page.locator("#users-table").is_visible())
+        self.assertEqual(set(self.rows(page)), set(REQUESTS))
+        self.assertCleanConsole(page)
+
+    def test_a_config_users_view_and_an_unknown_user(self):
+        page = self.open()
+        self.user_view(page, "bob")
+        self.assertIn("config file", page.locator("#user-keys-note").inner_text())
+        self.assertEqual(page.locator("#user-requests tbody tr").count(), REQUESTS["bob"])
+        self.assertTrue(page.locator("#user-margin").get_attribute("class").find("negative") >= 0, "free: red")
+        page = self.open("/dashboard#user=nobody")
+        page.wait_for_selector("#user[aria-busy=false]")
+        self.assertIn("No user is named", page.locator("#user-error").inner_text())
+        self.assertTrue(page.locator("#user-body").is_hidden())
+        # The 404s the page asked for are answers, not script errors.
+        self.assertFalse([p for p in page.problems if "pageerror" in p or "Content Security" in p], page.problems)
+
     def test_screenshots_on_a_laptop_and_a_phone(self):
         os.makedirs(SCREENSHOTS, exist_ok=True)
         for name, viewport in (("desktop", {"width": 1280, "height": 800}), ("phone", {"width": 390, "height": 844})):
@@ -374,6 +431,10 @@ class DashboardInABrowser(unittest.TestCase):
             page.set_checked("#over-price", True)
             self.settled(page)
             page.screenshot(path=os.path.join(SCREENSHOTS, f"dashboard-{name}-over-price.png"), full_page=True)
+            page.set_checked("#over-price", False)
+            self.settled(page)
+            self.user_view(page, "cat")
+            page.screenshot(path=os.path.join(SCREENSHOTS, f"dashboard-user-{name}.png"), full_page=True)
             if name == "phone":
                 width = page.evaluate("document.documentElement.scrollWidth")
                 self.assertLessEqual(width, 390, "only the tables scroll sideways, not the page")
