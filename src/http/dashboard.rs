@@ -4,7 +4,9 @@
 //! the page reads the admin JSON API with it: [`overview`] (this replica's metrics) and
 //! `/admin/usage` (the ledger). Without a session only the login form is served.
 
+pub mod backends;
 pub mod overview;
+pub mod spend;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -42,9 +42,10 @@ pub async fn metrics(State(state): State<Arc<AppState>>, headers: axum::http::He
     }
 }
 
-/// Brings the gauges that mirror live state up to date, and books idle cost up to now.
-async fn refresh(state: &AppState) {
-    let snapshot = state.snapshot.load_full();
+/// Sets the backends' live gauges and books hourly backends' idle cost up to now: what a
+/// scrape and the dashboard read at the same moment.
+pub(super) fn refresh_backends(state: &AppState) {
+    let snapshot = state.snapshot.load();
     let now = tokio::time::Instant::now();
     let m = &state.metrics;
     for upstream in &snapshot.upstreams {
@@ -55,6 +56,13 @@ async fn refresh(state: &AppState) {
             m.idle_cost.with_label_values(&[name]).inc_by(upstream.state.occupancy.take_idle(now).as_f64());
         }
     }
+}
+
+/// Brings the gauges that mirror live state up to date, and books idle cost up to now.
+async fn refresh(state: &AppState) {
+    refresh_backends(state);
+    let snapshot = state.snapshot.load_full();
+    let m = &state.metrics;
     let unix = crate::clock::unix_now();
     for principal in snapshot.keys.principals() {
         if let Ok(Some(left)) = crate::ledger::remaining(&state.ledger, &principal.budgets, unix).await {

@@ -51,6 +51,8 @@ pub fn routes(state: Arc<AppState>) -> Router {
         .route("/admin/keys/{id}", delete(tenants::revoke_key))
         .route("/admin/keys/{id}/rotate", post(tenants::rotate_key))
         .route("/admin/dashboard/overview", get(dashboard::overview::overview))
+        .route("/admin/dashboard/spend", get(dashboard::spend::spend))
+        .route("/admin/dashboard/backends", get(dashboard::backends::backends))
         .route("/dashboard", get(dashboard::page))
         .route("/dashboard/login", post(dashboard::login))
         .route("/dashboard/logout", post(dashboard::logout))

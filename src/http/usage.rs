@@ -19,8 +19,8 @@ use crate::tenancy::store::UserQuery;
 
 /// Members listed in a team's usage at most.
 const MAX_TEAM_MEMBERS: usize = 1000;
-/// Users ranked by spend at most (`sort=spent`).
-const MAX_RANKED: usize = 10_000;
+/// Users read from the directory per call while the whole table is built.
+const DIRECTORY_CHUNK: usize = 10_000;
 
 #[derive(Serialize)]
 struct BackendUsage {
@@ -56,29 +56,69 @@ struct UserUsage {
     price_usd: Option<f64>,
     /// `price_usd - spent_usd`: negative when the user costs more than it pays.
     margin_usd: Option<f64>,
+    /// `spent_usd / budget_usd`.
+    budget_used: Option<f64>,
+    /// The period's spend at its pace so far, at the period's end (`None` for `total`).
+    projection_usd: Option<f64>,
+    /// Share of the period's requests served by the premium backends (`None` before any).
+    premium_share: Option<f64>,
+    period_end: Option<String>,
     requests: u64,
     prompt_tokens: u64,
     completion_tokens: u64,
     by_backend: BTreeMap<String, BackendUsage>,
 }
 
-fn usage_of(user: &User, account: &Account) -> UserUsage {
-    UserUsage {
-        user: user.name.clone(),
-        plan: user.plan.as_deref().map(str::to_owned),
-        team: user.team.as_deref().map(str::to_owned),
-        period: period::name(user.budget_period),
-        period_start: period::rfc3339(account.period_start),
-        budget_usd: user.budget_usd.map(|b| b.as_f64()),
-        spent_usd: account.totals.spent.as_f64(),
-        reserved_usd: account.reserved.as_f64(),
-        remaining_usd: user.budget_usd.map(|b| account.remaining(b).as_f64()),
-        price_usd: user.price_usd.map(|p| p.as_f64()),
-        margin_usd: user.price_usd.map(|p| p.as_f64() - account.totals.spent.as_f64()),
-        requests: account.totals.requests,
-        prompt_tokens: account.totals.prompt_tokens,
-        completion_tokens: account.totals.completion_tokens,
-        by_backend: account.by_backend.iter().map(|(name, t)| (name.clone(), t.into())).collect(),
+/// What the figures of a user's row need besides its account.
+struct Figures {
+    now: i64,
+    /// The backends of the highest quality in the running config: a request served by one
+    /// counts toward the premium share.
+    premium: std::collections::HashSet<String>,
+}
+
+/// The backends of the highest quality in `config`: what the premium shares count.
+pub fn premium_backends(config: &crate::config::Config) -> std::collections::HashSet<String> {
+    let best = config.backends.iter().map(|b| b.quality).fold(f64::NEG_INFINITY, f64::max);
+    config.backends.iter().filter(|b| b.quality >= best).map(|b| b.name.clone()).collect()
+}
+
+impl Figures {
+    fn new(snapshot: &Snapshot, now: i64) -> Self {
+        Self { now, premium: premium_backends(&snapshot.config) }
+    }
+
+    fn usage_of(&self, user: &User, account: &Account) -> UserUsage {
+        let spent = account.totals.spent.as_f64();
+        let end = period::end(user.budget_period, account.period_start);
+        let premium_requests: u64 =
+            account.by_backend.iter().filter(|(name, _)| self.premium.contains(*name)).map(|(_, t)| t.requests).sum();
+        UserUsage {
+            user: user.name.clone(),
+            plan: user.plan.as_deref().map(str::to_owned),
+            team: user.team.as_deref().map(str::to_owned),
+            period: period::name(user.budget_period),
+            period_start: period::rfc3339(account.period_start),
+            budget_usd: user.budget_usd.map(|b| b.as_f64()),
+            spent_usd: spent,
+            reserved_usd: account.reserved.as_f64(),
+            remaining_usd: user.budget_usd.map(|b| account.remaining(b).as_f64()),
+            price_usd: user.price_usd.map(|p| p.as_f64()),
+            margin_usd: user.price_usd.map(|p| p.as_f64() - spent),
+            budget_used: user.budget_usd.filter(|b| b.pico() > 0).map(|b| spent / b.as_f64()),
+            // As `tollgate report` projects it, so both say the same.
+            projection_usd: end
+                .and_then(|end| crate::report::project(account.totals.spent, account.period_start, end, self.now))
+                .map(crate::cost::Usd::as_f64),
+            #[expect(clippy::cast_precision_loss, reason = "a share, not a count")]
+            premium_share: (account.totals.requests > 0)
+                .then(|| premium_requests as f64 / account.totals.requests as f64),
+            period_end: end.map(period::rfc3339),
+            requests: account.totals.requests,
+            prompt_tokens: account.totals.prompt_tokens,
+            completion_tokens: account.totals.completion_tokens,
+            by_backend: account.by_backend.iter().map(|(name, t)| (name.clone(), t.into())).collect(),
+        }
     }
 }
 
@@ -96,26 +136,82 @@ async fn effective_user_named(
     Ok(Some(Arc::new(crate::tenancy::reported_user(&member, &snapshot.config))))
 }
 
-async fn usage(state: &AppState, user: &User, now: i64) -> Result<UserUsage, ApiError> {
-    let account = state.ledger.usage(Budgets::of_user(user).user(), now).await?;
-    Ok(usage_of(user, &account))
+async fn usage(state: &AppState, user: &User, figures: &Figures) -> Result<UserUsage, ApiError> {
+    let account = state.ledger.usage(Budgets::of_user(user).user(), figures.now).await?;
+    Ok(figures.usage_of(user, &account))
 }
 
 #[derive(serde::Deserialize)]
 pub struct UsageQuery {
     limit: Option<usize>,
     cursor: Option<String>,
-    /// `name` (default) or `spent`.
+    /// `name` (default), or one of [`Sort`]'s figures.
     sort: Option<String>,
+    /// `desc` (default) or `asc`, for a figure's sort.
+    order: Option<String>,
     plan: Option<String>,
     team: Option<String>,
     /// `true`: only users whose spend this period is above their plan's price.
     over_price: Option<bool>,
 }
 
-/// `GET /admin/usage`: every user's usage, by name (config and API users merged) or by spend
-/// this period (`sort=spent`, most first; the cursor is then an offset). `next_cursor`
-/// continues; `null` when there is no more.
+/// The figures the users table sorts by, besides the name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sort {
+    Spent,
+    Margin,
+    BudgetUsed,
+    Projection,
+    PremiumShare,
+    Requests,
+}
+
+impl Sort {
+    const NAMES: &'static str = "`name`, `spent`, `margin`, `budget_used`, `projection`, `premium_share` or `requests`";
+
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "spent" => Self::Spent,
+            "margin" => Self::Margin,
+            "budget_used" => Self::BudgetUsed,
+            "projection" => Self::Projection,
+            "premium_share" => Self::PremiumShare,
+            "requests" => Self::Requests,
+            _ => return None,
+        })
+    }
+
+    #[expect(clippy::cast_precision_loss, reason = "an order, not a count")]
+    fn key(self, u: &UserUsage) -> Option<f64> {
+        match self {
+            Self::Spent => Some(u.spent_usd),
+            Self::Margin => u.margin_usd,
+            Self::BudgetUsed => u.budget_used,
+            Self::Projection => u.projection_usd,
+            Self::PremiumShare => u.premium_share,
+            Self::Requests => Some(u.requests as f64),
+        }
+    }
+}
+
+/// Orders rows by `sort` (`descending` or not), rows without the figure last whatever the
+/// order, then by name: every page of a walk is disjoint from the others.
+fn order_rows(rows: &mut [UserUsage], sort: Sort, descending: bool) {
+    rows.sort_by(|a, b| {
+        let by_figure = match (sort.key(a), sort.key(b)) {
+            (Some(x), Some(y)) if descending => y.total_cmp(&x),
+            (Some(x), Some(y)) => x.total_cmp(&y),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => std::cmp::Ordering::Equal,
+        };
+        by_figure.then_with(|| a.user.cmp(&b.user))
+    });
+}
+
+/// `GET /admin/usage`: every user's usage, by name (config and API users merged; the cursor
+/// is the last name) or by a figure of the period (`sort`, `order`; the cursor is then an
+/// offset). `next_cursor` continues; `null` when there is no more.
 pub async fn all_usage(
     State(state): State<Arc<AppState>>,
     _: Admin,
@@ -123,60 +219,96 @@ pub async fn all_usage(
 ) -> Result<impl IntoResponse, ApiError> {
     let limit = super::tenants::page_limit(q.limit)?;
     let snapshot = state.snapshot.load_full();
-    let now = crate::clock::unix_now();
-    let wanted = |u: &User| {
-        q.plan.as_deref().is_none_or(|p| u.plan.as_deref() == Some(p))
-            && q.team.as_deref().is_none_or(|t| u.team.as_deref() == Some(t))
-    };
+    let figures = Figures::new(&snapshot, crate::clock::unix_now());
     let over_price = q.over_price.unwrap_or(false);
+    let costs_more = |entry: &UserUsage| !over_price || entry.margin_usd.is_some_and(|m| m < 0.0);
     let (data, next) = match q.sort.as_deref() {
         None | Some("name") => {
             let (users, next) = page_by_name(&state, &snapshot, &q, limit).await?;
             let mut data = Vec::with_capacity(users.len());
-            for user in users.iter().filter(|u| wanted(u)) {
-                let entry = usage(&state, user, now).await?;
-                if !over_price || entry.margin_usd.is_some_and(|m| m < 0.0) {
+            for user in users.iter().filter(|u| wanted(&q, u)) {
+                let entry = usage(&state, user, &figures).await?;
+                if costs_more(&entry) {
                     data.push(entry);
                 }
             }
             (data, next)
         }
-        Some("spent") => {
+        Some(name) => {
+            let sort = Sort::parse(name).ok_or_else(|| {
+                ApiError::bad_request(format!("`sort` must be {}, not `{name}`", Sort::NAMES), Some("sort"))
+            })?;
+            let descending = match q.order.as_deref() {
+                None | Some("desc") => true,
+                Some("asc") => false,
+                Some(other) => {
+                    let message = format!("`order` must be `asc` or `desc`, not `{other}`");
+                    return Err(ApiError::bad_request(message, Some("order")));
+                }
+            };
             let offset = match q.cursor.as_deref() {
                 None => 0,
                 Some(c) => c.parse::<usize>().map_err(|_| {
                     ApiError::bad_request(
-                        "with `sort=spent`, `cursor` is the offset `next_cursor` gave",
+                        format!("with `sort={name}`, `cursor` is the offset `next_cursor` gave"),
                         Some("cursor"),
                     )
                 })?,
             };
-            let ranked = state.ledger.ranking(now, MAX_RANKED).await?;
-            let mut data = Vec::with_capacity(limit);
-            let mut position = offset;
-            for (name, _) in ranked.iter().skip(offset) {
-                if data.len() == limit {
-                    break;
-                }
-                position += 1;
-                let Some(user) = effective_user_named(&state, &snapshot, name).await? else { continue };
-                if !wanted(&user) {
-                    continue;
-                }
-                let entry = usage(&state, &user, now).await?;
-                if !over_price || entry.margin_usd.is_some_and(|m| m < 0.0) {
-                    data.push(entry);
-                }
-            }
-            let next = (position < ranked.len()).then(|| position.to_string());
+            let mut rows = users_table(&state, &snapshot, &q, &figures).await?;
+            rows.retain(costs_more);
+            order_rows(&mut rows, sort, descending);
+            let end = offset.saturating_add(limit);
+            let next = (end < rows.len()).then(|| end.to_string());
+            let data: Vec<UserUsage> = rows.into_iter().skip(offset).take(limit).collect();
             (data, next)
-        }
-        Some(other) => {
-            let message = format!("`sort` must be `name` or `spent`, not `{other}`");
-            return Err(ApiError::bad_request(message, Some("sort")));
         }
     };
     Ok(Json(serde_json::json!({ "object": "list", "data": data, "next_cursor": next })))
+}
+
+/// Whether the query's plan and team filters keep `user`.
+fn wanted(q: &UsageQuery, user: &User) -> bool {
+    q.plan.as_deref().is_none_or(|p| user.plan.as_deref() == Some(p))
+        && q.team.as_deref().is_none_or(|t| user.team.as_deref() == Some(t))
+}
+
+/// Every user the query's filters keep (config and API users), with its figures for the
+/// period: the ledger's standings joined to the directory, no per-user read.
+async fn users_table(
+    state: &AppState,
+    snapshot: &Snapshot,
+    q: &UsageQuery,
+    figures: &Figures,
+) -> Result<Vec<UserUsage>, ApiError> {
+    let mut accounts: std::collections::HashMap<Arc<str>, Vec<Account>> = std::collections::HashMap::new();
+    for standing in state.ledger.standings(figures.now).await? {
+        accounts.entry(standing.user).or_default().push(standing.account);
+    }
+    let mut rows = Vec::new();
+    let mut add = |user: &User| {
+        let start = period::start(user.budget_period, figures.now);
+        let found = accounts.get(user.name.as_str()).and_then(|list| list.iter().find(|a| a.period_start == start));
+        let account = found.cloned().unwrap_or_else(|| Account::new(start));
+        rows.push(figures.usage_of(user, &account));
+    };
+    for user in snapshot.config.users.iter().filter(|u| wanted(q, u)) {
+        add(user);
+    }
+    let mut query = UserQuery { after: None, limit: DIRECTORY_CHUNK, plan: q.plan.clone(), team: q.team.clone() };
+    loop {
+        let members = state.tenants.directory.users(&query).await?;
+        for member in &members {
+            if snapshot.user(&member.name).is_none() {
+                add(&crate::tenancy::reported_user(member, &snapshot.config));
+            }
+        }
+        if members.len() < DIRECTORY_CHUNK {
+            break;
+        }
+        query.after = members.last().map(|m| m.name.clone());
+    }
+    Ok(rows)
 }
 
 /// One page of users by name after the cursor: config users and API users merged.
@@ -215,7 +347,8 @@ pub async fn user_usage(
 ) -> Result<impl IntoResponse, ApiError> {
     let snapshot = state.snapshot.load_full();
     let user = effective_user_named(&state, &snapshot, &name).await?.ok_or(ApiError::UnknownUser(name))?;
-    Ok::<_, ApiError>(Json(usage(&state, &user, crate::clock::unix_now()).await?))
+    let figures = Figures::new(&snapshot, crate::clock::unix_now());
+    Ok::<_, ApiError>(Json(usage(&state, &user, &figures).await?))
 }
 
 /// `GET /admin/teams/{name}/usage`: the team's spend against its budget, and its members'.
@@ -234,10 +367,11 @@ pub async fn team_usage(
     let account = state.ledger.usage(&crate::tenancy::team_budget(&team), now).await?;
     let query = UserQuery { team: Some(name.clone()), limit: MAX_TEAM_MEMBERS, ..Default::default() };
     let snapshot = state.snapshot.load_full();
+    let figures = Figures::new(&snapshot, now);
     let mut members = Vec::new();
     for member in state.tenants.directory.users(&query).await? {
         if let Some(user) = effective_user_named(&state, &snapshot, &member.name).await? {
-            members.push(usage(&state, &user, now).await?);
+            members.push(usage(&state, &user, &figures).await?);
         }
     }
     Ok::<_, ApiError>(Json(serde_json::json!({

@@ -191,23 +191,20 @@ impl Accounts {
         self.live.len()
     }
 
-    /// Users' spend in their current period at `now`, most first (users who spent nothing in
-    /// it are left out), among the accounts used since the start. A scan of the live accounts:
-    /// an admin's ranking, not a request's.
-    pub fn ranking(&self, now: i64) -> Vec<(Arc<str>, Usd)> {
-        let mut ranked: Vec<(Arc<str>, Usd)> = self
-            .live
+    /// Users' accounts in their current period at `now`, among the accounts used since the
+    /// start (users with no request in it are left out). A scan of the live accounts: an
+    /// admin's read, not a request's.
+    pub fn standings(&self, now: i64) -> Vec<super::Standing> {
+        self.live
             .iter()
             .filter(|entry| super::budgets::is_user_account(entry.key()))
             .filter_map(|entry| {
                 let cell = entry.value().lock().unwrap_or_else(PoisonError::into_inner);
                 let current = cell.account.period_start == period::start(cell.period, now);
-                (current && cell.account.totals.spent > Usd::ZERO)
-                    .then(|| (Arc::clone(entry.key()), cell.account.totals.spent))
+                (current && cell.account.totals.requests > 0)
+                    .then(|| super::Standing { user: Arc::clone(entry.key()), account: cell.account.clone() })
             })
-            .collect();
-        ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        ranked
+            .collect()
     }
 }
 

@@ -16,6 +16,7 @@ pub mod budgets;
 pub mod memory;
 pub mod period;
 pub mod redis;
+pub mod rollup;
 pub mod sqlite;
 
 use std::borrow::Cow;
@@ -30,8 +31,12 @@ use crate::cost::Usd;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Users by spend, most first: (user, spent in its current period).
-pub type Ranking = Vec<(Arc<str>, Usd)>;
+/// A user's account in its current period: what the users table sorts by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Standing {
+    pub user: Arc<str>,
+    pub account: Account,
+}
 
 /// A ledger that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -100,11 +105,15 @@ pub trait Ledger: Send + Sync + 'static {
     fn usage<'a>(&'a self, budget: &'a Budget, now: i64) -> BoxFuture<'a, Result<Account, LedgerError>>;
     /// The most recent request records, newest last (at most `limit`).
     fn records(&self, limit: usize) -> BoxFuture<'_, Result<Vec<RequestRecord>, LedgerError>>;
-    /// Users by spend in their current period at `now`, most first, at most `limit`.
-    fn ranking(&self, now: i64, limit: usize) -> BoxFuture<'_, Result<Ranking, LedgerError>> {
-        let mut ranked = self.in_process().map(|a| a.ranking(now)).unwrap_or_default();
-        ranked.truncate(limit);
-        Box::pin(std::future::ready(Ok(ranked)))
+    /// Hourly sums per backend ([`rollup`]): one user's, or everyone's, for the hours
+    /// `query` names, by hour then backend.
+    fn hourly(&self, query: rollup::HourQuery) -> BoxFuture<'_, Result<Vec<rollup::HourRow>, LedgerError>>;
+    /// Users' accounts in the periods that hold `now` (the day's, the month's and `total`),
+    /// those with any request in them; the caller keeps each user's row of its own period
+    /// (`account.period_start`).
+    fn standings(&self, now: i64) -> BoxFuture<'_, Result<Vec<Standing>, LedgerError>> {
+        let standings = self.in_process().map(|a| a.standings(now)).unwrap_or_default();
+        Box::pin(std::future::ready(Ok(standings)))
     }
     /// Waits until every settlement so far is durable (shutdown, tests).
     fn flush(&self) -> BoxFuture<'_, Result<(), LedgerError>>;

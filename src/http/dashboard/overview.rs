@@ -32,16 +32,20 @@ use prometheus::proto::MetricType;
 use serde::Serialize;
 
 use crate::app::AppState;
+use crate::config::BudgetPeriod;
 use crate::error::ApiError;
 use crate::http::admin::Admin;
 use crate::ledger::period;
 
 #[derive(Serialize)]
 pub struct Overview {
-    /// `since_start_this_replica`: what every total below covers.
+    /// `since_start_this_replica`: what every total below covers, but `today` and `month`.
     scope: &'static str,
     started_at: String,
     generated_at: String,
+    /// The UTC day and month so far, every replica's, from the ledger's hourly rollups.
+    today: SpanFigures,
+    month: SpanFigures,
     spend_usd: f64,
     savings_usd: f64,
     idle_cost_usd: f64,
@@ -52,6 +56,14 @@ pub struct Overview {
     refusals: RefusalCounts,
     cache: Option<CacheOverview>,
     backends: Vec<BackendOverview>,
+}
+
+#[derive(Serialize)]
+struct SpanFigures {
+    from: String,
+    to: String,
+    #[serde(flatten)]
+    figures: super::spend::Figures,
 }
 
 #[derive(Serialize)]
@@ -109,7 +121,13 @@ struct BackendOverview {
 
 /// `GET /admin/dashboard/overview` (admin).
 pub async fn overview(State(state): State<Arc<AppState>>, _: Admin) -> Result<Json<Overview>, ApiError> {
-    refresh_backends(&state);
+    crate::http::health::refresh_backends(&state);
+    let now = crate::clock::unix_now();
+    let hour_end = (now.div_euclid(3600) + 1) * 3600;
+    let (day_start, month_start) = (period::start(BudgetPeriod::Day, now), period::start(BudgetPeriod::Month, now));
+    let [today, month] = super::spend::spans(&state, [day_start, month_start], hour_end).await?;
+    let span = |from: i64, figures| SpanFigures { from: period::rfc3339(from), to: period::rfc3339(hour_end), figures };
+    let (today, month) = (span(day_start, today), span(month_start, month));
     let m = &state.metrics;
     let plan_cost = series(&m.plan_cost);
     let requests = series(&m.requests);
@@ -191,7 +209,9 @@ pub async fn overview(State(state): State<Arc<AppState>>, _: Admin) -> Result<Js
     Ok(Json(Overview {
         scope: "since_start_this_replica",
         started_at: period::rfc3339(state.started_at_unix),
-        generated_at: period::rfc3339(crate::clock::unix_now()),
+        generated_at: period::rfc3339(now),
+        today,
+        month,
         spend_usd: total(&plan_cost),
         savings_usd: total(&series(&m.plan_savings)),
         idle_cost_usd: total(&idle_cost),
@@ -208,41 +228,25 @@ pub async fn overview(State(state): State<Arc<AppState>>, _: Admin) -> Result<Js
     }))
 }
 
-/// Sets the backends' live gauges and books hourly backends' idle cost up to now, as a
-/// `/metrics` scrape does, so that both read the same counters at the same moment.
-fn refresh_backends(state: &AppState) {
-    let snapshot = state.snapshot.load();
-    let now = tokio::time::Instant::now();
-    let m = &state.metrics;
-    for upstream in &snapshot.upstreams {
-        let name = upstream.backend.name.as_str();
-        m.in_flight.with_label_values(&[name]).set(i64::from(upstream.state.in_flight()));
-        m.backend_up.with_label_values(&[name]).set(i64::from(upstream.state.is_up()));
-        if upstream.backend.pricing.is_per_hour() {
-            m.idle_cost.with_label_values(&[name]).inc_by(upstream.state.occupancy.take_idle(now).as_f64());
-        }
-    }
-}
-
 /// The non-zero counts of a sum by label.
-fn counts(sums: BTreeMap<String, f64>) -> BTreeMap<String, u64> {
+pub(super) fn counts(sums: BTreeMap<String, f64>) -> BTreeMap<String, u64> {
     sums.into_iter().map(|(label, value)| (label, count(value))).filter(|(_, n)| *n > 0).collect()
 }
 
 /// One series of a family: its labels and its value.
-struct Series {
-    labels: Vec<(String, String)>,
-    value: f64,
+pub(super) struct Series {
+    pub(super) labels: Vec<(String, String)>,
+    pub(super) value: f64,
 }
 
 impl Series {
-    fn label(&self, name: &str) -> &str {
+    pub(super) fn label(&self, name: &str) -> &str {
         self.labels.iter().find(|(n, _)| n == name).map_or("", |(_, v)| v)
     }
 }
 
 /// Every series of a counter or gauge family, as a scrape would show it.
-fn series(family: &dyn Collector) -> Vec<Series> {
+pub(super) fn series(family: &dyn Collector) -> Vec<Series> {
     let mut out = Vec::new();
     for f in family.collect() {
         let gauge = f.get_field_type() == MetricType::GAUGE;
@@ -256,12 +260,12 @@ fn series(family: &dyn Collector) -> Vec<Series> {
     out
 }
 
-fn total(series: &[Series]) -> f64 {
+pub(super) fn total(series: &[Series]) -> f64 {
     // From +0.0: `sum()` of no `f64` is -0.0, which JSON would show as `-0.0`.
     series.iter().fold(0.0, |sum, s| sum + s.value)
 }
 
-fn sum_by(series: &[Series], label: &str) -> BTreeMap<String, f64> {
+pub(super) fn sum_by(series: &[Series], label: &str) -> BTreeMap<String, f64> {
     let mut sums = BTreeMap::new();
     for s in series {
         *sums.entry(s.label(label).to_owned()).or_default() += s.value;
@@ -270,12 +274,12 @@ fn sum_by(series: &[Series], label: &str) -> BTreeMap<String, f64> {
 }
 
 /// A counter's value as a count (integer counters are exposed as `f64`).
-fn count(value: f64) -> u64 {
+pub(super) fn count(value: f64) -> u64 {
     // Saturating: a counter is never negative, and no count reaches 2^53.
     value.round() as u64
 }
 
-fn ratio(part: f64, whole: f64) -> Option<f64> {
+pub(super) fn ratio(part: f64, whole: f64) -> Option<f64> {
     (whole > 0.0).then(|| part / whole)
 }
 

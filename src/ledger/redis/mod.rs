@@ -33,7 +33,10 @@ pub use store::{Op, Store};
 
 use smallvec::SmallVec;
 
-use super::{period, Account, BoxFuture, Budget, Budgets, Ledger, LedgerError, Left, RequestRecord, Reserve, Totals};
+use super::rollup::{self, HourQuery, HourRow, Sums, HOUR_S};
+use super::{
+    period, Account, BoxFuture, Budget, Budgets, Ledger, LedgerError, Left, RequestRecord, Reserve, Standing, Totals,
+};
 use crate::config::{BudgetPeriod, OnLedgerError};
 use crate::cost::Usd;
 use crate::telemetry::RequestId;
@@ -45,6 +48,17 @@ const LOCAL: u64 = 1 << 63;
 /// Added to the longest request timeout to make the reservation TTL: covers the settlement's
 /// own trip to Redis and a queue before it.
 const TTL_MARGIN: Duration = Duration::from_secs(60);
+/// Keys read per round trip by `hourly` and `standings`: each trip stays well within the
+/// operation timeout, and a month of hours is one trip.
+const KEYS_PER_TRIP: usize = 1000;
+/// The longest window `hourly` reads (about four years: more than the dashboard's longest,
+/// 1500 days): a window reaching far into the future has no expiry to bound it.
+const MAX_WINDOW_S: i64 = 4 * 366 * 86_400;
+/// Members asked of a ranking per `ZSCAN` step (a hint: Redis may answer more or fewer).
+const SCAN_COUNT: usize = 1000;
+/// The latest expire-at `EXPIREAT` takes (Redis refuses one whose milliseconds overflow): a
+/// huge retention must not make a settlement fail half-applied.
+const MAX_EXPIRE_AT: i64 = i64::MAX / 1000;
 
 pub struct RedisLedger {
     store: Arc<Store>,
@@ -177,6 +191,41 @@ impl From<StoredRecord> for RequestRecord {
     }
 }
 
+/// Adds one hour's rollup hash (`<backend>/<sum>` fields) to `rows`.
+fn add_hour(rows: &mut std::collections::HashMap<(i64, Arc<str>), Sums>, hour: i64, fields: &[String]) {
+    let mut by_backend: std::collections::HashMap<&str, Sums> = std::collections::HashMap::new();
+    for pair in fields.chunks_exact(2) {
+        let (field, value) = (pair[0].as_str(), pair[1].as_str());
+        // The sum's name has no `/`; a backend's name may.
+        let Some((backend, name)) = field.rsplit_once('/') else { continue };
+        let sums = by_backend.entry(backend).or_default();
+        match name {
+            "requests" => sums.requests = parse_u64(value),
+            "errors" => sums.errors = parse_u64(value),
+            "spent" => sums.spent = parse_usd(value),
+            "prompt_tokens" => sums.prompt_tokens = parse_u64(value),
+            "completion_tokens" => sums.completion_tokens = parse_u64(value),
+            "latency_ms" => sums.latency_ms = parse_u64(value),
+            _ => {}
+        }
+    }
+    for (backend, sums) in by_backend {
+        if sums.requests > 0 {
+            rows.entry((hour, Arc::from(backend))).or_default().add(&sums);
+        }
+    }
+}
+
+/// The hour starts in `[from, to)`, but none before `oldest` (expired by then) and none more
+/// than [`MAX_WINDOW_S`] before `to`.
+fn hours_in(from: i64, to: i64, oldest: i64) -> Vec<i64> {
+    let from = from.max(oldest).max(to.saturating_sub(MAX_WINDOW_S));
+    let Some(first) = from.checked_add(HOUR_S - 1).map(|f| f.div_euclid(HOUR_S) * HOUR_S) else {
+        return Vec::new();
+    };
+    std::iter::successors(Some(first), |h| h.checked_add(HOUR_S)).take_while(|h| *h < to).collect()
+}
+
 /// A user's period spend from the fields of its spend hash.
 fn account(period_start: i64, reserved: Usd, fields: &[String]) -> Account {
     let mut account = Account::new(period_start);
@@ -237,10 +286,46 @@ impl RedisLedger {
         out
     }
 
+    fn retention_s(&self) -> i64 {
+        i64::try_from(self.retention.as_secs()).unwrap_or(i64::MAX)
+    }
+
     /// When a period's spend may be forgotten: the retention after the period ends.
     fn spend_expires_at(&self, period: BudgetPeriod, now: i64) -> String {
-        let retention = i64::try_from(self.retention.as_secs()).unwrap_or(i64::MAX);
+        let retention = self.retention_s();
         period::end(period, now).map(|end| end.saturating_add(retention).to_string()).unwrap_or_default()
+    }
+
+    /// How long after its start an hour's rollup is kept: a user's as long as the records it
+    /// sums (the last one is at the hour's end), everyone's [`rollup::BACKEND_ROWS_KEPT_S`].
+    fn hour_kept_s(&self, per_user: bool) -> i64 {
+        if per_user {
+            self.retention_s().saturating_add(HOUR_S)
+        } else {
+            rollup::BACKEND_ROWS_KEPT_S
+        }
+    }
+
+    fn hour_expires_at(&self, hour: i64, per_user: bool) -> String {
+        hour.saturating_add(self.hour_kept_s(per_user)).min(MAX_EXPIRE_AT).to_string()
+    }
+
+    /// Every member of the sorted set `key`, a `ZSCAN` step per round trip: a day's ranking may
+    /// hold a million users, too many for one answer within the operation timeout.
+    async fn members(&self, key: &str) -> Result<Vec<String>, LedgerError> {
+        let mut members = Vec::new();
+        let mut cursor = "0".to_owned();
+        loop {
+            let mut command = redis::cmd("ZSCAN");
+            command.arg(key).arg(&cursor).arg("COUNT").arg(SCAN_COUNT);
+            let (next, page): (String, Vec<String>) = self.store.command(Op::Read, command).await?;
+            // Member, score, member, score...
+            members.extend(page.into_iter().step_by(2));
+            if next == "0" {
+                return Ok(members);
+            }
+            cursor = next;
+        }
     }
 
     fn reserve_locally(
@@ -377,6 +462,7 @@ impl Ledger for RedisLedger {
         let keys = &self.store.keys;
         let member = if local { String::new() } else { self.member(id, reserved) };
         let record_json = serde_json::to_string(&StoredRecord::from(&record)).unwrap_or_default();
+        let hour = rollup::hour_of(record.at_ms);
         let mut args = vec![
             member,
             format!("{}:{id}", self.replica),
@@ -389,11 +475,22 @@ impl Ledger for RedisLedger {
             DEDUPE_WINDOW_MS.to_string(),
             budgets.user().account.to_string(),
             self.spend_expires_at(budgets.user().period, now),
+            if record.status >= 400 { "1" } else { "0" }.to_owned(),
+            // HINCRBY takes a signed 64-bit integer.
+            i64::try_from(record.latency_ms).unwrap_or(i64::MAX).to_string(),
+            self.hour_expires_at(hour, true),
+            self.hour_expires_at(hour, false),
         ];
         args.extend(budgets.iter().map(|b| self.spend_expires_at(b.period, now)));
         let user = budgets.user();
         let ranking = keys.ranking(period::name(user.period), period::start(user.period, now));
-        let mut write_keys = vec![keys.settled(&user.account), keys.records(), ranking];
+        let mut write_keys = vec![
+            keys.settled(&user.account),
+            keys.records(),
+            ranking,
+            keys.user_hour(&user.account, hour),
+            keys.hour(hour),
+        ];
         write_keys.extend(self.level_keys(budgets, now));
         let write = Write {
             script: WriteScript::Settle,
@@ -456,25 +553,76 @@ impl Ledger for RedisLedger {
         })
     }
 
+    fn hourly(&self, query: HourQuery) -> BoxFuture<'_, Result<Vec<HourRow>, LedgerError>> {
+        Box::pin(async move {
+            let kept = self.hour_kept_s(query.user.is_some());
+            let hours = hours_in(query.from, query.to, crate::clock::unix_now().saturating_sub(kept));
+            let keys = &self.store.keys;
+            let mut rows = std::collections::HashMap::new();
+            for batch in hours.chunks(KEYS_PER_TRIP) {
+                let mut pipeline = redis::pipe();
+                for &hour in batch {
+                    let key = match &query.user {
+                        Some(user) => keys.user_hour(user, hour),
+                        None => keys.hour(hour),
+                    };
+                    pipeline.cmd("HGETALL").arg(key);
+                }
+                let answers: Vec<Vec<String>> = self.store.pipeline(Op::Read, pipeline).await?;
+                if answers.len() != batch.len() {
+                    return Err(LedgerError::Storage(format!(
+                        "hourly rollups: {} answers to {} reads",
+                        answers.len(),
+                        batch.len()
+                    )));
+                }
+                for (&hour, fields) in batch.iter().zip(&answers) {
+                    add_hour(&mut rows, hour, fields);
+                }
+            }
+            Ok(rollup::sorted(rows))
+        })
+    }
+
     fn flush(&self) -> BoxFuture<'_, Result<(), LedgerError>> {
         Box::pin(self.store.flush())
     }
 
-    fn ranking(&self, now: i64, limit: usize) -> BoxFuture<'_, Result<super::Ranking, LedgerError>> {
+    fn standings(&self, now: i64) -> BoxFuture<'_, Result<Vec<Standing>, LedgerError>> {
         Box::pin(async move {
-            let mut ranked: Vec<(Arc<str>, Usd)> = Vec::new();
+            let keys = &self.store.keys;
+            // The rankings say who has a spend hash in each period holding `now`. A set: on the
+            // 1st the day and the month start together (one hash), and a scan may repeat.
+            let mut wanted: std::collections::BTreeSet<(String, i64)> = std::collections::BTreeSet::new();
             for kind in [BudgetPeriod::Day, BudgetPeriod::Month, BudgetPeriod::Total] {
-                let mut command = redis::cmd("ZREVRANGE");
-                let last = isize::try_from(limit).unwrap_or(isize::MAX).saturating_sub(1);
-                command.arg(self.store.keys.ranking(period::name(kind), period::start(kind, now))).arg(0).arg(last);
-                command.arg("WITHSCORES");
-                let entries: Vec<(String, f64)> = self.store.command(Op::Read, command).await?;
-                #[expect(clippy::cast_possible_truncation, reason = "scores are sums of whole pico-USD")]
-                ranked.extend(entries.into_iter().map(|(name, score)| (Arc::from(name), Usd::from_pico(score as i64))));
+                let start = period::start(kind, now);
+                let members = self.members(&keys.ranking(period::name(kind), start)).await?;
+                wanted.extend(members.into_iter().filter(|m| super::budgets::is_user_account(m)).map(|m| (m, start)));
             }
-            ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-            ranked.truncate(limit);
-            Ok(ranked)
+            let wanted: Vec<(String, i64)> = wanted.into_iter().collect();
+            let mut standings = Vec::with_capacity(wanted.len());
+            for batch in wanted.chunks(KEYS_PER_TRIP) {
+                let mut pipeline = redis::pipe();
+                for (user, start) in batch {
+                    pipeline.cmd("HGETALL").arg(keys.spend(user, *start));
+                }
+                let answers: Vec<Vec<String>> = self.store.pipeline(Op::Read, pipeline).await?;
+                if answers.len() != batch.len() {
+                    return Err(LedgerError::Storage(format!(
+                        "standings: {} answers to {} reads",
+                        answers.len(),
+                        batch.len()
+                    )));
+                }
+                for ((user, start), fields) in batch.iter().zip(&answers) {
+                    let account = account(*start, Usd::ZERO, fields);
+                    // A hash that expired since the scan: nothing in that period any more.
+                    if account.totals.requests > 0 {
+                        standings.push(Standing { user: user.as_str().into(), account });
+                    }
+                }
+            }
+            Ok(standings)
         })
     }
 
@@ -512,5 +660,49 @@ mod tests {
         assert_eq!(a.by_backend["cpu"].spent, Usd::from_pico(500_000_000_000_000_000));
         assert_eq!(a.reserved, Usd::from_pico(7));
         assert_eq!(a.period_start, 86_400);
+    }
+
+    #[test]
+    fn an_hour_hash_reads_back_as_rows_per_backend_whatever_its_name() {
+        let fields: Vec<String> = [
+            ("gpu/a/requests", "2"),
+            ("gpu/a/errors", "1"),
+            ("gpu/a/spent", "9007199254740993"),
+            ("gpu/a/latency_ms", "250"),
+            ("cpu/requests", "1"),
+            ("cpu/completion_tokens", "7"),
+            ("stale/spent", "5"),
+        ]
+        .iter()
+        .flat_map(|(k, v)| [(*k).to_owned(), (*v).to_owned()])
+        .collect();
+        let mut rows = std::collections::HashMap::new();
+        add_hour(&mut rows, 7200, &fields);
+        let rows = rollup::sorted(rows);
+        let gpu = Sums {
+            requests: 2,
+            errors: 1,
+            spent: Usd::from_pico(9_007_199_254_740_993),
+            latency_ms: 250,
+            ..Sums::default()
+        };
+        let cpu = Sums { requests: 1, completion_tokens: 7, ..Sums::default() };
+        let expected = [
+            HourRow { hour: 7200, backend: "cpu".into(), sums: cpu },
+            HourRow { hour: 7200, backend: "gpu/a".into(), sums: gpu },
+        ];
+        assert_eq!(rows, expected, "a backend without requests is no row");
+    }
+
+    #[test]
+    fn the_hours_read_start_in_the_window_and_are_bounded_even_for_an_endless_one() {
+        assert_eq!(hours_in(3600, 3 * 3600, i64::MIN), [3600, 7200]);
+        assert_eq!(hours_in(3601, 3 * 3600 + 1, i64::MIN), [7200, 10_800]);
+        assert_eq!(hours_in(0, 5 * 3600, 2 * 3600 - 5), [7200, 10_800, 14_400], "those before `oldest` expired");
+        assert_eq!(hours_in(-3600, 1, i64::MIN), [-3600, 0]);
+        assert!(hours_in(5, 5, i64::MIN).is_empty());
+        let endless = hours_in(i64::MIN, i64::MAX, i64::MIN);
+        assert!(endless.len() <= usize::try_from(MAX_WINDOW_S / HOUR_S).unwrap_or(0), "{}", endless.len());
+        assert!(endless.len() > 1000);
     }
 }

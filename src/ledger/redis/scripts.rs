@@ -13,7 +13,9 @@
 //! | `P{user}:settled` | sorted set | settlement ids of the last [`DEDUPE_WINDOW_MS`], so a retried settlement is applied once |
 //! | `P{user}:rate` | hash | rpm/tpm token buckets: `r`, `t`, `ts` |
 //! | `Precords` | list | the newest request records (JSON), capped |
-//! | `Prank:<period>:<start>` | sorted set | users by spend in that period (pico-USD as the score), for ranking |
+//! | `Prank:<period>:<start>` | sorted set | users by spend in that period (pico-USD as the score): who has spend to read |
+//! | `P{user}:hour:<hour_start>` | hash | the user's hour ([`rollup`](crate::ledger::rollup)): `<backend>/requests`, `errors`, `spent`, `prompt_tokens`, `completion_tokens`, `latency_ms`; kept as long as the records |
+//! | `Phour:<hour_start>` | hash | everyone's hour, the same fields; kept [`BACKEND_ROWS_KEPT_S`](crate::ledger::rollup::BACKEND_ROWS_KEPT_S) |
 //!
 //! Why this shape: an expired reservation must stop counting without any replica alive to
 //! release it. Every script that reads or writes the reserved sum first drops the members of
@@ -73,9 +75,20 @@ impl Keys {
         self.user(user, "rate")
     }
 
-    /// Users ranked by spend in one period (`<period>:<start>`), for `/admin/usage?sort=spent`.
+    /// Users ranked by spend in one period (`<period>:<start>`): every user with a request in
+    /// it (a free one adds 0), so the standings know whose spend to read.
     pub fn ranking(&self, period: &str, start: i64) -> String {
         format!("{}rank:{period}:{start}", self.prefix)
+    }
+
+    /// One user's hourly rollup (the hour's start, Unix seconds).
+    pub fn user_hour(&self, user: &str, hour: i64) -> String {
+        self.user(user, &format!("hour:{hour}"))
+    }
+
+    /// Everyone's hourly rollup.
+    pub fn hour(&self, hour: i64) -> String {
+        format!("{}hour:{hour}", self.prefix)
     }
 
     pub fn records(&self) -> String {
@@ -161,22 +174,39 @@ end
 return {1, 0, unpack(seen)}
 ";
 
-/// KEYS: settled, records, the user's period ranking, then (reserved, holds, spend) per level.
+/// KEYS: settled, records, the user's period ranking, the user's hour, everyone's hour, then
+/// (reserved, holds, spend) per level.
 /// ARGV: member ('' = the reservation was local), settlement id, cost, prompt tokens,
 /// completion tokens, backend, record JSON, max records, dedupe window ms, the user's name,
-/// the ranking's expire-at, then each level's spend expire-at (unix s, '' = never).
-/// Returns 1 when applied, 0 when this settlement was applied before.
+/// the ranking's expire-at, '1' if the request failed (status >= 400) else '0', latency ms,
+/// the user's hour expire-at, everyone's hour expire-at, then each level's spend expire-at
+/// (unix s, '' = never).
+/// Returns 1 when applied, 0 when this settlement was applied before (so the hours, like the
+/// spend, count a retried settlement once).
 const SETTLE: &str = r"
 local now = now_ms()
 if redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[9]))
 redis.call('ZADD', KEYS[1], now, ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[9])
+-- Unconditional, a cost of 0 too: a user whose requests were all free is still in the standings.
 redis.call('ZINCRBY', KEYS[3], ARGV[3], ARGV[10])
 if ARGV[11] ~= '' then redis.call('EXPIREAT', KEYS[3], ARGV[11]) end
+local h = ARGV[6] .. '/'
+local function hour(key, expire_at)
+  redis.call('HINCRBY', key, h .. 'requests', 1)
+  if ARGV[12] == '1' then redis.call('HINCRBY', key, h .. 'errors', 1) end
+  redis.call('HINCRBY', key, h .. 'spent', ARGV[3])
+  redis.call('HINCRBY', key, h .. 'prompt_tokens', ARGV[4])
+  redis.call('HINCRBY', key, h .. 'completion_tokens', ARGV[5])
+  redis.call('HINCRBY', key, h .. 'latency_ms', ARGV[13])
+  redis.call('EXPIREAT', key, expire_at)
+end
+hour(KEYS[4], ARGV[14])
+hour(KEYS[5], ARGV[15])
 local b = 'b/' .. ARGV[6] .. '/'
-for i = 1, (#KEYS - 3) / 3 do
-  local k = 3 + (i - 1) * 3
+for i = 1, (#KEYS - 5) / 3 do
+  local k = 5 + (i - 1) * 3
   if ARGV[1] ~= '' and redis.call('ZREM', KEYS[k + 2], ARGV[1]) == 1 then
     redis.call('DECRBY', KEYS[k + 1], string.match(ARGV[1], '(%d+)$'))
   end
@@ -189,7 +219,7 @@ for i = 1, (#KEYS - 3) / 3 do
   redis.call('HINCRBY', spend, b .. 'requests', 1)
   redis.call('HINCRBY', spend, b .. 'prompt_tokens', ARGV[4])
   redis.call('HINCRBY', spend, b .. 'completion_tokens', ARGV[5])
-  if ARGV[11 + i] ~= '' then redis.call('EXPIREAT', spend, ARGV[11 + i]) end
+  if ARGV[15 + i] ~= '' then redis.call('EXPIREAT', spend, ARGV[15 + i]) end
 end
 redis.call('LPUSH', KEYS[2], ARGV[7])
 redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[8]) - 1)

@@ -238,6 +238,16 @@ impl Store {
         .await
     }
 
+    /// Runs plain commands in one round trip (reads of many keys that need no atomicity); the
+    /// answer holds one value per command.
+    pub async fn pipeline<T: FromRedisValue>(&self, op: Op, pipeline: redis::Pipeline) -> Result<T, LedgerError> {
+        self.guarded(op, async {
+            let mut connection = self.connection().await?;
+            pipeline.query_async::<T>(&mut connection).await
+        })
+        .await
+    }
+
     /// One Redis call as every operation makes it: refused at once while failing fast, bounded
     /// by the operation timeout, timed and counted.
     async fn guarded<T>(

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use crate::cost::Usd;
+use crate::ledger::rollup::{self, Rollups, Sums};
 use crate::ledger::{PeriodSpend, RequestRecord};
 
 /// How often the sums reach the `spend` table (and how old its rows can be, behind the records).
@@ -39,7 +40,58 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
          SELECT 'spend_through', COALESCE(MAX(rowid), 0) FROM requests",
         [],
     )?;
+    if !has_table(&tx, "hourly_user")? {
+        create_rollups(&tx)?;
+    }
     tx.commit()
+}
+
+/// The hourly rollups' tables ([`rollup`]), filled from the records the `spend` table already
+/// counts (those past the watermark are folded in at open, like their spend).
+fn create_rollups(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "CREATE TABLE hourly_user (
+            user TEXT NOT NULL,
+            hour INTEGER NOT NULL,
+            backend TEXT NOT NULL,
+            requests INTEGER NOT NULL,
+            errors INTEGER NOT NULL,
+            spent_pico INTEGER NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            latency_ms INTEGER NOT NULL,
+            PRIMARY KEY (user, hour, backend)
+        ) WITHOUT ROWID;
+        CREATE INDEX hourly_user_hour ON hourly_user (hour);
+        CREATE TABLE hourly_backend (
+            hour INTEGER NOT NULL,
+            backend TEXT NOT NULL,
+            requests INTEGER NOT NULL,
+            errors INTEGER NOT NULL,
+            spent_pico INTEGER NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            latency_ms INTEGER NOT NULL,
+            PRIMARY KEY (hour, backend)
+        ) WITHOUT ROWID;",
+    )?;
+    let folded = "(SELECT value FROM ledger_meta WHERE name = 'spend_through')";
+    let sums =
+        "COUNT(*), SUM(status >= 400), SUM(cost_pico), SUM(prompt_tokens), SUM(completion_tokens), SUM(latency_ms)";
+    let hour = "(at_ms / 1000 / 3600) * 3600";
+    tx.execute_batch(&format!(
+        "INSERT INTO hourly_user SELECT user, {hour} AS h, backend, {sums} FROM requests
+           WHERE rowid <= {folded} GROUP BY user, h, backend;
+         INSERT INTO hourly_backend SELECT {hour} AS h, backend, {sums} FROM requests
+           WHERE rowid <= {folded} GROUP BY h, backend;"
+    ))
+}
+
+fn has_table(conn: &Connection, table: &str) -> rusqlite::Result<bool> {
+    conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1", [table], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map(|n| n > 0)
 }
 
 fn has_column(conn: &Connection, column: &str) -> rusqlite::Result<bool> {
@@ -69,10 +121,11 @@ pub fn integer(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Sums not yet in the `spend` table.
+/// Sums not yet in the `spend` and rollup tables.
 #[derive(Debug, Default)]
 pub struct Pending {
     sums: HashMap<(Arc<str>, i64, Arc<str>), Delta>,
+    rollups: Rollups,
 }
 
 impl Pending {
@@ -94,14 +147,15 @@ impl Pending {
         for (account, start) in levels {
             self.add(account, *start, &record.backend, delta);
         }
+        self.rollups.add(record);
     }
 
     pub fn len(&self) -> usize {
-        self.sums.len()
+        self.sums.len() + self.rollups.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.sums.is_empty()
+        self.sums.is_empty() && self.rollups.is_empty()
     }
 
     /// Adds the sums to the `spend` table and moves the watermark to the last record, in `tx`.
@@ -127,11 +181,13 @@ impl Pending {
                 d.completion_tokens
             ])?;
         }
+        write_rollups(tx, &self.rollups)?;
         mark_folded(tx)
     }
 
     pub fn clear(&mut self) {
         self.sums.clear();
+        self.rollups.clear();
     }
 
     /// The sums per (account, period), backends together.
@@ -143,6 +199,91 @@ impl Pending {
         }
         out
     }
+}
+
+/// Adds the hourly sums to the rollup tables.
+fn write_rollups(tx: &Transaction<'_>, rollups: &Rollups) -> rusqlite::Result<()> {
+    const ADD: &str = "requests = requests + excluded.requests, errors = errors + excluded.errors,
+        spent_pico = spent_pico + excluded.spent_pico, prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = completion_tokens + excluded.completion_tokens, latency_ms = latency_ms + excluded.latency_ms";
+    let mut by_user = tx.prepare_cached(&format!(
+        "INSERT INTO hourly_user VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (user, hour, backend) DO UPDATE SET {ADD}"
+    ))?;
+    for (user, hour, backend, s) in rollups.user_rows() {
+        by_user.execute(params![
+            &**user,
+            hour,
+            &**backend,
+            integer(s.requests),
+            integer(s.errors),
+            s.spent.pico(),
+            integer(s.prompt_tokens),
+            integer(s.completion_tokens),
+            integer(s.latency_ms)
+        ])?;
+    }
+    let mut by_backend = tx.prepare_cached(&format!(
+        "INSERT INTO hourly_backend VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (hour, backend) DO UPDATE SET {ADD}"
+    ))?;
+    for ((hour, backend), s) in rollups.backend_rows() {
+        by_backend.execute(params![
+            hour,
+            &*backend,
+            integer(s.requests),
+            integer(s.errors),
+            s.spent.pico(),
+            integer(s.prompt_tokens),
+            integer(s.completion_tokens),
+            integer(s.latency_ms)
+        ])?;
+    }
+    Ok(())
+}
+
+/// The rollup rows `query` asks for, from the tables (what the writer has flushed).
+pub fn read_hourly(conn: &Connection, query: &rollup::HourQuery) -> rusqlite::Result<Vec<rollup::HourRow>> {
+    const SUMS: &str = "hour, backend, requests, errors, spent_pico, prompt_tokens, completion_tokens, latency_ms";
+    let row = |r: &rusqlite::Row<'_>| {
+        let count = |i| r.get::<_, i64>(i).map(|n| u64::try_from(n).unwrap_or(0));
+        Ok(rollup::HourRow {
+            hour: r.get(0)?,
+            backend: r.get::<_, String>(1)?.into(),
+            sums: Sums {
+                requests: count(2)?,
+                errors: count(3)?,
+                spent: Usd::from_pico(r.get(4)?),
+                prompt_tokens: count(5)?,
+                completion_tokens: count(6)?,
+                latency_ms: count(7)?,
+            },
+        })
+    };
+    match &query.user {
+        Some(user) => {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {SUMS} FROM hourly_user WHERE user = ?1 AND hour >= ?2 AND hour < ?3 ORDER BY hour, backend"
+            ))?;
+            let rows = statement.query_map(params![&**user, query.from, query.to], row)?;
+            rows.collect()
+        }
+        None => {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {SUMS} FROM hourly_backend WHERE hour >= ?1 AND hour < ?2 ORDER BY hour, backend"
+            ))?;
+            let rows = statement.query_map(params![query.from, query.to], row)?;
+            rows.collect()
+        }
+    }
+}
+
+/// Drops the per-user rows of hours before `user_hours_from` and the per-backend rows before
+/// `backend_hours_from`.
+pub fn prune_rollups(conn: &Connection, user_hours_from: i64, backend_hours_from: i64) -> rusqlite::Result<()> {
+    conn.execute("DELETE FROM hourly_user WHERE hour < ?1", params![user_hours_from])?;
+    conn.execute("DELETE FROM hourly_backend WHERE hour < ?1", params![backend_hours_from])?;
+    Ok(())
 }
 
 /// Every record so far is in the `spend` table (or in sums being written with this).
@@ -166,21 +307,18 @@ pub fn unfolded(conn: &Connection) -> rusqlite::Result<(Pending, usize)> {
             e => Err(e),
         })?;
     let Some(through) = through else { return Ok((pending, 0)) };
-    let mut statement = conn.prepare(
-        "SELECT levels, backend, cost_pico, prompt_tokens, completion_tokens FROM requests
-         WHERE rowid > ?1 AND levels IS NOT NULL",
-    )?;
+    let mut statement = conn.prepare(&format!(
+        "SELECT {}, request_id, levels FROM requests WHERE rowid > ?1 AND levels IS NOT NULL",
+        super::REQUEST_COLUMN_LIST
+    ))?;
     let mut rows = statement.query(params![through])?;
     let mut records = 0;
     while let Some(row) = rows.next()? {
-        let levels: String = row.get(0)?;
+        let levels: String = row.get(11)?;
         let Ok(levels) = serde_json::from_str::<Vec<(String, i64)>>(&levels) else { continue };
-        let backend: Arc<str> = row.get::<_, String>(1)?.into();
-        let delta =
-            Delta { spent_pico: row.get(2)?, requests: 1, prompt_tokens: row.get(3)?, completion_tokens: row.get(4)? };
-        for (account, start) in levels {
-            pending.add(&account.into(), start, &backend, delta);
-        }
+        let record = super::record_from_row(row)?;
+        let levels: Vec<(Arc<str>, i64)> = levels.into_iter().map(|(account, start)| (account.into(), start)).collect();
+        pending.add_record(&levels, &record);
         records += 1;
     }
     Ok((pending, records))

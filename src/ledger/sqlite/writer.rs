@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 use super::spend::{self, integer, Pending};
 use super::REQUEST_COLUMN_LIST;
 use crate::ledger::accounts::Accounts;
+use crate::ledger::rollup;
 use crate::ledger::RequestRecord;
 
 const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(20);
@@ -145,6 +146,12 @@ impl Writer<'_> {
         let oldest = crate::clock::unix_now_ms().saturating_sub(self.retention_ms);
         if let Err(e) = self.conn.execute("DELETE FROM requests WHERE at_ms < ?1", params![oldest]) {
             tracing::warn!(error = %e, "pruning old request records failed");
+        }
+        // Per-user hours are kept as long as the records they sum (never more rows than
+        // those records); per-backend hours, a few rows each, for a year and more.
+        let backends_from = now.saturating_sub(rollup::BACKEND_ROWS_KEPT_S);
+        if let Err(e) = spend::prune_rollups(&self.conn, rollup::hour_of(oldest), backends_from) {
+            tracing::warn!(error = %e, "pruning old hourly rollups failed");
         }
         // A table emptied by pruning numbers its next records from 1 again: so does the mark.
         let reset =
