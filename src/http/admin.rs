@@ -11,7 +11,7 @@ use axum::Json;
 use crate::app::AppState;
 use crate::auth::{bearer, sha256, AuthError};
 use crate::error::ApiError;
-use crate::ledger::{period, RequestRecord};
+use crate::ledger::period;
 use crate::telemetry::RequestId;
 
 /// A request that carries the admin key (or, for reading, a dashboard session begun with it).
@@ -62,7 +62,7 @@ fn authorize(state: &AppState, method: &Method, headers: &HeaderMap) -> Result<(
 #[derive(serde::Deserialize)]
 pub struct RecordsQuery {
     limit: Option<usize>,
-    /// Only this user's records, among the most recent [`MAX_RECORDS_PER_ANSWER`].
+    /// Only this user's records ([`crate::ledger::Ledger::user_records`]).
     user: Option<String>,
 }
 
@@ -70,7 +70,7 @@ pub struct RecordsQuery {
 const MAX_RECORDS_PER_ANSWER: usize = 10_000;
 
 /// `GET /admin/requests?limit=N[&user=NAME]`: the most recent request records, oldest first;
-/// with `user`, only that user's, found among the most recent [`MAX_RECORDS_PER_ANSWER`].
+/// with `user`, only that user's.
 pub async fn requests(
     State(state): State<Arc<AppState>>,
     _: Admin,
@@ -79,7 +79,7 @@ pub async fn requests(
     let limit = query.limit.unwrap_or(100).min(MAX_RECORDS_PER_ANSWER);
     let records = match query.user.as_deref() {
         None => state.ledger.records(limit).await?,
-        Some(user) => of_user(state.ledger.records(MAX_RECORDS_PER_ANSWER).await?, user, limit),
+        Some(user) => state.ledger.user_records(user, limit).await?,
     };
     let data: Vec<serde_json::Value> = records
         .iter()
@@ -103,45 +103,7 @@ pub async fn requests(
     Ok::<_, ApiError>(Json(serde_json::json!({ "object": "list", "data": data })))
 }
 
-/// The last `limit` of `records` (oldest first) that are `user`'s.
-fn of_user(records: Vec<RequestRecord>, user: &str, limit: usize) -> Vec<RequestRecord> {
-    let mut mine: Vec<RequestRecord> = records.into_iter().filter(|r| &*r.user == user).collect();
-    let excess = mine.len().saturating_sub(limit);
-    mine.drain(..excess);
-    mine
-}
-
 pub async fn reload(State(state): State<Arc<AppState>>, _: Admin) -> Result<impl IntoResponse, ApiError> {
     let applied = crate::reload::reload(&state, "admin").await.map_err(|e| ApiError::ReloadRefused(e.to_string()))?;
     Ok::<_, ApiError>(Json(serde_json::json!({ "status": "reloaded", "applied": applied })))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(user: &str, at_ms: i64) -> RequestRecord {
-        RequestRecord {
-            at_ms,
-            user: user.into(),
-            route: "auto".into(),
-            backend: "b".into(),
-            reason: "cost-first".into(),
-            prompt_tokens: 1,
-            completion_tokens: 1,
-            cost: crate::cost::Usd::default(),
-            status: 200,
-            latency_ms: 1,
-            request_id: None,
-        }
-    }
-
-    #[test]
-    fn the_user_filter_keeps_that_users_last_records_oldest_first() {
-        let records = vec![record("ann", 1), record("bob", 2), record("ann", 3), record("ann", 4), record("bob", 5)];
-        let at = |rs: Vec<RequestRecord>| rs.iter().map(|r| r.at_ms).collect::<Vec<_>>();
-        assert_eq!(at(of_user(records.clone(), "ann", 2)), [3, 4]);
-        assert_eq!(at(of_user(records.clone(), "bob", 100)), [2, 5]);
-        assert!(of_user(records, "cat", 10).is_empty());
-    }
 }

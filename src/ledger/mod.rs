@@ -105,6 +105,15 @@ pub trait Ledger: Send + Sync + 'static {
     fn usage<'a>(&'a self, budget: &'a Budget, now: i64) -> BoxFuture<'a, Result<Account, LedgerError>>;
     /// The most recent request records, newest last (at most `limit`).
     fn records(&self, limit: usize) -> BoxFuture<'_, Result<Vec<RequestRecord>, LedgerError>>;
+    /// `user`'s most recent request records, newest last (at most `limit`). This default looks
+    /// among the store's most recent [`USER_RECORDS_SCANNED`].
+    fn user_records<'a>(
+        &'a self,
+        user: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<RequestRecord>, LedgerError>> {
+        Box::pin(async move { Ok(last_of_user(self.records(USER_RECORDS_SCANNED).await?, user, limit)) })
+    }
     /// Hourly sums per backend ([`rollup`]): one user's, or everyone's, for the hours
     /// `query` names, by hour then backend.
     fn hourly(&self, query: rollup::HourQuery) -> BoxFuture<'_, Result<Vec<rollup::HourRow>, LedgerError>>;
@@ -125,6 +134,17 @@ pub trait Ledger: Send + Sync + 'static {
     fn in_process(&self) -> Option<&accounts::Accounts> {
         None
     }
+}
+
+/// Records [`Ledger::user_records`] looks among, in a store that cannot find a user's own.
+pub const USER_RECORDS_SCANNED: usize = 10_000;
+
+/// The last `limit` of `records` (oldest first) that are `user`'s.
+fn last_of_user(records: Vec<RequestRecord>, user: &str, limit: usize) -> Vec<RequestRecord> {
+    let mut mine: Vec<RequestRecord> = records.into_iter().filter(|r| &*r.user == user).collect();
+    let excess = mine.len().saturating_sub(limit);
+    mine.drain(..excess);
+    mine
 }
 
 /// The answer to a reservation.
@@ -232,5 +252,35 @@ pub fn open(
             let ledger = redis::RedisLedger::new(Arc::clone(&store), config.retention, settings.reservation_ttl);
             Ok((Arc::new(ledger), Limiter::Redis(redis::RedisLimiter::new(store))))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(user: &str, at_ms: i64) -> RequestRecord {
+        RequestRecord {
+            at_ms,
+            user: user.into(),
+            route: "auto".into(),
+            backend: "b".into(),
+            reason: "cost-first".into(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            cost: Usd::default(),
+            status: 200,
+            latency_ms: 1,
+            request_id: None,
+        }
+    }
+
+    #[test]
+    fn a_users_records_are_its_last_ones_oldest_first() {
+        let records = vec![record("ann", 1), record("bob", 2), record("ann", 3), record("ann", 4), record("bob", 5)];
+        let at = |rs: Vec<RequestRecord>| rs.iter().map(|r| r.at_ms).collect::<Vec<_>>();
+        assert_eq!(at(last_of_user(records.clone(), "ann", 2)), [3, 4]);
+        assert_eq!(at(last_of_user(records.clone(), "bob", 100)), [2, 5]);
+        assert!(last_of_user(records, "cat", 10).is_empty());
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use writer::{Write, WRITER_THREAD};
 
 use super::accounts::Accounts;
-use super::rollup::{HourQuery, HourRow};
+use super::rollup::{self, HourQuery, HourRow};
 use super::{
     Account, BoxFuture, Budget, Budgets, Ledger, LedgerError, Left, PeriodSpend, RequestRecord, Reserve, Totals,
 };
@@ -232,6 +232,22 @@ impl Ledger for SqliteLedger {
         })
     }
 
+    fn user_records<'a>(
+        &'a self,
+        user: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<RequestRecord>, LedgerError>> {
+        let (path, user) = (self.path.clone(), user.to_owned());
+        Box::pin(async move {
+            // What settled so far, records and rollups, is in the file first.
+            self.flush().await?;
+            tokio::task::spawn_blocking(move || read_user_records(&path, &user, limit))
+                .await
+                .map_err(|e| LedgerError::Storage(e.to_string()))?
+                .map_err(storage("reading a user's request records"))
+        })
+    }
+
     fn in_process(&self) -> Option<&Accounts> {
         Some(self.accounts.as_ref())
     }
@@ -309,6 +325,39 @@ pub(super) fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Reque
         latency_ms: row.get::<_, i64>(9)?.try_into().unwrap_or(0),
         request_id: row.get::<_, Option<String>>(10).ok().flatten().as_deref().and_then(RequestId::from_stored),
     })
+}
+
+/// Hours of a user's traffic [`read_user_records`] looks through at most.
+const USER_HOURS_SEARCHED: i64 = 24 * 31;
+
+/// `user`'s last `limit` records, oldest first. The rollups say which hours the user had
+/// traffic in; each such hour, newest first, is read through the time index: no index on the
+/// user (which every settlement would pay for) and no scan of the other hours' records.
+fn read_user_records(path: &str, user: &str, limit: usize) -> rusqlite::Result<Vec<RequestRecord>> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut hours =
+        conn.prepare_cached("SELECT DISTINCT hour FROM hourly_user WHERE user = ?1 ORDER BY hour DESC LIMIT ?2")?;
+    let hours: Vec<i64> =
+        hours.query_map(params![user, USER_HOURS_SEARCHED], |row| row.get(0))?.collect::<rusqlite::Result<_>>()?;
+    let mut in_hour = conn.prepare_cached(&format!(
+        "SELECT {REQUEST_COLUMN_LIST}, request_id FROM requests
+         WHERE at_ms >= ?1 AND at_ms < ?2 AND user = ?3 ORDER BY at_ms DESC, rowid DESC LIMIT ?4"
+    ))?;
+    let mut newest_first = Vec::new();
+    for hour in hours {
+        let left = limit.saturating_sub(newest_first.len());
+        if left == 0 {
+            break;
+        }
+        let (from_ms, to_ms) = (hour.saturating_mul(1000), hour.saturating_add(rollup::HOUR_S).saturating_mul(1000));
+        let rows = in_hour
+            .query_map(params![from_ms, to_ms, user, i64::try_from(left).unwrap_or(i64::MAX)], record_from_row)?;
+        for row in rows {
+            newest_first.push(row?);
+        }
+    }
+    newest_first.reverse();
+    Ok(newest_first)
 }
 
 fn read_records(path: &str, limit: usize) -> rusqlite::Result<Vec<RequestRecord>> {
@@ -619,5 +668,27 @@ mod tests {
         assert_eq!(reopened.hourly(query.clone()).await.unwrap(), reference.read(&query));
         let alice_only = HourQuery { user: Some("alice".into()), ..query };
         assert_eq!(reopened.hourly(alice_only.clone()).await.unwrap(), reference.read(&alice_only));
+    }
+
+    /// A user's recent records are found through its hours in the rollups, newest hours
+    /// first, whatever the other users sent since.
+    #[tokio::test]
+    async fn a_users_recent_records_come_from_its_own_hours_newest_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = SqliteLedger::open(&dir.path().join("ledger.db"), Duration::from_secs(86_400)).unwrap();
+        let now = crate::clock::unix_now();
+        let (alice, bob) = (user("alice"), user("bob"));
+        // Alice: two records three hours ago, one an hour ago; Bob: many since.
+        for (who, at) in [(&alice, now - 3 * 3600), (&alice, now - 3 * 3600 + 1), (&alice, now - 3600)] {
+            ledger.settle(who, 0, Usd::ZERO, record(who, "a", 1, at * 1000), now);
+        }
+        for i in 0..50 {
+            ledger.settle(&bob, 0, Usd::ZERO, record(&bob, "a", 1, (now - 3 * 3600 + i * 200) * 1000), now);
+        }
+        let at = |records: Vec<RequestRecord>| records.iter().map(|r| r.at_ms / 1000 - now).collect::<Vec<_>>();
+        assert_eq!(at(ledger.user_records("alice", 10).await.unwrap()), [-3 * 3600, -3 * 3600 + 1, -3600]);
+        assert_eq!(at(ledger.user_records("alice", 2).await.unwrap()), [-3 * 3600 + 1, -3600]);
+        assert_eq!(ledger.user_records("bob", 7).await.unwrap().len(), 7);
+        assert!(ledger.user_records("carol", 7).await.unwrap().is_empty());
     }
 }
