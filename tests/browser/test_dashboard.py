@@ -8,8 +8,10 @@ missing, unless CI is set (then it fails). Screenshots go to target/screenshots/
 import hashlib
 import json
 import os
+import re
 import sys
 import unittest
+from datetime import datetime, timezone
 import urllib.error
 import urllib.request
 
@@ -103,6 +105,21 @@ def close(a, b, digits=6):
     return abs(a - b) <= max(abs(a), abs(b)) * 10 ** (1 - digits) / 2 + 1e-15
 
 
+def first_usd(text, after=""):
+    """The first money figure in `text` (a chart's tooltip), or the first one `after` follows."""
+    match = re.search(r"(-?\$[\d,.]+)" + re.escape(after), text)
+    assert match, (text, after)
+    return usd(match.group(1))
+
+
+def bucket_start(moment, bucket):
+    """The RFC 3339 start of the UTC hour or day `moment` falls in, as the API writes it."""
+    start = moment.replace(minute=0, second=0, microsecond=0)
+    if bucket == "day":
+        start = start.replace(hour=0)
+    return start.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class DashboardInABrowser(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -117,12 +134,7 @@ class DashboardInABrowser(unittest.TestCase):
             cls.playwright = sync_playwright().start()
             cls.browser = cls.playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             cls.context = cls.browser.new_context(viewport={"width": 1280, "height": 800})
-            page = cls.context.new_page()
-            page.goto(cls.gateway.origin + "/dashboard")
-            page.fill("input[name=key]", ADMIN_KEY)
-            with page.expect_navigation():
-                page.click("button[type=submit]")
-            page.close()
+            cls.sign_in(cls.context, cls.gateway)
         except BaseException:
             cls.tearDownClass()
             raise
@@ -137,13 +149,24 @@ class DashboardInABrowser(unittest.TestCase):
         if hasattr(cls, "gateway"):
             cls.gateway.stop()
 
+    @staticmethod
+    def sign_in(context, gateway):
+        """Signs `context` in to `gateway`'s dashboard with the login form."""
+        page = context.new_page()
+        page.goto(gateway.origin + "/dashboard")
+        page.fill("input[name=key]", ADMIN_KEY)
+        with page.expect_navigation():
+            page.click("button[type=submit]")
+        page.close()
+
     # ---- plain HTTP ----
 
     @classmethod
-    def call(cls, method, path, body=None, key=None, headers=None):
-        """(status, headers, body bytes) of one request, errors included."""
+    def call(cls, method, path, body=None, key=None, headers=None, gateway=None):
+        """(status, headers, body bytes) of one request to `gateway` (the seeded one by
+        default), errors included."""
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-        request = urllib.request.Request(cls.gateway.origin + path, data=data, method=method)
+        request = urllib.request.Request((gateway or cls.gateway).origin + path, data=data, method=method)
         if key:
             request.add_header("Authorization", f"Bearer {key}")
         if isinstance(body, dict):
@@ -157,8 +180,8 @@ class DashboardInABrowser(unittest.TestCase):
             return error.code, error.headers, error.read()
 
     @classmethod
-    def admin(cls, method, path, body=None):
-        status, _, read = cls.call(method, path, body, key=ADMIN_KEY)
+    def admin(cls, method, path, body=None, gateway=None):
+        status, _, read = cls.call(method, path, body, key=ADMIN_KEY, gateway=gateway)
         if status >= 300:
             raise AssertionError(f"{method} {path}: {status} {read!r}")
         return json.loads(read) if read else None
@@ -166,26 +189,46 @@ class DashboardInABrowser(unittest.TestCase):
     @classmethod
     def seed(cls):
         """API users on a team, then known non-streamed traffic; keeps the costs the gateway
-        reported, a cache hit, and two refusals."""
+        reported (`cls.costs`, with when each was metered in `cls.metered`), a cache hit, and
+        two refusals."""
         cls.admin("POST", "/admin/teams", {"name": "acme"})
         keys = dict(CONFIG_USER_KEYS)
         for name, (plan, team) in API_USERS.items():
             cls.admin("POST", "/admin/users", {"name": name, "plan": plan, "team": team})
             keys[name] = cls.admin("POST", f"/admin/users/{name}/keys", {"label": "browser test"})["key"]
         cls.keys = keys
-        cls.costs = []
+        cls.costs, cls.metered = [], []
         for user, n in REQUESTS.items():
             for i in range(n):
-                status, headers, read = cls.chat(keys[user], f"Question {i} from {user}", max_tokens=20 + 10 * i)
-                assert status == 200, read
-                cls.costs.append(float(headers["x-tollgate-cost-usd"]))
+                cls.metered_chat(user, f"Question {i} from {user}", max_tokens=20 + 10 * i)
         # The same deterministic question twice: the second is a cache hit, $0.
         for expected in ("miss", "hit"):
-            status, headers, read = cls.chat(keys["ann"], "Cache me", temperature=0)
-            assert status == 200 and headers["x-tollgate-cache"] == expected, (status, dict(headers))
-            cls.costs.append(float(headers["x-tollgate-cost-usd"]))
+            headers = cls.metered_chat("ann", "Cache me", temperature=0)
+            assert headers["x-tollgate-cache"] == expected, dict(headers)
         assert cls.chat("tg-not-a-key", "Hello")[0] == 401
         assert cls.chat(keys["eve"], "Hello", model="no-such-model")[0] == 404
+
+    @classmethod
+    def metered_chat(cls, user, content, **fields):
+        """One chat request as `user` that must succeed; keeps its metered cost and the times
+        around it. Returns its headers."""
+        before = datetime.now(timezone.utc)
+        status, headers, read = cls.chat(cls.keys[user], content, **fields)
+        assert status == 200, read
+        cost = float(headers["x-tollgate-cost-usd"])
+        cls.costs.append(cost)
+        cls.metered.append((before, datetime.now(timezone.utc), cost))
+        return headers
+
+    def metered_by(self, bucket):
+        """The metered costs summed by UTC hour or day; None when a request straddled two."""
+        sums = {}
+        for before, after, cost in self.metered:
+            start = bucket_start(after, bucket)
+            if bucket_start(before, bucket) != start:
+                return None
+            sums[start] = sums.get(start, 0.0) + cost
+        return sums
 
     @classmethod
     def chat(cls, key, content, model="auto", **fields):
@@ -204,22 +247,41 @@ class DashboardInABrowser(unittest.TestCase):
 
     # ---- the browser ----
 
-    def open(self, path="/dashboard", context=None):
-        """A page of `context` (the signed-in one by default) at `path`, its data loaded; its
-        console errors and page errors collected in `page.problems`."""
+    def open(self, path="/dashboard", context=None, gateway=None):
+        """A page of `context` (the signed-in one by default) at `path` of `gateway` (the seeded
+        one by default), its data loaded; its console errors and page errors collected in
+        `page.problems`."""
         page = (context or self.context).new_page()
         page.problems = []
         page.on("console", lambda m: m.type in ("error", "warning") and page.problems.append(f"{m.type}: {m.text}"))
         page.on("pageerror", lambda e: page.problems.append(f"pageerror: {e}"))
-        page.goto(self.gateway.origin + path)
+        page.goto((gateway or self.gateway).origin + path)
         if page.locator("#users").count():
             self.settled(page)
         self.addCleanup(page.close)
         return page
 
     def settled(self, page):
-        page.wait_for_selector("#overview[aria-busy=false]", state="attached")
-        page.wait_for_selector("#users[aria-busy=false]", state="attached")
+        for part in ("#overview", "#spend-panel", "#backends", "#users"):
+            page.wait_for_selector(f"{part}[aria-busy=false]", state="attached")
+
+    def column(self, page, table, header):
+        """The cells of `table`'s column headed `header` (its lowest header cell, a grouped
+        header's rows and spans laid out), as one locator."""
+        grid = {}
+        for r, row in enumerate(page.locator(f"{table} thead tr").all()):
+            c = 0
+            for th in row.locator("th").all():
+                while (r, c) in grid:
+                    c += 1
+                rows, cols = (int(th.get_attribute(a) or 1) for a in ("rowspan", "colspan"))
+                for dr in range(rows):
+                    for dc in range(cols):
+                        grid[(r + dr, c + dc)] = th.inner_text().strip()
+                c += cols
+        last = max(r for r, _ in grid)
+        index = [grid[(last, c)] for c in range(max(c for _, c in grid) + 1)].index(header) + 1
+        return page.locator(f"{table} tbody tr td:nth-child({index})")
 
     def rows(self, page):
         """The users table as {user: {column: text}}, in the page's order."""
@@ -295,10 +357,18 @@ class DashboardInABrowser(unittest.TestCase):
         self.assertEqual(page.locator("#refusals").inner_text(), "2")
         self.assertIn("UTC", page.locator("#overview-scope").inner_text())
         self.assertIn("UTC", page.locator("#stamp").inner_text())
-        backends = {r.locator("td").first.inner_text().split()[0] for r in page.locator("#backends tbody tr").all()}
-        self.assertEqual(backends, {"sim-premium", "sim-cpu", "All"})
         reasons = page.locator("#reasons .bar-label").all_inner_texts()
         self.assertEqual(set(reasons), {r["reason"] for r in overview["reasons"]})
+        self.assertEqual(set(page.locator("#statuses .bar-label").all_inner_texts()), set(overview["requests"]["by_status"]))
+        # Today and this month, from the ledger's rollups: every metered request (the cache's
+        # hit too), unless the seeding straddled a UTC midnight.
+        for card, span in (("today", overview["today"]), ("month", overview["month"])):
+            self.assertTrue(close(usd(page.locator(f"#{card}-spend").inner_text()), span["spend_usd"]), (card, span))
+            self.assertIn(f"{span['requests']} requests", page.locator(f"#{card}-sub").inner_text())
+            self.assertIn("UTC", page.locator(f"#{card}-sub").inner_text())
+        if self.metered_by("day") is not None:
+            self.assertTrue(close(overview["today"]["spend_usd"], sent), overview["today"])
+            self.assertEqual(overview["today"]["requests"], len(self.costs))
         self.assertCleanConsole(page)
 
     def test_users_show_the_ledgers_spend_and_sort_by_spend(self):
@@ -311,8 +381,13 @@ class DashboardInABrowser(unittest.TestCase):
             self.assertEqual(int(row["Requests"]), ledger[name]["requests"])
         self.assertEqual(rows["bob"]["Plan"], "free")
         self.assertEqual(rows["cat"]["Team"], "acme")
-        dans_margin = page.locator("#users-table tbody tr", has_text="dan").locator("td").nth(7)
+        names = [n.strip() for n in self.column(page, "#users-table", "User").all_inner_texts()]
+        dans_margin = self.column(page, "#users-table", "Margin").nth(names.index("dan"))
         self.assertIn("negative", dans_margin.get_attribute("class"), "a free user's margin is negative: red")
+        for name, row in rows.items():
+            self.assertEqual(row["Premium share"], "—" if ledger[name]["premium_share"] is None
+                             else f"{100 * ledger[name]['premium_share']:.1f}%", name)
+            self.assertTrue(close(usd(row["Projection"]), ledger[name]["projection_usd"], 3), (name, row))
         page.select_option("#sort", "spent")
         self.settled(page)
         by_spend = self.rows(page)
@@ -321,10 +396,135 @@ class DashboardInABrowser(unittest.TestCase):
         self.assertEqual(spends, sorted(spends, reverse=True), by_spend)
         self.assertCleanConsole(page)
 
+    def test_users_sort_by_margin_and_requests_either_way(self):
+        ledger = self.ledger()
+        page = self.open()
+
+        def sort_by(header):
+            page.click(f"#users-table thead th button:text-is('{header}')")
+            self.settled(page)
+            return list(self.rows(page))
+
+        # A margin's first click: the losses first.
+        names = sort_by("Margin")
+        margins = [ledger[n]["margin_usd"] for n in names]
+        self.assertEqual(names[0], min(ledger, key=lambda n: ledger[n]["margin_usd"]), names)
+        self.assertEqual(margins, sorted(margins), names)
+        self.assertEqual(page.locator("#users-table th[data-sort=margin]").get_attribute("aria-sort"), "ascending")
+        self.assertIn("sort=margin&order=asc", page.url)
+        # Requests: the busiest first, then, clicked again, the quietest.
+        names = sort_by("Requests")
+        requests = [ledger[n]["requests"] for n in names]
+        self.assertEqual(names[0], max(ledger, key=lambda n: ledger[n]["requests"]), names)
+        self.assertEqual(requests, sorted(requests, reverse=True), names)
+        self.assertEqual(page.locator("#users-table th[data-sort=requests]").get_attribute("aria-sort"), "descending")
+        names = sort_by("Requests")
+        self.assertEqual([ledger[n]["requests"] for n in names], sorted(requests), names)
+        # The controls say the same, and the note says where the users without a figure go.
+        self.assertEqual(page.locator("#sort").input_value(), "requests")
+        self.assertEqual(page.locator("#order").input_value(), "asc")
+        page.select_option("#sort", "premium_share")
+        self.settled(page)
+        page.select_option("#order", "desc")
+        self.settled(page)
+        shares = [ledger[n]["premium_share"] for n in self.rows(page)]
+        self.assertEqual(shares, sorted(shares, reverse=True), shares)
+        self.assertTrue(page.locator("#sort-note").is_visible())
+        page.select_option("#sort", "name")
+        self.settled(page)
+        self.assertTrue(page.locator("#order").is_disabled(), "a name has one order")
+        self.assertTrue(page.locator("#sort-note").is_hidden())
+        self.assertEqual(list(self.rows(page)), sorted(REQUESTS))
+        self.assertCleanConsole(page)
+
+    def test_the_spend_chart_shows_the_metered_costs(self):
+        page = self.open()
+        answer = self.admin("GET", "/admin/dashboard/spend")
+        self.assertEqual(answer["timezone"], "UTC")
+        bars = page.locator("#spend-chart g.bucket")
+        self.assertEqual(bars.count(), len(answer["points"]), "a bar per hour of the 48")
+        self.assertEqual(len(answer["points"]), 48)
+        # The current hour is the last bar; its tooltip has what was metered in it.
+        current = bucket_start(datetime.now(timezone.utc), "hour")
+        last = bars.last
+        if last.get_attribute("data-start") != current:  # the hour turned since the page loaded
+            page = self.open()
+            last = page.locator("#spend-chart g.bucket").last
+        self.assertEqual(last.get_attribute("data-start"), current)
+        by_hour = self.metered_by("hour")
+        if by_hour is not None:
+            for hour, spent in by_hour.items():
+                title = page.locator(f'#spend-chart g.bucket[data-start="{hour}"] > title').text_content()
+                self.assertTrue(close(first_usd(title), spent), (title, spent))
+                self.assertIn("UTC", title)
+            title = last.locator("title").text_content()
+            self.assertTrue(close(first_usd(title), by_hour.get(current, 0.0)), (title, by_hour))
+            if by_hour.get(current):
+                self.assertGreaterEqual(last.locator("rect.bar-premium, rect.bar-rest").count(), 1, "drawn")
+        # The window's totals: every metered cost, every metered request (the cache's hit too).
+        self.assertTrue(close(usd(page.locator("#spend-total").inner_text()), sum(self.costs)))
+        self.assertEqual(int(page.locator("#spend-requests").inner_text()), len(self.costs))
+        tooltips = sum(first_usd(t) for t in page.locator("#spend-chart g.bucket > title").all_text_contents())
+        self.assertTrue(close(tooltips, sum(self.costs), 5), (tooltips, sum(self.costs)))
+        self.assertIn("UTC", page.locator("#spend-window").inner_text())
+        ticks = page.locator("#spend-chart text.tick-label").all_text_contents()
+        self.assertTrue(any(re.fullmatch(r"\d\d:00", t) for t in ticks), ticks)
+        self.assertTrue(any(t.startswith("$") and usd(t) >= max(p["spend_usd"] for p in answer["points"]) for t in ticks),
+                        ("the money axis reaches the highest bar", ticks))
+        # Pointing at a bar shows its figures under the chart.
+        last.hover()
+        self.assertIn(last.locator("title").text_content().split("\n")[0], page.locator("#spend-readout").inner_text())
+        # 31 days, daily: today's bar has today's metered spend.
+        page.click("#spend-daily")
+        self.settled(page)
+        self.assertEqual(page.locator("#spend-daily").get_attribute("aria-pressed"), "true")
+        self.assertEqual(page.locator("#spend-chart g.bucket").count(), 31)
+        by_day = self.metered_by("day")
+        if by_day is not None:
+            for day, spent in by_day.items():
+                title = page.locator(f'#spend-chart g.bucket[data-start="{day}"] > title').text_content()
+                self.assertTrue(close(first_usd(title), spent), (title, spent))
+        self.assertTrue(close(usd(page.locator("#spend-total").inner_text()), sum(self.costs)))
+        self.assertEqual(page.locator("#spend-peak-label").inner_text(), "Busiest day")
+        os.makedirs(SCREENSHOTS, exist_ok=True)
+        page.locator("#spend-panel").screenshot(path=os.path.join(SCREENSHOTS, "dashboard-spend-daily.png"))
+        self.assertCleanConsole(page)
+
+    def test_the_backends_table_lists_every_backend_with_its_traffic(self):
+        page = self.open()
+        ledger = self.ledger()
+        served = {}
+        for u in ledger.values():
+            for name, b in u["by_backend"].items():
+                served[name] = served.get(name, 0) + b["requests"]
+        table = "#backends-table"
+        names = [n.split()[0] for n in self.column(page, table, "Backend").all_inner_texts()]
+        self.assertEqual(names, ["sim-premium", "sim-cpu", "All"], "every configured backend, then all")
+        tiers = page.locator(f"{table} tbody td .tag").all_inner_texts()
+        self.assertEqual(tiers, ["quality", "economy"])
+        requests = [int(r.replace(",", "")) for r in self.column(page, table, "Requests").all_inner_texts()]
+        self.assertEqual(dict(zip(names, requests)), {**served, "All": len(self.costs)})
+        self.assertEqual(self.column(page, table, "Health").all_inner_texts()[:2], ["up", "up"])
+        self.assertEqual(self.column(page, table, "Errors").all_inner_texts(), ["0", "0", "0"])
+        spends = [usd(t) for t in self.column(page, table, "Spend").all_inner_texts()]
+        self.assertTrue(close(spends[-1], sum(self.costs)), spends)
+        answer = self.admin("GET", "/admin/dashboard/backends")
+        for header, field, quantile in (("Latency p50", "latency_seconds", "p50"), ("p90", "latency_seconds", "p90"),
+                                        ("p99", "latency_seconds", "p99")):
+            shown = self.column(page, table, header).all_inner_texts()[:2]
+            self.assertTrue(all(re.fullmatch(r"[\d,.]+ ms", t) for t in shown), (header, shown))
+            for text, b in zip(shown, answer["backends"]):
+                self.assertAlmostEqual(float(text[:-3].replace(",", "")), 1000 * b[field][quantile], delta=0.051)
+        self.assertEqual(self.column(page, table, "Utilisation").all_inner_texts()[:2][0], "—", "per token: none")
+        self.assertRegex(self.column(page, table, "Utilisation").all_inner_texts()[1], r"^(<0\.1|\d+\.\d)%$")
+        self.assertRegex(self.column(page, table, "Idle cost").all_inner_texts()[1], r"^\$")
+        self.assertIn("UTC", page.locator("#backends-scope").inner_text())
+        self.assertCleanConsole(page)
+
     def test_pages_of_two_show_every_user_once_forth_and_back(self):
-        for sort in ("name", "spent"):
-            with self.subTest(sort=sort):
-                page = self.open(f"/dashboard?limit=2&sort={sort}")
+        for sort, order in (("name", ""), ("spent", ""), ("margin", "asc"), ("requests", "desc"), ("projection", "asc")):
+            with self.subTest(sort=sort, order=order):
+                page = self.open(f"/dashboard?limit=2&sort={sort}" + (f"&order={order}" if order else ""))
                 forth = [list(self.rows(page))]
                 while page.locator("#next").is_enabled():
                     page.click("#next")
@@ -393,6 +593,14 @@ class DashboardInABrowser(unittest.TestCase):
         self.assertEqual({r["user"] for r in records}, {name})
         self.assertEqual(len(records), REQUESTS[name])
         self.assertEqual(len(self.admin("GET", f"/admin/requests?user={name}&limit=1")["data"]), 1)
+        # The period chart: the month so far by day, the last day's "so far" is the spend.
+        spend = self.admin("GET", f"/admin/dashboard/spend?user={name}&bucket=day&from={usage['period_start']}")
+        bands = page.locator("#user-chart g.bucket")
+        self.assertEqual(bands.count(), len(spend["points"]))
+        self.assertTrue(close(first_usd(bands.last.locator("title").text_content(), " so far"), usage["spent_usd"]))
+        for part in ("polyline.spent-line", "line.budget-line", "line.pace-line"):
+            self.assertEqual(page.locator(f"#user-chart {part}").count(), 1, part)
+        self.assertIn("UTC", page.locator("#user-chart-title").inner_text())
         mix = page.locator("#user-spend-mix .bar-label").all_inner_texts()
         self.assertEqual({m.split()[0] for m in mix}, set(usage["by_backend"]))
         key = self.keys[name]
@@ -444,6 +652,41 @@ class DashboardInABrowser(unittest.TestCase):
             page = self.open(context=login)
             page.screenshot(path=os.path.join(SCREENSHOTS, f"login-{name}.png"), full_page=True)
             self.assertCleanConsole(page)
+
+    def test_a_gateway_without_traffic_shows_its_empty_states(self):
+        gateway = Gateway(CONFIG, {"TOLLGATE_DASHBOARD_ADMIN_KEY": ADMIN_KEY})
+        self.addCleanup(gateway.stop)
+        context = self.browser.new_context(viewport={"width": 1280, "height": 800}, device_scale_factor=1)
+        self.addCleanup(context.close)
+        self.sign_in(context, gateway)
+        page = self.open(context=context, gateway=gateway)
+        for figure in ("#today-spend", "#month-spend", "#spend", "#spend-total"):
+            self.assertEqual(page.locator(figure).inner_text(), "$0.00", figure)
+        self.assertEqual(page.locator("#spend-chart text.chart-empty").text_content(), "No spend in this window.")
+        self.assertEqual(page.locator("#spend-chart g.bucket").count(), 48)
+        self.assertEqual(page.locator("#spend-chart rect.bar-rest, #spend-chart rect.bar-premium").count(), 0)
+        self.assertEqual(page.locator("#spend-peak").inner_text(), "—")
+        self.assertEqual(page.locator("#reasons .empty").inner_text(), "No requests yet.")
+        names = [n.split()[0] for n in self.column(page, "#backends-table", "Backend").all_inner_texts()]
+        self.assertEqual(names, ["sim-premium", "sim-cpu", "All"])
+        self.assertEqual(self.column(page, "#backends-table", "Requests").all_inner_texts(), ["0", "0", "0"])
+        self.assertEqual(self.column(page, "#backends-table", "Latency p50").all_inner_texts(), ["—", "—", ""])
+        self.assertEqual(list(self.rows(page)), ["ann", "bob"], "the config users, with nothing spent")
+        os.makedirs(SCREENSHOTS, exist_ok=True)
+        page.screenshot(path=os.path.join(SCREENSHOTS, "dashboard-empty.png"), full_page=True)
+        page.click("#spend-daily")
+        self.settled(page)
+        self.assertEqual(page.locator("#spend-chart text.chart-empty").text_content(), "No spend in this window.")
+        self.assertCleanConsole(page)
+        self.user_view(page, "ann")
+        start = self.admin("GET", "/admin/usage/ann", gateway=gateway)["period_start"]
+        spend = self.admin("GET", f"/admin/dashboard/spend?user=ann&bucket=day&from={start}", gateway=gateway)
+        self.assertEqual(page.locator("#user-chart g.bucket").count(), len(spend["points"]))
+        self.assertEqual(spend["totals"]["requests"], 0)
+        self.assertEqual(page.locator("#user-chart line.pace-line").count(), 1)
+        page.screenshot(path=os.path.join(SCREENSHOTS, "dashboard-empty-user.png"), full_page=True)
+        # A config user's keys are a 404 the page expects: an answer, not a script error.
+        self.assertFalse([p for p in page.problems if "pageerror" in p or "Content Security" in p], page.problems)
 
     def test_signing_out_ends_the_session(self):
         context = self.browser.new_context()
