@@ -74,6 +74,8 @@ pub struct AppState {
     pub dashboard_sessions: dashmap::DashMap<[u8; 32], crate::http::dashboard::Session>,
     /// When this process started (Unix seconds): the dashboard's totals count from here.
     pub started_at_unix: i64,
+    /// Every user's order by the figures of its period, kept for `/admin/usage?sort=`.
+    pub ranked_users: crate::http::RankedUsers,
 }
 
 /// Why the gateway could not start.
@@ -146,6 +148,7 @@ impl AppState {
             tracing,
             cache,
             dashboard_sessions: dashmap::DashMap::new(),
+            ranked_users: crate::http::RankedUsers::default(),
             started_at_unix: crate::clock::unix_now(),
         }))
     }

@@ -114,6 +114,9 @@ pub async fn login(State(state): State<Arc<AppState>>, body: Bytes) -> Response 
     // No `Secure`: the gateway serves plain HTTP (TLS, when there is any, ends in front of it),
     // and a browser would not send a `Secure` cookie back over http://. Add it if it ever
     // terminates TLS itself.
+    // The users table's sorted pages are cut from an order that takes a while to build with
+    // many users: start it now, while the page loads.
+    crate::http::RankedUsers::refresh_in_background(&state);
     let cookie =
         format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}", SESSION_LIFETIME.as_secs());
     to_dashboard(&cookie)

@@ -11,6 +11,8 @@ mod proxy;
 mod tenants;
 mod usage;
 
+pub use usage::RankedUsers;
+
 use std::sync::Arc;
 
 use axum::extract::State;

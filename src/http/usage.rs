@@ -17,6 +17,9 @@ use crate::ledger::{period, Account, Budgets, Totals};
 use crate::snapshot::Snapshot;
 use crate::tenancy::store::UserQuery;
 
+mod ranked;
+pub use ranked::RankedUsers;
+
 /// Members listed in a team's usage at most.
 const MAX_TEAM_MEMBERS: usize = 1000;
 /// Users read from the directory per call while the whole table is built.
@@ -89,6 +92,13 @@ impl Figures {
     }
 
     fn usage_of(&self, user: &User, account: &Account) -> UserUsage {
+        let mut usage = self.figures_of(user, account);
+        usage.by_backend = account.by_backend.iter().map(|(name, t)| (name.clone(), t.into())).collect();
+        usage
+    }
+
+    /// A user's row without its backends: what ordering users needs.
+    fn figures_of(&self, user: &User, account: &Account) -> UserUsage {
         let spent = account.totals.spent.as_f64();
         let end = period::end(user.budget_period, account.period_start);
         let premium_requests: u64 =
@@ -117,7 +127,7 @@ impl Figures {
             requests: account.totals.requests,
             prompt_tokens: account.totals.prompt_tokens,
             completion_tokens: account.totals.completion_tokens,
-            by_backend: account.by_backend.iter().map(|(name, t)| (name.clone(), t.into())).collect(),
+            by_backend: BTreeMap::new(),
         }
     }
 }
@@ -196,7 +206,7 @@ impl Sort {
 
 /// Orders rows by `sort` (`descending` or not), rows without the figure last whatever the
 /// order, then by name: every page of a walk is disjoint from the others.
-fn order_rows(rows: &mut [UserUsage], sort: Sort, descending: bool) {
+fn order_rows(rows: &mut [&UserUsage], sort: Sort, descending: bool) {
     rows.sort_by(|a, b| {
         let by_figure = match (sort.key(a), sort.key(b)) {
             (Some(x), Some(y)) if descending => y.total_cmp(&x),
@@ -226,7 +236,7 @@ pub async fn all_usage(
         None | Some("name") => {
             let (users, next) = page_by_name(&state, &snapshot, &q, limit).await?;
             let mut data = Vec::with_capacity(users.len());
-            for user in users.iter().filter(|u| wanted(&q, u)) {
+            for user in users.iter().filter(|u| wanted(&q, u.plan.as_deref(), u.team.as_deref())) {
                 let entry = usage(&state, user, &figures).await?;
                 if costs_more(&entry) {
                     data.push(entry);
@@ -255,32 +265,36 @@ pub async fn all_usage(
                     )
                 })?,
             };
-            let mut rows = users_table(&state, &snapshot, &q, &figures).await?;
-            rows.retain(costs_more);
-            order_rows(&mut rows, sort, descending);
+            let ranked = state.ranked_users.get(&state).await?;
+            let mut order: Vec<&UserUsage> = ranked
+                .rows
+                .iter()
+                .filter(|u| wanted(&q, u.plan.as_deref(), u.team.as_deref()) && costs_more(u))
+                .collect();
+            order_rows(&mut order, sort, descending);
             let end = offset.saturating_add(limit);
-            let next = (end < rows.len()).then(|| end.to_string());
-            let data: Vec<UserUsage> = rows.into_iter().skip(offset).take(limit).collect();
+            let next = (end < order.len()).then(|| end.to_string());
+            // The order is kept a few seconds; the page's figures are read now.
+            let mut data = Vec::with_capacity(limit);
+            for row in order.into_iter().skip(offset).take(limit) {
+                if let Some(user) = effective_user_named(&state, &snapshot, &row.user).await? {
+                    data.push(usage(&state, &user, &figures).await?);
+                }
+            }
             (data, next)
         }
     };
     Ok(Json(serde_json::json!({ "object": "list", "data": data, "next_cursor": next })))
 }
 
-/// Whether the query's plan and team filters keep `user`.
-fn wanted(q: &UsageQuery, user: &User) -> bool {
-    q.plan.as_deref().is_none_or(|p| user.plan.as_deref() == Some(p))
-        && q.team.as_deref().is_none_or(|t| user.team.as_deref() == Some(t))
+/// Whether the query's plan and team filters keep a user on `plan` and `team`.
+fn wanted(q: &UsageQuery, plan: Option<&str>, team: Option<&str>) -> bool {
+    q.plan.as_deref().is_none_or(|p| plan == Some(p)) && q.team.as_deref().is_none_or(|t| team == Some(t))
 }
 
-/// Every user the query's filters keep (config and API users), with its figures for the
-/// period: the ledger's standings joined to the directory, no per-user read.
-async fn users_table(
-    state: &AppState,
-    snapshot: &Snapshot,
-    q: &UsageQuery,
-    figures: &Figures,
-) -> Result<Vec<UserUsage>, ApiError> {
+/// Every user (config and API users) with its figures for the period, backends left out: the
+/// ledger's standings joined to the directory, no per-user read.
+async fn users_table(state: &AppState, snapshot: &Snapshot, figures: &Figures) -> Result<Vec<UserUsage>, ApiError> {
     let mut accounts: std::collections::HashMap<Arc<str>, Vec<Account>> = std::collections::HashMap::new();
     for standing in state.ledger.standings(figures.now).await? {
         accounts.entry(standing.user).or_default().push(standing.account);
@@ -289,13 +303,13 @@ async fn users_table(
     let mut add = |user: &User| {
         let start = period::start(user.budget_period, figures.now);
         let found = accounts.get(user.name.as_str()).and_then(|list| list.iter().find(|a| a.period_start == start));
-        let account = found.cloned().unwrap_or_else(|| Account::new(start));
-        rows.push(figures.usage_of(user, &account));
+        let empty = Account::new(start);
+        rows.push(figures.figures_of(user, found.unwrap_or(&empty)));
     };
-    for user in snapshot.config.users.iter().filter(|u| wanted(q, u)) {
+    for user in &snapshot.config.users {
         add(user);
     }
-    let mut query = UserQuery { after: None, limit: DIRECTORY_CHUNK, plan: q.plan.clone(), team: q.team.clone() };
+    let mut query = UserQuery { after: None, limit: DIRECTORY_CHUNK, ..UserQuery::default() };
     loop {
         let members = state.tenants.directory.users(&query).await?;
         for member in &members {
