@@ -22,8 +22,6 @@ pub use ranked::RankedUsers;
 
 /// Members listed in a team's usage at most.
 const MAX_TEAM_MEMBERS: usize = 1000;
-/// Users read from the directory per call while the whole table is built.
-const DIRECTORY_CHUNK: usize = 10_000;
 
 #[derive(Serialize)]
 struct BackendUsage {
@@ -92,17 +90,7 @@ impl Figures {
     }
 
     fn usage_of(&self, user: &User, account: &Account) -> UserUsage {
-        let mut usage = self.figures_of(user, account);
-        usage.by_backend = account.by_backend.iter().map(|(name, t)| (name.clone(), t.into())).collect();
-        usage
-    }
-
-    /// A user's row without its backends: what ordering users needs.
-    fn figures_of(&self, user: &User, account: &Account) -> UserUsage {
-        let spent = account.totals.spent.as_f64();
-        let end = period::end(user.budget_period, account.period_start);
-        let premium_requests: u64 =
-            account.by_backend.iter().filter(|(name, _)| self.premium.contains(*name)).map(|(_, t)| t.requests).sum();
+        let economics = self.economics(user, account);
         UserUsage {
             user: user.name.clone(),
             plan: user.plan.as_deref().map(str::to_owned),
@@ -110,26 +98,53 @@ impl Figures {
             period: period::name(user.budget_period),
             period_start: period::rfc3339(account.period_start),
             budget_usd: user.budget_usd.map(|b| b.as_f64()),
-            spent_usd: spent,
+            spent_usd: economics.spent,
             reserved_usd: account.reserved.as_f64(),
             remaining_usd: user.budget_usd.map(|b| account.remaining(b).as_f64()),
             price_usd: user.price_usd.map(|p| p.as_f64()),
-            margin_usd: user.price_usd.map(|p| p.as_f64() - spent),
+            margin_usd: economics.margin,
+            budget_used: economics.budget_used,
+            projection_usd: economics.projection,
+            premium_share: economics.premium_share,
+            period_end: period::end(user.budget_period, account.period_start).map(period::rfc3339),
+            requests: account.totals.requests,
+            prompt_tokens: account.totals.prompt_tokens,
+            completion_tokens: account.totals.completion_tokens,
+            by_backend: account.by_backend.iter().map(|(name, t)| (name.clone(), t.into())).collect(),
+        }
+    }
+
+    /// The figures of a user's period that the users table sorts by.
+    fn economics(&self, user: &User, account: &Account) -> Economics {
+        let spent = account.totals.spent.as_f64();
+        let end = period::end(user.budget_period, account.period_start);
+        let premium_requests: u64 =
+            account.by_backend.iter().filter(|(name, _)| self.premium.contains(*name)).map(|(_, t)| t.requests).sum();
+        Economics {
+            spent,
+            margin: user.price_usd.map(|p| p.as_f64() - spent),
             budget_used: user.budget_usd.filter(|b| b.pico() > 0).map(|b| spent / b.as_f64()),
             // As `tollgate report` projects it, so both say the same.
-            projection_usd: end
+            projection: end
                 .and_then(|end| crate::report::project(account.totals.spent, account.period_start, end, self.now))
                 .map(crate::cost::Usd::as_f64),
             #[expect(clippy::cast_precision_loss, reason = "a share, not a count")]
             premium_share: (account.totals.requests > 0)
                 .then(|| premium_requests as f64 / account.totals.requests as f64),
-            period_end: end.map(period::rfc3339),
             requests: account.totals.requests,
-            prompt_tokens: account.totals.prompt_tokens,
-            completion_tokens: account.totals.completion_tokens,
-            by_backend: BTreeMap::new(),
         }
     }
+}
+
+/// A user's figures for its period that the users table sorts by (see [`UserUsage`]).
+#[derive(Debug, Clone, Copy)]
+struct Economics {
+    spent: f64,
+    margin: Option<f64>,
+    budget_used: Option<f64>,
+    projection: Option<f64>,
+    premium_share: Option<f64>,
+    requests: u64,
 }
 
 /// A user's effective limits by name: a config user's, or an API user's (its plan's with its
@@ -191,32 +206,25 @@ impl Sort {
         })
     }
 
+    /// Every sort, in the order [`Sort::index`] numbers them.
+    const ALL: [Self; 6] =
+        [Self::Spent, Self::Margin, Self::BudgetUsed, Self::Projection, Self::PremiumShare, Self::Requests];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
     #[expect(clippy::cast_precision_loss, reason = "an order, not a count")]
-    fn key(self, u: &UserUsage) -> Option<f64> {
+    fn key(self, e: &Economics) -> Option<f64> {
         match self {
-            Self::Spent => Some(u.spent_usd),
-            Self::Margin => u.margin_usd,
-            Self::BudgetUsed => u.budget_used,
-            Self::Projection => u.projection_usd,
-            Self::PremiumShare => u.premium_share,
-            Self::Requests => Some(u.requests as f64),
+            Self::Spent => Some(e.spent),
+            Self::Margin => e.margin,
+            Self::BudgetUsed => e.budget_used,
+            Self::Projection => e.projection,
+            Self::PremiumShare => e.premium_share,
+            Self::Requests => Some(e.requests as f64),
         }
     }
-}
-
-/// Orders rows by `sort` (`descending` or not), rows without the figure last whatever the
-/// order, then by name: every page of a walk is disjoint from the others.
-fn order_rows(rows: &mut [&UserUsage], sort: Sort, descending: bool) {
-    rows.sort_by(|a, b| {
-        let by_figure = match (sort.key(a), sort.key(b)) {
-            (Some(x), Some(y)) if descending => y.total_cmp(&x),
-            (Some(x), Some(y)) => x.total_cmp(&y),
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
-            (None, None) => std::cmp::Ordering::Equal,
-        };
-        by_figure.then_with(|| a.user.cmp(&b.user))
-    });
 }
 
 /// `GET /admin/usage`: every user's usage, by name (config and API users merged; the cursor
@@ -231,14 +239,14 @@ pub async fn all_usage(
     let snapshot = state.snapshot.load_full();
     let figures = Figures::new(&snapshot, crate::clock::unix_now());
     let over_price = q.over_price.unwrap_or(false);
-    let costs_more = |entry: &UserUsage| !over_price || entry.margin_usd.is_some_and(|m| m < 0.0);
+    let costs_more = |margin: Option<f64>| !over_price || margin.is_some_and(|m| m < 0.0);
     let (data, next) = match q.sort.as_deref() {
         None | Some("name") => {
             let (users, next) = page_by_name(&state, &snapshot, &q, limit).await?;
             let mut data = Vec::with_capacity(users.len());
             for user in users.iter().filter(|u| wanted(&q, u.plan.as_deref(), u.team.as_deref())) {
                 let entry = usage(&state, user, &figures).await?;
-                if costs_more(&entry) {
+                if costs_more(entry.margin_usd) {
                     data.push(entry);
                 }
             }
@@ -266,17 +274,16 @@ pub async fn all_usage(
                 })?,
             };
             let ranked = state.ranked_users.get(&state).await?;
-            let mut order: Vec<&UserUsage> = ranked
-                .rows
+            let mut matching = ranked
+                .order(sort, descending)
                 .iter()
-                .filter(|u| wanted(&q, u.plan.as_deref(), u.team.as_deref()) && costs_more(u))
-                .collect();
-            order_rows(&mut order, sort, descending);
-            let end = offset.saturating_add(limit);
-            let next = (end < order.len()).then(|| end.to_string());
+                .filter_map(|&i| ranked.rows.get(i))
+                .filter(|r| wanted(&q, r.plan.as_deref(), r.team.as_deref()) && costs_more(r.economics.margin));
+            let page: Vec<&ranked::RankedRow> = matching.by_ref().skip(offset).take(limit).collect();
+            let next = matching.next().is_some().then(|| offset.saturating_add(limit).to_string());
             // The order is kept a few seconds; the page's figures are read now.
             let mut data = Vec::with_capacity(limit);
-            for row in order.into_iter().skip(offset).take(limit) {
+            for row in page {
                 if let Some(user) = effective_user_named(&state, &snapshot, &row.user).await? {
                     data.push(usage(&state, &user, &figures).await?);
                 }
@@ -290,39 +297,6 @@ pub async fn all_usage(
 /// Whether the query's plan and team filters keep a user on `plan` and `team`.
 fn wanted(q: &UsageQuery, plan: Option<&str>, team: Option<&str>) -> bool {
     q.plan.as_deref().is_none_or(|p| plan == Some(p)) && q.team.as_deref().is_none_or(|t| team == Some(t))
-}
-
-/// Every user (config and API users) with its figures for the period, backends left out: the
-/// ledger's standings joined to the directory, no per-user read.
-async fn users_table(state: &AppState, snapshot: &Snapshot, figures: &Figures) -> Result<Vec<UserUsage>, ApiError> {
-    let mut accounts: std::collections::HashMap<Arc<str>, Vec<Account>> = std::collections::HashMap::new();
-    for standing in state.ledger.standings(figures.now).await? {
-        accounts.entry(standing.user).or_default().push(standing.account);
-    }
-    let mut rows = Vec::new();
-    let mut add = |user: &User| {
-        let start = period::start(user.budget_period, figures.now);
-        let found = accounts.get(user.name.as_str()).and_then(|list| list.iter().find(|a| a.period_start == start));
-        let empty = Account::new(start);
-        rows.push(figures.figures_of(user, found.unwrap_or(&empty)));
-    };
-    for user in &snapshot.config.users {
-        add(user);
-    }
-    let mut query = UserQuery { after: None, limit: DIRECTORY_CHUNK, ..UserQuery::default() };
-    loop {
-        let members = state.tenants.directory.users(&query).await?;
-        for member in &members {
-            if snapshot.user(&member.name).is_none() {
-                add(&crate::tenancy::reported_user(member, &snapshot.config));
-            }
-        }
-        if members.len() < DIRECTORY_CHUNK {
-            break;
-        }
-        query.after = members.last().map(|m| m.name.clone());
-    }
-    Ok(rows)
 }
 
 /// One page of users by name after the cursor: config users and API users merged.

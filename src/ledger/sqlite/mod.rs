@@ -13,10 +13,12 @@
 mod spend;
 mod writer;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use rusqlite::types::Type;
 use rusqlite::{params, Connection};
 use tokio::sync::oneshot;
 
@@ -77,7 +79,7 @@ const SCHEMA: &str = "
         status INTEGER NOT NULL,
         latency_ms INTEGER NOT NULL
     );
-    CREATE INDEX IF NOT EXISTS requests_at ON requests (at_ms);
+    CREATE INDEX IF NOT EXISTS requests_at_user ON requests (at_ms, user);
     CREATE INDEX IF NOT EXISTS spend_period ON spend (period_start);
 ";
 
@@ -155,20 +157,23 @@ fn load(conn: &Mutex<Connection>, account: &str, period_start: i64) -> rusqlite:
 }
 
 /// Users' accounts in the periods that hold `now`: the `spend` rows of today, this month and
-/// `total` (an index on `period_start` finds them), per user and period.
+/// `total` (an index on `period_start` finds them), per user and period. Grouped here rather
+/// than by `ORDER BY`, which sorted every row in a temporary B-tree first.
 fn read_standings(path: &str, now: i64) -> rusqlite::Result<Vec<super::Standing>> {
     use crate::config::BudgetPeriod;
     let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let mut statement = conn.prepare(
         "SELECT user, period_start, backend, spent_pico, requests, prompt_tokens, completion_tokens FROM spend
-         WHERE period_start IN (?1, ?2, 0) AND user NOT LIKE '~%' ORDER BY user, period_start",
+         WHERE period_start IN (?1, ?2, 0) AND user NOT LIKE '~%'",
     )?;
     let day = super::period::start(BudgetPeriod::Day, now);
     let month = super::period::start(BudgetPeriod::Month, now);
     let mut rows = statement.query(params![day, month])?;
     let mut out: Vec<super::Standing> = Vec::new();
+    let mut found: HashMap<i64, HashMap<Arc<str>, usize>> = HashMap::new();
     while let Some(row) = rows.next()? {
-        let user: String = row.get(0)?;
+        let user =
+            row.get_ref(0)?.as_str().map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, Type::Text, e.into()))?;
         let period_start: i64 = row.get(1)?;
         let totals = Totals {
             spent: Usd::from_pico(row.get(3)?),
@@ -176,11 +181,17 @@ fn read_standings(path: &str, now: i64) -> rusqlite::Result<Vec<super::Standing>
             prompt_tokens: row.get::<_, i64>(5)?.try_into().unwrap_or(0),
             completion_tokens: row.get::<_, i64>(6)?.try_into().unwrap_or(0),
         };
-        let same = out.last().is_some_and(|s| *s.user == *user && s.account.period_start == period_start);
-        if !same {
-            out.push(super::Standing { user: user.as_str().into(), account: Account::new(period_start) });
-        }
-        if let Some(standing) = out.last_mut() {
+        let of_period = found.entry(period_start).or_default();
+        let at = match of_period.get(user) {
+            Some(&at) => at,
+            None => {
+                let user: Arc<str> = user.into();
+                out.push(super::Standing { user: Arc::clone(&user), account: Account::new(period_start) });
+                of_period.insert(user, out.len() - 1);
+                out.len() - 1
+            }
+        };
+        if let Some(standing) = out.get_mut(at) {
             let account = &mut standing.account;
             account.totals.spent = account.totals.spent.saturating_add(totals.spent);
             account.totals.requests += totals.requests;
@@ -331,27 +342,30 @@ pub(super) fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Reque
 const USER_HOURS_SEARCHED: i64 = 24 * 31;
 
 /// `user`'s last `limit` records, oldest first. The rollups say which hours the user had
-/// traffic in; each such hour, newest first, is read through the time index: no index on the
-/// user (which every settlement would pay for) and no scan of the other hours' records.
+/// traffic in and how many requests in each; each such hour, newest first, is read through the
+/// time index, which carries the user (`requests_at_user`), so the other users' records of the
+/// hour are skipped in the index and the scan stops at the hour's count. No index led by the
+/// user: inserting into it at random places cost the writer ~8x per record (docs/PERFORMANCE.md).
 fn read_user_records(path: &str, user: &str, limit: usize) -> rusqlite::Result<Vec<RequestRecord>> {
     let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    let mut hours =
-        conn.prepare_cached("SELECT DISTINCT hour FROM hourly_user WHERE user = ?1 ORDER BY hour DESC LIMIT ?2")?;
-    let hours: Vec<i64> =
-        hours.query_map(params![user, USER_HOURS_SEARCHED], |row| row.get(0))?.collect::<rusqlite::Result<_>>()?;
+    let mut hours = conn.prepare_cached(
+        "SELECT hour, SUM(requests) FROM hourly_user WHERE user = ?1 GROUP BY hour ORDER BY hour DESC LIMIT ?2",
+    )?;
+    let hours: Vec<(i64, i64)> = hours
+        .query_map(params![user, USER_HOURS_SEARCHED], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
     let mut in_hour = conn.prepare_cached(&format!(
         "SELECT {REQUEST_COLUMN_LIST}, request_id FROM requests
          WHERE at_ms >= ?1 AND at_ms < ?2 AND user = ?3 ORDER BY at_ms DESC, rowid DESC LIMIT ?4"
     ))?;
     let mut newest_first = Vec::new();
-    for hour in hours {
-        let left = limit.saturating_sub(newest_first.len());
+    for (hour, requests) in hours {
+        let left = i64::try_from(limit.saturating_sub(newest_first.len())).unwrap_or(i64::MAX);
         if left == 0 {
             break;
         }
         let (from_ms, to_ms) = (hour.saturating_mul(1000), hour.saturating_add(rollup::HOUR_S).saturating_mul(1000));
-        let rows = in_hour
-            .query_map(params![from_ms, to_ms, user, i64::try_from(left).unwrap_or(i64::MAX)], record_from_row)?;
+        let rows = in_hour.query_map(params![from_ms, to_ms, user, left.min(requests.max(1))], record_from_row)?;
         for row in rows {
             newest_first.push(row?);
         }
@@ -661,9 +675,22 @@ mod tests {
         ledger.flush().await.unwrap();
         drop(ledger);
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch("DROP TABLE hourly_user; DROP TABLE hourly_backend;").unwrap();
+        conn.execute_batch(
+            "DROP TABLE hourly_user; DROP TABLE hourly_backend;
+             DROP INDEX requests_at_user; CREATE INDEX requests_at ON requests (at_ms);",
+        )
+        .unwrap();
         drop(conn);
         let reopened = SqliteLedger::open(&path, Duration::from_secs(86_400)).unwrap();
+        let conn = Connection::open(&path).unwrap();
+        let indices: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'requests' ORDER BY name")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(indices, ["requests_at_user"], "the time index now carries the user");
         let query = HourQuery { user: None, from: now - 3600, to: now + 3600 };
         assert_eq!(reopened.hourly(query.clone()).await.unwrap(), reference.read(&query));
         let alice_only = HourQuery { user: Some("alice".into()), ..query };

@@ -23,8 +23,8 @@ pub const FLUSH_EVERY_MS: i64 = 1_000;
 /// Sums kept at most before a flush whatever the time: bounds the writer's memory.
 pub const MAX_PENDING: usize = 100_000;
 
-/// Added to a ledger file from before (idempotent): the records' levels and the watermark, and
-/// their request ids. Such a file's spend already counts every record it holds, so the
+/// Added to a ledger file from before (idempotent): the records' levels and the watermark,
+/// their request ids, the hourly rollups and the time index that carries the user. Such a file's spend already counts every record it holds, so the
 /// watermark starts at its last record.
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
@@ -43,6 +43,8 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     if !has_table(&tx, "hourly_user")? {
         create_rollups(&tx)?;
     }
+    // Replaced by `requests_at_user` (the schema creates it), which serves every read it did.
+    tx.execute_batch("DROP INDEX IF EXISTS requests_at")?;
     tx.commit()
 }
 
