@@ -512,18 +512,20 @@ def after_idle(gw, path, idle_s=6.0, watch_s=3.0):
 
 
 def user_records(conn, user, limit):
-    """What the ledger reads for `/admin/requests?user=`: the user's hours, newest first, then each
-    hour's records of that user until `limit`; returns (records, rows of `requests` visited)."""
-    hours = [h for (h,) in conn.execute(
-        "SELECT DISTINCT hour FROM hourly_user WHERE user = ?1 ORDER BY hour DESC LIMIT ?2", (user, 24 * 31))]
+    """What the ledger reads for `/admin/requests?user=`: the user's hours and their request counts,
+    newest first, then each hour's records of that user (at most its count) until `limit`; returns
+    the records found."""
+    hours = conn.execute("SELECT hour, SUM(requests) FROM hourly_user WHERE user = ?1 GROUP BY hour "
+                         "ORDER BY hour DESC LIMIT ?2", (user, 24 * 31)).fetchall()
     found = 0
-    for hour in hours:
+    for hour, requests in hours:
         if found >= limit:
             break
         found += len(conn.execute(
             "SELECT at_ms, user, route, backend, reason, prompt_tokens, completion_tokens, cost_pico, status, "
             "latency_ms, request_id FROM requests WHERE at_ms >= ?1 AND at_ms < ?2 AND user = ?3 "
-            "ORDER BY at_ms DESC, rowid DESC LIMIT ?4", (hour * 1000, (hour + 3600) * 1000, user, limit - found)
+            "ORDER BY at_ms DESC, rowid DESC LIMIT ?4",
+            (hour * 1000, (hour + 3600) * 1000, user, min(limit - found, max(requests, 1)))
         ).fetchall())
     return found
 
@@ -536,7 +538,7 @@ def sql_alone(db, heavy, typical, month, now, samples=5):
     statements = [
         ("standings: `spend` rows of today, this month, total (read_standings)",
          "SELECT user, period_start, backend, spent_pico, requests, prompt_tokens, completion_tokens FROM spend "
-         "WHERE period_start IN (?1, ?2, 0) AND user NOT LIKE '~%' ORDER BY user, period_start", (day, month)),
+         "WHERE period_start IN (?1, ?2, 0) AND user NOT LIKE '~%'", (day, month)),
         ("directory: every user, 10,000 by 10,000 (SqliteDirectory::users)", None, None),
         ("hourly_backend, last 48 h", "SELECT hour, backend, requests, errors, spent_pico, prompt_tokens, "
          "completion_tokens, latency_ms FROM hourly_backend WHERE hour >= ?1 AND hour < ?2 ORDER BY hour, backend",
@@ -546,7 +548,7 @@ def sql_alone(db, heavy, typical, month, now, samples=5):
          "ORDER BY hour, backend", (heavy, month, hour_end)),
     ]
     statements += [(f"{who} user's last 50 records: its hours from `hourly_user`, then each hour's records by "
-                    f"`requests_at` (read_user_records)", "user-records", name) for who, name in users]
+                    f"`requests_at_user` (read_user_records)", "user-records", name) for who, name in users]
     out = []
     for label, sql, args in statements:
         times, rows = [], 0

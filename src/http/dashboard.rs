@@ -82,6 +82,7 @@ fn session_token(headers: &HeaderMap) -> Option<&str> {
 /// `GET /dashboard`: the dashboard with a session, the login form without one.
 pub async fn page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     if signed_in(&state, &headers) {
+        crate::http::RankedUsers::warm_up(&state);
         document(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML.to_owned())
     } else {
         login_page(StatusCode::OK, None)
@@ -116,7 +117,7 @@ pub async fn login(State(state): State<Arc<AppState>>, body: Bytes) -> Response 
     // terminates TLS itself.
     // The users table's sorted pages are cut from an order that takes a while to build with
     // many users: start it now, while the page loads.
-    crate::http::RankedUsers::refresh_in_background(&state);
+    crate::http::RankedUsers::warm_up(&state);
     let cookie =
         format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}", SESSION_LIFETIME.as_secs());
     to_dashboard(&cookie)

@@ -192,7 +192,7 @@ pub fn effective_users(
     path: &Path,
     config: &crate::config::Config,
 ) -> Result<Vec<std::sync::Arc<crate::config::User>>, StoreError> {
-    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(storage)?;
+    let conn = crate::ledger::sqlite::open_read_only(path).map_err(storage)?;
     let exists: bool = conn
         .query_row("SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'tenant_users')", [], |r| r.get(0))
         .map_err(storage)?;

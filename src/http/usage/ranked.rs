@@ -91,9 +91,18 @@ impl RankedUsers {
         self.rebuild(state).await
     }
 
-    /// Starts a rebuild unless one is under way: at sign-in to the dashboard, so that its
-    /// first sorted page finds the order ready.
-    pub fn refresh_in_background(state: &Arc<AppState>) {
+    /// Starts a rebuild when there is no order or a stale one: at sign-in to the dashboard and
+    /// when its page loads, so that the page's first sorted table finds the order (nearly)
+    /// ready after a restart.
+    pub fn warm_up(state: &Arc<AppState>) {
+        let stale = state.ranked_users.current.load().as_ref().is_none_or(|r| r.built_at.elapsed() > FRESH);
+        if stale {
+            Self::refresh_in_background(state);
+        }
+    }
+
+    /// Starts a rebuild unless one is under way.
+    fn refresh_in_background(state: &Arc<AppState>) {
         if state.ranked_users.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }

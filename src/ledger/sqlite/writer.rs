@@ -76,8 +76,11 @@ pub fn write_loop(conn: Connection, rx: mpsc::Receiver<Write>, retention_ms: i64
                 // Sleep through the window, then take everything that came: while this thread
                 // is not blocked in `recv`, a settlement's `send` wakes nobody. Waiting in
                 // `recv_timeout` instead cost every request a futex wake and two context
-                // switches under load.
-                std::thread::sleep(GROUP_COMMIT_WINDOW);
+                // switches under load. A flush that finds the writer idle (a dashboard read on a
+                // quiet gateway) has nothing to group with: it goes at once.
+                if !matches!(first, Write::Flush(_)) {
+                    std::thread::sleep(GROUP_COMMIT_WINDOW);
+                }
                 let drained_at = crate::clock::unix_now();
                 batch.push(first);
                 batch.extend(rx.try_iter());
