@@ -86,6 +86,12 @@ pub struct Metrics {
     pub ledger_backlog: IntGauge,
     /// `tollgate_ledger_reconciled_total`: writes applied to Redis after it came back.
     pub ledger_reconciled: IntCounter,
+    /// `tollgate_ledger_failovers_total`: times another Redis server took over as the
+    /// ledger's primary (a sentinel failover, or a restart seen by its new `run_id`).
+    pub ledger_failovers: IntCounter,
+    /// `tollgate_ledger_replayed_settlements_total`: settlements a new primary lacked (lost
+    /// with the old one's unreplicated writes) and got again from this replica.
+    pub ledger_replayed: IntCounter,
     /// `tollgate_ledger_fail_open_reservations_total`: reservations granted by this replica's
     /// own accounting because Redis could not be reached (`on_ledger_error = "fail-open"`).
     pub ledger_fail_open: IntCounter,
@@ -258,6 +264,14 @@ impl Metrics {
         };
         let ledger_reconciled =
             int_counter_one("ledger_reconciled_total", "Writes applied to the shared ledger after it came back.")?;
+        let ledger_failovers = int_counter_one(
+            "ledger_failovers_total",
+            "Times another Redis server took over as the shared ledger's primary (failover or restart).",
+        )?;
+        let ledger_replayed = int_counter_one(
+            "ledger_replayed_settlements_total",
+            "Settlements a new Redis primary had lost and this replica applied again after the failover.",
+        )?;
         let ledger_fail_open = int_counter_one(
             "ledger_fail_open_reservations_total",
             "Reservations granted by this replica alone because the shared ledger was unreachable (fail-open).",
@@ -336,6 +350,8 @@ impl Metrics {
             ledger_up,
             ledger_backlog,
             ledger_reconciled,
+            ledger_failovers,
+            ledger_replayed,
             ledger_fail_open,
             access_log_dropped,
             trace_spans_exported,

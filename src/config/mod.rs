@@ -296,8 +296,12 @@ pub enum LedgerStore {
 /// `[ledger] backend = "redis"`: one Redis shared by every replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisStore {
-    /// `redis://` or `rediss://`; it may carry a password, so it never prints.
+    /// `redis://` or `rediss://`; it may carry a password, so it never prints. With
+    /// sentinels, the primary is found through them instead.
     pub url: Secret,
+    /// `[ledger] sentinels` and `sentinel_master`: ask these Redis Sentinels where the primary
+    /// of that master is, and follow its failovers.
+    pub sentinel: Option<Sentinel>,
     /// The Redis password (`AUTH`), from `password_env`: keeps it out of the config file.
     pub password: Option<Secret>,
     /// Every key starts with it, so several gateways (or environments) can share one Redis.
@@ -308,6 +312,22 @@ pub struct RedisStore {
     /// How long a reservation holds budget if its replica dies before settling it. `None`:
     /// the longest backend `timeout_s` plus a margin, recomputed on reload.
     pub reservation_ttl: Option<Duration>,
+    /// Settlements applied to Redis in this window before a failover are applied again on the
+    /// new primary (each at most once: Redis remembers settlement ids), since replication is
+    /// asynchronous and the newest writes may not have reached the replica that took over.
+    pub replay_window: Duration,
+}
+
+/// The Sentinels watching the ledger's primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sentinel {
+    /// `host:port` of each sentinel, asked in turn.
+    pub addresses: Vec<String>,
+    /// The master's name in the sentinels' configuration (`sentinel monitor <name> ...`).
+    pub master: String,
+    /// `AUTH` for the sentinels themselves (`sentinel_password_env`); the primary uses
+    /// `password_env`.
+    pub password: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

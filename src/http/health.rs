@@ -14,10 +14,14 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready for traffic: a config is loaded and the process is not draining for shutdown.
+/// Ready for traffic: a config is loaded, the process is not draining for shutdown, and a
+/// shared ledger that must be reached (`fail-closed`) answers, so a load balancer sends no
+/// requests here that could only be refused while Redis has no primary.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.draining.load(Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if !state.ledger.ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "ledger unavailable\n").into_response()
     } else {
         "ready\n".into_response()
     }

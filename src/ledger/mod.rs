@@ -126,6 +126,11 @@ pub trait Ledger: Send + Sync + 'static {
     }
     /// Waits until every settlement so far is durable (shutdown, tests).
     fn flush(&self) -> BoxFuture<'_, Result<(), LedgerError>>;
+    /// Whether requests can be metered now: false while a shared store that must be reached
+    /// (`fail-closed`) is not (`/readyz`).
+    fn ready(&self) -> bool {
+        true
+    }
     /// The longest a request can now live (the longest backend timeout): a store whose
     /// reservations expire keeps them longer than that. Called at start and on every reload.
     fn requests_last_at_most(&self, _longest: std::time::Duration) {}

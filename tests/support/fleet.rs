@@ -111,6 +111,66 @@ impl Drop for RedisServer {
     }
 }
 
+/// A `redis-server --sentinel` of our own, watching one master on 127.0.0.1 and quick to
+/// judge it down (1 s), as a test needs.
+pub struct SentinelServer {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl SentinelServer {
+    /// Watches `master` at `127.0.0.1:<primary_port>` with `quorum`; `password` is the
+    /// primary's and its replicas' (`sentinel auth-pass`).
+    pub fn start(master: &str, primary_port: u16, quorum: u32, password: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        // A sentinel rewrites its config file as it learns: it must be its own, writable one.
+        let conf = dir.path().join("sentinel.conf");
+        let text = format!(
+            "port {port}\nbind 127.0.0.1\ndir {}\n\
+             sentinel monitor {master} 127.0.0.1 {primary_port} {quorum}\n\
+             sentinel auth-pass {master} {password}\n\
+             sentinel down-after-milliseconds {master} 1000\n\
+             sentinel failover-timeout {master} 10000\n\
+             sentinel parallel-syncs {master} 1\n",
+            dir.path().display()
+        );
+        std::fs::write(&conf, text).unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (in sentinel mode) is needed for this test: apt-get install redis-server");
+        let sentinel = Self { port, child, _dir: dir };
+        for _ in 0..200 {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return sentinel;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("redis sentinel on port {port} did not start");
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        let url = format!("redis://{}", self.address());
+        redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+    }
+}
+
+impl Drop for SentinelServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A real `tollgate serve` process on 127.0.0.1:0.
 pub struct Replica {
     child: Child,

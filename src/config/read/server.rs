@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{positive, secret};
 use crate::config::document::{Fields, Problems};
-use crate::config::{Env, Ledger, LedgerStore, OnLedgerError, RedisStore, Server};
+use crate::config::{Env, Ledger, LedgerStore, OnLedgerError, RedisStore, Sentinel, Server};
 use crate::secret::Secret;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -23,6 +23,9 @@ const DEFAULT_REDIS_KEY_PREFIX: &str = "tollgate:";
 /// the failure policy decides rather than the client waiting.
 const DEFAULT_REDIS_TIMEOUT_MS: u64 = 500;
 const DEFAULT_REDIS_CONNECT_TIMEOUT_MS: u64 = 1_000;
+/// Longer than any replication lag a healthy replica shows (milliseconds), short enough that
+/// the settlements kept for it cost little memory (a few MB at thousands of requests/s).
+const DEFAULT_REDIS_REPLAY_WINDOW_S: u64 = 10;
 
 pub(super) fn default_ledger() -> Ledger {
     Ledger {
@@ -95,6 +98,12 @@ pub(super) fn ledger(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) ->
         "memory" => LedgerStore::Memory,
         "sqlite" => LedgerStore::Sqlite { path: path.unwrap_or_else(|| "data/tollgate.db".to_owned()) },
         "redis" => match url {
+            Some(_) if redis.sentinel.is_some() => {
+                let message = "set either `url` or `sentinels`: with sentinels the primary is found through them";
+                p.at_line(f.line_of(p, "url"), &f.path_of("url"), message);
+                LedgerStore::Memory
+            }
+            None if redis.sentinel.is_some() => LedgerStore::Redis(redis),
             Some(url) if redis_url_ok(&url) => LedgerStore::Redis(RedisStore { url: Secret::new(url), ..redis }),
             Some(_) => {
                 // The URL may hold a password: the message never repeats it.
@@ -103,7 +112,8 @@ pub(super) fn ledger(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) ->
                 LedgerStore::Memory
             }
             None => {
-                p.at_line(f.line_of(p, "url"), &f.path_of("url"), "redis needs `url = \"redis://host:port\"`");
+                let message = "redis needs `url = \"redis://host:port\"` (or `sentinels` and `sentinel_master`)";
+                p.at_line(f.line_of(p, "url"), &f.path_of("url"), message);
                 LedgerStore::Memory
             }
         },
@@ -141,14 +151,55 @@ fn redis_settings(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> Re
     let connect_ms = positive(f, p, "connect_timeout_ms").unwrap_or(DEFAULT_REDIS_CONNECT_TIMEOUT_MS);
     let reservation_ttl = positive(f, p, "reservation_ttl_s").map(Duration::from_secs);
     let password = secret(f, p, env, "password_env");
+    let replay_window_s = f.optional::<u64>(p, "replay_window_s").unwrap_or(DEFAULT_REDIS_REPLAY_WINDOW_S);
+    let sentinel = sentinel_settings(f, p, env);
     RedisStore {
         url: Secret::new(String::new()),
+        sentinel,
+        replay_window: Duration::from_secs(replay_window_s),
         password,
         key_prefix,
         timeout: Duration::from_millis(timeout_ms),
         connect_timeout: Duration::from_millis(connect_ms),
         reservation_ttl,
     }
+}
+
+/// `sentinels` and `sentinel_master`, both or neither.
+fn sentinel_settings(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> Option<Sentinel> {
+    let addresses = f.optional::<Vec<String>>(p, "sentinels");
+    let master = f.optional::<String>(p, "sentinel_master");
+    let password = secret(f, p, env, "sentinel_password_env");
+    match (addresses, master) {
+        (None, None) => None,
+        (Some(addresses), Some(master)) => {
+            let bad = addresses.iter().find(|a| !host_port_ok(a));
+            if let Some(bad) = bad {
+                let message = format!("`{bad}` is not a `host:port` address");
+                p.at_line(f.line_of(p, "sentinels"), &f.path_of("sentinels"), message);
+            } else if addresses.is_empty() {
+                p.at_line(f.line_of(p, "sentinels"), &f.path_of("sentinels"), "needs at least one `host:port`");
+            }
+            if master.is_empty() {
+                p.at_line(f.line_of(p, "sentinel_master"), &f.path_of("sentinel_master"), "must not be empty");
+            }
+            Some(Sentinel { addresses, master, password })
+        }
+        (Some(_), None) => {
+            let message = "sentinels need `sentinel_master`: the name the sentinels monitor";
+            p.at_line(f.line_of(p, "sentinels"), &f.path_of("sentinels"), message);
+            None
+        }
+        (None, Some(_)) => {
+            let message = "`sentinel_master` needs `sentinels = [\"host:port\", ...]`";
+            p.at_line(f.line_of(p, "sentinel_master"), &f.path_of("sentinel_master"), message);
+            None
+        }
+    }
+}
+
+fn host_port_ok(address: &str) -> bool {
+    address.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
 }
 
 fn redis_url_ok(url: &str) -> bool {

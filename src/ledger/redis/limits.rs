@@ -72,6 +72,7 @@ impl RedisLimiter {
                 accounts: Vec::new(),
                 cost: Usd::ZERO,
                 must_land: false,
+                replayed: false,
             });
         }
     }

@@ -19,6 +19,7 @@
 
 mod limits;
 mod local;
+mod primary;
 pub mod scripts;
 mod store;
 
@@ -82,15 +83,24 @@ struct Held {
     ttl_ms: AtomicU64,
 }
 
-/// Every third of a TTL, pushes back the expiry of the reservations still open here.
+/// Every third of a TTL, pushes back the expiry of the reservations still open here; right
+/// after a failover, restores those the new primary lacks (the old one had not replicated
+/// them), so the requests in flight keep their budget held.
 async fn renew_loop(store: Weak<Store>, held: Weak<Held>) {
+    let mut last_round = tokio::time::Instant::now();
     loop {
-        let pause = {
-            let Some(held) = held.upgrade() else { return };
-            Duration::from_millis(held.ttl_ms.load(Ordering::Relaxed) / 3)
-                .clamp(Duration::from_secs(1), Duration::from_secs(60))
-        };
-        tokio::time::sleep(pause).await;
+        let (Some(strong), Some(held_now)) = (store.upgrade(), held.upgrade()) else { return };
+        let pause = Duration::from_millis(held_now.ttl_ms.load(Ordering::Relaxed) / 3)
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        drop(held_now);
+        // Waits a second at most while holding the store: a dropped ledger ends the loop soon.
+        let wait = pause.saturating_sub(last_round.elapsed()).min(Duration::from_secs(1));
+        let restore = tokio::time::timeout(wait, strong.failed_over.notified()).await.is_ok();
+        drop(strong);
+        if !restore && last_round.elapsed() < pause {
+            continue;
+        }
+        last_round = tokio::time::Instant::now();
         let (Some(store), Some(held)) = (store.upgrade(), held.upgrade()) else { return };
         let mut by_user: std::collections::HashMap<Arc<str>, Vec<String>> = std::collections::HashMap::new();
         for entry in &held.open {
@@ -100,9 +110,10 @@ async fn renew_loop(store: Weak<Store>, held: Weak<Held>) {
             }
         }
         let ttl = held.ttl_ms.load(Ordering::Relaxed).to_string();
+        let mode = if restore { "restore" } else { "renew" };
         for (user, members) in by_user {
             let keys = [store.keys.reserved(&user), store.keys.holds(&user)];
-            let args: Vec<String> = std::iter::once(ttl.clone()).chain(members).collect();
+            let args: Vec<String> = [ttl.clone(), mode.to_owned()].into_iter().chain(members).collect();
             // A failure is counted and logged by the store; the next round tries again, well
             // before the reservations could expire.
             let _ = store.script::<i64>(Op::Renew, &store.scripts.renew, &keys, &args).await;
@@ -443,6 +454,7 @@ impl Ledger for RedisLedger {
             accounts: budgets.iter().map(|b| Arc::clone(&b.account)).collect(),
             cost: Usd::ZERO,
             must_land: true,
+            replayed: false,
         };
         self.store.submit(write);
     }
@@ -499,6 +511,7 @@ impl Ledger for RedisLedger {
             accounts: budgets.iter().map(|b| Arc::clone(&b.account)).collect(),
             cost: record.cost,
             must_land: true,
+            replayed: false,
         };
         self.store.submit(write);
     }
@@ -586,6 +599,10 @@ impl Ledger for RedisLedger {
 
     fn flush(&self) -> BoxFuture<'_, Result<(), LedgerError>> {
         Box::pin(self.store.flush())
+    }
+
+    fn ready(&self) -> bool {
+        self.store.policy == OnLedgerError::FailOpen || self.store.reachable()
     }
 
     fn standings(&self, now: i64) -> BoxFuture<'_, Result<Vec<Standing>, LedgerError>> {

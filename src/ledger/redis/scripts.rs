@@ -238,15 +238,21 @@ end
 return held
 ";
 
-/// KEYS: reserved, holds. ARGV: ttl ms, members. Pushes back the expiry of this replica's
-/// reservations that are still open (a long stream); one already expired stays gone, since
-/// its amount has left the reserved sum.
+/// KEYS: reserved, holds. ARGV: ttl ms, 'renew' | 'restore', members. Pushes back the expiry
+/// of this replica's reservations that are still open (a long stream); one already expired
+/// stays gone, since its amount has left the reserved sum. 'restore' (after a failover) also
+/// adds back the members the new primary lacks, with their amounts.
 const RENEW: &str = r"
 local now = now_ms()
 prune(KEYS[1], KEYS[2], now)
 local ttl = tonumber(ARGV[1])
-for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[2], 'XX', now + ttl, ARGV[i])
+local restore = ARGV[2] == 'restore'
+for i = 3, #ARGV do
+  if restore and redis.call('ZADD', KEYS[2], 'NX', now + ttl, ARGV[i]) == 1 then
+    redis.call('INCRBY', KEYS[1], string.match(ARGV[i], '(%d+)$'))
+  else
+    redis.call('ZADD', KEYS[2], 'XX', now + ttl, ARGV[i])
+  end
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('PEXPIRE', KEYS[1], ttl + 60000)

@@ -1,18 +1,22 @@
 //! The connection to Redis and what every Redis-backed part shares: one auto-reconnecting
-//! multiplexed connection, the scripts, per-operation latency and error metrics, a short
-//! fail-fast window after a failure, and the backlog of writes waiting for Redis to return.
+//! multiplexed connection to the primary ([`primary`](super::primary): one URL or wherever
+//! the sentinels say), the scripts, per-operation latency and error metrics, a short
+//! fail-fast window after a failure, the backlog of writes waiting for Redis to return, and
+//! the settlements of the last `replay_window_s`, applied again when another server takes
+//! over as primary (Redis replicates asynchronously: a failover can lose the newest writes).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script};
-use tokio::sync::{Notify, OnceCell};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::local::Local;
+use super::primary::{self, Target, PROBE_EVERY};
 use super::scripts::{Keys, Scripts};
 use crate::config::{OnLedgerError, RedisStore};
 use crate::cost::Usd;
@@ -41,6 +45,8 @@ pub enum Op {
     RateSettle,
     /// The tenant directory's reads and writes.
     Tenants,
+    /// The periodic check that the primary answers (and is still the same server).
+    Probe,
     /// The response cache's reads and writes (`[cache] store = "redis"`).
     Cache,
 }
@@ -57,6 +63,7 @@ impl Op {
             Self::RateLimit => "rate_limit",
             Self::RateSettle => "rate_settle",
             Self::Tenants => "tenants",
+            Self::Probe => "probe",
             Self::Cache => "cache",
         }
     }
@@ -82,6 +89,8 @@ pub struct Write {
     pub cost: Usd,
     /// Spend and reservations must land; a rate-limit correction may be lost.
     pub must_land: bool,
+    /// Applied once already, and again after a failover.
+    pub replayed: bool,
 }
 
 impl Write {
@@ -95,8 +104,24 @@ impl Write {
 }
 
 pub struct Store {
-    client: redis::Client,
-    connection: OnceCell<ConnectionManager>,
+    target: Target,
+    /// The primary's connection; `None` before the first call and, with sentinels, after the
+    /// primary was lost (the next call asks them again).
+    primary: Mutex<Option<ConnectionManager>>,
+    /// One connection attempt at a time; the others wait for its outcome.
+    connecting: tokio::sync::Mutex<()>,
+    /// The `run_id` of the server last seen as primary: another one means a failover.
+    run_id: Mutex<Option<String>>,
+    /// With sentinels, the address of the primary connected to.
+    address: Mutex<Option<String>>,
+    /// The primary answered the last probe (`/readyz`).
+    reachable: AtomicBool,
+    /// Notified after a failover: the reservations this replica holds are restored on the new
+    /// primary ([`super::RedisLedger`]'s renew loop).
+    pub failed_over: Notify,
+    /// Writes applied within `replay_window`, oldest first, with when they were applied.
+    recent: Mutex<VecDeque<(Instant, Write)>>,
+    replay_window: Duration,
     pub keys: Keys,
     pub scripts: Scripts,
     pub policy: OnLedgerError,
@@ -108,6 +133,7 @@ pub struct Store {
     /// Calls fail at once until then (set by a failure).
     fail_fast_until: Mutex<Option<Instant>>,
     backlog: Mutex<VecDeque<Write>>,
+    draining: tokio::sync::Mutex<()>,
     /// Deferred writes running now (not yet applied nor in the backlog).
     in_flight: AtomicUsize,
     settled: Notify,
@@ -127,23 +153,42 @@ fn unavailable(op: Op, reason: impl Into<String>) -> LedgerError {
 }
 
 impl Store {
-    /// Prepares the client; the connection is made on first use (and re-made by the
-    /// connection manager after a failure), so a gateway starts while Redis is still down.
+    /// Prepares the client; the connection is made on first use (and re-made after a
+    /// failure), so a gateway starts while Redis is still down.
     pub fn open(settings: &RedisStore, policy: OnLedgerError, metrics: Arc<Metrics>) -> Result<Arc<Self>, LedgerError> {
         use redis::IntoConnectionInfo;
         // Errors name the category only: the URL may hold a password.
         let bad_url = |e: redis::RedisError| LedgerError::Storage(format!("redis url: {}", e.category()));
-        let mut info = settings.url.expose().into_connection_info().map_err(bad_url)?;
+        let mut primary_settings = redis::RedisConnectionInfo::default();
         if let Some(password) = &settings.password {
-            let redis = info.redis_settings().clone().set_password(password.expose());
-            info = info.set_redis_settings(redis);
+            primary_settings = primary_settings.set_password(password.expose());
         }
-        let client = redis::Client::open(info).map_err(bad_url)?;
+        let target = match &settings.sentinel {
+            Some(sentinel) => Target::Sentinels(
+                primary::Sentinels::new(sentinel, primary_settings)
+                    .map_err(|e| LedgerError::Storage(format!("redis sentinels: {}", e.category())))?,
+            ),
+            None => {
+                let mut info = settings.url.expose().into_connection_info().map_err(bad_url)?;
+                if let Some(password) = &settings.password {
+                    let redis = info.redis_settings().clone().set_password(password.expose());
+                    info = info.set_redis_settings(redis);
+                }
+                Target::Direct(redis::Client::open(info).map_err(bad_url)?)
+            }
+        };
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| LedgerError::Storage("the redis ledger needs a tokio runtime".into()))?;
         let store = Arc::new(Self {
-            client,
-            connection: OnceCell::new(),
+            target,
+            primary: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            run_id: Mutex::new(None),
+            address: Mutex::new(None),
+            reachable: AtomicBool::new(false),
+            failed_over: Notify::new(),
+            recent: Mutex::new(VecDeque::new()),
+            replay_window: settings.replay_window,
             keys: Keys::new(&settings.key_prefix),
             scripts: Scripts::default(),
             policy,
@@ -153,32 +198,130 @@ impl Store {
             connect_timeout: settings.connect_timeout,
             fail_fast_until: Mutex::new(None),
             backlog: Mutex::new(VecDeque::new()),
+            draining: tokio::sync::Mutex::new(()),
             in_flight: AtomicUsize::new(0),
             settled: Notify::new(),
             wake: Notify::new(),
             runtime,
         });
         store.runtime.spawn(reconcile_loop(Arc::downgrade(&store)));
+        store.runtime.spawn(probe_loop(Arc::downgrade(&store)));
         Ok(store)
     }
 
+    fn current(&self) -> Option<ConnectionManager> {
+        self.primary.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
     async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
-        let connect = || async {
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(self.connect_timeout))
-                .set_response_timeout(Some(self.timeout))
-                .set_number_of_retries(1)
-                .set_min_delay(Duration::from_millis(50))
-                .set_max_delay(Duration::from_millis(500));
-            let mut connection = ConnectionManager::new_with_config(self.client.clone(), config).await?;
-            // Loaded once up front; `EVALSHA` reloads one after a NOSCRIPT (a restarted Redis).
-            for script in self.scripts.all() {
-                script.load_async(&mut connection).await?;
+        if let Some(connection) = self.current() {
+            return Ok(connection);
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(connection) = self.current() {
+            return Ok(connection);
+        }
+        let (client, address) = self.target.primary(self.connect_timeout).await?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let mut connection = ConnectionManager::new_with_config(client, config).await?;
+        if self.target.follows_sentinels() {
+            // A sentinel may still name a primary it has just demoted.
+            let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut connection).await?;
+            if !primary::is_primary(&role) {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+                    "the address the sentinels gave is not a primary (yet)",
+                )));
             }
-            tracing::info!("connected to the redis ledger");
-            Ok::<_, redis::RedisError>(connection)
+        }
+        // Loaded once up front; `EVALSHA` reloads one after a NOSCRIPT (a restarted Redis).
+        for script in self.scripts.all() {
+            script.load_async(&mut connection).await?;
+        }
+        let info: String = redis::cmd("INFO").arg("server").query_async(&mut connection).await?;
+        match &address {
+            Some(address) => tracing::info!(primary = %address, "connected to the redis ledger's primary"),
+            None => tracing::info!("connected to the redis ledger"),
+        }
+        *self.address.lock().unwrap_or_else(PoisonError::into_inner) = address;
+        *self.primary.lock().unwrap_or_else(PoisonError::into_inner) = Some(connection.clone());
+        if let Some(run_id) = primary::run_id(&info) {
+            self.saw_primary(run_id);
+        }
+        Ok(connection)
+    }
+
+    /// Drops the connection so that the next call asks the sentinels again (with one URL the
+    /// connection manager reconnects by itself).
+    fn forget_primary(&self) {
+        if self.target.follows_sentinels() {
+            self.primary.lock().unwrap_or_else(PoisonError::into_inner).take();
+        }
+    }
+
+    /// Records the primary's `run_id`; another server than the last one seen means a failover
+    /// (or a restart): the writes of the replay window are applied again.
+    fn saw_primary(&self, run_id: &str) {
+        let before = self.run_id.lock().unwrap_or_else(PoisonError::into_inner).replace(run_id.to_owned());
+        if before.is_none_or(|before| before == run_id) {
+            return;
+        }
+        let replay: Vec<Write> = {
+            let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+            let oldest = Instant::now().checked_sub(self.replay_window);
+            recent
+                .drain(..)
+                .filter(|(at, _)| oldest.is_none_or(|oldest| *at >= oldest))
+                .map(|(_, write)| Write { replayed: true, accounts: Vec::new(), ..write })
+                .collect()
         };
-        self.connection.get_or_try_init(connect).await.cloned()
+        self.metrics.ledger_failovers.inc();
+        tracing::warn!(
+            replaying = replay.len(),
+            window_s = self.replay_window.as_secs(),
+            "another redis server is now the ledger's primary: applying again the settlements of the replay window"
+        );
+        // At the back, behind what waits already: the drain pops the front it applied, and
+        // the order does not matter (settlements add up, a release of a gone hold is a no-op).
+        let mut backlog = self.backlog.lock().unwrap_or_else(PoisonError::into_inner);
+        backlog.extend(replay);
+        self.metrics.ledger_backlog.set(i64::try_from(backlog.len()).unwrap_or(i64::MAX));
+        drop(backlog);
+        self.failed_over.notify_one();
+        self.wake.notify_one();
+    }
+
+    /// Whether the primary answered its last probe: `/readyz` under fail-closed.
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
+    /// With sentinels, asks where the primary is and lets go of one that moved; then checks
+    /// that the primary answers, and which server it is.
+    async fn probe(&self) {
+        if let Ok(Some(address)) = self.target.primary_address(self.connect_timeout).await {
+            let moved =
+                self.address.lock().unwrap_or_else(PoisonError::into_inner).as_ref().is_some_and(|a| *a != address);
+            if moved {
+                tracing::warn!(primary = %address, "the sentinels name another primary for the redis ledger");
+                self.forget_primary();
+            }
+        }
+        let info = self
+            .guarded(Op::Probe, async {
+                let mut connection = self.connection().await?;
+                redis::cmd("INFO").arg("server").query_async::<String>(&mut connection).await
+            })
+            .await;
+        self.reachable.store(info.is_ok(), Ordering::Relaxed);
+        if let Some(run_id) = info.as_deref().ok().and_then(primary::run_id) {
+            self.saw_primary(run_id);
+        }
     }
 
     fn failing_fast(&self) -> bool {
@@ -263,8 +406,16 @@ impl Store {
         let result = match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
             // The error text names the failure (refused, timed out...), never the URL.
-            Ok(Err(e)) => Err(unavailable(op, e.to_string())),
-            Err(_) => Err(unavailable(op, format!("no answer within {} ms", self.timeout.as_millis()))),
+            Ok(Err(e)) => {
+                if primary::primary_lost(&e) {
+                    self.forget_primary();
+                }
+                Err(unavailable(op, e.to_string()))
+            }
+            Err(_) => {
+                self.forget_primary();
+                Err(unavailable(op, format!("no answer within {} ms", self.timeout.as_millis())))
+            }
         };
         self.outcome(op, result.is_ok(), started);
         result
@@ -276,11 +427,29 @@ impl Store {
             WriteScript::Release => &self.scripts.release,
             WriteScript::RateSettle => &self.scripts.rate_settle,
         };
-        self.script::<i64>(write.op(), script, &write.keys, &write.args).await?;
+        let applied = self.script::<i64>(write.op(), script, &write.keys, &write.args).await?;
         for account in &write.accounts {
             self.local.confirmed(account, write.cost);
         }
+        if write.replayed && write.script == WriteScript::Settle && applied == 1 {
+            self.metrics.ledger_replayed.inc();
+        }
         Ok(())
+    }
+
+    /// Keeps an applied write for the replay window (spend and reservations only).
+    fn remember(&self, write: Write) {
+        if !write.must_land || self.replay_window.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        while recent.front().is_some_and(|(at, _)| now.duration_since(*at) > self.replay_window)
+            || recent.len() >= MAX_BACKLOG
+        {
+            recent.pop_front();
+        }
+        recent.push_back((now, write));
     }
 
     pub fn backlog_len(&self) -> usize {
@@ -316,8 +485,9 @@ impl Store {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let store = Arc::clone(self);
         self.runtime.spawn(async move {
-            if store.apply(&write).await.is_err() {
-                store.defer(write);
+            match store.apply(&write).await {
+                Ok(()) => store.remember(write),
+                Err(_) => store.defer(write),
             }
             store.in_flight.fetch_sub(1, Ordering::AcqRel);
             store.settled.notify_waiters();
@@ -326,16 +496,23 @@ impl Store {
 
     /// Tries every write in the backlog, in order, until one fails. Returns what is left.
     async fn drain(&self) -> usize {
+        // The reconcile loop and a flush may both drain: one at a time, or both would apply
+        // the same front and each pop one.
+        let _one_at_a_time = self.draining.lock().await;
         loop {
             let next = self.backlog.lock().unwrap_or_else(PoisonError::into_inner).front().cloned();
             let Some(write) = next else { return 0 };
             if self.apply(&write).await.is_err() {
                 return self.backlog_len();
             }
-            let mut backlog = self.backlog.lock().unwrap_or_else(PoisonError::into_inner);
-            backlog.pop_front();
+            let left = {
+                let mut backlog = self.backlog.lock().unwrap_or_else(PoisonError::into_inner);
+                backlog.pop_front();
+                backlog.len()
+            };
             self.metrics.ledger_reconciled.inc();
-            self.metrics.ledger_backlog.set(i64::try_from(backlog.len()).unwrap_or(i64::MAX));
+            self.metrics.ledger_backlog.set(i64::try_from(left).unwrap_or(i64::MAX));
+            self.remember(write);
         }
     }
 
@@ -358,6 +535,16 @@ impl Store {
                 reason: format!("{left} settlement(s) are still waiting for redis"),
             }),
         }
+    }
+}
+
+/// Probes the primary while the store lives.
+async fn probe_loop(store: Weak<Store>) {
+    loop {
+        let Some(strong) = store.upgrade() else { return };
+        strong.probe().await;
+        drop(strong);
+        tokio::time::sleep(PROBE_EVERY).await;
     }
 }
 

@@ -1,0 +1,246 @@
+//! The shared ledger through a Redis Sentinel failover: a real primary, a real replica and
+//! three real sentinels (`redis-server --sentinel`), two real `tollgate serve` processes that
+//! know only the sentinels, and the primary killed with SIGKILL under load. Service comes back
+//! on the promoted replica without a restart, fail-closed refuses in the gap, and the spend
+//! recorded equals the successful requests' cost, including the settlements the replica never
+//! received (the gateways apply their replay window again on the new primary).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+use support::fleet::{RedisServer, Replica, SentinelServer};
+use support::*;
+use tokio::time::Instant;
+
+const PREFIX: &str = "t:";
+const MASTER: &str = "tollgate-ledger";
+const PASSWORD: &str = "failover-test-password";
+/// Each request costs exactly this (10 completion tokens at $1 each, prompt free).
+const COST_USD: f64 = 10.0;
+
+fn config(sentinels: &[String]) -> String {
+    let sentinels = sentinels.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+    format!(
+        "[server]\nadmin_key_env = \"TEST_ADMIN_KEY\"\nmax_queue = 1024\nqueue_timeout_ms = 10000\n\n\
+         [ledger]\nbackend = \"redis\"\nsentinels = [{sentinels}]\nsentinel_master = \"{MASTER}\"\n\
+         password_env = \"TEST_REDIS_PASSWORD\"\nkey_prefix = \"{PREFIX}\"\non_ledger_error = \"fail-closed\"\n\
+         timeout_ms = 500\nconnect_timeout_ms = 500\n\n\
+         [[backends]]\nname = \"sim\"\nmodel = \"sim\"\nquality = 0.5\nmax_concurrency = 512\ntimeout_s = 10\n\
+         simulate = {{ ttft_ms = 5, tokens_per_s = 2000, quality_text = \"{}\" }}\n\
+         pricing = {{ input_per_mtok = 0, output_per_mtok = 1000000 }}\n\n\
+         [[routes]]\nmodel = \"auto\"\nbackends = [\"sim\"]\n\n\
+         [[users]]\nname = \"alice\"\nkey_sha256 = \"{}\"\nbudget_usd = 1000000\n",
+        "word ".repeat(40).trim_end(),
+        key_hash(ALICE_KEY)
+    )
+}
+
+fn request() -> Value {
+    json!({"model": "auto", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+async fn redis_client(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    let url = format!("redis://:{PASSWORD}@127.0.0.1:{}", server.port);
+    redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+}
+
+/// Alice's spend and requests in the current period, as `server` holds them.
+async fn redis_spend(server: &RedisServer) -> (f64, u64) {
+    let mut client = redis_client(server).await;
+    let keys: Vec<String> = client.keys(format!("{PREFIX}{{alice}}:spend:*")).await.unwrap();
+    let mut spent_pico = 0i64;
+    let mut requests = 0u64;
+    for key in keys {
+        spent_pico += client.hget::<_, _, Option<i64>>(&key, "spent").await.unwrap().unwrap_or(0);
+        requests += client.hget::<_, _, Option<u64>>(&key, "requests").await.unwrap().unwrap_or(0);
+    }
+    (spent_pico as f64 / 1e12, requests)
+}
+
+async fn until<F: std::future::Future<Output = bool>>(what: &str, limit: Duration, mut check: impl FnMut() -> F) {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("not within {limit:?}: {what}");
+}
+
+/// `SENTINEL MASTER <name>`'s field, as text.
+async fn master_field(sentinel: &SentinelServer, field: &str) -> String {
+    let mut client = sentinel.client().await;
+    let fields: Vec<String> = redis::cmd("SENTINEL").arg("MASTER").arg(MASTER).query_async(&mut client).await.unwrap();
+    fields.chunks_exact(2).find(|pair| pair[0] == field).map(|pair| pair[1].clone()).unwrap_or_default()
+}
+
+/// What one request got: when it ended, its status and error code.
+type Outcome = (Instant, u16, String);
+
+/// Requests from `workers` loops over `replicas` until `stop`.
+fn load(
+    replicas: &[Replica],
+    workers: usize,
+) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<Vec<Outcome>>) {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let urls: Vec<String> = replicas.iter().map(|r| r.url("/v1/chat/completions")).collect();
+    let handle = tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let tasks: Vec<_> = (0..workers)
+            .map(|w| {
+                let (client, url, stopped) = (client.clone(), urls[w % urls.len()].clone(), stopped.clone());
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    while !*stopped.borrow() {
+                        let response = client.post(&url).bearer_auth(ALICE_KEY).json(&request()).send().await.unwrap();
+                        let status = response.status().as_u16();
+                        let body: Value = response.json().await.unwrap_or(Value::Null);
+                        let code = body["error"]["code"].as_str().unwrap_or_default().to_owned();
+                        seen.push((Instant::now(), status, code));
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    seen
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        all
+    });
+    (stop, handle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_under_load_resumes_within_10_s_refuses_in_the_gap_and_loses_no_spend() {
+    let auth = ["--requirepass", PASSWORD, "--masterauth", PASSWORD];
+    let primary_server = RedisServer::start_with(&auth);
+    let primary_port = primary_server.port.to_string();
+    let mut primary = Some(primary_server);
+    let replica_args: Vec<&str> = auth.iter().copied().chain(["--replicaof", "127.0.0.1", &primary_port]).collect();
+    let replica = RedisServer::start_with(&replica_args);
+    let mut replica_client = redis_client(&replica).await;
+    until("the replica in sync", Duration::from_secs(10), || {
+        let mut client = replica_client.clone();
+        async move {
+            let info: String = redis::cmd("INFO").arg("replication").query_async(&mut client).await.unwrap();
+            info.contains("master_link_status:up")
+        }
+    })
+    .await;
+    let sentinels: Vec<SentinelServer> =
+        (0..3).map(|_| SentinelServer::start(MASTER, primary.as_ref().unwrap().port, 2, PASSWORD)).collect();
+    // An election needs a majority of sentinels that know each other, and a replica to promote.
+    for sentinel in &sentinels {
+        until("each sentinel knows the others and the replica", Duration::from_secs(20), || async {
+            master_field(sentinel, "num-other-sentinels").await == "2"
+                && master_field(sentinel, "num-slaves").await == "1"
+        })
+        .await;
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(&sentinels.iter().map(SentinelServer::address).collect::<Vec<_>>());
+    let env = [("TEST_REDIS_PASSWORD", PASSWORD)];
+    let gateways: Vec<Replica> =
+        (0..2).map(|i| Replica::start_with_env(dir.path(), &format!("g{i}"), &text, &env)).collect();
+    let client = reqwest::Client::new();
+    for gateway in &gateways {
+        until("ready on the primary the sentinels name", Duration::from_secs(10), || async {
+            client.get(gateway.url("/readyz")).send().await.unwrap().status() == 200
+        })
+        .await;
+    }
+
+    let (stop, running) = load(&gateways, 8);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Cut the replica off (it can no longer authenticate to resync), so that what the primary
+    // takes from now on exists only there: the asynchronous replication's loss window, made
+    // long enough to see.
+    let _: () =
+        redis::cmd("CONFIG").arg("SET").arg("masterauth").arg("wrong").query_async(&mut replica_client).await.unwrap();
+    let mut primary_client = redis_client(primary.as_ref().unwrap()).await;
+    let _: i64 =
+        redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("replica").query_async(&mut primary_client).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (unreplicated_spend, unreplicated_requests) = redis_spend(primary.as_ref().unwrap()).await;
+    let (replica_spend, _) = redis_spend(&replica).await;
+    drop(primary_client);
+    primary.take().unwrap().kill();
+    let killed = Instant::now();
+    println!(
+        "at the kill: the primary held ${unreplicated_spend} ({unreplicated_requests} requests), the replica ${replica_spend}"
+    );
+
+    // Readiness drops while no primary answers, and comes back without a restart.
+    let mut unready_at = None;
+    loop {
+        assert!(killed.elapsed() < Duration::from_secs(20), "readiness not lost and regained within 20 s");
+        let ready = client.get(gateways[0].url("/readyz")).send().await.unwrap().status() == 200;
+        if !ready && unready_at.is_none() {
+            unready_at = Some(killed.elapsed());
+        }
+        if ready && unready_at.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut resumed = Vec::new();
+    for gateway in &gateways {
+        until("a 200 again through the promoted replica", Duration::from_secs(20), || async {
+            let response = client.post(gateway.url("/v1/chat/completions")).bearer_auth(ALICE_KEY).json(&request());
+            response.send().await.unwrap().status() == 200
+        })
+        .await;
+        resumed.push(killed.elapsed());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send(true).unwrap();
+    let outcomes = running.await.unwrap();
+
+    let ok = outcomes.iter().filter(|(_, s, _)| *s == 200).count();
+    let refused = outcomes.iter().filter(|(_, s, c)| *s == 503 && c == "ledger_unavailable").count();
+    assert_eq!(ok + refused, outcomes.len(), "only 200 or 503 ledger_unavailable (fail-closed): {outcomes:?}");
+    assert!(refused > 0, "requests in the gap are refused, not served unmetered");
+    let last_refusal = outcomes.iter().filter(|(_, s, _)| *s == 503).map(|(at, _, _)| *at).max().unwrap();
+    let gap = last_refusal.duration_since(killed);
+    let promoted = master_field(&sentinels[0], "port").await;
+    assert_eq!(promoted, replica.port.to_string(), "the sentinels promoted the replica");
+    let slowest = resumed.iter().max().unwrap();
+    println!(
+        "failover: readiness lost {:?} after the kill, 200 again after {resumed:?}, last 503 at {gap:?}; \
+         {ok} answered 200, {refused} refused 503",
+        unready_at.unwrap()
+    );
+    assert!(*slowest <= Duration::from_secs(10), "service resumed after {slowest:?}, over 10 s");
+
+    // Every 200's settlement ends up on the new primary, the unreplicated ones included, once.
+    let successful_cost = ok as f64 * COST_USD;
+    // The 200s sent by the polling loops above count too.
+    let polled = gateways.len() as u64;
+    until("every settlement on the new primary", Duration::from_secs(20), || async {
+        redis_spend(&replica).await.1 >= ok as u64 + polled
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (spent, requests) = redis_spend(&replica).await;
+    let mut replayed = 0.0;
+    for gateway in &gateways {
+        assert!(gateway.metric("tollgate_ledger_failovers_total").await >= 1.0);
+        replayed += gateway.metric("tollgate_ledger_replayed_settlements_total").await;
+    }
+    println!(
+        "after: the new primary holds ${spent} for {requests} requests; the 200s cost ${}; \
+         {replayed} settlements replayed that the replica had never received",
+        successful_cost + polled as f64 * COST_USD
+    );
+    assert_eq!(requests, ok as u64 + polled, "one settlement per 200, none lost, none twice");
+    assert_eq!(spent, successful_cost + polled as f64 * COST_USD);
+    assert!(replayed > 0.0, "the settlements only the dead primary had were applied again");
+}
