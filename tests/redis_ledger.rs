@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use support::fleet::RedisServer;
 use tollgate::config::BudgetPeriod;
-use tollgate::config::Config;
+use tollgate::config::{Config, LedgerStore};
 use tollgate::cost::Usd;
 use tollgate::ledger::budgets::{key_account, team_account};
 use tollgate::ledger::rollup::{HourQuery, Rollups, HOUR_S};
@@ -329,4 +329,26 @@ fn redis_settings_are_validated_with_file_line_and_field_and_the_url_never_print
 
     let good = parse(&config_text("redis://:s3cret@127.0.0.1:6379/2", "key_prefix = \"prod:\"", ""));
     assert!(!format!("{good:?}").contains("s3cret"), "the config's Debug hides the password");
+}
+
+#[test]
+fn sentinel_settings_are_validated_and_replace_the_url() {
+    let sentinels = "sentinels = [\"127.0.0.1:26379\", \"[::1]:26380\"]\nsentinel_master = \"ledger\"";
+    let text = config_text("redis://127.0.0.1:6379", "", "").replace("url = \"redis://127.0.0.1:6379\"", sentinels);
+    let config = parse(&text);
+    let LedgerStore::Redis(redis) = &config.ledger.store else { panic!("a redis ledger: {config:?}") };
+    let sentinel = redis.sentinel.as_ref().unwrap();
+    assert_eq!(sentinel.addresses, ["127.0.0.1:26379", "[::1]:26380"]);
+    assert_eq!(sentinel.master, "ledger");
+    assert_eq!(redis.replay_window, Duration::from_secs(10), "the default replay window");
+
+    let both = config_text("redis://127.0.0.1:6379", sentinels, "");
+    let error = Config::parse(&both, "t.toml", &|_: &str| None).unwrap_err().to_string();
+    assert!(error.contains("ledger.url: set either `url` or `sentinels`"), "{error}");
+    let no_master = text.replace("sentinel_master = \"ledger\"", "replay_window_s = 0");
+    let error = Config::parse(&no_master, "t.toml", &|_: &str| None).unwrap_err().to_string();
+    assert!(error.contains("ledger.sentinels: sentinels need `sentinel_master`"), "{error}");
+    let bad_address = text.replace("127.0.0.1:26379", "127.0.0.1");
+    let error = Config::parse(&bad_address, "t.toml", &|_: &str| None).unwrap_err().to_string();
+    assert!(error.contains("ledger.sentinels: `127.0.0.1` is not a `host:port` address"), "{error}");
 }
