@@ -89,14 +89,16 @@ pub enum Limiter {
 }
 
 impl Limiter {
-    /// Admits one request of about `tokens` tokens, or says which limit refuses it.
-    pub async fn admit(&self, levels: &[Allowance], tokens: u64, now: Instant) -> Result<(), LimitError> {
+    /// Admits one request of about `tokens` tokens, or says which limit refuses it. `root` is
+    /// the request's chain root (its budgets' [`root`](crate::ledger::Budgets::root)): a
+    /// Redis Cluster keeps every level's buckets in its slot.
+    pub async fn admit(&self, levels: &[Allowance], root: &str, tokens: u64, now: Instant) -> Result<(), LimitError> {
         if levels.is_empty() {
             return Ok(());
         }
         match self {
             Self::Local(limiter) => Ok(limiter.admit(levels, tokens, now)?),
-            Self::Redis(limiter) => limiter.admit(levels, tokens, now).await,
+            Self::Redis(limiter) => limiter.admit(levels, root, tokens, now).await,
         }
     }
 
@@ -109,10 +111,10 @@ impl Limiter {
     }
 
     /// Corrects the token buckets once the real usage is known; never waits.
-    pub fn settle_tokens(&self, levels: &[Allowance], estimated: u64, actual: u64) {
+    pub fn settle_tokens(&self, levels: &[Allowance], root: &str, estimated: u64, actual: u64) {
         match self {
             Self::Local(limiter) => limiter.settle_tokens(levels, estimated, actual),
-            Self::Redis(limiter) => limiter.settle_tokens(levels, estimated, actual),
+            Self::Redis(limiter) => limiter.settle_tokens(levels, root, estimated, actual),
         }
     }
 }

@@ -290,7 +290,7 @@ pub struct Ledger {
 pub enum LedgerStore {
     Memory,
     Sqlite { path: String },
-    Redis(RedisStore),
+    Redis(Box<RedisStore>),
 }
 
 /// `[ledger] backend = "redis"`: one Redis shared by every replica.
@@ -302,6 +302,9 @@ pub struct RedisStore {
     /// `[ledger] sentinels` and `sentinel_master`: ask these Redis Sentinels where the primary
     /// of that master is, and follow its failovers.
     pub sentinel: Option<Sentinel>,
+    /// `[ledger] cluster`: `host:port` of some Redis Cluster nodes, from which the client
+    /// learns the rest (empty: not a cluster).
+    pub cluster: Vec<String>,
     /// The Redis password (`AUTH`), from `password_env`: keeps it out of the config file.
     pub password: Option<Secret>,
     /// Every key starts with it, so several gateways (or environments) can share one Redis.

@@ -14,6 +14,7 @@ use crate::upstream::BackendState;
 pub(super) struct TokenHold<'a> {
     pub(super) state: &'a AppState,
     pub(super) allowances: &'a [Allowance],
+    pub(super) root: &'a str,
     pub(super) tokens: u64,
     pub(super) armed: bool,
 }
@@ -21,7 +22,7 @@ pub(super) struct TokenHold<'a> {
 impl Drop for TokenHold<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.state.limiter.settle_tokens(self.allowances, self.tokens, 0);
+            self.state.limiter.settle_tokens(self.allowances, self.root, self.tokens, 0);
         }
     }
 }

@@ -155,13 +155,15 @@ async fn decide_and_send(
     let user = &principal.user;
     let tokens_estimate = plan.prompt_tokens + plan.completion_tokens;
     // Rate limits count the request at its arrival.
-    state.limiter.admit(&principal.allowances, tokens_estimate, ctx.started).await?;
-    let mut tokens_held = TokenHold { state, allowances: &principal.allowances, tokens: tokens_estimate, armed: true };
+    let root = principal.budgets.root();
+    state.limiter.admit(&principal.allowances, root, tokens_estimate, ctx.started).await?;
+    let mut tokens_held =
+        TokenHold { state, allowances: &principal.allowances, root, tokens: tokens_estimate, armed: true };
     // The zero-cost tier first: after the rate limits (a hit counts against them), before the
     // budget (a hit costs nothing, so an exhausted budget still gets it).
     if let Some(hit) = cached::look_up(state, ctx, spare_headers.as_ref()).await {
         tokens_held.armed = false;
-        state.limiter.settle_tokens(&principal.allowances, tokens_estimate, hit.tokens);
+        state.limiter.settle_tokens(&principal.allowances, root, tokens_estimate, hit.tokens);
         return Ok(hit.response);
     }
 

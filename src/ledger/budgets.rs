@@ -116,6 +116,13 @@ impl Budgets {
         self.levels.is_empty()
     }
 
+    /// The chain's root: its last level (the team's when there is one, else the top user's).
+    /// On a Redis Cluster every level's keys share its hash slot, so that one script reserves
+    /// or settles all of them.
+    pub fn root(&self) -> &Arc<str> {
+        &self.levels[self.levels.len() - 1].account
+    }
+
     /// The user's level.
     pub fn user(&self) -> &Budget {
         self.levels.iter().find(|b| b.scope == Scope::User).unwrap_or(&self.levels[0])

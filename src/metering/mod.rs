@@ -248,7 +248,12 @@ impl Meter {
         }
         let latency = now.saturating_duration_since(s.started);
         let total_tokens = usage.prompt_tokens + usage.completion_tokens;
-        s.state.limiter.settle_tokens(&s.principal.allowances, s.tokens_estimate, total_tokens);
+        s.state.limiter.settle_tokens(
+            &s.principal.allowances,
+            s.principal.budgets.root(),
+            s.tokens_estimate,
+            total_tokens,
+        );
 
         let (m, pair, user, backend) =
             (&s.state.metrics, &s.meters, s.principal.user.name.as_str(), s.backend.name.as_str());

@@ -242,6 +242,9 @@ pub struct RedisDirectory {
     scripts: Scripts,
     /// `key_prefix` + `{tenants}:`
     prefix: String,
+    /// The one key every script declares (it builds the others from the prefix): on a Redis
+    /// Cluster it routes the script to the node of the `{tenants}` slot.
+    anchor: [String; 1],
 }
 
 impl std::fmt::Debug for RedisDirectory {
@@ -358,7 +361,8 @@ fn key_fields(k: &ApiKey) -> Vec<String> {
 impl RedisDirectory {
     pub fn new(store: Arc<Store>) -> Self {
         let prefix = format!("{}{{tenants}}:", store.keys.prefix());
-        Self { store, scripts: Scripts::default(), prefix }
+        let anchor = [format!("{prefix}changes")];
+        Self { store, scripts: Scripts::default(), prefix, anchor }
     }
 
     /// ARGV for a write script: the prefix and the feed's length first.
@@ -367,7 +371,7 @@ impl RedisDirectory {
     }
 
     async fn write<T: redis::FromRedisValue>(&self, script: &Script, args: Vec<String>) -> StoreResult<T> {
-        self.store.script(Op::Tenants, script, &[], &args).await.map_err(unavailable)
+        self.store.script(Op::Tenants, script, &self.anchor, &args).await.map_err(unavailable)
     }
 
     async fn hash(&self, key: String) -> StoreResult<Fields> {
@@ -592,8 +596,11 @@ impl Directory for RedisDirectory {
     fn key_by_hash<'a>(&'a self, sha256: &'a [u8; 32]) -> BoxFuture<'a, StoreResult<Option<ApiKey>>> {
         Box::pin(async move {
             let args = [self.prefix.clone(), crate::config::hex(sha256)];
-            let flat: Vec<String> =
-                self.store.script(Op::Tenants, &self.scripts.key_by_hash, &[], &args).await.map_err(unavailable)?;
+            let flat: Vec<String> = self
+                .store
+                .script(Op::Tenants, &self.scripts.key_by_hash, &self.anchor, &args)
+                .await
+                .map_err(unavailable)?;
             Ok(key_from(&Fields::new(flat)))
         })
     }
@@ -601,8 +608,11 @@ impl Directory for RedisDirectory {
     fn key_chain<'a>(&'a self, sha256: &'a [u8; 32]) -> BoxFuture<'a, StoreResult<Option<KeyChain>>> {
         Box::pin(async move {
             let args = [self.prefix.clone(), crate::config::hex(sha256)];
-            let parts: Vec<Vec<String>> =
-                self.store.script(Op::Tenants, &self.scripts.key_chain, &[], &args).await.map_err(unavailable)?;
+            let parts: Vec<Vec<String>> = self
+                .store
+                .script(Op::Tenants, &self.scripts.key_chain, &self.anchor, &args)
+                .await
+                .map_err(unavailable)?;
             let mut parts = parts.into_iter().map(Fields::new);
             let Some(key) = parts.next().as_ref().and_then(key_from) else { return Ok(None) };
             let user = parts.next().filter(|f| !f.is_empty()).map(|f| user_from(&key.user, &f));
@@ -645,7 +655,10 @@ impl Directory for RedisDirectory {
                 args.push(id);
                 args.push(at.to_string());
             }
-            self.store.script::<i64>(Op::Tenants, &self.scripts.touch_keys, &[], &args).await.map_err(unavailable)?;
+            self.store
+                .script::<i64>(Op::Tenants, &self.scripts.touch_keys, &self.anchor, &args)
+                .await
+                .map_err(unavailable)?;
             Ok(())
         })
     }

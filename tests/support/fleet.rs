@@ -13,6 +13,9 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Persistence directory (AOF on) — kept across a kill and a restart.
     dir: Option<tempfile::TempDir>,
+    /// The working directory otherwise: a replica writes the snapshot it syncs from there,
+    /// and a later server started in the same place would load it.
+    scratch: tempfile::TempDir,
     extra: Vec<String>,
 }
 
@@ -28,8 +31,13 @@ impl RedisServer {
 
     /// With extra `redis-server` arguments (`--requirepass`, ...).
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_on(free_port(), extra)
+    }
+
+    /// On `port`, with extra arguments.
+    pub fn start_on(port: u16, extra: &[&str]) -> Self {
         let extra = extra.iter().map(|a| (*a).to_owned()).collect();
-        let mut server = Self { port: free_port(), child: None, dir: None, extra };
+        let mut server = Self { port, child: None, dir: None, scratch: tempfile::tempdir().unwrap(), extra };
         server.spawn();
         server
     }
@@ -40,7 +48,8 @@ impl RedisServer {
     /// count flaky; see the README.
     pub fn persistent() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut server = Self { port: free_port(), child: None, dir: Some(dir), extra: Vec::new() };
+        let scratch = tempfile::tempdir().unwrap();
+        let mut server = Self { port: free_port(), child: None, dir: Some(dir), scratch, extra: Vec::new() };
         server.spawn();
         server
     }
@@ -53,7 +62,7 @@ impl RedisServer {
                 command.args(["--appendonly", "yes", "--appendfsync", "always", "--dir"]).arg(dir.path());
             }
             None => {
-                command.args(["--appendonly", "no"]);
+                command.args(["--appendonly", "no", "--dir"]).arg(self.scratch.path());
             }
         }
         command.args(&self.extra);
@@ -108,6 +117,126 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A Redis Cluster of our own on 127.0.0.1: `primaries` primaries with a replica each, quick
+/// to fail over (`cluster-node-timeout 1000`), behind `password`.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+    password: String,
+    _dir: tempfile::TempDir,
+}
+
+/// A free port whose cluster bus port (+10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl RedisCluster {
+    pub fn start(primaries: usize, password: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes: Vec<RedisServer> = (0..primaries * 2)
+            .map(|_| {
+                let port = free_cluster_port();
+                let conf = dir.path().join(format!("nodes-{port}.conf"));
+                let conf = conf.to_str().unwrap();
+                let log = dir.path().join(format!("redis-{port}.log"));
+                let log = log.to_str().unwrap();
+                // No 5 s wait before a replica's first sync: a replica that never synced
+                // cannot take over.
+                let args = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    conf,
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--repl-diskless-sync-delay",
+                    "0",
+                    "--logfile",
+                    log,
+                ];
+                let auth = ["--requirepass", password, "--masterauth", password];
+                RedisServer::start_on(port, &[&args[..], &auth[..]].concat())
+            })
+            .collect();
+        let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let created = Command::new("redis-cli")
+            .args(["-a", password, "--no-auth-warning", "--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli is needed for this test (Debian's redis-tools, with redis-server)");
+        let cluster = Self { nodes, password: password.to_owned(), _dir: dir };
+        if !created.status.success() {
+            let known: Vec<String> = cluster
+                .nodes
+                .iter()
+                .map(|n| format!("{}: {}", n.port, cluster.cli(n.port, &["CLUSTER", "NODES"])))
+                .collect();
+            panic!("redis-cli --cluster create: {}\n{known:?}", String::from_utf8_lossy(&created.stdout));
+        }
+        for _ in 0..400 {
+            let ok = cluster.nodes.iter().all(|n| {
+                let replication = cluster.cli(n.port, &["INFO", "replication"]);
+                cluster.cli(n.port, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                    && (replication.contains("role:master") || replication.contains("master_link_status:up"))
+            });
+            if ok {
+                return cluster;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("the cluster did not reach cluster_state:ok");
+    }
+
+    /// `redis-cli` against the node on `port`: its answer as text.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .args(["-a", &self.password, "--no-auth-warning", "-p", &port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    pub fn addresses(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect()
+    }
+
+    /// The port of the primary that serves `key`'s slot now.
+    pub fn primary_of(&self, key: &str) -> u16 {
+        let any = self.nodes.iter().find(|n| n.child.is_some()).unwrap().port;
+        let slot: u16 = self.cli(any, &["CLUSTER", "KEYSLOT", key]).trim().parse().unwrap();
+        for line in self.cli(any, &["CLUSTER", "NODES"]).lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let owns = fields[8..].iter().any(|range| {
+                let (from, to) = range.split_once('-').unwrap_or((range, range));
+                matches!((from.parse::<u16>(), to.parse::<u16>()), (Ok(f), Ok(t)) if f <= slot && slot <= t)
+            });
+            if owns {
+                return fields[1].split(['@', ':']).nth(1).unwrap().parse().unwrap();
+            }
+        }
+        panic!("no primary serves slot {slot}");
+    }
+
+    pub fn log(&self, port: u16) -> String {
+        std::fs::read_to_string(self._dir.path().join(format!("redis-{port}.log"))).unwrap_or_default()
+    }
+
+    /// SIGKILL of the node on `port`.
+    pub fn kill(&mut self, port: u16) {
+        self.nodes.iter_mut().find(|n| n.port == port).unwrap().kill();
     }
 }
 
@@ -209,7 +338,15 @@ impl Replica {
                 break rest.split_whitespace().next().unwrap().to_owned();
             }
         };
-        std::thread::spawn(move || lines.for_each(drop));
+        // TOLLGATE_TEST_LOGS=1 shows the gateways' logs in the test's output.
+        let show = std::env::var_os("TOLLGATE_TEST_LOGS").is_some();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if show {
+                    eprintln!("gateway: {line}");
+                }
+            }
+        });
         Self { child, addr, _dir: dir.to_owned() }
     }
 

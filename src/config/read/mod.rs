@@ -14,7 +14,7 @@ use self::server::{default_ledger, default_server, ledger, server};
 use super::document::{Fields, Problems};
 use super::{
     AccessLogFormat, Backend, BudgetPeriod, CacheScope, CacheSettings, CacheStore, Cacheable, Cascade, Config, Env,
-    LedgerStore, LimitOverrides, Limits, MetricsSettings, Plan, Policy, RedisStore, Route, Telemetry, Usd, User,
+    LedgerStore, LimitOverrides, Limits, MetricsSettings, Plan, Policy, Route, Telemetry, Usd, User,
 };
 use crate::secret::Secret;
 
@@ -60,9 +60,13 @@ pub(super) fn config(root: &Table, p: &mut Problems<'_>, env: &dyn Env) -> Confi
         }
     }
 
-    if let LedgerStore::Redis(RedisStore { reservation_ttl: Some(ttl), .. }) = &ledger.store {
+    let reservation_ttl = match &ledger.store {
+        LedgerStore::Redis(redis) => redis.reservation_ttl,
+        _ => None,
+    };
+    if let Some(ttl) = reservation_ttl {
         let longest = backends.iter().map(|b| b.timeout).max().unwrap_or_default();
-        if *ttl <= longest {
+        if ttl <= longest {
             let message = format!(
                 "must be longer than the longest backend `timeout_s` ({} s), or a live request's reservation could expire",
                 longest.as_secs()

@@ -98,13 +98,26 @@ pub(super) fn ledger(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) ->
         "memory" => LedgerStore::Memory,
         "sqlite" => LedgerStore::Sqlite { path: path.unwrap_or_else(|| "data/tollgate.db".to_owned()) },
         "redis" => match url {
+            _ if redis.sentinel.is_some() && !redis.cluster.is_empty() => {
+                let message = "set either `sentinels` or `cluster`: a Redis Cluster fails over by itself";
+                p.at_line(f.line_of(p, "cluster"), &f.path_of("cluster"), message);
+                LedgerStore::Memory
+            }
+            Some(_) if !redis.cluster.is_empty() => {
+                let message = "set either `url` or `cluster`: the cluster's nodes are found from `cluster`";
+                p.at_line(f.line_of(p, "url"), &f.path_of("url"), message);
+                LedgerStore::Memory
+            }
+            None if !redis.cluster.is_empty() => LedgerStore::Redis(Box::new(redis)),
             Some(_) if redis.sentinel.is_some() => {
                 let message = "set either `url` or `sentinels`: with sentinels the primary is found through them";
                 p.at_line(f.line_of(p, "url"), &f.path_of("url"), message);
                 LedgerStore::Memory
             }
-            None if redis.sentinel.is_some() => LedgerStore::Redis(redis),
-            Some(url) if redis_url_ok(&url) => LedgerStore::Redis(RedisStore { url: Secret::new(url), ..redis }),
+            None if redis.sentinel.is_some() => LedgerStore::Redis(Box::new(redis)),
+            Some(url) if redis_url_ok(&url) => {
+                LedgerStore::Redis(Box::new(RedisStore { url: Secret::new(url), ..redis }))
+            }
             Some(_) => {
                 // The URL may hold a password: the message never repeats it.
                 let message = "not a valid `redis://[:password@]host:port[/db]` or `rediss://` URL";
@@ -112,7 +125,8 @@ pub(super) fn ledger(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) ->
                 LedgerStore::Memory
             }
             None => {
-                let message = "redis needs `url = \"redis://host:port\"` (or `sentinels` and `sentinel_master`)";
+                let message =
+                    "redis needs `url = \"redis://host:port\"` (or `sentinels` and `sentinel_master`, or `cluster`)";
                 p.at_line(f.line_of(p, "url"), &f.path_of("url"), message);
                 LedgerStore::Memory
             }
@@ -153,9 +167,15 @@ fn redis_settings(f: &mut Fields<'_>, p: &mut Problems<'_>, env: &dyn Env) -> Re
     let password = secret(f, p, env, "password_env");
     let replay_window_s = f.optional::<u64>(p, "replay_window_s").unwrap_or(DEFAULT_REDIS_REPLAY_WINDOW_S);
     let sentinel = sentinel_settings(f, p, env);
+    let cluster = f.optional::<Vec<String>>(p, "cluster").unwrap_or_default();
+    if let Some(bad) = cluster.iter().find(|a| !host_port_ok(a)) {
+        let message = format!("`{bad}` is not a `host:port` address");
+        p.at_line(f.line_of(p, "cluster"), &f.path_of("cluster"), message);
+    }
     RedisStore {
         url: Secret::new(String::new()),
         sentinel,
+        cluster,
         replay_window: Duration::from_secs(replay_window_s),
         password,
         key_prefix,

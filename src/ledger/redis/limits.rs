@@ -28,8 +28,8 @@ impl RedisLimiter {
         &self.store
     }
 
-    pub async fn admit(&self, levels: &[Allowance], tokens: u64, now: Instant) -> Result<(), LimitError> {
-        let keys: Vec<String> = levels.iter().map(|l| self.store.keys.rate(&l.account)).collect();
+    pub async fn admit(&self, levels: &[Allowance], root: &str, tokens: u64, now: Instant) -> Result<(), LimitError> {
+        let keys: Vec<String> = levels.iter().map(|l| self.rate_key(root, l)).collect();
         let mut args = vec![tokens.to_string()];
         for level in levels {
             args.push(level.rpm.map(|r| r.to_string()).unwrap_or_default());
@@ -57,7 +57,13 @@ impl RedisLimiter {
     }
 
     /// Gives back (or takes) the difference between the admission estimate and the real usage.
-    pub fn settle_tokens(&self, levels: &[Allowance], estimated: u64, actual: u64) {
+    /// A level's buckets: under its own account's tag on one Redis, the root's on a Cluster.
+    fn rate_key(&self, root: &str, level: &Allowance) -> String {
+        let slot = if self.store.is_cluster() { root } else { &level.account };
+        self.store.keys.rate(slot, &level.account)
+    }
+
+    pub fn settle_tokens(&self, levels: &[Allowance], root: &str, estimated: u64, actual: u64) {
         if estimated == actual {
             return;
         }
@@ -67,12 +73,13 @@ impl RedisLimiter {
             let Some(tpm) = level.tpm else { continue };
             self.store.submit(Write {
                 script: WriteScript::RateSettle,
-                keys: vec![self.store.keys.rate(&level.account)],
+                keys: vec![self.rate_key(root, level)],
                 args: vec![tpm.to_string(), delta.to_string()],
                 accounts: Vec::new(),
                 cost: Usd::ZERO,
                 must_land: false,
                 replayed: false,
+                then: Vec::new(),
             });
         }
     }

@@ -69,15 +69,18 @@ pub struct RedisLedger {
     held: Arc<Held>,
     fixed_ttl: bool,
     retention: Duration,
+    /// On a Redis Cluster: keys in their chain root's slot, and the slot of each account this
+    /// replica has recorded in [`Keys::slots`](scripts::Keys::slots).
+    cluster: Option<DashMap<Arc<str>, Arc<str>>>,
 }
 
-/// The accounts of a reservation's levels, and its member in each one's `holds`.
-type Hold = (SmallVec<[Arc<str>; 3]>, String);
+/// The (slot, account) of a reservation's levels, and its member in each one's `holds`.
+type Hold = (SmallVec<[(Arc<str>, Arc<str>); 3]>, String);
 
 /// This replica's open Redis reservations, kept alive by [`renew_loop`].
 #[derive(Debug, Default)]
 struct Held {
-    /// Reservation id → the accounts of its levels and its member in each account's `holds`.
+    /// Reservation id → the (slot, account) of its levels and its member in each `holds`.
     open: DashMap<u64, Hold>,
     /// Reservation lifetime; fixed by `reservation_ttl_s`, else follows the backends' timeouts.
     ttl_ms: AtomicU64,
@@ -102,17 +105,18 @@ async fn renew_loop(store: Weak<Store>, held: Weak<Held>) {
         }
         last_round = tokio::time::Instant::now();
         let (Some(store), Some(held)) = (store.upgrade(), held.upgrade()) else { return };
-        let mut by_user: std::collections::HashMap<Arc<str>, Vec<String>> = std::collections::HashMap::new();
+        let mut by_account: std::collections::HashMap<(Arc<str>, Arc<str>), Vec<String>> =
+            std::collections::HashMap::new();
         for entry in &held.open {
             let (accounts, member) = entry.value();
             for account in accounts {
-                by_user.entry(Arc::clone(account)).or_default().push(member.clone());
+                by_account.entry(account.clone()).or_default().push(member.clone());
             }
         }
         let ttl = held.ttl_ms.load(Ordering::Relaxed).to_string();
         let mode = if restore { "restore" } else { "renew" };
-        for (user, members) in by_user {
-            let keys = [store.keys.reserved(&user), store.keys.holds(&user)];
+        for ((slot, account), members) in by_account {
+            let keys = [store.keys.reserved(&slot, &account), store.keys.holds(&slot, &account)];
             let args: Vec<String> = [ttl.clone(), mode.to_owned()].into_iter().chain(members).collect();
             // A failure is counted and logged by the store; the next round tries again, well
             // before the reservations could expire.
@@ -270,6 +274,7 @@ impl RedisLedger {
             ttl_ms: AtomicU64::new(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
         });
         store.runtime.spawn(renew_loop(Arc::downgrade(&store), Arc::downgrade(&held)));
+        let cluster = store.is_cluster().then(DashMap::new);
         Self {
             store,
             replica: replica_id(),
@@ -277,7 +282,30 @@ impl RedisLedger {
             held,
             fixed_ttl: reservation_ttl.is_some(),
             retention,
+            cluster,
         }
+    }
+
+    /// The hash slot `level`'s keys are in: its own on one Redis, the chain root's on a
+    /// Cluster.
+    fn slot<'a>(&self, budgets: &'a Budgets, level: &'a Budget) -> &'a Arc<str> {
+        if self.cluster.is_some() {
+            budgets.root()
+        } else {
+            &level.account
+        }
+    }
+
+    /// The slots of accounts read alone (not from a request's chain): on a Cluster, what
+    /// [`scripts::Keys::slots`] recorded when they settled (the account itself if never).
+    async fn slots_of(&self, accounts: &[&str]) -> Result<Vec<Arc<str>>, LedgerError> {
+        if self.cluster.is_none() || accounts.is_empty() {
+            return Ok(accounts.iter().map(|a| Arc::from(*a)).collect());
+        }
+        let mut command = redis::cmd("HMGET");
+        command.arg(self.store.keys.slots()).arg(accounts);
+        let slots: Vec<Option<String>> = self.store.command(Op::Read, command).await?;
+        Ok(accounts.iter().zip(slots).map(|(a, slot)| slot.map_or_else(|| Arc::from(*a), Arc::from)).collect())
     }
 
     /// `<replica>:<id>:<amount>`: the reservation's member in the user's `holds`.
@@ -287,14 +315,76 @@ impl RedisLedger {
 
     /// (reserved, holds, spend) of every level, in level order.
     fn level_keys(&self, budgets: &Budgets, now: i64) -> Vec<String> {
-        let keys = &self.store.keys;
         let mut out = Vec::with_capacity(3 * budgets.len());
         for b in budgets {
-            out.push(keys.reserved(&b.account));
-            out.push(keys.holds(&b.account));
-            out.push(keys.spend(&b.account, period::start(b.period, now)));
+            out.extend(self.account_keys(self.slot(budgets, b), b, now));
         }
         out
+    }
+
+    /// (reserved, holds, spend) of one level whose keys are in `slot`.
+    fn account_keys(&self, slot: &str, b: &Budget, now: i64) -> [String; 3] {
+        let keys = &self.store.keys;
+        [
+            keys.reserved(slot, &b.account),
+            keys.holds(slot, &b.account),
+            keys.spend(slot, &b.account, period::start(b.period, now)),
+        ]
+    }
+
+    /// On a Cluster, what a settlement writes outside its chain's slot once its script has
+    /// applied it, one pipeline per key (so per slot): the record, the user's ranking,
+    /// everyone's hour, and the slot of each account this replica has not recorded yet.
+    /// `args` are the settle script's ([`scripts`]).
+    fn outside_the_slot(
+        &self,
+        recorded: &DashMap<Arc<str>, Arc<str>>,
+        budgets: &Budgets,
+        args: &[String],
+        ranking: String,
+        hour: i64,
+    ) -> Vec<redis::Pipeline> {
+        let keys = &self.store.keys;
+        let arg = |i: usize| args.get(i).map_or("", String::as_str);
+        let mut records = redis::pipe();
+        records.cmd("LPUSH").arg(keys.records()).arg(arg(6)).ignore();
+        records.cmd("LTRIM").arg(keys.records()).arg(0).arg(MAX_RECORDS - 1).ignore();
+        // Unconditional, a cost of 0 too: a user whose requests were all free is still ranked.
+        let mut rank = redis::pipe();
+        rank.cmd("ZINCRBY").arg(&ranking).arg(arg(2)).arg(arg(9)).ignore();
+        if !arg(10).is_empty() {
+            rank.cmd("EXPIREAT").arg(&ranking).arg(arg(10)).ignore();
+        }
+        let everyone = keys.hour(hour);
+        let backend = arg(5);
+        let mut sums = redis::pipe();
+        let mut add = |name: &str, value: &str| {
+            sums.cmd("HINCRBY").arg(&everyone).arg(format!("{backend}/{name}")).arg(value).ignore();
+        };
+        add("requests", "1");
+        if arg(11) == "1" {
+            add("errors", "1");
+        }
+        add("spent", arg(2));
+        add("prompt_tokens", arg(3));
+        add("completion_tokens", arg(4));
+        add("latency_ms", arg(12));
+        sums.cmd("EXPIREAT").arg(&everyone).arg(arg(14)).ignore();
+        let mut then = vec![records, rank, sums];
+        let root = budgets.root();
+        let mut slots = redis::pipe();
+        let mut unrecorded = false;
+        for b in budgets.iter().filter(|b| b.account != *root) {
+            if recorded.get(&b.account).is_none_or(|slot| *slot != *root) {
+                recorded.insert(Arc::clone(&b.account), Arc::clone(root));
+                slots.cmd("HSET").arg(keys.slots()).arg(&*b.account).arg(&**root).ignore();
+                unrecorded = true;
+            }
+        }
+        if unrecorded {
+            then.push(slots);
+        }
+        then
     }
 
     fn retention_s(&self) -> i64 {
@@ -357,12 +447,12 @@ impl RedisLedger {
         })
     }
 
-    /// (reserved, spent) of every level, and the first level's spend fields when `all`.
-    async fn read(&self, budgets: &Budgets, now: i64, all: bool) -> Result<Vec<Account>, LedgerError> {
-        let keys = self.level_keys(budgets, now);
+    /// (reserved, spent) of every level, and the first level's spend fields when `all`;
+    /// `keys` are the levels' [`Self::level_keys`].
+    async fn read(&self, budgets: &Budgets, keys: &[String], now: i64, all: bool) -> Result<Vec<Account>, LedgerError> {
         let arg = if all { "all" } else { "" };
         let answer: Vec<redis::Value> =
-            self.store.script(Op::Read, &self.store.scripts.read, &keys, &[arg.to_owned()]).await?;
+            self.store.script(Op::Read, &self.store.scripts.read, keys, &[arg.to_owned()]).await?;
         let mut accounts = Vec::with_capacity(budgets.len());
         let mut fields: Vec<String> = Vec::new();
         for (i, value) in answer.into_iter().enumerate() {
@@ -426,7 +516,8 @@ impl Ledger for RedisLedger {
                 left.push(b.limit.map(|l| l.saturating_sub(used).saturating_sub(after).max(Usd::ZERO)));
             }
             if granted {
-                let accounts = budgets.iter().map(|b| Arc::clone(&b.account)).collect();
+                let accounts =
+                    budgets.iter().map(|b| (Arc::clone(self.slot(budgets, b)), Arc::clone(&b.account))).collect();
                 self.held.open.insert(id, (accounts, member));
                 return Ok(Reserve::Reserved { id, remaining: budgets.smallest(left) });
             }
@@ -445,7 +536,10 @@ impl Ledger for RedisLedger {
         self.held.open.remove(&id);
         let keys = budgets
             .iter()
-            .flat_map(|b| [self.store.keys.reserved(&b.account), self.store.keys.holds(&b.account)])
+            .flat_map(|b| {
+                let slot = self.slot(budgets, b);
+                [self.store.keys.reserved(slot, &b.account), self.store.keys.holds(slot, &b.account)]
+            })
             .collect();
         let write = Write {
             script: WriteScript::Release,
@@ -455,6 +549,7 @@ impl Ledger for RedisLedger {
             cost: Usd::ZERO,
             must_land: true,
             replayed: false,
+            then: Vec::new(),
         };
         self.store.submit(write);
     }
@@ -495,15 +590,19 @@ impl Ledger for RedisLedger {
         ];
         args.extend(budgets.iter().map(|b| self.spend_expires_at(b.period, now)));
         let user = budgets.user();
+        let user_slot = self.slot(budgets, user);
         let ranking = keys.ranking(period::name(user.period), period::start(user.period, now));
-        let mut write_keys = vec![
-            keys.settled(&user.account),
-            keys.records(),
-            ranking,
-            keys.user_hour(&user.account, hour),
-            keys.hour(hour),
-        ];
+        let mut write_keys =
+            vec![keys.settled(user_slot, &user.account), keys.user_hour(user_slot, &user.account, hour)];
         write_keys.extend(self.level_keys(budgets, now));
+        let then = match &self.cluster {
+            // In other slots than the chain's: written once the script says it applied.
+            Some(recorded) => self.outside_the_slot(recorded, budgets, &args, ranking, hour),
+            None => {
+                write_keys.extend([keys.records(), ranking, keys.hour(hour)]);
+                Vec::new()
+            }
+        };
         let write = Write {
             script: WriteScript::Settle,
             keys: write_keys,
@@ -512,6 +611,7 @@ impl Ledger for RedisLedger {
             cost: record.cost,
             must_land: true,
             replayed: false,
+            then,
         };
         self.store.submit(write);
     }
@@ -522,7 +622,7 @@ impl Ledger for RedisLedger {
             if !budgets.any_limit() {
                 return Ok(None);
             }
-            match self.read(budgets, now, false).await {
+            match self.read(budgets, &self.level_keys(budgets, now), now, false).await {
                 Ok(accounts) => {
                     Ok(budgets.smallest(budgets.iter().zip(&accounts).map(|(b, a)| b.limit.map(|l| a.remaining(l)))))
                 }
@@ -538,7 +638,10 @@ impl Ledger for RedisLedger {
     fn usage<'a>(&'a self, budget: &'a Budget, now: i64) -> BoxFuture<'a, Result<Account, LedgerError>> {
         Box::pin(async move {
             let one = Budgets::from_levels([budget.clone()]);
-            let mut accounts = self.read(&one, now, true).await?;
+            let slots = self.slots_of(&[&budget.account]).await?;
+            let slot = slots.first().map_or(&budget.account, |s| s);
+            let keys = self.account_keys(slot, budget, now);
+            let mut accounts = self.read(&one, &keys, now, true).await?;
             accounts.pop().ok_or_else(|| LedgerError::Storage("empty read answer".into()))
         })
     }
@@ -571,13 +674,17 @@ impl Ledger for RedisLedger {
             let kept = self.hour_kept_s(query.user.is_some());
             let hours = hours_in(query.from, query.to, crate::clock::unix_now().saturating_sub(kept));
             let keys = &self.store.keys;
+            let user_slot = match &query.user {
+                Some(user) => self.slots_of(&[user]).await?.pop(),
+                None => None,
+            };
             let mut rows = std::collections::HashMap::new();
             for batch in hours.chunks(KEYS_PER_TRIP) {
                 let mut pipeline = redis::pipe();
                 for &hour in batch {
-                    let key = match &query.user {
-                        Some(user) => keys.user_hour(user, hour),
-                        None => keys.hour(hour),
+                    let key = match (&query.user, &user_slot) {
+                        (Some(user), Some(slot)) => keys.user_hour(slot, user, hour),
+                        _ => keys.hour(hour),
                     };
                     pipeline.cmd("HGETALL").arg(key);
                 }
@@ -619,9 +726,11 @@ impl Ledger for RedisLedger {
             let wanted: Vec<(String, i64)> = wanted.into_iter().collect();
             let mut standings = Vec::with_capacity(wanted.len());
             for batch in wanted.chunks(KEYS_PER_TRIP) {
+                let users: Vec<&str> = batch.iter().map(|(user, _)| user.as_str()).collect();
+                let slots = self.slots_of(&users).await?;
                 let mut pipeline = redis::pipe();
-                for (user, start) in batch {
-                    pipeline.cmd("HGETALL").arg(keys.spend(user, *start));
+                for ((user, start), slot) in batch.iter().zip(&slots) {
+                    pipeline.cmd("HGETALL").arg(keys.spend(slot, user, *start));
                 }
                 let answers: Vec<Vec<String>> = self.store.pipeline(Op::Read, pipeline).await?;
                 if answers.len() != batch.len() {

@@ -1,5 +1,9 @@
 //! Where the ledger's Redis primary is, and how a failover is noticed.
 //!
+//! With `cluster`, there is one primary per range of hash slots; the cluster client follows
+//! the slots (`MOVED`, `ASK`, a replica promoted) by itself, and a failover is noticed as a
+//! change in which nodes own slots (`CLUSTER NODES`).
+//!
 //! With `url`, the primary is that address; the connection manager reconnects to it after a
 //! failure (a managed Redis that fails over behind one name). With `sentinels`, the sentinels
 //! are asked which address is the primary of `sentinel_master`; the connection is dropped and
@@ -25,16 +29,55 @@ pub const PROBE_EVERY: Duration = Duration::from_millis(500);
 pub enum Target {
     Direct(redis::Client),
     Sentinels(Sentinels),
+    Cluster(Box<redis::cluster::ClusterClient>),
+}
+
+/// A connection to the primary, or to a cluster's primaries.
+#[derive(Clone)]
+pub enum Connection {
+    Single(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 impl Target {
-    /// The primary's client now, and its address when sentinels gave it.
+    /// The primary's client now, and its address when sentinels gave it (not for a cluster).
     pub async fn primary(&self, timeout: Duration) -> RedisResult<(redis::Client, Option<String>)> {
         match self {
             Self::Direct(client) => Ok((client.clone(), None)),
             Self::Sentinels(sentinels) => {
                 let address = sentinels.primary_address(timeout).await?;
                 Ok((sentinels.client_for(&address)?, Some(address)))
+            }
+            Self::Cluster(_) => {
+                Err(RedisError::from((redis::ErrorKind::InvalidClientConfig, "a cluster has no one primary")))
             }
         }
     }
@@ -46,7 +89,7 @@ impl Target {
     /// With sentinels, where the primary is now (`None` without them).
     pub async fn primary_address(&self, timeout: Duration) -> RedisResult<Option<String>> {
         match self {
-            Self::Direct(_) => Ok(None),
+            Self::Direct(_) | Self::Cluster(_) => Ok(None),
             Self::Sentinels(sentinels) => sentinels.primary_address(timeout).await.map(Some),
         }
     }
@@ -146,6 +189,22 @@ pub fn is_primary(role: &[redis::Value]) -> bool {
     }
 }
 
+/// Which nodes own hash slots, from `CLUSTER NODES`: their ids, sorted. It changes when a
+/// replica takes over a failed primary's slots (not when a node fails, nor when one rejoins
+/// as a replica).
+pub fn slot_owners(nodes: &str) -> String {
+    let mut owners: Vec<&str> = nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let owns_slots = fields.len() > 8 && fields[2].split(',').any(|flag| flag == "master");
+            owns_slots.then_some(fields[0])
+        })
+        .collect();
+    owners.sort_unstable();
+    owners.join(",")
+}
+
 /// The `run_id` line of `INFO server`.
 pub fn run_id(info: &str) -> Option<&str> {
     info.lines().find_map(|line| line.strip_prefix("run_id:")).map(str::trim)
@@ -169,6 +228,20 @@ mod tests {
         let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:4f1c0ffee\r\ntcp_port:6379\r\n";
         assert_eq!(run_id(info), Some("4f1c0ffee"));
         assert_eq!(run_id("# Server\r\n"), None);
+    }
+
+    #[test]
+    fn slot_owners_change_when_a_replica_takes_over_not_when_a_node_fails() {
+        let before = "a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
+                      b2 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922\n\
+                      c3 127.0.0.1:7003@17003 slave a1 0 0 1 connected\n";
+        let failed = before.replace("myself,master", "myself,master,fail");
+        let promoted = "a1 127.0.0.1:7000@17000 master,fail - 0 0 1 disconnected\n\
+                        b2 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922\n\
+                        c3 127.0.0.1:7003@17003 myself,master - 0 0 3 connected 0-5460\n";
+        assert_eq!(slot_owners(before), "a1,b2");
+        assert_eq!(slot_owners(&failed), slot_owners(before), "a failed primary still owns its slots");
+        assert_eq!(slot_owners(promoted), "b2,c3");
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //!
 //! Keys (`P` is `key_prefix`; `{user}` is an account's name: a user's, or `~key:<id>` or
 //! `~team:<name>` for a key's or a team's budget; it is also a Redis Cluster hash tag, keeping
-//! one account's keys in one slot):
+//! one account's keys in one slot). On a Redis Cluster, an account's keys are instead
+//! `P{root}:<account>:...`, `root` being the last level of the request's chain (the team's, else
+//! the top user's), so that one request's key, user and team share a slot and one script
+//! reserves or settles all of them; the root's own keys keep the `P{root}:...` names:
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -16,6 +19,12 @@
 //! | `Prank:<period>:<start>` | sorted set | users by spend in that period (pico-USD as the score): who has spend to read |
 //! | `P{user}:hour:<hour_start>` | hash | the user's hour ([`rollup`](crate::ledger::rollup)): `<backend>/requests`, `errors`, `spent`, `prompt_tokens`, `completion_tokens`, `latency_ms`; kept as long as the records |
 //! | `Phour:<hour_start>` | hash | everyone's hour, the same fields; kept [`BACKEND_ROWS_KEPT_S`](crate::ledger::rollup::BACKEND_ROWS_KEPT_S) |
+//! | `Pslots` | hash | Cluster only: account → its root, for reads that start from an account alone |
+//!
+//! On a Cluster, `Precords`, the rankings and everyone's hour are in slots of their own: a
+//! settlement's script updates the chain's keys, and those three (and `Pslots`) are written
+//! right after it, only when it applied; a gateway dying in between loses that request from
+//! the reports, never from the spend.
 //!
 //! Why this shape: an expired reservation must stop counting without any replica alive to
 //! release it. Every script that reads or writes the reserved sum first drops the members of
@@ -51,28 +60,35 @@ impl Keys {
         &self.prefix
     }
 
-    fn user(&self, user: &str, what: &str) -> String {
-        format!("{}{{{user}}}:{what}", self.prefix)
+    /// An account's key, in the hash slot of `slot`: the account itself on one Redis (the
+    /// names of every release before Cluster support), the root of its request's chain on a
+    /// Cluster, so that one script can touch every level of a request.
+    fn account(&self, slot: &str, account: &str, what: &str) -> String {
+        if slot == account {
+            format!("{}{{{account}}}:{what}", self.prefix)
+        } else {
+            format!("{}{{{slot}}}:{account}:{what}", self.prefix)
+        }
     }
 
-    pub fn spend(&self, user: &str, period_start: i64) -> String {
-        self.user(user, &format!("spend:{period_start}"))
+    pub fn spend(&self, slot: &str, account: &str, period_start: i64) -> String {
+        self.account(slot, account, &format!("spend:{period_start}"))
     }
 
-    pub fn holds(&self, user: &str) -> String {
-        self.user(user, "holds")
+    pub fn holds(&self, slot: &str, account: &str) -> String {
+        self.account(slot, account, "holds")
     }
 
-    pub fn reserved(&self, user: &str) -> String {
-        self.user(user, "reserved")
+    pub fn reserved(&self, slot: &str, account: &str) -> String {
+        self.account(slot, account, "reserved")
     }
 
-    pub fn settled(&self, user: &str) -> String {
-        self.user(user, "settled")
+    pub fn settled(&self, slot: &str, account: &str) -> String {
+        self.account(slot, account, "settled")
     }
 
-    pub fn rate(&self, user: &str) -> String {
-        self.user(user, "rate")
+    pub fn rate(&self, slot: &str, account: &str) -> String {
+        self.account(slot, account, "rate")
     }
 
     /// Users ranked by spend in one period (`<period>:<start>`): every user with a request in
@@ -82,8 +98,8 @@ impl Keys {
     }
 
     /// One user's hourly rollup (the hour's start, Unix seconds).
-    pub fn user_hour(&self, user: &str, hour: i64) -> String {
-        self.user(user, &format!("hour:{hour}"))
+    pub fn user_hour(&self, slot: &str, user: &str, hour: i64) -> String {
+        self.account(slot, user, &format!("hour:{hour}"))
     }
 
     /// Everyone's hourly rollup.
@@ -93,6 +109,12 @@ impl Keys {
 
     pub fn records(&self) -> String {
         format!("{}records", self.prefix)
+    }
+
+    /// On a Cluster: account → the slot its keys are in (the root of its chain), for reads
+    /// that start from an account alone (`/admin/usage`, the standings, a user's hours).
+    pub fn slots(&self) -> String {
+        format!("{}slots", self.prefix)
     }
 }
 
@@ -174,8 +196,9 @@ end
 return {1, 0, unpack(seen)}
 ";
 
-/// KEYS: settled, records, the user's period ranking, the user's hour, everyone's hour, then
-/// (reserved, holds, spend) per level.
+/// KEYS: settled, the user's hour, (reserved, holds, spend) per level, then, on one Redis
+/// (not a Cluster, where they are in other slots and written after the script), records, the
+/// user's period ranking and everyone's hour.
 /// ARGV: member ('' = the reservation was local), settlement id, cost, prompt tokens,
 /// completion tokens, backend, record JSON, max records, dedupe window ms, the user's name,
 /// the ranking's expire-at, '1' if the request failed (status >= 400) else '0', latency ms,
@@ -189,9 +212,7 @@ if redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[9]))
 redis.call('ZADD', KEYS[1], now, ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[9])
--- Unconditional, a cost of 0 too: a user whose requests were all free is still in the standings.
-redis.call('ZINCRBY', KEYS[3], ARGV[3], ARGV[10])
-if ARGV[11] ~= '' then redis.call('EXPIREAT', KEYS[3], ARGV[11]) end
+local levels = #ARGV - 15
 local h = ARGV[6] .. '/'
 local function hour(key, expire_at)
   redis.call('HINCRBY', key, h .. 'requests', 1)
@@ -202,11 +223,10 @@ local function hour(key, expire_at)
   redis.call('HINCRBY', key, h .. 'latency_ms', ARGV[13])
   redis.call('EXPIREAT', key, expire_at)
 end
-hour(KEYS[4], ARGV[14])
-hour(KEYS[5], ARGV[15])
+hour(KEYS[2], ARGV[14])
 local b = 'b/' .. ARGV[6] .. '/'
-for i = 1, (#KEYS - 5) / 3 do
-  local k = 5 + (i - 1) * 3
+for i = 1, levels do
+  local k = 2 + (i - 1) * 3
   if ARGV[1] ~= '' and redis.call('ZREM', KEYS[k + 2], ARGV[1]) == 1 then
     redis.call('DECRBY', KEYS[k + 1], string.match(ARGV[1], '(%d+)$'))
   end
@@ -221,8 +241,15 @@ for i = 1, (#KEYS - 5) / 3 do
   redis.call('HINCRBY', spend, b .. 'completion_tokens', ARGV[5])
   if ARGV[15 + i] ~= '' then redis.call('EXPIREAT', spend, ARGV[15 + i]) end
 end
-redis.call('LPUSH', KEYS[2], ARGV[7])
-redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[8]) - 1)
+local g = 2 + levels * 3
+if #KEYS > g then
+  redis.call('LPUSH', KEYS[g + 1], ARGV[7])
+  redis.call('LTRIM', KEYS[g + 1], 0, tonumber(ARGV[8]) - 1)
+  -- Unconditional, a cost of 0 too: a user whose requests were all free is still in the standings.
+  redis.call('ZINCRBY', KEYS[g + 2], ARGV[3], ARGV[10])
+  if ARGV[11] ~= '' then redis.call('EXPIREAT', KEYS[g + 2], ARGV[11]) end
+  hour(KEYS[g + 3], ARGV[15])
+end
 return 1
 ";
 

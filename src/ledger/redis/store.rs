@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::primary::Connection;
 use redis::{FromRedisValue, Script};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -91,6 +93,9 @@ pub struct Write {
     pub must_land: bool,
     /// Applied once already, and again after a failover.
     pub replayed: bool,
+    /// On a cluster, what goes with the script to keys of other slots, each pipeline to one
+    /// key: run once the script says it applied (not for a duplicate).
+    pub then: Vec<redis::Pipeline>,
 }
 
 impl Write {
@@ -107,7 +112,7 @@ pub struct Store {
     target: Target,
     /// The primary's connection; `None` before the first call and, with sentinels, after the
     /// primary was lost (the next call asks them again).
-    primary: Mutex<Option<ConnectionManager>>,
+    primary: Mutex<Option<Connection>>,
     /// One connection attempt at a time; the others wait for its outcome.
     connecting: tokio::sync::Mutex<()>,
     /// The `run_id` of the server last seen as primary: another one means a failover.
@@ -164,6 +169,19 @@ impl Store {
             primary_settings = primary_settings.set_password(password.expose());
         }
         let target = match &settings.sentinel {
+            None if !settings.cluster.is_empty() => {
+                let nodes = settings.cluster.iter().map(|node| format!("redis://{node}"));
+                let mut builder = redis::cluster::ClusterClient::builder(nodes)
+                    .connection_timeout(settings.connect_timeout)
+                    .response_timeout(settings.timeout)
+                    .retries(2);
+                if let Some(password) = &settings.password {
+                    builder = builder.password(password.expose());
+                }
+                let client =
+                    builder.build().map_err(|e| LedgerError::Storage(format!("redis cluster: {}", e.category())))?;
+                Target::Cluster(Box::new(client))
+            }
             Some(sentinel) => Target::Sentinels(
                 primary::Sentinels::new(sentinel, primary_settings)
                     .map_err(|e| LedgerError::Storage(format!("redis sentinels: {}", e.category())))?,
@@ -209,16 +227,33 @@ impl Store {
         Ok(store)
     }
 
-    fn current(&self) -> Option<ConnectionManager> {
+    fn current(&self) -> Option<Connection> {
         self.primary.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+    /// Whether the ledger is a Redis Cluster (keys in their chain root's slot).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::Cluster(_))
+    }
+
+    async fn connection(&self) -> redis::RedisResult<Connection> {
         if let Some(connection) = self.current() {
             return Ok(connection);
         }
         let _one_at_a_time = self.connecting.lock().await;
         if let Some(connection) = self.current() {
+            return Ok(connection);
+        }
+        if let Target::Cluster(client) = &self.target {
+            let mut connection = Connection::Cluster(client.get_async_connection().await?);
+            // `SCRIPT LOAD` goes to every node; a promoted replica gets them on `NOSCRIPT`.
+            for script in self.scripts.all() {
+                script.load_async(&mut connection).await?;
+            }
+            let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut connection).await?;
+            tracing::info!("connected to the redis ledger's cluster");
+            *self.primary.lock().unwrap_or_else(PoisonError::into_inner) = Some(connection.clone());
+            self.saw_primary(&primary::slot_owners(&nodes));
             return Ok(connection);
         }
         let (client, address) = self.target.primary(self.connect_timeout).await?;
@@ -228,7 +263,7 @@ impl Store {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let mut connection = ConnectionManager::new_with_config(client, config).await?;
+        let mut connection = Connection::Single(ConnectionManager::new_with_config(client, config).await?);
         if self.target.follows_sentinels() {
             // A sentinel may still name a primary it has just demoted.
             let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut connection).await?;
@@ -264,8 +299,9 @@ impl Store {
         }
     }
 
-    /// Records the primary's `run_id`; another server than the last one seen means a failover
-    /// (or a restart): the writes of the replay window are applied again.
+    /// Records the primary's `run_id` (a cluster's: its slot owners); another server than the
+    /// last one seen means a failover (or a restart): the writes of the replay window are
+    /// applied again.
     fn saw_primary(&self, run_id: &str) {
         let before = self.run_id.lock().unwrap_or_else(PoisonError::into_inner).replace(run_id.to_owned());
         if before.is_none_or(|before| before == run_id) {
@@ -311,6 +347,23 @@ impl Store {
                 tracing::warn!(primary = %address, "the sentinels name another primary for the redis ledger");
                 self.forget_primary();
             }
+        }
+        if self.is_cluster() {
+            let nodes = self
+                .guarded(Op::Probe, async {
+                    let mut connection = self.connection().await?;
+                    let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut connection).await?;
+                    let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut connection).await?;
+                    // While a failed primary's slots have no owner, the cluster answers
+                    // `CLUSTERDOWN` for them.
+                    Ok((info.contains("cluster_state:ok"), nodes))
+                })
+                .await;
+            self.reachable.store(nodes.as_ref().is_ok_and(|(ok, _)| *ok), Ordering::Relaxed);
+            if let Ok((_, nodes)) = nodes {
+                self.saw_primary(&primary::slot_owners(&nodes));
+            }
+            return;
         }
         let info = self
             .guarded(Op::Probe, async {
@@ -383,9 +436,23 @@ impl Store {
 
     /// Runs plain commands in one round trip (reads of many keys that need no atomicity); the
     /// answer holds one value per command.
+    /// On a cluster the commands may be in different slots, so each is sent on its own (all
+    /// at once, over the cluster client's connections) and the answers gathered in order.
     pub async fn pipeline<T: FromRedisValue>(&self, op: Op, pipeline: redis::Pipeline) -> Result<T, LedgerError> {
         self.guarded(op, async {
-            let mut connection = self.connection().await?;
+            let connection = self.connection().await?;
+            if let Connection::Cluster(_) = connection {
+                let calls = pipeline.cmd_iter().map(|command| {
+                    let mut connection = connection.clone();
+                    async move { command.query_async::<redis::Value>(&mut connection).await }
+                });
+                let mut answers = Vec::with_capacity(pipeline.len());
+                for answer in futures_util::future::join_all(calls).await {
+                    answers.push(answer?);
+                }
+                return Ok(T::from_redis_value(redis::Value::Array(answers))?);
+            }
+            let mut connection = connection;
             pipeline.query_async::<T>(&mut connection).await
         })
         .await
@@ -433,6 +500,18 @@ impl Store {
         }
         if write.replayed && write.script == WriteScript::Settle && applied == 1 {
             self.metrics.ledger_replayed.inc();
+        }
+        if applied == 1 {
+            for pipeline in &write.then {
+                // Reports only (records, rankings, everyone's hour): a failure is counted and
+                // logged, the spend is already in.
+                let _ = self
+                    .guarded(write.op(), async {
+                        let mut connection = self.connection().await?;
+                        pipeline.query_async::<()>(&mut connection).await
+                    })
+                    .await;
+            }
         }
         Ok(())
     }

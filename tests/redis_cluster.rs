@@ -1,0 +1,293 @@
+//! The shared ledger on a real Redis Cluster (three primaries, a replica each, all
+//! `redis-server --cluster-enabled yes` on 127.0.0.1) behind two real `tollgate serve`
+//! processes: team, key and user budgets and rate limits hold exactly across both gateways
+//! (each request's levels share their chain root's hash slot, so one script reserves them all),
+//! the reports find every account's spend whatever its slot, and a primary killed mid-load is
+//! replaced by its replica without a restart and without losing a settlement.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::fleet::{RedisCluster, Replica};
+use support::*;
+use tokio::time::Instant;
+
+const PASSWORD: &str = "cluster-test-password";
+const PREFIX: &str = "tc:";
+/// Each request costs exactly this (10 completion tokens at $1 each, prompt free).
+const COST_USD: f64 = 10.0;
+
+fn config(nodes: &[String]) -> String {
+    let nodes = nodes.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
+    format!(
+        "[server]\nadmin_key_env = \"TEST_ADMIN_KEY\"\nmax_queue = 1024\nqueue_timeout_ms = 10000\n\n\
+         [ledger]\nbackend = \"redis\"\ncluster = [{nodes}]\npassword_env = \"TEST_REDIS_PASSWORD\"\n\
+         key_prefix = \"{PREFIX}\"\ntimeout_ms = 1000\nconnect_timeout_ms = 500\n\n\
+         [[backends]]\nname = \"sim\"\nmodel = \"sim\"\nquality = 0.5\nmax_concurrency = 512\ntimeout_s = 10\n\
+         simulate = {{ ttft_ms = 5, tokens_per_s = 2000, quality_text = \"{}\" }}\n\
+         pricing = {{ input_per_mtok = 0, output_per_mtok = 1000000 }}\n\n\
+         [[routes]]\nmodel = \"auto\"\nbackends = [\"sim\"]\n\n\
+         [[plans]]\nname = \"pro\"\nprice_usd = 20\nbudget_usd = 100000\n\n\
+         [[plans]]\nname = \"limited\"\nprice_usd = 5\nrpm = 20\n\n\
+         [[users]]\nname = \"alice\"\nkey_sha256 = \"{}\"\nbudget_usd = 30\n",
+        "word ".repeat(40).trim_end(),
+        key_hash(ALICE_KEY)
+    )
+}
+
+fn request() -> Value {
+    json!({"model": "auto", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+async fn admin(gateway: &Replica, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .request(method, gateway.url(path))
+        .bearer_auth(ADMIN_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Creates `name` on `plan` (in `team` if any) with one key; returns the key.
+async fn user_with_key(gateway: &Replica, name: &str, plan: &str, team: Option<&str>, key: Value) -> String {
+    let mut body = json!({"name": name, "plan": plan});
+    if let Some(team) = team {
+        body["team"] = json!(team);
+    }
+    let (status, answer) = admin(gateway, reqwest::Method::POST, "/admin/users", body).await;
+    assert_eq!(status, 201, "{answer}");
+    let (status, created) = admin(gateway, reqwest::Method::POST, &format!("/admin/users/{name}/keys"), key).await;
+    assert_eq!(status, 201, "{created}");
+    created["key"].as_str().unwrap().to_owned()
+}
+
+/// `n` requests at once, round-robin over `gateways` and `keys`: (status, budget scope, code).
+async fn burst(gateways: &[Replica], keys: &[String], n: usize) -> Vec<(u16, Option<String>, String)> {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let send = client
+                .post(gateways[i % gateways.len()].url("/v1/chat/completions"))
+                .bearer_auth(&keys[i % keys.len()])
+                .json(&request())
+                .send();
+            tokio::spawn(async move {
+                let response = send.await.unwrap();
+                let status = response.status().as_u16();
+                let scope = response.headers().get("x-tollgate-budget-scope").map(|v| v.to_str().unwrap().to_owned());
+                let body: Value = response.json().await.unwrap_or(Value::Null);
+                (status, scope, body["error"]["code"].as_str().unwrap_or_default().to_owned())
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::with_capacity(n);
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+    outcomes
+}
+
+async fn spent(gateway: &Replica, path: &str) -> f64 {
+    let (status, usage) = admin(gateway, reqwest::Method::GET, path, Value::Null).await;
+    assert_eq!(status, 200, "{path}: {usage}");
+    usage["spent_usd"].as_f64().unwrap()
+}
+
+fn gateways(cluster: &RedisCluster, dir: &std::path::Path) -> Vec<Replica> {
+    let text = config(&cluster.addresses()[..2]);
+    let env = [("TEST_REDIS_PASSWORD", PASSWORD)];
+    (0..2).map(|i| Replica::start_with_env(dir, &format!("g{i}"), &text, &env)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_and_rate_limits_hold_exactly_across_two_gateways_on_a_cluster() {
+    let cluster = RedisCluster::start(3, PASSWORD);
+    let dir = tempfile::tempdir().unwrap();
+    let gateways = gateways(&cluster, dir.path());
+    let (a, b) = (&gateways[0], &gateways[1]);
+
+    // A team budget of $500 shared by three users (50 requests), from both gateways at once.
+    let (status, answer) =
+        admin(a, reqwest::Method::POST, "/admin/teams", json!({"name": "acme", "budget_usd": 500})).await;
+    assert_eq!(status, 201, "{answer}");
+    let mut team_keys = Vec::new();
+    for name in ["t1", "t2", "t3"] {
+        team_keys.push(user_with_key(a, name, "pro", Some("acme"), json!({})).await);
+    }
+    let outcomes = burst(&gateways, &team_keys, 150).await;
+    let ok = outcomes.iter().filter(|(s, _, _)| *s == 200).count();
+    let refused_team = outcomes.iter().filter(|(s, scope, _)| *s == 429 && scope.as_deref() == Some("team")).count();
+    assert_eq!(ok + refused_team, 150, "only 200 or 429 with scope team: {outcomes:?}");
+    assert_eq!(ok, 50, "$500 pays exactly fifty $10 requests across both gateways");
+    assert_eq!(spent(b, "/admin/teams/acme/usage").await, 500.0);
+    let members: f64 =
+        [spent(a, "/admin/usage/t1").await, spent(b, "/admin/usage/t2").await, spent(a, "/admin/usage/t3").await]
+            .iter()
+            .sum();
+    assert_eq!(members, 500.0, "each member's spend is found in its team's slot");
+    let (_, ranked) = admin(b, reqwest::Method::GET, "/admin/usage?sort=spent", Value::Null).await;
+    let ranked_total: f64 = ranked["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|u| u["team"] == "acme")
+        .map(|u| u["spent_usd"].as_f64().unwrap())
+        .sum();
+    assert_eq!(ranked_total, 500.0, "the standings read every member across slots: {ranked}");
+
+    // A key's own budget of $30: three requests, then refusals naming the key.
+    let key = user_with_key(a, "solo", "pro", None, json!({"budget_usd": 30})).await;
+    let outcomes = burst(&gateways, &[key], 12).await;
+    assert_eq!(outcomes.iter().filter(|(s, _, _)| *s == 200).count(), 3, "{outcomes:?}");
+    assert!(outcomes
+        .iter()
+        .filter(|(s, _, _)| *s != 200)
+        .all(|(s, scope, _)| *s == 429 && scope.as_deref() == Some("key")));
+    // A config user's own budget, in its own slot.
+    let outcomes = burst(&gateways, &[ALICE_KEY.to_owned()], 9).await;
+    assert_eq!(outcomes.iter().filter(|(s, _, _)| *s == 200).count(), 3, "{outcomes:?}");
+
+    // rpm = 20 across both gateways: one bucket in the cluster, not one per gateway.
+    let limited = user_with_key(a, "r1", "limited", None, json!({})).await;
+    let started = Instant::now();
+    let outcomes = burst(&gateways, &[limited], 60).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let admitted = outcomes.iter().filter(|(s, _, _)| *s == 200).count();
+    assert!(
+        outcomes.iter().all(|(s, _, code)| *s == 200 || (*s == 429 && code == "rate_limit_exceeded")),
+        "{outcomes:?}"
+    );
+    println!("cluster: team budget 50 of 150 admitted; rpm 20 over two gateways: {admitted} of 60 in {elapsed:.2} s");
+    assert!(admitted >= 20 && admitted as f64 <= 20.0 + (elapsed / 3.0).ceil() + 1.0, "{admitted} admitted, rpm 20");
+}
+
+/// Requests from `workers` loops until `stop`: (key index, when it ended, status, code).
+type Outcome = (usize, Instant, u16, String);
+
+fn load(
+    gateways: &[Replica],
+    keys: &[String],
+    workers: usize,
+) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<Vec<Outcome>>) {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let urls: Vec<String> = gateways.iter().map(|g| g.url("/v1/chat/completions")).collect();
+    let keys = keys.to_vec();
+    let handle = tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let tasks: Vec<_> = (0..workers)
+            .map(|w| {
+                let (client, url, stopped) = (client.clone(), urls[w % urls.len()].clone(), stopped.clone());
+                let (index, key) = (w % keys.len(), keys[w % keys.len()].clone());
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    while !*stopped.borrow() {
+                        let response = client.post(&url).bearer_auth(&key).json(&request()).send().await.unwrap();
+                        let status = response.status().as_u16();
+                        let body: Value = response.json().await.unwrap_or(Value::Null);
+                        seen.push((
+                            index,
+                            Instant::now(),
+                            status,
+                            body["error"]["code"].as_str().unwrap_or_default().to_owned(),
+                        ));
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    seen
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        all
+    });
+    (stop, handle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_killed_mid_load_is_replaced_and_every_settlement_is_kept() {
+    let mut cluster = RedisCluster::start(3, PASSWORD);
+    let dir = tempfile::tempdir().unwrap();
+    let gateways = gateways(&cluster, dir.path());
+    let a = &gateways[0];
+    let (status, _) = admin(a, reqwest::Method::POST, "/admin/teams", json!({"name": "big"})).await;
+    assert_eq!(status, 201);
+    let names = ["f1", "f2", "f3"];
+    let mut keys = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        keys.push(user_with_key(a, name, "pro", (i > 0).then_some("big"), json!({})).await);
+    }
+    let client = reqwest::Client::new();
+    for gateway in &gateways {
+        let ready = client.get(gateway.url("/readyz")).send().await.unwrap().status();
+        assert_eq!(ready, 200);
+    }
+
+    let (stop, running) = load(&gateways, &keys, 6);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The primary of the team's slot: f2's and f3's requests all go there.
+    let victim = cluster.primary_of(&format!("{PREFIX}{{~team:big}}:spend:0"));
+    cluster.kill(victim);
+    let killed = Instant::now();
+    let mut resumed = Vec::new();
+    for gateway in &gateways {
+        loop {
+            if killed.elapsed() > Duration::from_secs(30) {
+                let any = cluster.nodes.iter().find(|n| n.port != victim).unwrap().port;
+                panic!(
+                    "no 200 through the team's slot 30 s after killing {victim}: {}",
+                    cluster.cli(any, &["CLUSTER", "NODES"])
+                );
+            }
+            let response = client.post(gateway.url("/v1/chat/completions")).bearer_auth(&keys[1]).json(&request());
+            if response.send().await.unwrap().status() == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        resumed.push(killed.elapsed());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send(true).unwrap();
+    let outcomes = running.await.unwrap();
+
+    let bad: Vec<_> =
+        outcomes.iter().filter(|(_, _, s, c)| *s != 200 && !(*s == 503 && c == "ledger_unavailable")).collect();
+    assert!(bad.is_empty(), "only 200 or 503 ledger_unavailable (fail-closed): {bad:?}");
+    let refused = outcomes.iter().filter(|(_, _, s, _)| *s == 503).count();
+    let slowest = *resumed.iter().max().unwrap();
+    println!(
+        "cluster failover: 200 again through the promoted replica after {resumed:?}; {refused} refused 503 meanwhile"
+    );
+    assert!(slowest <= Duration::from_secs(10), "service resumed after {slowest:?}, over 10 s");
+
+    // Each user's spend is its 200s (the loops' and the polls': one per gateway with f2's key).
+    for (i, name) in names.iter().enumerate() {
+        let polled = if i == 1 { gateways.len() } else { 0 };
+        let ok = outcomes.iter().filter(|(k, _, s, _)| *k == i && *s == 200).count() + polled;
+        let expected = ok as f64 * COST_USD;
+        let mut last = 0.0;
+        for _ in 0..100 {
+            last = spent(a, &format!("/admin/usage/{name}")).await;
+            if last == expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(last, expected, "{name}: {ok} answered 200");
+    }
+    let failovers: f64 = [
+        gateways[0].metric("tollgate_ledger_failovers_total").await,
+        gateways[1].metric("tollgate_ledger_failovers_total").await,
+    ]
+    .iter()
+    .sum();
+    assert!(failovers >= 2.0, "each gateway saw the slots change hands");
+}
