@@ -44,6 +44,8 @@ impl From<StoreError> for ApiError {
                 tracing::error!(%reason, "tenant store failed");
                 ApiError::Internal
             }
+            // 503 `ledger_unavailable`, as for any call that needs Redis while it is away.
+            StoreError::Unavailable(e) => ApiError::Ledger(e),
         }
     }
 }

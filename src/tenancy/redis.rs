@@ -254,7 +254,7 @@ impl std::fmt::Debug for RedisDirectory {
 }
 
 fn unavailable(e: LedgerError) -> StoreError {
-    StoreError::Storage(e.to_string())
+    StoreError::Unavailable(e)
 }
 
 /// A hash's fields as pairs, looked up by name.

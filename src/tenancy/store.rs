@@ -15,6 +15,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("tenant store failed: {0}")]
     Storage(String),
+    /// The shared store (Redis) cannot be reached now: worth a retry, not a bug.
+    #[error(transparent)]
+    Unavailable(#[from] crate::ledger::LedgerError),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

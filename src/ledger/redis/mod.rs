@@ -69,8 +69,9 @@ pub struct RedisLedger {
     held: Arc<Held>,
     fixed_ttl: bool,
     retention: Duration,
-    /// On a Redis Cluster: keys in their chain root's slot, and the slot of each account this
-    /// replica has recorded in [`Keys::slots`](scripts::Keys::slots).
+    /// On a Redis Cluster: keys in their chain root's slot, and the root of each account this
+    /// replica has checked against [`Keys::slots`](scripts::Keys::slots) (moving its spend when
+    /// the root changed).
     cluster: Option<DashMap<Arc<str>, Arc<str>>>,
 }
 
@@ -296,6 +297,64 @@ impl RedisLedger {
         }
     }
 
+    /// On a Cluster, before a request's first reservation in this replica: checks where each
+    /// level's keys were (`Pslots`); a level whose chain root changed (a user moved to or out
+    /// of a team) has its spend in the periods holding `now` moved to the new root's slot, so
+    /// a team change neither resets nor strands a budget. The move takes the old hash (read
+    /// and deleted at once) and adds it to the new one: not atomic across slots, so a
+    /// settlement landing on the old keys afterwards (another replica still on the old chain,
+    /// for up to a second) stays there, and a reservation made meanwhile does not see it.
+    async fn ensure_roots(&self, budgets: &Budgets, now: i64) -> Result<(), LedgerError> {
+        let Some(checked) = &self.cluster else { return Ok(()) };
+        let root = budgets.root();
+        let unchecked: Vec<&Budget> =
+            budgets.iter().filter(|b| checked.get(&b.account).is_none_or(|r| *r != *root)).collect();
+        if unchecked.is_empty() {
+            return Ok(());
+        }
+        let accounts: Vec<&str> = unchecked.iter().map(|b| &*b.account).collect();
+        let recorded = self.slots_of(&accounts).await?;
+        let keys = &self.store.keys;
+        let mut record = redis::pipe();
+        for (b, old) in unchecked.iter().zip(&recorded) {
+            if *old == *root {
+                continue;
+            }
+            let start = period::start(b.period, now);
+            let (from, to) = (keys.spend(old, &b.account, start), keys.spend(root, &b.account, start));
+            // Taken and deleted in one step: of replicas moving the same account at once,
+            // one gets the spend, the others nothing.
+            let mut take = redis::pipe();
+            take.atomic().cmd("HGETALL").arg(&from).cmd("DEL").arg(&from).ignore();
+            let (fields,): (Vec<String>,) = self.store.pipeline_on_one_key(Op::Settle, &take).await?;
+            if !fields.is_empty() {
+                let mut copy = redis::pipe();
+                for pair in fields.chunks_exact(2) {
+                    copy.cmd("HINCRBY").arg(&to).arg(&pair[0]).arg(&pair[1]).ignore();
+                }
+                let expires_at = self.spend_expires_at(b.period, now);
+                if !expires_at.is_empty() {
+                    copy.cmd("EXPIREAT").arg(&to).arg(expires_at).ignore();
+                }
+                self.store.pipeline_on_one_key::<()>(Op::Settle, &copy).await?;
+                tracing::info!(account = %b.account, "a budget's spend moved to its new chain root's slot");
+            }
+            // The root's own keys are named by it: no entry for it.
+            if b.account == *root {
+                record.cmd("HDEL").arg(keys.slots()).arg(&*b.account).ignore();
+            } else {
+                record.cmd("HSET").arg(keys.slots()).arg(&*b.account).arg(&**root).ignore();
+            }
+        }
+        if !record.is_empty() {
+            self.store.pipeline_on_one_key::<()>(Op::Settle, &record).await?;
+        }
+        for b in unchecked {
+            checked.insert(Arc::clone(&b.account), Arc::clone(root));
+        }
+        Ok(())
+    }
+
     /// The slots of accounts read alone (not from a request's chain): on a Cluster, what
     /// [`scripts::Keys::slots`] recorded when they settled (the account itself if never).
     async fn slots_of(&self, accounts: &[&str]) -> Result<Vec<Arc<str>>, LedgerError> {
@@ -333,17 +392,10 @@ impl RedisLedger {
     }
 
     /// On a Cluster, what a settlement writes outside its chain's slot once its script has
-    /// applied it, one pipeline per key (so per slot): the record, the user's ranking,
-    /// everyone's hour, and the slot of each account this replica has not recorded yet.
+    /// applied it, one pipeline per key (so per slot): the record, the user's ranking and
+    /// everyone's hour.
     /// `args` are the settle script's ([`scripts`]).
-    fn outside_the_slot(
-        &self,
-        recorded: &DashMap<Arc<str>, Arc<str>>,
-        budgets: &Budgets,
-        args: &[String],
-        ranking: String,
-        hour: i64,
-    ) -> Vec<redis::Pipeline> {
+    fn outside_the_slot(&self, args: &[String], ranking: String, hour: i64) -> Vec<redis::Pipeline> {
         let keys = &self.store.keys;
         let arg = |i: usize| args.get(i).map_or("", String::as_str);
         let mut records = redis::pipe();
@@ -370,21 +422,7 @@ impl RedisLedger {
         add("completion_tokens", arg(4));
         add("latency_ms", arg(12));
         sums.cmd("EXPIREAT").arg(&everyone).arg(arg(14)).ignore();
-        let mut then = vec![records, rank, sums];
-        let root = budgets.root();
-        let mut slots = redis::pipe();
-        let mut unrecorded = false;
-        for b in budgets.iter().filter(|b| b.account != *root) {
-            if recorded.get(&b.account).is_none_or(|slot| *slot != *root) {
-                recorded.insert(Arc::clone(&b.account), Arc::clone(root));
-                slots.cmd("HSET").arg(keys.slots()).arg(&*b.account).arg(&**root).ignore();
-                unrecorded = true;
-            }
-        }
-        if unrecorded {
-            then.push(slots);
-        }
-        then
+        vec![records, rank, sums]
     }
 
     fn retention_s(&self) -> i64 {
@@ -490,6 +528,9 @@ impl Ledger for RedisLedger {
         now: i64,
     ) -> BoxFuture<'a, Result<Reserve, LedgerError>> {
         Box::pin(async move {
+            if let Err(e) = self.ensure_roots(budgets, now).await {
+                return self.reserve_locally(budgets, amount, now, e);
+            }
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let keys = self.level_keys(budgets, now);
             let ttl = self.held.ttl_ms.load(Ordering::Relaxed).to_string();
@@ -597,7 +638,7 @@ impl Ledger for RedisLedger {
         write_keys.extend(self.level_keys(budgets, now));
         let then = match &self.cluster {
             // In other slots than the chain's: written once the script says it applied.
-            Some(recorded) => self.outside_the_slot(recorded, budgets, &args, ranking, hour),
+            Some(_) => self.outside_the_slot(&args, ranking, hour),
             None => {
                 write_keys.extend([keys.records(), ranking, keys.hour(hour)]);
                 Vec::new()

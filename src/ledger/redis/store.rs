@@ -436,6 +436,20 @@ impl Store {
 
     /// Runs plain commands in one round trip (reads of many keys that need no atomicity); the
     /// answer holds one value per command.
+    /// Runs commands on one key (so one slot, even on a cluster) in one round trip, as they
+    /// are (an atomic pipeline stays a `MULTI`/`EXEC`).
+    pub async fn pipeline_on_one_key<T: FromRedisValue>(
+        &self,
+        op: Op,
+        pipeline: &redis::Pipeline,
+    ) -> Result<T, LedgerError> {
+        self.guarded(op, async {
+            let mut connection = self.connection().await?;
+            pipeline.query_async::<T>(&mut connection).await
+        })
+        .await
+    }
+
     /// On a cluster the commands may be in different slots, so each is sent on its own (all
     /// at once, over the cluster client's connections) and the answers gathered in order.
     pub async fn pipeline<T: FromRedisValue>(&self, op: Op, pipeline: redis::Pipeline) -> Result<T, LedgerError> {
@@ -505,12 +519,7 @@ impl Store {
             for pipeline in &write.then {
                 // Reports only (records, rankings, everyone's hour): a failure is counted and
                 // logged, the spend is already in.
-                let _ = self
-                    .guarded(write.op(), async {
-                        let mut connection = self.connection().await?;
-                        pipeline.query_async::<()>(&mut connection).await
-                    })
-                    .await;
+                let _ = self.pipeline_on_one_key::<()>(write.op(), pipeline).await;
             }
         }
         Ok(())
