@@ -332,7 +332,7 @@ fn redis_settings_are_validated_with_file_line_and_field_and_the_url_never_print
 }
 
 #[test]
-fn sentinel_settings_are_validated_and_replace_the_url() {
+fn sentinel_and_cluster_settings_are_validated_and_replace_the_url() {
     let sentinels = "sentinels = [\"127.0.0.1:26379\", \"[::1]:26380\"]\nsentinel_master = \"ledger\"";
     let text = config_text("redis://127.0.0.1:6379", "", "").replace("url = \"redis://127.0.0.1:6379\"", sentinels);
     let config = parse(&text);
@@ -348,6 +348,26 @@ fn sentinel_settings_are_validated_and_replace_the_url() {
     let no_master = text.replace("sentinel_master = \"ledger\"", "replay_window_s = 0");
     let error = Config::parse(&no_master, "t.toml", &|_: &str| None).unwrap_err().to_string();
     assert!(error.contains("ledger.sentinels: sentinels need `sentinel_master`"), "{error}");
+    let cluster = config_text("redis://127.0.0.1:6379", "", "")
+        .replace("url = \"redis://127.0.0.1:6379\"", "cluster = [\"127.0.0.1:7000\", \"127.0.0.1:7001\"]");
+    let config = parse(&cluster);
+    let LedgerStore::Redis(redis) = &config.ledger.store else { panic!("a redis ledger: {config:?}") };
+    assert_eq!(redis.cluster, ["127.0.0.1:7000", "127.0.0.1:7001"]);
+    let error =
+        Config::parse(&cluster.replace("[[backends]]", &format!("{sentinels}\n[[backends]]")), "t.toml", &|_: &str| {
+            None
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("ledger.cluster: set either `sentinels` or `cluster`"), "{error}");
+    let error = Config::parse(
+        &cluster.replace("cluster = [", "url = \"redis://127.0.0.1:6379\"\ncluster = ["),
+        "t.toml",
+        &|_: &str| None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("ledger.url: set either `url` or `cluster`"), "{error}");
     let bad_address = text.replace("127.0.0.1:26379", "127.0.0.1");
     let error = Config::parse(&bad_address, "t.toml", &|_: &str| None).unwrap_err().to_string();
     assert!(error.contains("ledger.sentinels: `127.0.0.1` is not a `host:port` address"), "{error}");
