@@ -8,8 +8,8 @@ mod support;
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use serde_json::{json, Value};
-use support::fleet::{RedisServer, Replica};
+use serde_json::Value;
+use support::fleet::{load, simulated_backend, ten_dollar_request, RedisServer, Replica};
 use support::*;
 
 const PREFIX: &str = "t:";
@@ -22,18 +22,15 @@ fn config(redis_url: &str, on_error: &str, user: &str) -> String {
         "[server]\nadmin_key_env = \"TEST_ADMIN_KEY\"\nmax_queue = 1024\nqueue_timeout_ms = 10000\n\n\
          [ledger]\nbackend = \"redis\"\nurl = \"{redis_url}\"\nkey_prefix = \"{PREFIX}\"\non_ledger_error = \"{on_error}\"\n\
          timeout_ms = 2000\n\n\
-         [[backends]]\nname = \"sim\"\nmodel = \"sim\"\nquality = 0.5\nmax_concurrency = 512\ntimeout_s = 10\n\
-         simulate = {{ ttft_ms = 5, tokens_per_s = 2000, quality_text = \"{}\" }}\n\
-         pricing = {{ input_per_mtok = 0, output_per_mtok = 1000000 }}\n\n\
-         [[routes]]\nmodel = \"auto\"\nbackends = [\"sim\"]\n\n\
+         {}\
          [[users]]\nname = \"alice\"\nkey_sha256 = \"{}\"\n{user}\n",
-        "word ".repeat(40).trim_end(),
+        simulated_backend(),
         key_hash(ALICE_KEY)
     )
 }
 
 fn request() -> Value {
-    json!({"model": "auto", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+    ten_dollar_request()
 }
 
 /// Sends `n` requests at once, spread round-robin over `replicas`: (status, error code).
@@ -133,38 +130,6 @@ async fn an_rpm_limit_of_60_holds_across_three_replicas() {
     assert!(ok >= 60 && ok as f64 <= 60.0 + elapsed.ceil() + 1.0, "{ok} admitted: the limit is 60 for all replicas");
 }
 
-/// Sends requests from `workers` loops until `stop`; every outcome, in order of completion.
-fn load(
-    replicas: &[Replica],
-    workers: usize,
-) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<Vec<(u16, String)>>) {
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let urls: Vec<String> = replicas.iter().map(|r| r.url("/v1/chat/completions")).collect();
-    let handle = tokio::spawn(async move {
-        let client = reqwest::Client::new();
-        let tasks: Vec<_> = (0..workers)
-            .map(|w| {
-                let (client, url, stopped) = (client.clone(), urls[w % urls.len()].clone(), stopped.clone());
-                tokio::spawn(async move {
-                    let mut seen = Vec::new();
-                    while !*stopped.borrow() {
-                        let response = client.post(&url).bearer_auth(ALICE_KEY).json(&request()).send().await.unwrap();
-                        seen.push(outcome(response).await);
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    seen
-                })
-            })
-            .collect();
-        let mut all = Vec::new();
-        for task in tasks {
-            all.extend(task.await.unwrap());
-        }
-        all
-    });
-    (stop, handle)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_closed_answers_503_while_redis_is_down_never_an_unmetered_200_and_resumes_when_it_is_back() {
     let mut redis = RedisServer::persistent();
@@ -173,7 +138,7 @@ async fn fail_closed_answers_503_while_redis_is_down_never_an_unmetered_200_and_
     let replicas: Vec<Replica> = (0..2).map(|i| Replica::start(dir.path(), &format!("r{i}"), &text)).collect();
     let client = reqwest::Client::new();
 
-    let (stop, running) = load(&replicas, 8);
+    let (stop, running) = load(&replicas, &[ALICE_KEY.to_owned()], 8);
     tokio::time::sleep(Duration::from_millis(500)).await;
     redis.kill();
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -198,8 +163,8 @@ async fn fail_closed_answers_503_while_redis_is_down_never_an_unmetered_200_and_
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.send(true).unwrap();
     let outcomes = running.await.unwrap();
-    let ok = outcomes.iter().filter(|(s, _)| *s == 200).count() + replicas.len();
-    let unavailable = outcomes.iter().filter(|(s, c)| *s == 503 && c == "ledger_unavailable").count();
+    let ok = outcomes.iter().filter(|(_, _, s, _)| *s == 200).count() + replicas.len();
+    let unavailable = outcomes.iter().filter(|(_, _, s, c)| *s == 503 && c == "ledger_unavailable").count();
     assert_eq!(ok + unavailable, outcomes.len() + replicas.len(), "only 200 or 503: {outcomes:?}");
     assert!(unavailable > 0, "the load saw the outage");
 
@@ -225,7 +190,7 @@ async fn fail_open_keeps_serving_while_redis_is_down_and_the_spend_reaches_redis
     let text = config(&redis.url(), "fail-open", "budget_usd = 1000000");
     let replicas: Vec<Replica> = (0..2).map(|i| Replica::start(dir.path(), &format!("r{i}"), &text)).collect();
 
-    let (stop, running) = load(&replicas, 8);
+    let (stop, running) = load(&replicas, &[ALICE_KEY.to_owned()], 8);
     tokio::time::sleep(Duration::from_millis(400)).await;
     redis.kill();
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -239,7 +204,7 @@ async fn fail_open_keeps_serving_while_redis_is_down_and_the_spend_reaches_redis
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.send(true).unwrap();
     let outcomes = running.await.unwrap();
-    let ok = outcomes.iter().filter(|(s, _)| *s == 200).count();
+    let ok = outcomes.iter().filter(|(_, _, s, _)| *s == 200).count();
     assert_eq!(ok, outcomes.len(), "fail-open answers every request: {outcomes:?}");
 
     eventually("the outage's spend in redis", || async { redis_spend(&redis).await.1 == ok as u64 }).await;

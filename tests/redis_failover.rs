@@ -11,8 +11,8 @@ mod support;
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use serde_json::{json, Value};
-use support::fleet::{RedisServer, Replica, SentinelServer};
+use serde_json::Value;
+use support::fleet::{load, simulated_backend, ten_dollar_request, RedisServer, Replica, SentinelServer};
 use support::*;
 use tokio::time::Instant;
 
@@ -29,18 +29,15 @@ fn config(sentinels: &[String]) -> String {
          [ledger]\nbackend = \"redis\"\nsentinels = [{sentinels}]\nsentinel_master = \"{MASTER}\"\n\
          password_env = \"TEST_REDIS_PASSWORD\"\nkey_prefix = \"{PREFIX}\"\non_ledger_error = \"fail-closed\"\n\
          timeout_ms = 500\nconnect_timeout_ms = 500\n\n\
-         [[backends]]\nname = \"sim\"\nmodel = \"sim\"\nquality = 0.5\nmax_concurrency = 512\ntimeout_s = 10\n\
-         simulate = {{ ttft_ms = 5, tokens_per_s = 2000, quality_text = \"{}\" }}\n\
-         pricing = {{ input_per_mtok = 0, output_per_mtok = 1000000 }}\n\n\
-         [[routes]]\nmodel = \"auto\"\nbackends = [\"sim\"]\n\n\
+         {}\
          [[users]]\nname = \"alice\"\nkey_sha256 = \"{}\"\nbudget_usd = 1000000\n",
-        "word ".repeat(40).trim_end(),
+        simulated_backend(),
         key_hash(ALICE_KEY)
     )
 }
 
 fn request() -> Value {
-    json!({"model": "auto", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+    ten_dollar_request()
 }
 
 async fn redis_client(server: &RedisServer) -> redis::aio::MultiplexedConnection {
@@ -77,44 +74,6 @@ async fn master_field(sentinel: &SentinelServer, field: &str) -> String {
     let mut client = sentinel.client().await;
     let fields: Vec<String> = redis::cmd("SENTINEL").arg("MASTER").arg(MASTER).query_async(&mut client).await.unwrap();
     fields.chunks_exact(2).find(|pair| pair[0] == field).map(|pair| pair[1].clone()).unwrap_or_default()
-}
-
-/// What one request got: when it ended, its status and error code.
-type Outcome = (Instant, u16, String);
-
-/// Requests from `workers` loops over `replicas` until `stop`.
-fn load(
-    replicas: &[Replica],
-    workers: usize,
-) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<Vec<Outcome>>) {
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let urls: Vec<String> = replicas.iter().map(|r| r.url("/v1/chat/completions")).collect();
-    let handle = tokio::spawn(async move {
-        let client = reqwest::Client::new();
-        let tasks: Vec<_> = (0..workers)
-            .map(|w| {
-                let (client, url, stopped) = (client.clone(), urls[w % urls.len()].clone(), stopped.clone());
-                tokio::spawn(async move {
-                    let mut seen = Vec::new();
-                    while !*stopped.borrow() {
-                        let response = client.post(&url).bearer_auth(ALICE_KEY).json(&request()).send().await.unwrap();
-                        let status = response.status().as_u16();
-                        let body: Value = response.json().await.unwrap_or(Value::Null);
-                        let code = body["error"]["code"].as_str().unwrap_or_default().to_owned();
-                        seen.push((Instant::now(), status, code));
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    seen
-                })
-            })
-            .collect();
-        let mut all = Vec::new();
-        for task in tasks {
-            all.extend(task.await.unwrap());
-        }
-        all
-    });
-    (stop, handle)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,7 +117,7 @@ async fn a_sentinel_failover_under_load_resumes_within_10_s_refuses_in_the_gap_a
         .await;
     }
 
-    let (stop, running) = load(&gateways, 8);
+    let (stop, running) = load(&gateways, &[ALICE_KEY.to_owned()], 8);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     // Cut the replica off (it can no longer authenticate to resync), so that what the primary
     // takes from now on exists only there: the asynchronous replication's loss window, made
@@ -204,11 +163,11 @@ async fn a_sentinel_failover_under_load_resumes_within_10_s_refuses_in_the_gap_a
     stop.send(true).unwrap();
     let outcomes = running.await.unwrap();
 
-    let ok = outcomes.iter().filter(|(_, s, _)| *s == 200).count();
-    let refused = outcomes.iter().filter(|(_, s, c)| *s == 503 && c == "ledger_unavailable").count();
+    let ok = outcomes.iter().filter(|(_, _, s, _)| *s == 200).count();
+    let refused = outcomes.iter().filter(|(_, _, s, c)| *s == 503 && c == "ledger_unavailable").count();
     assert_eq!(ok + refused, outcomes.len(), "only 200 or 503 ledger_unavailable (fail-closed): {outcomes:?}");
     assert!(refused > 0, "requests in the gap are refused, not served unmetered");
-    let last_refusal = outcomes.iter().filter(|(_, s, _)| *s == 503).map(|(at, _, _)| *at).max().unwrap();
+    let last_refusal = outcomes.iter().filter(|(_, _, s, _)| *s == 503).map(|(_, at, _, _)| *at).max().unwrap();
     let gap = last_refusal.duration_since(killed);
     let promoted = master_field(&sentinels[0], "port").await;
     assert_eq!(promoted, replica.port.to_string(), "the sentinels promoted the replica");

@@ -8,20 +8,17 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::fleet::{RedisServer, Replica};
+use support::fleet::{simulated_backend, ten_dollar_request, RedisServer, Replica};
 use support::*;
 
 fn config(redis_url: &str) -> String {
     format!(
         "[server]\nadmin_key_env = \"TEST_ADMIN_KEY\"\nmax_queue = 1024\n\n\
          [ledger]\nbackend = \"redis\"\nurl = \"{redis_url}\"\nkey_prefix = \"tt:\"\ntimeout_ms = 2000\n\n\
-         [[backends]]\nname = \"sim\"\nmodel = \"sim\"\nquality = 0.5\nmax_concurrency = 512\ntimeout_s = 10\n\
-         simulate = {{ ttft_ms = 5, tokens_per_s = 2000, quality_text = \"{}\" }}\n\
-         pricing = {{ input_per_mtok = 0, output_per_mtok = 1000000 }}\n\n\
-         [[routes]]\nmodel = \"auto\"\nbackends = [\"sim\"]\n\n\
+         {}\
          [[plans]]\nname = \"pro\"\nprice_usd = 20\nbudget_usd = 1000\n\n\
          [[users]]\nname = \"alice\"\nkey_sha256 = \"{}\"\n",
-        "word ".repeat(40).trim_end(),
+        simulated_backend(),
         key_hash(ALICE_KEY)
     )
 }
@@ -29,19 +26,7 @@ fn config(redis_url: &str) -> String {
 /// Each request costs exactly $10: 10 completion tokens at $1 each (the simulated backend
 /// always produces `max_tokens`), prompt free.
 fn request() -> Value {
-    json!({"model": "auto", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
-}
-
-async fn admin(replica: &Replica, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .request(method, replica.url(path))
-        .bearer_auth(ADMIN_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+    ten_dollar_request()
 }
 
 async fn chat(replica: &Replica, key: &str) -> u16 {
@@ -74,11 +59,11 @@ async fn creation_and_revocation_reach_the_other_replica_within_a_second() {
         Replica::start(dir.path(), "b", &config(&redis.url())),
     );
 
-    let (status, _) = admin(&a, reqwest::Method::POST, "/admin/users", json!({"name": "ann", "plan": "pro"})).await;
+    let (status, _) = a.admin(reqwest::Method::POST, "/admin/users", json!({"name": "ann", "plan": "pro"})).await;
     assert_eq!(status, 201);
-    let (status, user) = admin(&b, reqwest::Method::GET, "/admin/users/ann", Value::Null).await;
+    let (status, user) = b.admin(reqwest::Method::GET, "/admin/users/ann", Value::Null).await;
     assert_eq!((status, user["plan"].as_str()), (200, Some("pro")), "one store for both");
-    let (_, created) = admin(&a, reqwest::Method::POST, "/admin/users/ann/keys", json!({})).await;
+    let (_, created) = a.admin(reqwest::Method::POST, "/admin/users/ann/keys", json!({})).await;
     let key = created["key"].as_str().unwrap().to_owned();
     let seen = time_until(&b, &key, 200).await;
     assert!(seen < Duration::from_secs(1), "created on a, usable on b after {seen:?}");
@@ -86,18 +71,18 @@ async fn creation_and_revocation_reach_the_other_replica_within_a_second() {
     // b has it cached now; a revokes it.
     assert_eq!(chat(&b, &key).await, 200);
     let id = created["id"].as_str().unwrap();
-    let (status, _) = admin(&a, reqwest::Method::DELETE, &format!("/admin/keys/{id}"), Value::Null).await;
+    let (status, _) = a.admin(reqwest::Method::DELETE, &format!("/admin/keys/{id}"), Value::Null).await;
     assert_eq!(status, 204);
     let refused = time_until(&b, &key, 401).await;
     assert!(refused < Duration::from_secs(1), "revoked on a, refused on b after {refused:?}");
     assert_eq!(chat(&a, &key).await, 401);
 
-    let (_, second) = admin(&a, reqwest::Method::POST, "/admin/users/ann/keys", json!({})).await;
+    let (_, second) = a.admin(reqwest::Method::POST, "/admin/users/ann/keys", json!({})).await;
     let second = second["key"].as_str().unwrap().to_owned();
     assert!(time_until(&b, &second, 200).await < Duration::from_secs(1));
     // A user change made on a (its plan's budget replaced by its own) applies on b.
     let (status, _) =
-        admin(&a, reqwest::Method::PATCH, "/admin/users/ann", json!({"overrides": {"budget_usd": 0.0}})).await;
+        a.admin(reqwest::Method::PATCH, "/admin/users/ann", json!({"overrides": {"budget_usd": 0.0}})).await;
     assert_eq!(status, 200);
     let refused = time_until(&b, &second, 429).await;
     assert!(refused < Duration::from_secs(1), "a user change reached b after {refused:?}");
@@ -111,14 +96,13 @@ async fn a_team_budget_holds_across_two_replicas() {
         Replica::start(dir.path(), "a", &config(&redis.url())),
         Replica::start(dir.path(), "b", &config(&redis.url())),
     );
-    let (status, _) =
-        admin(&a, reqwest::Method::POST, "/admin/teams", json!({"name": "acme", "budget_usd": 100})).await;
+    let (status, _) = a.admin(reqwest::Method::POST, "/admin/teams", json!({"name": "acme", "budget_usd": 100})).await;
     assert_eq!(status, 201);
     let mut keys = Vec::new();
     for name in ["t1", "t2", "t3"] {
         let body = json!({"name": name, "plan": "pro", "team": "acme"});
-        assert_eq!(admin(&a, reqwest::Method::POST, "/admin/users", body).await.0, 201);
-        let (_, key) = admin(&a, reqwest::Method::POST, &format!("/admin/users/{name}/keys"), json!({})).await;
+        assert_eq!(a.admin(reqwest::Method::POST, "/admin/users", body).await.0, 201);
+        let (_, key) = a.admin(reqwest::Method::POST, &format!("/admin/users/{name}/keys"), json!({})).await;
         keys.push(key["key"].as_str().unwrap().to_owned());
     }
     let handles: Vec<_> = (0..30)
@@ -139,10 +123,10 @@ async fn a_team_budget_holds_across_two_replicas() {
     let ok = answers.iter().filter(|(s, _)| *s == 200).count();
     assert_eq!(ok, 10, "$100 pays exactly ten $10 requests across both replicas: {answers:?}");
     assert!(answers.iter().filter(|(s, _)| *s != 200).all(|(s, scope)| *s == 429 && scope.as_deref() == Some("team")));
-    let (_, usage) = admin(&b, reqwest::Method::GET, "/admin/teams/acme/usage", Value::Null).await;
+    let (_, usage) = b.admin(reqwest::Method::GET, "/admin/teams/acme/usage", Value::Null).await;
     assert_eq!(usage["spent_usd"], 100.0, "{usage}");
     assert_eq!(usage["reserved_usd"], 0.0, "{usage}");
-    let (_, ranked) = admin(&a, reqwest::Method::GET, "/admin/usage?sort=spent", Value::Null).await;
+    let (_, ranked) = a.admin(reqwest::Method::GET, "/admin/usage?sort=spent", Value::Null).await;
     let total: f64 = ranked["data"].as_array().unwrap().iter().map(|u| u["spent_usd"].as_f64().unwrap()).sum();
     assert_eq!(total, 100.0, "every member ranked by what it spent: {ranked}");
 }

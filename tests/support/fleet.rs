@@ -365,10 +365,90 @@ impl Replica {
         response.json().await.unwrap()
     }
 
+    /// An admin call with the test admin key: (status, JSON body or null).
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let response = reqwest::Client::new()
+            .request(method, self.url(path))
+            .bearer_auth(super::ADMIN_KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
     pub async fn metric(&self, name: &str) -> f64 {
         let text = reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap();
         super::metric_value(&text, name, &[])
     }
+}
+
+/// The `[[backends]]` and `[[routes]]` of the scale-out tests: one simulated backend that
+/// answers every request with `max_tokens` tokens at $1 each (prompt free), on route `auto`.
+pub fn simulated_backend() -> String {
+    format!(
+        "[[backends]]\nname = \"sim\"\nmodel = \"sim\"\nquality = 0.5\nmax_concurrency = 512\ntimeout_s = 10\n\
+         simulate = {{ ttft_ms = 5, tokens_per_s = 2000, quality_text = \"{}\" }}\n\
+         pricing = {{ input_per_mtok = 0, output_per_mtok = 1000000 }}\n\n\
+         [[routes]]\nmodel = \"auto\"\nbackends = [\"sim\"]\n\n",
+        "word ".repeat(40).trim_end()
+    )
+}
+
+/// A chat request of 10 tokens: $10 on [`simulated_backend`].
+pub fn ten_dollar_request() -> serde_json::Value {
+    serde_json::json!({"model": "auto", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+/// What one request of [`load`] got: the index of the key it used, when it ended, its status
+/// and its error code.
+pub type Outcome = (usize, tokio::time::Instant, u16, String);
+
+/// Chat requests (10 tokens of the simulated backend) from `workers` loops, worker `w` on
+/// `replicas[w % n]` with `keys[w % k]`, 5 ms apart, until `true` is sent; every outcome.
+pub fn load(
+    replicas: &[Replica],
+    keys: &[String],
+    workers: usize,
+) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<Vec<Outcome>>) {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let urls: Vec<String> = replicas.iter().map(|r| r.url("/v1/chat/completions")).collect();
+    let keys = keys.to_vec();
+    let body = ten_dollar_request();
+    let handle = tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let tasks: Vec<_> = (0..workers)
+            .map(|w| {
+                let (client, url, stopped, body) =
+                    (client.clone(), urls[w % urls.len()].clone(), stopped.clone(), body.clone());
+                let (index, key) = (w % keys.len(), keys[w % keys.len()].clone());
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    while !*stopped.borrow() {
+                        let response = client.post(&url).bearer_auth(&key).json(&body).send().await.unwrap();
+                        let status = response.status().as_u16();
+                        let answer: serde_json::Value = response.json().await.unwrap_or(serde_json::Value::Null);
+                        let code = answer["error"]["code"].as_str().unwrap_or_default().to_owned();
+                        seen.push((index, tokio::time::Instant::now(), status, code));
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    seen
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        all
+    });
+    (stop, handle)
 }
 
 impl Drop for Replica {
