@@ -355,8 +355,9 @@ impl RedisLedger {
         Ok(())
     }
 
-    /// The slots of accounts read alone (not from a request's chain): on a Cluster, what
-    /// [`scripts::Keys::slots`] recorded when they settled (the account itself if never).
+    /// The slots of accounts read alone (not from a request's chain): on a Cluster, the root
+    /// [`Self::ensure_roots`] recorded in [`scripts::Keys::slots`] (the account itself when
+    /// none: a root, or an account that never reserved).
     async fn slots_of(&self, accounts: &[&str]) -> Result<Vec<Arc<str>>, LedgerError> {
         if self.cluster.is_none() || accounts.is_empty() {
             return Ok(accounts.iter().map(|a| Arc::from(*a)).collect());

@@ -19,12 +19,12 @@
 //! | `Prank:<period>:<start>` | sorted set | users by spend in that period (pico-USD as the score): who has spend to read |
 //! | `P{user}:hour:<hour_start>` | hash | the user's hour ([`rollup`](crate::ledger::rollup)): `<backend>/requests`, `errors`, `spent`, `prompt_tokens`, `completion_tokens`, `latency_ms`; kept as long as the records |
 //! | `Phour:<hour_start>` | hash | everyone's hour, the same fields; kept [`BACKEND_ROWS_KEPT_S`](crate::ledger::rollup::BACKEND_ROWS_KEPT_S) |
-//! | `Pslots` | hash | Cluster only: account → its root, for reads that start from an account alone |
+//! | `Pslots` | hash | Cluster only: account → its root (none for a root), written at an account's first reservation in a replica, for reads that start from an account alone |
 //!
 //! On a Cluster, `Precords`, the rankings and everyone's hour are in slots of their own: a
-//! settlement's script updates the chain's keys, and those three (and `Pslots`) are written
-//! right after it, only when it applied; a gateway dying in between loses that request from
-//! the reports, never from the spend.
+//! settlement's script updates the chain's keys, and those three are written right after it,
+//! only when it applied; a gateway dying in between loses that request from the reports,
+//! never from the spend.
 //!
 //! Why this shape: an expired reservation must stop counting without any replica alive to
 //! release it. Every script that reads or writes the reserved sum first drops the members of
