@@ -3,8 +3,9 @@
 //! batch so that the settlements' own cost is in the figure too (SQLite's group commit,
 //! Redis's script round trip). `cargo bench --bench ledger`.
 //!
-//! Redis: a `redis-server` of its own on a free port (`--save '' --appendonly no`), or a
-//! printed note and no Redis figure when the binary is not installed.
+//! Redis: a `redis-server` of its own on a free port (`--save '' --appendonly no`), then a
+//! Redis Cluster of three such primaries (`redis-cli --cluster create`), or a printed note and
+//! no figure when the binaries are not installed.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -117,6 +118,67 @@ fn start_redis() -> Option<(RedisChild, u16)> {
     None
 }
 
+/// A free port whose cluster bus port (+10000) is free too.
+fn free_cluster_port() -> Option<u16> {
+    for _ in 0..100 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return Some(port);
+        }
+    }
+    None
+}
+
+/// A Redis Cluster of three primaries (no replicas) in `dir`, answering; `None` when
+/// `redis-server` or `redis-cli` is missing or the cluster does not form.
+fn start_cluster(dir: &std::path::Path) -> Option<(Vec<RedisChild>, Vec<u16>)> {
+    let mut children = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..3 {
+        let port = free_cluster_port()?;
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+            .arg(dir.join(format!("nodes-{port}.conf")))
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        children.push(RedisChild(child));
+        if !(0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(25));
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        }) {
+            return None;
+        }
+        ports.push(port);
+    }
+    let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let created = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&nodes)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .ok()?;
+    if !created.success() {
+        return None;
+    }
+    let ok = (0..400).any(|_| {
+        std::thread::sleep(Duration::from_millis(25));
+        ports.iter().all(|p| {
+            Command::new("redis-cli")
+                .args(["-p", &p.to_string(), "CLUSTER", "INFO"])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+        })
+    });
+    ok.then_some((children, ports))
+}
+
 fn main() {
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(runtime) => runtime,
@@ -140,6 +202,14 @@ fn main() {
                 measure("ledger round trip: redis (localhost)", open(&redis), &redis, 5_000).await;
             }
             None => println!("ledger round trip: redis skipped: redis-server is not installed"),
+        }
+        match start_cluster(dir.path()) {
+            Some((_children, ports)) => {
+                let nodes = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect::<Vec<_>>().join(", ");
+                let cluster = config(&format!("backend = \"redis\"\ncluster = [{nodes}]"));
+                measure("ledger round trip: redis cluster, 3 primaries", open(&cluster), &cluster, 5_000).await;
+            }
+            None => println!("ledger round trip: redis cluster skipped: redis-server or redis-cli missing"),
         }
     });
 }
