@@ -406,23 +406,18 @@ impl Store {
         keys: &[String],
         args: &[String],
     ) -> Result<T, LedgerError> {
-        let result = self
-            .guarded(op, async {
-                let mut connection = self.connection().await?;
-                let mut invocation = script.prepare_invoke();
-                for key in keys {
-                    invocation.key(key);
-                }
-                for arg in args {
-                    invocation.arg(arg);
-                }
-                invocation.invoke_async::<T>(&mut connection).await
-            })
-            .await;
-        if let Err(e) = &result {
-            tracing::warn!(error = %e, "redis ledger operation failed");
-        }
-        result
+        self.guarded(op, async {
+            let mut connection = self.connection().await?;
+            let mut invocation = script.prepare_invoke();
+            for key in keys {
+                invocation.key(key);
+            }
+            for arg in args {
+                invocation.arg(arg);
+            }
+            invocation.invoke_async::<T>(&mut connection).await
+        })
+        .await
     }
 
     /// Runs a plain command (reads that need no atomicity).
@@ -498,6 +493,10 @@ impl Store {
                 Err(unavailable(op, format!("no answer within {} ms", self.timeout.as_millis())))
             }
         };
+        if let Err(e) = &result {
+            // Calls refused while failing fast are not logged: an outage would log every request.
+            tracing::warn!(error = %e, "redis ledger operation failed");
+        }
         self.outcome(op, result.is_ok(), started);
         result
     }
