@@ -126,6 +126,11 @@ async fn budgets_and_rate_limits_hold_exactly_across_two_gateways_on_a_cluster()
         .map(|u| u["spent_usd"].as_f64().unwrap())
         .sum();
     assert_eq!(ranked_total, 500.0, "the standings read every member across slots: {ranked}");
+    // The hourly rollups: a member's hours in its team's slot, everyone's in slots of their own.
+    let (_, hours) = a.admin(reqwest::Method::GET, "/admin/dashboard/spend?user=t1", Value::Null).await;
+    assert_eq!(hours["totals"]["spend_usd"].as_f64(), Some(spent(a, "/admin/usage/t1").await), "{hours}");
+    let (_, everyone) = b.admin(reqwest::Method::GET, "/admin/dashboard/spend", Value::Null).await;
+    assert_eq!(everyone["totals"]["requests"], 50, "{everyone}");
 
     // A key's own budget of $30: three requests, then refusals naming the key.
     let key = user_with_key(a, "solo", "pro", None, json!({"budget_usd": 30})).await;
