@@ -1,6 +1,8 @@
 //! Checks that a client body is strict JSON, refusing what a lenient parser would let through:
 //! a key repeated in one object (the value Tollgate reads and the one a backend reads could
-//! differ), and numbers that are not finite. Nesting depth is bounded by serde_json's recursion
+//! differ), numbers that are not finite, and keys serde_json reserves for itself
+//! (`$serde_json::private::...`: an object holding one reads as something else, so a body the
+//! check let through could fail to parse later, in the cache key or a translation). Nesting depth is bounded by serde_json's recursion
 //! limit (128). Nothing is built: the body is forwarded as the client's bytes.
 
 use std::borrow::Cow;
@@ -8,6 +10,9 @@ use std::collections::HashSet;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+/// What serde_json's own markers start with (raw values, arbitrary-precision numbers).
+const RESERVED_KEY_PREFIX: &str = "$serde_json::private::";
 
 /// Objects with more keys than this look repeats up in a hash set rather than by a scan.
 const SCAN_KEYS: usize = 32;
@@ -102,6 +107,9 @@ impl<'de> Visitor<'de> for Strict<'_, 'de> {
         let base = self.keys.len();
         let mut many: Option<HashSet<Cow<'de, str>>> = None;
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            if key.starts_with(RESERVED_KEY_PREFIX) {
+                return Err(de::Error::custom(format_args!("the key `{key}` is reserved")));
+            }
             let repeated = match &many {
                 Some(set) => set.contains(&key),
                 None => self.keys[base..].contains(&key),
@@ -149,6 +157,14 @@ mod tests {
         assert!(check(&repeated).unwrap_err().to_string().contains("`k7` appears twice"));
         let nested = format!("{{\"outer\":{unique},\"k7\":{{\"k7\":1}}}}");
         assert!(check(&nested).is_ok(), "keys of an inner object do not leak into the outer one");
+    }
+
+    #[test]
+    fn keys_serde_json_reserves_are_refused_however_spelled() {
+        let raw = r#"{"messages":[{"$serde_json::private::RawValue":"hi"}]}"#;
+        assert!(check(raw).unwrap_err().to_string().contains("is reserved"));
+        assert!(check(r#"{"\u0024serde_json::private::Number":"1"}"#).is_err(), "an escaped spelling too");
+        assert!(check(r#"{"$serde_json":1,"serde_json::private::RawValue":2}"#).is_ok(), "only the markers themselves");
     }
 
     #[test]
