@@ -44,8 +44,8 @@ impl From<StoreError> for ApiError {
                 tracing::error!(%reason, "tenant store failed");
                 ApiError::Internal
             }
-            // 503 `ledger_unavailable`, as for any call that needs Redis while it is away.
-            StoreError::Unavailable(e) => ApiError::Ledger(e),
+            // The 503 a key lookup gets when the store is away (`tenant_store_unavailable`).
+            StoreError::Unavailable(e) => ApiError::Auth(crate::auth::AuthError::Unavailable(e.to_string())),
         }
     }
 }

@@ -115,8 +115,9 @@ pub struct Store {
     primary: Mutex<Option<Connection>>,
     /// One connection attempt at a time; the others wait for its outcome.
     connecting: tokio::sync::Mutex<()>,
-    /// The `run_id` of the server last seen as primary: another one means a failover.
-    run_id: Mutex<Option<String>>,
+    /// The server last seen as primary (its `run_id`; a cluster's slot owners): another one
+    /// means a failover.
+    server: Mutex<Option<String>>,
     /// With sentinels, the address of the primary connected to.
     address: Mutex<Option<String>>,
     /// The primary answered the last probe (`/readyz`).
@@ -201,7 +202,7 @@ impl Store {
             target,
             primary: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
-            run_id: Mutex::new(None),
+            server: Mutex::new(None),
             address: Mutex::new(None),
             reachable: AtomicBool::new(false),
             failed_over: Notify::new(),
@@ -244,26 +245,19 @@ impl Store {
         if let Some(connection) = self.current() {
             return Ok(connection);
         }
-        if let Target::Cluster(client) = &self.target {
-            let mut connection = Connection::Cluster(client.get_async_connection().await?);
-            // `SCRIPT LOAD` goes to every node; a promoted replica gets them on `NOSCRIPT`.
-            for script in self.scripts.all() {
-                script.load_async(&mut connection).await?;
+        let (mut connection, address) = match &self.target {
+            Target::Cluster(client) => (Connection::Cluster(client.get_async_connection().await?), None),
+            _ => {
+                let (client, address) = self.target.primary(self.connect_timeout).await?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.connect_timeout))
+                    .set_response_timeout(Some(self.timeout))
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_millis(500));
+                (Connection::Single(ConnectionManager::new_with_config(client, config).await?), address)
             }
-            let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut connection).await?;
-            tracing::info!("connected to the redis ledger's cluster");
-            *self.primary.lock().unwrap_or_else(PoisonError::into_inner) = Some(connection.clone());
-            self.saw_primary(&primary::slot_owners(&nodes));
-            return Ok(connection);
-        }
-        let (client, address) = self.target.primary(self.connect_timeout).await?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let mut connection = Connection::Single(ConnectionManager::new_with_config(client, config).await?);
+        };
         if self.target.follows_sentinels() {
             // A sentinel may still name a primary it has just demoted.
             let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut connection).await?;
@@ -274,21 +268,35 @@ impl Store {
                 )));
             }
         }
-        // Loaded once up front; `EVALSHA` reloads one after a NOSCRIPT (a restarted Redis).
+        // Loaded once up front (on a cluster, `SCRIPT LOAD` goes to every node); `EVALSHA`
+        // reloads one after a `NOSCRIPT` (a restarted Redis, a promoted replica).
         for script in self.scripts.all() {
             script.load_async(&mut connection).await?;
         }
-        let info: String = redis::cmd("INFO").arg("server").query_async(&mut connection).await?;
+        let (_, server) = self.identify(&mut connection).await?;
         match &address {
             Some(address) => tracing::info!(primary = %address, "connected to the redis ledger's primary"),
             None => tracing::info!("connected to the redis ledger"),
         }
         *self.address.lock().unwrap_or_else(PoisonError::into_inner) = address;
         *self.primary.lock().unwrap_or_else(PoisonError::into_inner) = Some(connection.clone());
-        if let Some(run_id) = primary::run_id(&info) {
-            self.saw_primary(run_id);
+        if let Some(server) = server {
+            self.saw_server(&server);
         }
         Ok(connection)
+    }
+
+    /// Whether the ledger can serve (a cluster: every slot owned), and which server answers
+    /// as primary: its `run_id`, or a cluster's slot owners.
+    async fn identify(&self, connection: &mut Connection) -> redis::RedisResult<(bool, Option<String>)> {
+        if self.is_cluster() {
+            // While a failed primary's slots have no owner, the cluster answers `CLUSTERDOWN`.
+            let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(connection).await?;
+            let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(connection).await?;
+            return Ok((info.contains("cluster_state:ok"), Some(primary::slot_owners(&nodes))));
+        }
+        let info: String = redis::cmd("INFO").arg("server").query_async(connection).await?;
+        Ok((true, primary::run_id(&info).map(str::to_owned)))
     }
 
     /// Drops the connection so that the next call asks the sentinels again (with one URL the
@@ -302,9 +310,9 @@ impl Store {
     /// Records the primary's `run_id` (a cluster's: its slot owners); another server than the
     /// last one seen means a failover (or a restart): the writes of the replay window are
     /// applied again.
-    fn saw_primary(&self, run_id: &str) {
-        let before = self.run_id.lock().unwrap_or_else(PoisonError::into_inner).replace(run_id.to_owned());
-        if before.is_none_or(|before| before == run_id) {
+    fn saw_server(&self, server: &str) {
+        let before = self.server.lock().unwrap_or_else(PoisonError::into_inner).replace(server.to_owned());
+        if before.is_none_or(|before| before == server) {
             return;
         }
         let replay: Vec<Write> = {
@@ -348,32 +356,15 @@ impl Store {
                 self.forget_primary();
             }
         }
-        if self.is_cluster() {
-            let nodes = self
-                .guarded(Op::Probe, async {
-                    let mut connection = self.connection().await?;
-                    let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut connection).await?;
-                    let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut connection).await?;
-                    // While a failed primary's slots have no owner, the cluster answers
-                    // `CLUSTERDOWN` for them.
-                    Ok((info.contains("cluster_state:ok"), nodes))
-                })
-                .await;
-            self.reachable.store(nodes.as_ref().is_ok_and(|(ok, _)| *ok), Ordering::Relaxed);
-            if let Ok((_, nodes)) = nodes {
-                self.saw_primary(&primary::slot_owners(&nodes));
-            }
-            return;
-        }
-        let info = self
+        let identity = self
             .guarded(Op::Probe, async {
                 let mut connection = self.connection().await?;
-                redis::cmd("INFO").arg("server").query_async::<String>(&mut connection).await
+                self.identify(&mut connection).await
             })
             .await;
-        self.reachable.store(info.is_ok(), Ordering::Relaxed);
-        if let Some(run_id) = info.as_deref().ok().and_then(primary::run_id) {
-            self.saw_primary(run_id);
+        self.reachable.store(identity.as_ref().is_ok_and(|(serving, _)| *serving), Ordering::Relaxed);
+        if let Ok((_, Some(server))) = identity {
+            self.saw_server(&server);
         }
     }
 
