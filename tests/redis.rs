@@ -7,30 +7,18 @@ mod support;
 
 use std::time::Duration;
 
-use redis::AsyncCommands;
 use serde_json::Value;
-use support::fleet::{load, simulated_backend, ten_dollar_request, RedisServer, Replica};
+use support::fleet::{self, load, redis_gateway_config, ten_dollar_request, RedisServer, Replica, REQUEST_COST_USD};
 use support::*;
 
 const PREFIX: &str = "t:";
-/// Each request costs exactly this: 10 completion tokens at $1 each, prompt free; the
-/// simulated backend always produces `max_tokens` tokens, so estimate = cost.
-const COST_USD: f64 = 10.0;
 
 fn config(redis_url: &str, on_error: &str, user: &str) -> String {
-    format!(
-        "[server]\nadmin_key_env = \"TEST_ADMIN_KEY\"\nmax_queue = 1024\nqueue_timeout_ms = 10000\n\n\
-         [ledger]\nbackend = \"redis\"\nurl = \"{redis_url}\"\nkey_prefix = \"{PREFIX}\"\non_ledger_error = \"{on_error}\"\n\
-         timeout_ms = 2000\n\n\
-         {}\
-         [[users]]\nname = \"alice\"\nkey_sha256 = \"{}\"\n{user}\n",
-        simulated_backend(),
-        key_hash(ALICE_KEY)
-    )
-}
-
-fn request() -> Value {
-    ten_dollar_request()
+    let ledger = format!(
+        "url = \"{redis_url}\"\nkey_prefix = \"{PREFIX}\"\non_ledger_error = \"{on_error}\"\ntimeout_ms = 2000"
+    );
+    let alice = format!("[[users]]\nname = \"alice\"\nkey_sha256 = \"{}\"\n{user}\n", key_hash(ALICE_KEY));
+    redis_gateway_config(&ledger, &alice)
 }
 
 /// Sends `n` requests at once, spread round-robin over `replicas`: (status, error code).
@@ -39,7 +27,7 @@ async fn burst(replicas: &[Replica], n: usize) -> Vec<(u16, String)> {
     let tasks: Vec<_> = (0..n)
         .map(|i| {
             let send = client.post(replicas[i % replicas.len()].url("/v1/chat/completions")).bearer_auth(ALICE_KEY);
-            let send = send.json(&request()).send();
+            let send = send.json(&ten_dollar_request()).send();
             tokio::spawn(async move { outcome(send.await.unwrap()).await })
         })
         .collect();
@@ -56,17 +44,9 @@ async fn outcome(response: reqwest::Response) -> (u16, String) {
     (status, body["error"]["code"].as_str().unwrap_or_default().to_owned())
 }
 
-/// Alice's spend hash for the current period, whatever its start.
+/// Alice's spend and requests in the current period, as this server holds them.
 async fn redis_spend(redis: &RedisServer) -> (f64, u64) {
-    let mut client = redis.client().await;
-    let keys: Vec<String> = client.keys(format!("{PREFIX}{{alice}}:spend:*")).await.unwrap();
-    let mut spent_pico = 0i64;
-    let mut requests = 0u64;
-    for key in keys {
-        spent_pico += client.hget::<_, _, Option<i64>>(&key, "spent").await.unwrap().unwrap_or(0);
-        requests += client.hget::<_, _, Option<u64>>(&key, "requests").await.unwrap().unwrap_or(0);
-    }
-    (spent_pico as f64 / 1e12, requests)
+    fleet::redis_spend(&mut redis.client().await, PREFIX, "alice").await
 }
 
 /// Polls until `check` holds (settlements land on their own task, just after the answer).
@@ -84,7 +64,7 @@ async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut check
 async fn three_replicas_hold_one_budget_under_300_concurrent_requests() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let budget = 50.0 * COST_USD;
+    let budget = 50.0 * REQUEST_COST_USD;
     let text = config(&redis.url(), "fail-closed", &format!("budget_usd = {budget}"));
     let replicas: Vec<Replica> = (0..3).map(|i| Replica::start(dir.path(), &format!("r{i}"), &text)).collect();
 
@@ -99,7 +79,7 @@ async fn three_replicas_hold_one_budget_under_300_concurrent_requests() {
     // The estimate is exact here, so the budget is the bound and it buys exactly 50.
     assert!(spent <= budget, "spent {spent} over the budget {budget}");
     assert!(ok.abs_diff(50) <= 1, "{ok} answered 200, the budget covers 50");
-    assert_eq!(spent, ok as f64 * COST_USD);
+    assert_eq!(spent, ok as f64 * REQUEST_COST_USD);
     for replica in &replicas {
         let usage = replica.usage("alice").await;
         assert_eq!(usage["spent_usd"].as_f64().unwrap(), spent, "{usage}");
@@ -143,7 +123,8 @@ async fn fail_closed_answers_503_while_redis_is_down_never_an_unmetered_200_and_
     redis.kill();
     tokio::time::sleep(Duration::from_millis(800)).await;
     // While it is down, a new request is refused in the OpenAI shape.
-    let during = client.post(replicas[0].url("/v1/chat/completions")).bearer_auth(ALICE_KEY).json(&request());
+    let during =
+        client.post(replicas[0].url("/v1/chat/completions")).bearer_auth(ALICE_KEY).json(&ten_dollar_request());
     let during = during.send().await.unwrap();
     assert_eq!(during.status(), 503);
     let body: Value = during.json().await.unwrap();
@@ -155,7 +136,8 @@ async fn fail_closed_answers_503_while_redis_is_down_never_an_unmetered_200_and_
     // Back without restarting any gateway.
     for replica in &replicas {
         eventually("a 200 again", || async {
-            let response = client.post(replica.url("/v1/chat/completions")).bearer_auth(ALICE_KEY).json(&request());
+            let response =
+                client.post(replica.url("/v1/chat/completions")).bearer_auth(ALICE_KEY).json(&ten_dollar_request());
             response.send().await.unwrap().status() == 200
         })
         .await;
@@ -209,7 +191,7 @@ async fn fail_open_keeps_serving_while_redis_is_down_and_the_spend_reaches_redis
 
     eventually("the outage's spend in redis", || async { redis_spend(&redis).await.1 == ok as u64 }).await;
     let (spent, _) = redis_spend(&redis).await;
-    assert_eq!(spent, ok as f64 * COST_USD);
+    assert_eq!(spent, ok as f64 * REQUEST_COST_USD);
     println!("fail-open: {ok} answered 200 ({fail_open} admitted locally on one replica), all reconciled into redis");
     for replica in &replicas {
         // The restarted Redis is another server (a new run_id): the replay window's

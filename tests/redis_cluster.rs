@@ -11,33 +11,27 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::fleet::{load, simulated_backend, ten_dollar_request, RedisCluster, Replica};
+use support::fleet::{load, redis_gateway_config, ten_dollar_request, RedisCluster, Replica, REQUEST_COST_USD};
 use support::*;
 use tokio::time::Instant;
 
 const PASSWORD: &str = "cluster-test-password";
 const PREFIX: &str = "tc:";
-/// Each request costs exactly this (10 completion tokens at $1 each, prompt free).
-const COST_USD: f64 = 10.0;
 
 fn config(nodes: &[String]) -> String {
     let nodes = nodes.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
-    format!(
-        "[server]\nadmin_key_env = \"TEST_ADMIN_KEY\"\nmax_queue = 1024\nqueue_timeout_ms = 10000\n\n\
-         [ledger]\nbackend = \"redis\"\ncluster = [{nodes}]\npassword_env = \"TEST_REDIS_PASSWORD\"\n\
-         key_prefix = \"{PREFIX}\"\ntimeout_ms = 1000\nconnect_timeout_ms = 500\n\n\
-         {}\
-         [[plans]]\nname = \"pro\"\nprice_usd = 20\nbudget_usd = 100000\n\n\
+    let ledger = format!(
+        "cluster = [{nodes}]\npassword_env = \"TEST_REDIS_PASSWORD\"\nkey_prefix = \"{PREFIX}\"\n\
+         timeout_ms = 1000\nconnect_timeout_ms = 500"
+    );
+    let rest = format!(
+        "[[plans]]\nname = \"pro\"\nprice_usd = 20\nbudget_usd = 100000\n\n\
          [[plans]]\nname = \"limited\"\nprice_usd = 5\nrpm = 20\n\n\
          [[plans]]\nname = \"small\"\nprice_usd = 5\nbudget_usd = 50\n\n\
          [[users]]\nname = \"alice\"\nkey_sha256 = \"{}\"\nbudget_usd = 30\n",
-        simulated_backend(),
         key_hash(ALICE_KEY)
-    )
-}
-
-fn request() -> Value {
-    ten_dollar_request()
+    );
+    redis_gateway_config(&ledger, &rest)
 }
 
 /// Creates `name` on `plan` (in `team` if any) with one key; returns the key.
@@ -61,7 +55,7 @@ async fn burst(gateways: &[Replica], keys: &[String], n: usize) -> Vec<(u16, Opt
             let send = client
                 .post(gateways[i % gateways.len()].url("/v1/chat/completions"))
                 .bearer_auth(&keys[i % keys.len()])
-                .json(&request())
+                .json(&ten_dollar_request())
                 .send();
             tokio::spawn(async move {
                 let response = send.await.unwrap();
@@ -211,7 +205,8 @@ async fn a_primary_killed_mid_load_is_replaced_and_every_settlement_is_kept() {
                     cluster.cli(any, &["CLUSTER", "NODES"])
                 );
             }
-            let response = client.post(gateway.url("/v1/chat/completions")).bearer_auth(&keys[1]).json(&request());
+            let response =
+                client.post(gateway.url("/v1/chat/completions")).bearer_auth(&keys[1]).json(&ten_dollar_request());
             if response.send().await.unwrap().status() == 200 {
                 break;
             }
@@ -237,7 +232,7 @@ async fn a_primary_killed_mid_load_is_replaced_and_every_settlement_is_kept() {
     for (i, name) in names.iter().enumerate() {
         let polled = if i == 1 { gateways.len() } else { 0 };
         let ok = outcomes.iter().filter(|(k, _, s, _)| *k == i && *s == 200).count() + polled;
-        let expected = ok as f64 * COST_USD;
+        let expected = ok as f64 * REQUEST_COST_USD;
         let mut last = 0.0;
         for _ in 0..100 {
             // Just after the failover a read may still find the cluster down (503): poll on.

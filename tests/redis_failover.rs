@@ -10,34 +10,25 @@ mod support;
 
 use std::time::Duration;
 
-use redis::AsyncCommands;
-use serde_json::Value;
-use support::fleet::{load, simulated_backend, ten_dollar_request, RedisServer, Replica, SentinelServer};
+use support::fleet::{
+    self, load, redis_gateway_config, ten_dollar_request, RedisServer, Replica, SentinelServer, REQUEST_COST_USD,
+};
 use support::*;
 use tokio::time::Instant;
 
 const PREFIX: &str = "t:";
 const MASTER: &str = "tollgate-ledger";
 const PASSWORD: &str = "failover-test-password";
-/// Each request costs exactly this (10 completion tokens at $1 each, prompt free).
-const COST_USD: f64 = 10.0;
 
 fn config(sentinels: &[String]) -> String {
     let sentinels = sentinels.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
-    format!(
-        "[server]\nadmin_key_env = \"TEST_ADMIN_KEY\"\nmax_queue = 1024\nqueue_timeout_ms = 10000\n\n\
-         [ledger]\nbackend = \"redis\"\nsentinels = [{sentinels}]\nsentinel_master = \"{MASTER}\"\n\
-         password_env = \"TEST_REDIS_PASSWORD\"\nkey_prefix = \"{PREFIX}\"\non_ledger_error = \"fail-closed\"\n\
-         timeout_ms = 500\nconnect_timeout_ms = 500\n\n\
-         {}\
-         [[users]]\nname = \"alice\"\nkey_sha256 = \"{}\"\nbudget_usd = 1000000\n",
-        simulated_backend(),
-        key_hash(ALICE_KEY)
-    )
-}
-
-fn request() -> Value {
-    ten_dollar_request()
+    let ledger = format!(
+        "sentinels = [{sentinels}]\nsentinel_master = \"{MASTER}\"\npassword_env = \"TEST_REDIS_PASSWORD\"\n\
+         key_prefix = \"{PREFIX}\"\non_ledger_error = \"fail-closed\"\ntimeout_ms = 500\nconnect_timeout_ms = 500"
+    );
+    let alice =
+        format!("[[users]]\nname = \"alice\"\nkey_sha256 = \"{}\"\nbudget_usd = 1000000\n", key_hash(ALICE_KEY));
+    redis_gateway_config(&ledger, &alice)
 }
 
 async fn redis_client(server: &RedisServer) -> redis::aio::MultiplexedConnection {
@@ -45,17 +36,9 @@ async fn redis_client(server: &RedisServer) -> redis::aio::MultiplexedConnection
     redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
 }
 
-/// Alice's spend and requests in the current period, as `server` holds them.
+/// Alice's spend and requests in the current period, as this server holds them.
 async fn redis_spend(server: &RedisServer) -> (f64, u64) {
-    let mut client = redis_client(server).await;
-    let keys: Vec<String> = client.keys(format!("{PREFIX}{{alice}}:spend:*")).await.unwrap();
-    let mut spent_pico = 0i64;
-    let mut requests = 0u64;
-    for key in keys {
-        spent_pico += client.hget::<_, _, Option<i64>>(&key, "spent").await.unwrap().unwrap_or(0);
-        requests += client.hget::<_, _, Option<u64>>(&key, "requests").await.unwrap().unwrap_or(0);
-    }
-    (spent_pico as f64 / 1e12, requests)
+    fleet::redis_spend(&mut redis_client(server).await, PREFIX, "alice").await
 }
 
 async fn until<F: std::future::Future<Output = bool>>(what: &str, limit: Duration, mut check: impl FnMut() -> F) {
@@ -153,7 +136,8 @@ async fn a_sentinel_failover_under_load_resumes_within_10_s_refuses_in_the_gap_a
     let mut resumed = Vec::new();
     for gateway in &gateways {
         until("a 200 again through the promoted replica", Duration::from_secs(20), || async {
-            let response = client.post(gateway.url("/v1/chat/completions")).bearer_auth(ALICE_KEY).json(&request());
+            let response =
+                client.post(gateway.url("/v1/chat/completions")).bearer_auth(ALICE_KEY).json(&ten_dollar_request());
             response.send().await.unwrap().status() == 200
         })
         .await;
@@ -180,7 +164,7 @@ async fn a_sentinel_failover_under_load_resumes_within_10_s_refuses_in_the_gap_a
     assert!(*slowest <= Duration::from_secs(10), "service resumed after {slowest:?}, over 10 s");
 
     // Every 200's settlement ends up on the new primary, the unreplicated ones included, once.
-    let successful_cost = ok as f64 * COST_USD;
+    let successful_cost = ok as f64 * REQUEST_COST_USD;
     // The 200s sent by the polling loops above count too.
     let polled = gateways.len() as u64;
     until("every settlement on the new primary", Duration::from_secs(20), || async {
@@ -197,9 +181,9 @@ async fn a_sentinel_failover_under_load_resumes_within_10_s_refuses_in_the_gap_a
     println!(
         "after: the new primary holds ${spent} for {requests} requests; the 200s cost ${}; \
          {replayed} settlements replayed that the replica had never received",
-        successful_cost + polled as f64 * COST_USD
+        successful_cost + polled as f64 * REQUEST_COST_USD
     );
     assert_eq!(requests, ok as u64 + polled, "one settlement per 200, none lost, none twice");
-    assert_eq!(spent, successful_cost + polled as f64 * COST_USD);
+    assert_eq!(spent, successful_cost + polled as f64 * REQUEST_COST_USD);
     assert!(replayed > 0.0, "the settlements only the dead primary had were applied again");
 }

@@ -8,32 +8,24 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::fleet::{simulated_backend, ten_dollar_request, RedisServer, Replica};
+use support::fleet::{redis_gateway_config, ten_dollar_request, RedisServer, Replica};
 use support::*;
 
 fn config(redis_url: &str) -> String {
-    format!(
-        "[server]\nadmin_key_env = \"TEST_ADMIN_KEY\"\nmax_queue = 1024\n\n\
-         [ledger]\nbackend = \"redis\"\nurl = \"{redis_url}\"\nkey_prefix = \"tt:\"\ntimeout_ms = 2000\n\n\
-         {}\
-         [[plans]]\nname = \"pro\"\nprice_usd = 20\nbudget_usd = 1000\n\n\
+    let ledger = format!("url = \"{redis_url}\"\nkey_prefix = \"tt:\"\ntimeout_ms = 2000");
+    let rest = format!(
+        "[[plans]]\nname = \"pro\"\nprice_usd = 20\nbudget_usd = 1000\n\n\
          [[users]]\nname = \"alice\"\nkey_sha256 = \"{}\"\n",
-        simulated_backend(),
         key_hash(ALICE_KEY)
-    )
-}
-
-/// Each request costs exactly $10: 10 completion tokens at $1 each (the simulated backend
-/// always produces `max_tokens`), prompt free.
-fn request() -> Value {
-    ten_dollar_request()
+    );
+    redis_gateway_config(&ledger, &rest)
 }
 
 async fn chat(replica: &Replica, key: &str) -> u16 {
     let response = reqwest::Client::new()
         .post(replica.url("/v1/chat/completions"))
         .bearer_auth(key)
-        .json(&request())
+        .json(&ten_dollar_request())
         .send()
         .await
         .unwrap();
@@ -110,7 +102,8 @@ async fn a_team_budget_holds_across_two_replicas() {
             let url = if i % 2 == 0 { a.url("/v1/chat/completions") } else { b.url("/v1/chat/completions") };
             let key = keys[i % 3].clone();
             tokio::spawn(async move {
-                let r = reqwest::Client::new().post(url).bearer_auth(key).json(&request()).send().await.unwrap();
+                let r =
+                    reqwest::Client::new().post(url).bearer_auth(key).json(&ten_dollar_request()).send().await.unwrap();
                 let scope = r.headers().get("x-tollgate-budget-scope").map(|v| v.to_str().unwrap().to_owned());
                 (r.status().as_u16(), scope)
             })

@@ -401,6 +401,34 @@ pub fn simulated_backend() -> String {
     )
 }
 
+/// `account`'s spend (dollars) and requests in its current period, read straight from Redis
+/// (`<prefix>{account}:spend:<start>`, whatever the start).
+pub async fn redis_spend(client: &mut redis::aio::MultiplexedConnection, prefix: &str, account: &str) -> (f64, u64) {
+    use redis::AsyncCommands;
+    let keys: Vec<String> = client.keys(format!("{prefix}{{{account}}}:spend:*")).await.unwrap();
+    let mut spent_pico = 0i64;
+    let mut requests = 0u64;
+    for key in keys {
+        spent_pico += client.hget::<_, _, Option<i64>>(&key, "spent").await.unwrap().unwrap_or(0);
+        requests += client.hget::<_, _, Option<u64>>(&key, "requests").await.unwrap().unwrap_or(0);
+    }
+    (spent_pico as f64 / 1e12, requests)
+}
+
+/// What a [`ten_dollar_request`] costs on [`simulated_backend`]: the estimate equals the cost.
+pub const REQUEST_COST_USD: f64 = 10.0;
+
+/// A gateway config on a Redis ledger: the test admin key, a deep wait queue, `[ledger]` with
+/// `backend = "redis"` and the `ledger` lines, the [`simulated_backend`], then `rest` (plans,
+/// users).
+pub fn redis_gateway_config(ledger: &str, rest: &str) -> String {
+    format!(
+        "[server]\nadmin_key_env = \"TEST_ADMIN_KEY\"\nmax_queue = 1024\nqueue_timeout_ms = 10000\n\n\
+         [ledger]\nbackend = \"redis\"\n{ledger}\n\n{}{rest}",
+        simulated_backend()
+    )
+}
+
 /// A chat request of 10 tokens: $10 on [`simulated_backend`].
 pub fn ten_dollar_request() -> serde_json::Value {
     serde_json::json!({"model": "auto", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
