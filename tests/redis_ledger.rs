@@ -198,8 +198,8 @@ async fn hourly_rollups_and_standings_read_back_what_was_settled_an_outages_sett
     let now = tollgate::clock::unix_now();
     let this_hour = now.div_euclid(HOUR_S) * HOUR_S;
     // Some requests also have a key's and a team's budget: the hours are still the user's.
-    let key = Budget { scope: Scope::Key, account: key_account("k1"), limit: None, period: BudgetPeriod::Day };
-    let team = Budget { scope: Scope::Team, account: team_account("t1"), limit: None, period: BudgetPeriod::Month };
+    let key = Budget::new(Scope::Key, key_account("k1"), None, BudgetPeriod::Day);
+    let team = Budget::new(Scope::Team, team_account("t1"), None, BudgetPeriod::Month);
 
     let mut reference = Rollups::default();
     let mut records = Vec::new();

@@ -4,9 +4,18 @@
 //! A request's levels (key, user, team) are locked together, always in that order, so that
 //! their check and their reservation are one atomic step. The order is what keeps two
 //! requests from waiting on each other: nobody holding a team's lock waits for a user's.
+//!
+//! Each level remembers its account's cell ([`CellRef`]), so a principal's requests reach
+//! their accounts without a look-up by name: with thousands of users in use the map's entries
+//! are cold, and four look-ups per request (the budget read before the decision, the
+//! reservation, the settlement, the read after) were the gateway's largest per-user cost. A
+//! remembered cell is only trusted under its lock: one that was evicted, or belongs to
+//! another ledger, sends the level back to the map.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
+use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
 use smallvec::SmallVec;
 
@@ -25,6 +34,10 @@ struct Cell {
     period: BudgetPeriod,
     /// When it was last locked (Unix seconds): what eviction goes by.
     used_at: i64,
+    /// The [`Accounts`] it belongs to, and whether it is still theirs: an evicted cell is out
+    /// of the map, and whoever still holds it must look the account up again.
+    owner: u64,
+    evicted: bool,
 }
 
 impl std::ops::Deref for Cell {
@@ -40,16 +53,50 @@ impl std::ops::DerefMut for Cell {
     }
 }
 
+/// A level's account cell as last found (empty until its first use).
+#[derive(Default)]
+pub struct CellRef(ArcSwapOption<Mutex<Cell>>);
+
+impl Clone for CellRef {
+    fn clone(&self) -> Self {
+        Self(ArcSwapOption::new(self.0.load_full()))
+    }
+}
+
+/// Where a level's account lives says nothing about which account it is.
+impl PartialEq for CellRef {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for CellRef {}
+
+impl std::fmt::Debug for CellRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.load().is_some() { "CellRef(found)" } else { "CellRef(empty)" })
+    }
+}
+
 /// Reads an account's spend in one period back from storage (the SQLite ledger's file).
 pub type Loader = Box<dyn Fn(&str, i64) -> Option<Account> + Send + Sync>;
 
-#[derive(Default)]
+/// Tells one [`Accounts`] from another (tests hold several; a level may meet more than one).
+static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
+
 pub struct Accounts {
     live: DashMap<Arc<str>, Arc<Mutex<Cell>>>,
     /// Where an account's spend comes from the first time it is used in a period: memory
     /// starts empty; SQLite reads the account's rows, so a start reads nothing and memory
     /// holds the accounts in use, not every account ever stored.
     loader: Option<Loader>,
+    id: u64,
+}
+
+impl Default for Accounts {
+    fn default() -> Self {
+        Self { live: DashMap::new(), loader: None, id: NEXT_OWNER.fetch_add(1, Ordering::Relaxed) }
+    }
 }
 
 impl std::fmt::Debug for Accounts {
@@ -61,7 +108,7 @@ impl std::fmt::Debug for Accounts {
 impl Accounts {
     /// Accounts whose spend is read back through `loader` on first use.
     pub fn with_loader(loader: Loader) -> Self {
-        Self { live: DashMap::new(), loader: Some(loader) }
+        Self { loader: Some(loader), ..Self::default() }
     }
 
     fn cell(&self, name: &Arc<str>) -> Arc<Mutex<Cell>> {
@@ -75,6 +122,8 @@ impl Accounts {
                 account: Account::new(i64::MIN),
                 period: BudgetPeriod::Total,
                 used_at: i64::MIN,
+                owner: self.id,
+                evicted: false,
             }))
         });
         Arc::clone(&cell)
@@ -98,24 +147,58 @@ impl Accounts {
         }
     }
 
+    /// The level's cell as it last found it, else from the map (and remembered).
+    fn found(&self, budget: &Budget) -> Arc<Mutex<Cell>> {
+        if let Some(cell) = budget.cell.0.load_full() {
+            return cell;
+        }
+        let cell = self.cell(&budget.account);
+        budget.cell.0.store(Some(Arc::clone(&cell)));
+        cell
+    }
+
+    /// Whether a locked cell is this ledger's live account; if not, the level forgets it.
+    fn is_live(&self, cell: &Cell, budget: &Budget) -> bool {
+        let live = cell.owner == self.id && !cell.evicted;
+        if !live {
+            budget.cell.0.store(None);
+        }
+        live
+    }
+
     /// Runs `f` on the accounts of every level, locked together in level order.
     fn with_all<T>(&self, budgets: &Budgets, now: i64, f: impl FnOnce(&mut Guards<'_>) -> T) -> T {
-        let cells: SmallVec<[Arc<Mutex<Cell>>; 3]> = budgets.iter().map(|b| self.cell(&b.account)).collect();
-        let mut guards: Guards<'_> = SmallVec::new();
-        for (cell, budget) in cells.iter().zip(budgets) {
-            let mut guard = cell.lock().unwrap_or_else(PoisonError::into_inner);
-            self.current(&mut guard, budget, now);
-            guards.push(guard);
+        loop {
+            let cells: SmallVec<[Arc<Mutex<Cell>>; 3]> = budgets.iter().map(|b| self.found(b)).collect();
+            let mut guards: Guards<'_> = SmallVec::new();
+            for (cell, budget) in cells.iter().zip(budgets) {
+                let guard = cell.lock().unwrap_or_else(PoisonError::into_inner);
+                if !self.is_live(&guard, budget) {
+                    break;
+                }
+                guards.push(guard);
+            }
+            // A level's remembered cell was evicted meanwhile (rare): all over again, from the map.
+            if guards.len() < cells.len() {
+                continue;
+            }
+            for (guard, budget) in guards.iter_mut().zip(budgets) {
+                self.current(guard, budget, now);
+            }
+            return f(&mut guards);
         }
-        f(&mut guards)
     }
 
     /// Runs `f` on one level's account.
     pub fn with<T>(&self, budget: &Budget, now: i64, f: impl FnOnce(&mut Account) -> T) -> T {
-        let cell = self.cell(&budget.account);
-        let mut guard = cell.lock().unwrap_or_else(PoisonError::into_inner);
-        self.current(&mut guard, budget, now);
-        f(&mut guard.account)
+        loop {
+            let cell = self.found(budget);
+            let mut guard = cell.lock().unwrap_or_else(PoisonError::into_inner);
+            if self.is_live(&guard, budget) {
+                self.current(&mut guard, budget, now);
+                return f(&mut guard.account);
+            }
+        }
     }
 
     /// Reserves `amount` at every level, or at none: the first level it does not fit refuses.
@@ -174,14 +257,19 @@ impl Accounts {
             return 0;
         }
         let before = self.live.len();
-        // `retain` holds each shard's write lock: nobody can clone a cell out of it meanwhile,
-        // so a count of one means no request has it.
+        // A dropped cell is marked under its lock: a request that found it before (levels
+        // remember their cells) sees the mark when it locks it, and goes back to the map. A
+        // cell locked right now is in use: kept (waiting for it here, under the shard's lock,
+        // could deadlock with a request looking up its next level).
         self.live.retain(|_, cell| {
-            if Arc::strong_count(cell) > 1 {
-                return true;
-            }
-            let cell = cell.lock().unwrap_or_else(PoisonError::into_inner);
-            cell.used_at >= idle_before || cell.account.reserved > Usd::ZERO
+            let mut cell = match cell.try_lock() {
+                Ok(cell) => cell,
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) => return true,
+            };
+            let keep = cell.used_at >= idle_before || cell.account.reserved > Usd::ZERO;
+            cell.evicted = !keep;
+            keep
         });
         before - self.live.len()
     }
@@ -218,7 +306,7 @@ mod tests {
     use crate::ledger::budgets::Scope;
 
     fn level(scope: Scope, account: &str, limit: Option<i64>) -> Budget {
-        Budget { scope, account: account.into(), limit: limit.map(Usd::from_pico), period: BudgetPeriod::Total }
+        Budget::new(scope, account.into(), limit.map(Usd::from_pico), BudgetPeriod::Total)
     }
 
     fn chain(key: Option<i64>, user: Option<i64>, team: Option<i64>, user_name: &str) -> Budgets {
@@ -259,6 +347,56 @@ mod tests {
         assert_eq!(accounts.live_count(), 1);
     }
 
+    fn record(cost: i64) -> RequestRecord {
+        RequestRecord {
+            at_ms: 0,
+            user: "x".into(),
+            route: "r".into(),
+            backend: "b".into(),
+            reason: "cost-first".into(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cost: Usd::from_pico(cost),
+            status: 200,
+            latency_ms: 0,
+            request_id: None,
+        }
+    }
+
+    #[test]
+    fn a_level_that_remembered_an_evicted_account_books_into_the_one_read_back() {
+        // The file's spend, as the writer would have left it.
+        let stored = Arc::new(Mutex::new(100i64));
+        let file = Arc::clone(&stored);
+        let accounts = Accounts::with_loader(Box::new(move |_, start| {
+            let mut account = Account::new(start);
+            account.totals.spent = Usd::from_pico(*file.lock().unwrap());
+            Some(account)
+        }));
+        let earlier = chain(None, Some(1000), None, "ann");
+        accounts.settle(&earlier, Usd::ZERO, &record(10), 0);
+        *stored.lock().unwrap() = 110;
+        assert_eq!(accounts.evict_idle(i64::MAX), 1);
+        // `earlier` still remembers the dropped cell; a principal resolved later does not.
+        let later = chain(None, Some(1000), None, "ann");
+        accounts.settle(&earlier, Usd::ZERO, &record(5), 0);
+        accounts.settle(&later, Usd::ZERO, &record(7), 0);
+        let fresh = chain(None, Some(1000), None, "ann");
+        assert_eq!(accounts.snapshot(fresh.user(), 0).totals.spent, Usd::from_pico(122), "one account, not two");
+        assert_eq!(accounts.remaining(&earlier, 0).unwrap().usd, Usd::from_pico(878));
+    }
+
+    #[test]
+    fn a_level_used_with_two_ledgers_books_into_each_its_own() {
+        let (first, second) = (Accounts::default(), Accounts::default());
+        let ann = chain(None, Some(1000), None, "ann");
+        first.settle(&ann, Usd::ZERO, &record(10), 0);
+        second.settle(&ann, Usd::ZERO, &record(3), 0);
+        first.settle(&ann, Usd::ZERO, &record(1), 0);
+        assert_eq!(first.snapshot(ann.user(), 0).totals.spent, Usd::from_pico(11));
+        assert_eq!(second.snapshot(ann.user(), 0).totals.spent, Usd::from_pico(3));
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Reserve(usize, i64),
@@ -291,10 +429,6 @@ mod tests {
                 chain(None, None, Some(team), "c"),
             ];
             let mut open: Vec<(usize, i64)> = Vec::new();
-            let record = |cost: i64| RequestRecord {
-                at_ms: 0, user: "x".into(), route: "r".into(), backend: "b".into(), reason: "cost-first".into(),
-                prompt_tokens: 0, completion_tokens: 0, cost: Usd::from_pico(cost), status: 200, latency_ms: 0, request_id: None,
-            };
             for op in ops {
                 match op {
                     Op::Reserve(who, amount) => {

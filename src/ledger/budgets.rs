@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
+use super::accounts::CellRef;
 use super::period;
 use crate::config::{BudgetPeriod, User};
 use crate::cost::Usd;
@@ -38,6 +39,15 @@ pub struct Budget {
     /// `None`: spend is recorded, nothing is refused.
     pub limit: Option<Usd>,
     pub period: BudgetPeriod,
+    /// Where an in-process ledger keeps this account, found on the level's first use: a
+    /// principal's later requests go straight to it instead of looking it up by name.
+    pub(super) cell: CellRef,
+}
+
+impl Budget {
+    pub fn new(scope: Scope, account: Arc<str>, limit: Option<Usd>, period: BudgetPeriod) -> Self {
+        Self { scope, account, limit, period, cell: CellRef::default() }
+    }
 }
 
 /// The ledger account of API key `id`.
@@ -86,12 +96,7 @@ impl Budgets {
     }
 
     pub fn new(key: Option<Budget>, user: &User, team: Option<Budget>) -> Self {
-        let user_level = Budget {
-            scope: Scope::User,
-            account: Arc::from(user.name.as_str()),
-            limit: user.budget_usd,
-            period: user.budget_period,
-        };
+        let user_level = Budget::new(Scope::User, Arc::from(user.name.as_str()), user.budget_usd, user.budget_period);
         let mut levels = SmallVec::new();
         levels.extend(key);
         levels.push(user_level);

@@ -73,12 +73,9 @@ impl Principal {
     /// An API user on `plan`, presenting `key`, in `team` when it has one.
     pub fn of_member(member: &Member, plan: &Plan, team: Option<&Team>, key: &ApiKey) -> Self {
         let user = effective_user(member, plan);
-        let key_budget = key.budget_usd.map(|limit| Budget {
-            scope: Scope::Key,
-            account: key_account(&key.lineage),
-            limit: Some(limit),
-            period: key.budget_period,
-        });
+        let key_budget = key
+            .budget_usd
+            .map(|limit| Budget::new(Scope::Key, key_account(&key.lineage), Some(limit), key.budget_period));
         let team_budget = team.map(team_budget);
         let key_allowance =
             key.rpm.map(|rpm| Allowance { account: key_account(&key.lineage), rpm: Some(rpm), tpm: None });
@@ -104,12 +101,7 @@ impl Principal {
     /// cap all of its end users together.
     pub fn of_end_user(member: &Member, plan: &Plan, service: &Principal) -> Self {
         let user = effective_user(member, plan);
-        let own = Budget {
-            scope: Scope::User,
-            account: Arc::from(member.name.as_str()),
-            limit: user.budget_usd,
-            period: user.budget_period,
-        };
+        let own = Budget::new(Scope::User, Arc::from(member.name.as_str()), user.budget_usd, user.budget_period);
         let mut levels: Vec<Budget> = Vec::with_capacity(service.budgets.len() + 1);
         for level in service.budgets.iter() {
             if level.scope == Scope::User {
@@ -177,7 +169,7 @@ pub fn effective_user(member: &Member, plan: &Plan) -> User {
 
 /// A team's budget level.
 pub fn team_budget(team: &Team) -> Budget {
-    Budget { scope: Scope::Team, account: team_account(&team.name), limit: team.budget_usd, period: team.budget_period }
+    Budget::new(Scope::Team, team_account(&team.name), team.budget_usd, team.budget_period)
 }
 
 /// An API user as usage and reports show it: its effective limits, or, when `config` no longer

@@ -398,12 +398,12 @@ mod tests {
     use crate::ledger::Scope;
 
     fn user(name: &str) -> Budgets {
-        Budgets::from_levels([Budget {
-            scope: Scope::User,
-            account: name.into(),
-            limit: Some(Usd::from_pico(1_000_000)),
-            period: BudgetPeriod::Day,
-        }])
+        Budgets::from_levels([Budget::new(
+            Scope::User,
+            name.into(),
+            Some(Usd::from_pico(1_000_000)),
+            BudgetPeriod::Day,
+        )])
     }
 
     /// The writer thread runs at a lower priority than the request workers.
