@@ -51,18 +51,33 @@ impl Shadow {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Local {
     users: DashMap<String, Shadow>,
+    /// Only a fail-open ledger admits on these figures: a fail-closed one keeps none (each
+    /// request would update its accounts' shadows several times for nothing).
+    kept: bool,
 }
 
 impl Local {
+    pub fn new(policy: crate::config::OnLedgerError) -> Self {
+        Self { users: DashMap::new(), kept: policy == crate::config::OnLedgerError::FailOpen }
+    }
+
     fn with<T>(&self, user: &str, f: impl FnOnce(&mut Shadow) -> T) -> T {
+        // Every request passes here several times: the name is copied only on an account's
+        // first visit.
+        if let Some(mut shadow) = self.users.get_mut(user) {
+            return f(&mut shadow);
+        }
         f(&mut self.users.entry(user.to_owned()).or_default())
     }
 
     /// Records what Redis just said about `user`.
     pub fn seen(&self, user: &str, period_start: i64, spent: Usd, reserved: Usd) {
+        if !self.kept {
+            return;
+        }
         self.with(user, |s| {
             s.roll(period_start);
             if period_start == s.period_start {
@@ -113,6 +128,9 @@ impl Local {
 
     /// A local reservation (if `held`) or a Redis one turned into `cost` not yet in Redis.
     pub fn settled(&self, budgets: &Budgets, held: Option<Usd>, cost: Usd) {
+        if !self.kept {
+            return;
+        }
         for b in budgets {
             self.with(&b.account, |s| {
                 if let Some(amount) = held {
@@ -125,6 +143,9 @@ impl Local {
 
     /// Redis confirmed a settlement of `cost`.
     pub fn confirmed(&self, user: &str, cost: Usd) {
+        if !self.kept {
+            return;
+        }
         self.with(user, |s| s.pending = s.pending.saturating_sub(cost).max(Usd::ZERO));
     }
 

@@ -212,7 +212,7 @@ impl Store {
             scripts: Scripts::default(),
             policy,
             metrics,
-            local: Local::default(),
+            local: Local::new(policy),
             timeout: settings.timeout,
             connect_timeout: settings.connect_timeout,
             fail_fast_until: Mutex::new(None),
