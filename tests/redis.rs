@@ -92,6 +92,42 @@ async fn three_replicas_hold_one_budget_under_300_concurrent_requests() {
     promtool_accepts(&text);
 }
 
+/// The header a client budgets by: after each answer, what is left once that request is
+/// charged, whichever replica served the requests before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_remaining_budget_header_counts_the_request_and_every_replicas_earlier_ones() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let budget = 5.0 * REQUEST_COST_USD;
+    let text = config(&redis.url(), "fail-closed", &format!("budget_usd = {budget}"));
+    let replicas: Vec<Replica> = (0..2).map(|i| Replica::start(dir.path(), &format!("r{i}"), &text)).collect();
+    let client = reqwest::Client::new();
+    for i in 1..=5u64 {
+        let replica = &replicas[usize::from(i % 2 == 0)];
+        let answer = client
+            .post(replica.url("/v1/chat/completions"))
+            .bearer_auth(ALICE_KEY)
+            .json(&ten_dollar_request())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        let left: f64 = answer.headers()["x-tollgate-budget-remaining-usd"].to_str().unwrap().parse().unwrap();
+        assert_eq!(left, budget - i as f64 * REQUEST_COST_USD, "after request {i}");
+        eventually("the settlement in redis", || async { redis_spend(&redis).await.1 == i }).await;
+    }
+    let refused = client
+        .post(replicas[0].url("/v1/chat/completions"))
+        .bearer_auth(ALICE_KEY)
+        .json(&ten_dollar_request())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    let left: f64 = refused.headers()["x-tollgate-budget-remaining-usd"].to_str().unwrap().parse().unwrap();
+    assert_eq!(left, 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_rpm_limit_of_60_holds_across_three_replicas() {
     let redis = RedisServer::start();
