@@ -287,7 +287,7 @@ async fn serve_config(config: Config, path: Option<PathBuf>) -> Result<(), Strin
     tokio::spawn(crate::tenancy::cache::record_uses(Arc::downgrade(&state.tenants), KEY_USES_EVERY));
     tracing::info!(listen = %bound, "tollgate listening");
     let served = crate::server::serve(listener, Arc::clone(&state), grace, crate::server::shutdown_signal()).await;
-    state.tenants.record_uses().await;
+    state.tenants.record_uses(0).await;
     // Every request that finished has settled; make the last settlements durable before exit.
     if let Err(e) = state.ledger.flush().await {
         tracing::error!(error = %e, "the ledger could not be flushed at shutdown");

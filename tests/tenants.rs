@@ -91,6 +91,8 @@ async fn a_key_is_created_used_rotated_with_grace_and_revoked() {
     assert_eq!((listed["label"].as_str(), listed["revoked"].as_bool()), (Some("laptop"), Some(false)));
     assert!(key.starts_with(listed["prefix"].as_str().unwrap()));
     assert!(!keys.to_string().contains(&key[3..]), "a list never shows the key");
+    // Written to the store in batches, but shown at once by the replica that saw the use.
+    assert!(listed["last_used_at"].as_str().is_some_and(|at| at.starts_with("20")), "{keys}");
     let id = listed["id"].as_str().unwrap().to_owned();
 
     let (status, rotated) = admin.post(&format!("/admin/keys/{id}/rotate"), json!({"grace_s": 2})).await;
