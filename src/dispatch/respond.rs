@@ -124,17 +124,14 @@ pub(super) async fn respond(
             None => bytes,
         };
         put(&mut headers, HEADER_COST, usd_value(ctx.prior_cost.saturating_add(cost)));
-        // What was left at the reservation, corrected by the actual cost: what a shared store
-        // (Redis) answers with, instead of a read that would cost every request another round
-        // trip and could still reach Redis before this request's settlement. An in-process
-        // ledger is read again (no I/O), which also counts what other requests did meanwhile.
-        // The answer is served and charged by now: a failed read must not turn it into an
-        // error (the client would be charged for a 503).
-        let corrected = remaining_after_reserve.map(|r| r.saturating_add(estimate).saturating_sub(cost).max(Usd::ZERO));
-        let remaining = match state.ledger.in_process() {
-            Some(accounts) => accounts.remaining(&ctx.principal.budgets, ctx.unix_at(done)).map(|l| l.usd),
-            None => corrected,
-        };
+        let remaining = crate::ledger::remaining_after_answer(
+            &state.ledger,
+            &ctx.principal.budgets,
+            ctx.unix_at(done),
+            remaining_after_reserve,
+            estimate,
+            cost,
+        );
         if let Some(remaining) = remaining {
             put(&mut headers, HEADER_BUDGET_REMAINING, usd_value(remaining));
         }

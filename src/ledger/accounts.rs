@@ -166,12 +166,12 @@ impl Accounts {
         live
     }
 
-    /// Runs `f` on the accounts of every level, locked together in level order.
-    fn with_all<T>(&self, budgets: &Budgets, now: i64, f: impl FnOnce(&mut Guards<'_>) -> T) -> T {
+    /// Runs `f` on the accounts of `levels`, locked together in level order.
+    fn with_all<T>(&self, levels: &[Budget], now: i64, f: impl FnOnce(&mut Guards<'_>) -> T) -> T {
         loop {
-            let cells: SmallVec<[Arc<Mutex<Cell>>; 3]> = budgets.iter().map(|b| self.found(b)).collect();
+            let cells: SmallVec<[Arc<Mutex<Cell>>; 3]> = levels.iter().map(|b| self.found(b)).collect();
             let mut guards: Guards<'_> = SmallVec::new();
-            for (cell, budget) in cells.iter().zip(budgets) {
+            for (cell, budget) in cells.iter().zip(levels) {
                 let guard = cell.lock().unwrap_or_else(PoisonError::into_inner);
                 if !self.is_live(&guard, budget) {
                     break;
@@ -182,7 +182,7 @@ impl Accounts {
             if guards.len() < cells.len() {
                 continue;
             }
-            for (guard, budget) in guards.iter_mut().zip(budgets) {
+            for (guard, budget) in guards.iter_mut().zip(levels) {
                 self.current(guard, budget, now);
             }
             return f(&mut guards);
@@ -191,19 +191,12 @@ impl Accounts {
 
     /// Runs `f` on one level's account.
     pub fn with<T>(&self, budget: &Budget, now: i64, f: impl FnOnce(&mut Account) -> T) -> T {
-        loop {
-            let cell = self.found(budget);
-            let mut guard = cell.lock().unwrap_or_else(PoisonError::into_inner);
-            if self.is_live(&guard, budget) {
-                self.current(&mut guard, budget, now);
-                return f(&mut guard.account);
-            }
-        }
+        self.with_all(std::slice::from_ref(budget), now, |guards| f(&mut guards[0].account))
     }
 
     /// Reserves `amount` at every level, or at none: the first level it does not fit refuses.
     pub fn reserve(&self, budgets: &Budgets, amount: Usd, now: i64) -> Reserve {
-        self.with_all(budgets, now, |accounts| {
+        self.with_all(budgets.levels(), now, |accounts| {
             for (account, budget) in accounts.iter().zip(budgets) {
                 if let Err(remaining) = account.fits(amount, budget.limit) {
                     return Reserve::Refused { scope: budget.scope, remaining };
@@ -219,7 +212,7 @@ impl Accounts {
 
     /// Settles at every level; returns the period start each level booked the cost in.
     pub fn settle(&self, budgets: &Budgets, reserved: Usd, record: &RequestRecord, now: i64) -> SmallVec<[i64; 3]> {
-        self.with_all(budgets, now, |accounts| {
+        self.with_all(budgets.levels(), now, |accounts| {
             accounts
                 .iter_mut()
                 .map(|a| {
@@ -231,7 +224,7 @@ impl Accounts {
     }
 
     pub fn release(&self, budgets: &Budgets, amount: Usd, now: i64) {
-        self.with_all(budgets, now, |accounts| accounts.iter_mut().for_each(|a| a.release(amount)));
+        self.with_all(budgets.levels(), now, |accounts| accounts.iter_mut().for_each(|a| a.release(amount)));
     }
 
     /// The smallest remaining across levels (`None`: no level has a budget).

@@ -109,6 +109,11 @@ impl Budgets {
         Self { levels: levels.into_iter().collect() }
     }
 
+    /// The levels in lock order.
+    pub fn levels(&self) -> &[Budget] {
+        &self.levels
+    }
+
     pub fn iter(&self) -> std::slice::Iter<'_, Budget> {
         self.levels.iter()
     }

@@ -208,6 +208,31 @@ pub async fn remaining(ledger: &Arc<dyn Ledger>, budgets: &Budgets, now: i64) ->
     }
 }
 
+/// What is left once a request whose reservation of `estimate` left `left` turns out to cost
+/// `cost`.
+pub fn left_after(left: Usd, estimate: Usd, cost: Usd) -> Usd {
+    left.saturating_add(estimate).saturating_sub(cost).max(Usd::ZERO)
+}
+
+/// The smallest budget left once an answered request is charged (`left_at_reserve`: what its
+/// reservation left). An in-process ledger is read again: no I/O, and it counts what other
+/// requests did meanwhile. A shared store (Redis) answers with the reservation's figure
+/// corrected by the cost: a read would cost every request one more round trip, and could
+/// reach Redis before the request's own settlement anyway.
+pub fn remaining_after_answer(
+    ledger: &Arc<dyn Ledger>,
+    budgets: &Budgets,
+    now: i64,
+    left_at_reserve: Option<Usd>,
+    estimate: Usd,
+    cost: Usd,
+) -> Option<Usd> {
+    match ledger.in_process() {
+        Some(accounts) => accounts.remaining(budgets, now).map(|l| l.usd),
+        None => left_at_reserve.map(|left| left_after(left, estimate, cost)),
+    }
+}
+
 /// Why a reservation was refused: the level that is short and what it has left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Short {

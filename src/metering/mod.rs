@@ -299,9 +299,7 @@ impl Meter {
                 error: self.ending.error_code(),
                 latency,
                 ttft: self.ttft,
-                remaining: s
-                    .left_after_reserve
-                    .map(|left| left.saturating_add(s.estimate).saturating_sub(cost).max(Usd::ZERO)),
+                remaining: s.left_after_reserve.map(|left| crate::ledger::left_after(left, s.estimate, cost)),
                 cache: s.cache,
             };
             if let Some(span) = s.client_span.take() {

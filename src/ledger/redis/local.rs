@@ -73,12 +73,16 @@ impl Local {
         f(&mut self.users.entry(user.to_owned()).or_default())
     }
 
+    /// Updates `user`'s shadow with what Redis said or confirmed, when shadows are kept.
+    fn track(&self, user: &str, f: impl FnOnce(&mut Shadow)) {
+        if self.kept {
+            self.with(user, f);
+        }
+    }
+
     /// Records what Redis just said about `user`.
     pub fn seen(&self, user: &str, period_start: i64, spent: Usd, reserved: Usd) {
-        if !self.kept {
-            return;
-        }
-        self.with(user, |s| {
+        self.track(user, |s| {
             s.roll(period_start);
             if period_start == s.period_start {
                 s.spent = spent;
@@ -128,11 +132,8 @@ impl Local {
 
     /// A local reservation (if `held`) or a Redis one turned into `cost` not yet in Redis.
     pub fn settled(&self, budgets: &Budgets, held: Option<Usd>, cost: Usd) {
-        if !self.kept {
-            return;
-        }
         for b in budgets {
-            self.with(&b.account, |s| {
+            self.track(&b.account, |s| {
                 if let Some(amount) = held {
                     s.held = s.held.saturating_sub(amount).max(Usd::ZERO);
                 }
@@ -143,10 +144,7 @@ impl Local {
 
     /// Redis confirmed a settlement of `cost`.
     pub fn confirmed(&self, user: &str, cost: Usd) {
-        if !self.kept {
-            return;
-        }
-        self.with(user, |s| s.pending = s.pending.saturating_sub(cost).max(Usd::ZERO));
+        self.track(user, |s| s.pending = s.pending.saturating_sub(cost).max(Usd::ZERO));
     }
 
     pub fn shadow(&self, user: &str) -> Shadow {
