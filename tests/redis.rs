@@ -21,6 +21,12 @@ fn config(redis_url: &str, on_error: &str, user: &str) -> String {
     redis_gateway_config(&ledger, &alice)
 }
 
+/// `n` replicas of one config (Alice's `user` lines, `on_error`) on `redis`, in `dir`.
+fn replicas(redis: &RedisServer, dir: &std::path::Path, n: usize, on_error: &str, user: &str) -> Vec<Replica> {
+    let text = config(&redis.url(), on_error, user);
+    (0..n).map(|i| Replica::start(dir, &format!("r{i}"), &text)).collect()
+}
+
 /// Sends `n` requests at once, spread round-robin over `replicas`: (status, error code).
 async fn burst(replicas: &[Replica], n: usize) -> Vec<(u16, String)> {
     let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
@@ -65,8 +71,7 @@ async fn three_replicas_hold_one_budget_under_300_concurrent_requests() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let budget = 50.0 * REQUEST_COST_USD;
-    let text = config(&redis.url(), "fail-closed", &format!("budget_usd = {budget}"));
-    let replicas: Vec<Replica> = (0..3).map(|i| Replica::start(dir.path(), &format!("r{i}"), &text)).collect();
+    let replicas = replicas(&redis, dir.path(), 3, "fail-closed", &format!("budget_usd = {budget}"));
 
     let outcomes = burst(&replicas, 300).await;
     let ok = outcomes.iter().filter(|(s, _)| *s == 200).count();
@@ -99,30 +104,16 @@ async fn the_remaining_budget_header_counts_the_request_and_every_replicas_earli
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let budget = 5.0 * REQUEST_COST_USD;
-    let text = config(&redis.url(), "fail-closed", &format!("budget_usd = {budget}"));
-    let replicas: Vec<Replica> = (0..2).map(|i| Replica::start(dir.path(), &format!("r{i}"), &text)).collect();
-    let client = reqwest::Client::new();
+    let replicas = replicas(&redis, dir.path(), 2, "fail-closed", &format!("budget_usd = {budget}"));
     for i in 1..=5u64 {
         let replica = &replicas[usize::from(i % 2 == 0)];
-        let answer = client
-            .post(replica.url("/v1/chat/completions"))
-            .bearer_auth(ALICE_KEY)
-            .json(&ten_dollar_request())
-            .send()
-            .await
-            .unwrap();
+        let answer = replica.chat(ALICE_KEY).await;
         assert_eq!(answer.status(), 200);
         let left: f64 = answer.headers()["x-tollgate-budget-remaining-usd"].to_str().unwrap().parse().unwrap();
         assert_eq!(left, budget - i as f64 * REQUEST_COST_USD, "after request {i}");
         eventually("the settlement in redis", || async { redis_spend(&redis).await.1 == i }).await;
     }
-    let refused = client
-        .post(replicas[0].url("/v1/chat/completions"))
-        .bearer_auth(ALICE_KEY)
-        .json(&ten_dollar_request())
-        .send()
-        .await
-        .unwrap();
+    let refused = replicas[0].chat(ALICE_KEY).await;
     assert_eq!(refused.status(), 429);
     let left: f64 = refused.headers()["x-tollgate-budget-remaining-usd"].to_str().unwrap().parse().unwrap();
     assert_eq!(left, 0.0);
@@ -132,8 +123,7 @@ async fn the_remaining_budget_header_counts_the_request_and_every_replicas_earli
 async fn an_rpm_limit_of_60_holds_across_three_replicas() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let text = config(&redis.url(), "fail-closed", "rpm = 60");
-    let replicas: Vec<Replica> = (0..3).map(|i| Replica::start(dir.path(), &format!("r{i}"), &text)).collect();
+    let replicas = replicas(&redis, dir.path(), 3, "fail-closed", "rpm = 60");
 
     let started = tokio::time::Instant::now();
     let outcomes = burst(&replicas, 180).await;
@@ -150,8 +140,7 @@ async fn an_rpm_limit_of_60_holds_across_three_replicas() {
 async fn fail_closed_answers_503_while_redis_is_down_never_an_unmetered_200_and_resumes_when_it_is_back() {
     let mut redis = RedisServer::persistent();
     let dir = tempfile::tempdir().unwrap();
-    let text = config(&redis.url(), "fail-closed", "budget_usd = 1000000");
-    let replicas: Vec<Replica> = (0..2).map(|i| Replica::start(dir.path(), &format!("r{i}"), &text)).collect();
+    let replicas = replicas(&redis, dir.path(), 2, "fail-closed", "budget_usd = 1000000");
     let client = reqwest::Client::new();
 
     let (stop, running) = load(&replicas, &[ALICE_KEY.to_owned()], 8);
@@ -205,8 +194,7 @@ async fn fail_closed_answers_503_while_redis_is_down_never_an_unmetered_200_and_
 async fn fail_open_keeps_serving_while_redis_is_down_and_the_spend_reaches_redis_when_it_is_back() {
     let mut redis = RedisServer::persistent();
     let dir = tempfile::tempdir().unwrap();
-    let text = config(&redis.url(), "fail-open", "budget_usd = 1000000");
-    let replicas: Vec<Replica> = (0..2).map(|i| Replica::start(dir.path(), &format!("r{i}"), &text)).collect();
+    let replicas = replicas(&redis, dir.path(), 2, "fail-open", "budget_usd = 1000000");
 
     let (stop, running) = load(&replicas, &[ALICE_KEY.to_owned()], 8);
     tokio::time::sleep(Duration::from_millis(400)).await;

@@ -21,21 +21,10 @@ fn config(redis_url: &str) -> String {
     redis_gateway_config(&ledger, &rest)
 }
 
-async fn chat(replica: &Replica, key: &str) -> u16 {
-    let response = reqwest::Client::new()
-        .post(replica.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(&ten_dollar_request())
-        .send()
-        .await
-        .unwrap();
-    response.status().as_u16()
-}
-
 /// How long until `replica` answers `key` with `status`, polling every 20 ms for 5 s.
 async fn time_until(replica: &Replica, key: &str, status: u16) -> Duration {
     let start = tokio::time::Instant::now();
-    while chat(replica, key).await != status {
+    while replica.chat(key).await.status() != status {
         assert!(start.elapsed() < Duration::from_secs(5), "still not {status} after 5 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -61,13 +50,13 @@ async fn creation_and_revocation_reach_the_other_replica_within_a_second() {
     assert!(seen < Duration::from_secs(1), "created on a, usable on b after {seen:?}");
 
     // b has it cached now; a revokes it.
-    assert_eq!(chat(&b, &key).await, 200);
+    assert_eq!(b.chat(&key).await.status(), 200);
     let id = created["id"].as_str().unwrap();
     let (status, _) = a.admin(reqwest::Method::DELETE, &format!("/admin/keys/{id}"), Value::Null).await;
     assert_eq!(status, 204);
     let refused = time_until(&b, &key, 401).await;
     assert!(refused < Duration::from_secs(1), "revoked on a, refused on b after {refused:?}");
-    assert_eq!(chat(&a, &key).await, 401);
+    assert_eq!(a.chat(&key).await.status(), 401);
 
     let (_, second) = a.admin(reqwest::Method::POST, "/admin/users/ann/keys", json!({})).await;
     let second = second["key"].as_str().unwrap().to_owned();

@@ -354,6 +354,17 @@ impl Replica {
         format!("http://{}{path}", self.addr)
     }
 
+    /// One `ten_dollar_request` with `key`.
+    pub async fn chat(&self, key: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&ten_dollar_request())
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn usage(&self, user: &str) -> serde_json::Value {
         let response = reqwest::Client::new()
             .get(self.url(&format!("/admin/usage/{user}")))
