@@ -341,11 +341,16 @@ def measure_store(run, store, report):
     run.load(base_port, config_keys, 64, 1)
     run.load(spread_port, spread_keys, 64, 2)
     rounds = []
+    gateways = [("base", base_name, base_port, config_keys), ("scale", scale_name, scale_port, hot),
+                ("spread", spread_name, spread_port, spread_keys)]
     for r in range(a.rounds):
-        b = run.load_with_cpu(base_name, base_port, config_keys, 64, a.duration)
-        s = run.load_with_cpu(scale_name, scale_port, hot, 64, a.duration)
-        sp = run.load_with_cpu(spread_name, spread_port, spread_keys, 64, a.duration)
-        rounds.append({"base": b, "scale": s, "spread": sp})
+        # Each gateway goes first, second and third in turn: this host's speed drifts within
+        # seconds, and a fixed order would hand the drift to one side.
+        measured = {}
+        for label, name, port, keys in gateways[r % 3:] + gateways[:r % 3]:
+            measured[label] = run.load_with_cpu(name, port, keys, 64, a.duration)
+        b, s, sp = measured["base"], measured["scale"], measured["spread"]
+        rounds.append(measured)
         print(f"[{store}] round {r + 1}: 10 config users {b['rps']:.0f} RPS, {HOT_KEYS} API keys {s['rps']:.0f} RPS "
               f"({s['rps'] / b['rps']:.3f}x), {HOT_KEYS} config users {sp['rps']:.0f} RPS", flush=True)
     run.stop(spread_name)
@@ -361,22 +366,37 @@ def measure_store(run, store, report):
     # Unknown-key flood beside the known keys.
     flood_keys = run.write("flood.keys", "\n".join("tg-" + secrets.token_hex(32) for _ in range(a.flood_keys)) + "\n")
     flood_rounds = []
-    for r in range(a.flood_rounds):
-        quiet = run.load(scale_port, hot, 64, a.duration)
-        before = metric(scrape(scale_port), "tollgate_principal_cache_total", 'result="miss"')
-        argv = [f"{run.bins}/examples/load_client", "--url", f"http://127.0.0.1:{scale_port}/v1/chat/completions",
-                "--keys-file", flood_keys, "--concurrency", "32", "--rate", str(a.flood_rate), "--expect-status",
-                "401", "--duration-s", str(a.duration + 1.0), "--warmup-s", "0"]
+
+    def flooded_load():
+        """The known keys' load beside the flood; (load, flood client's report)."""
+        argv = [f"{run.bins}/examples/flood_client", "--url", f"http://127.0.0.1:{scale_port}/v1/chat/completions",
+                "--keys-file", flood_keys, "--connections", "64", "--rate", str(a.flood_rate), "--expect-status",
+                "401", "--duration-s", str(a.duration + 1.0)]
         flood = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         time.sleep(0.5)
         loud = run.load(scale_port, hot, 64, a.duration)
-        flood_out, _ = flood.communicate(timeout=a.duration + 60)
+        flood_out = flood.stdout.read()
+        # Reaped here for its CPU time: the flood's own share of the two cores.
+        _, _, usage = os.wait4(flood.pid, 0)
         flooded = json.loads(flood_out)
+        flooded["client_cpu_us_per_req"] = (usage.ru_utime + usage.ru_stime) / max(flooded["all"], 1) * 1e6
+        return loud, flooded
+
+    for r in range(a.flood_rounds):
+        before = metric(scrape(scale_port), "tollgate_principal_cache_total", 'result="miss"')
+        # Quiet first in even rounds, flooded first in odd ones (the host's speed drifts).
+        if r % 2 == 0:
+            quiet = run.load(scale_port, hot, 64, a.duration)
+            loud, flooded = flooded_load()
+        else:
+            loud, flooded = flooded_load()
+            quiet = run.load(scale_port, hot, 64, a.duration)
         misses = metric(scrape(scale_port), "tollgate_principal_cache_total", 'result="miss"') - before
         flood_rounds.append({"quiet": quiet, "flooded": loud, "flood": flooded, "misses": misses})
         print(f"[{store}] flood round {r + 1}: {quiet['rps']:.0f} RPS quiet, {loud['rps']:.0f} RPS beside "
               f"{flooded['rps']:.0f} unknown-key requests/s ({loud['rps'] / quiet['rps']:.3f}x); "
-              f"{misses:.0f} store lookups", flush=True)
+              f"{misses:.0f} store lookups; flood client {flooded['client_cpu_us_per_req']:.1f} µs/request",
+              flush=True)
     out["flood"] = flood_rounds
     # What one unknown-key request costs the gateway, alone (every key already remembered).
     alone = run.load_with_cpu(scale_name, scale_port, flood_keys, 32, 2, ["--expect-status", "401"])
@@ -450,9 +470,11 @@ def table(report):
         rate = median([x["flood"]["rps"] for x in r["flood"]])
         misses = sum(x["misses"] for x in r["flood"])
         sent = sum(x["flood"]["all"] for x in r["flood"])
+        client = median([x["flood"]["client_cpu_us_per_req"] for x in r["flood"]])
         return (f"**{median(ratios):.3f}×** (rounds {', '.join(f'{x:.2f}' for x in ratios)}) beside "
                 f"{rate:,.0f} unknown-key requests/s; {misses:.0f} store lookups for {sent:,} requests "
-                f"over {len(r['flood'])} rounds of the same {r['flood_keys']:,} keys")
+                f"over {len(r['flood'])} rounds of the same {r['flood_keys']:,} keys; the flood client's own CPU "
+                f"{client:.1f} µs per request")
     row("known-key RPS under an unknown-key flood ÷ without", "≥ 0.90; ≤ 1 lookup/key/min", flood)
     row("gateway CPU per unknown-key request (401)", "-", lambda r: f"{r['unknown_key_cpu_us']:.1f} µs")
     row("create users + keys through the API (8 connections)", "10k in ≤ 10 s",
@@ -484,10 +506,10 @@ def main():
     p.add_argument("--bin-dir", required=True)
     p.add_argument("--stores", default="sqlite,redis")
     p.add_argument("--users", type=int, default=1_000_000)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--duration", type=float, default=4.0)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--first-sight-s", type=float, default=1.5)
-    p.add_argument("--flood-rounds", type=int, default=3)
+    p.add_argument("--flood-rounds", type=int, default=6)
     p.add_argument("--flood-rate", type=int, default=10_000)
     p.add_argument("--flood-keys", type=int, default=10_000)
     p.add_argument("--admin-users", type=int, default=10_000)

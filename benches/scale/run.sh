@@ -3,7 +3,7 @@
 # in the SQLite store and in Redis against ten config users, in one run on 127.0.0.1. Not part
 # of CI: seeding and measuring both stores takes about ten minutes.
 #
-#   benches/scale/run.sh [--stores sqlite,redis] [--users 1000000] [--rounds 5] [--duration 4]
+#   benches/scale/run.sh [--stores sqlite,redis] [--users 1000000] [--rounds 9] [--duration 3]
 #
 # Writes benches/scale/out/{table.md,results.json}.
 set -euo pipefail
@@ -13,6 +13,6 @@ if ! command -v redis-server >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server
 fi
 target="${CARGO_TARGET_DIR:-target}"
-cargo build --release --locked --bin tollgate --example mock_upstream --example load_client --example seed_tenants
+cargo build --release --locked --bin tollgate --example mock_upstream --example load_client --example seed_tenants --example flood_client
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 exec python3 benches/scale/run.py --bin-dir "$target/release" "$@"
