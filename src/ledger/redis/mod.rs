@@ -20,6 +20,7 @@
 mod limits;
 mod local;
 mod primary;
+mod replay;
 pub mod scripts;
 mod store;
 

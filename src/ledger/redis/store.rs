@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use super::local::Local;
 use super::primary::{self, Target, PROBE_EVERY};
+use super::replay::ReplayWindow;
 use super::scripts::{Keys, Scripts};
 use crate::config::{OnLedgerError, RedisStore};
 use crate::cost::Usd;
@@ -125,9 +126,8 @@ pub struct Store {
     /// Notified after a failover: the reservations this replica holds are restored on the new
     /// primary ([`super::RedisLedger`]'s renew loop).
     pub failed_over: Notify,
-    /// Writes applied within `replay_window`, oldest first, with when they were applied.
-    recent: Mutex<VecDeque<(Instant, Write)>>,
-    replay_window: Duration,
+    /// Writes applied within the replay window.
+    replay: ReplayWindow,
     pub keys: Keys,
     pub scripts: Scripts,
     pub policy: OnLedgerError,
@@ -206,8 +206,7 @@ impl Store {
             address: Mutex::new(None),
             reachable: AtomicBool::new(false),
             failed_over: Notify::new(),
-            recent: Mutex::new(VecDeque::new()),
-            replay_window: settings.replay_window,
+            replay: ReplayWindow::new(settings.replay_window),
             keys: Keys::new(&settings.key_prefix),
             scripts: Scripts::default(),
             policy,
@@ -315,19 +314,11 @@ impl Store {
         if before.is_none_or(|before| before == server) {
             return;
         }
-        let replay: Vec<Write> = {
-            let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-            let oldest = Instant::now().checked_sub(self.replay_window);
-            recent
-                .drain(..)
-                .filter(|(at, _)| oldest.is_none_or(|oldest| *at >= oldest))
-                .map(|(_, write)| Write { replayed: true, accounts: Vec::new(), ..write })
-                .collect()
-        };
+        let replay = self.replay.take(Instant::now());
         self.metrics.ledger_failovers.inc();
         tracing::warn!(
             replaying = replay.len(),
-            window_s = self.replay_window.as_secs(),
+            window_s = self.replay.window().as_secs(),
             "another redis server is now the ledger's primary: applying again the settlements of the replay window"
         );
         // At the back, behind what waits already: the drain pops the front it applied, and
@@ -515,21 +506,6 @@ impl Store {
         Ok(())
     }
 
-    /// Keeps an applied write for the replay window (spend and reservations only).
-    fn remember(&self, write: Write) {
-        if !write.must_land || self.replay_window.is_zero() {
-            return;
-        }
-        let now = Instant::now();
-        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-        while recent.front().is_some_and(|(at, _)| now.duration_since(*at) > self.replay_window)
-            || recent.len() >= MAX_BACKLOG
-        {
-            recent.pop_front();
-        }
-        recent.push_back((now, write));
-    }
-
     pub fn backlog_len(&self) -> usize {
         self.backlog.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
@@ -564,7 +540,7 @@ impl Store {
         let store = Arc::clone(self);
         self.runtime.spawn(async move {
             match store.apply(&write).await {
-                Ok(()) => store.remember(write),
+                Ok(()) => store.replay.remember(write, Instant::now()),
                 Err(_) => store.defer(write),
             }
             store.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -590,7 +566,7 @@ impl Store {
             };
             self.metrics.ledger_reconciled.inc();
             self.metrics.ledger_backlog.set(i64::try_from(left).unwrap_or(i64::MAX));
-            self.remember(write);
+            self.replay.remember(write, Instant::now());
         }
     }
 
