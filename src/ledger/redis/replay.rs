@@ -94,11 +94,12 @@ impl ReplayWindow {
         if !write.must_land || self.window.is_zero() {
             return;
         }
+        let write = Kept::new(now, write);
         let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
         while kept.front().is_some_and(|k| now.duration_since(k.at) > self.window) || kept.len() >= MAX_BACKLOG {
             kept.pop_front();
         }
-        kept.push_back(Kept::new(now, write));
+        kept.push_back(write);
     }
 
     /// Every write of the window, to apply again; the window starts empty.
