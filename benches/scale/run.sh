@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The tenants-at-scale benchmark (docs/PERFORMANCE.md, "Tenants at scale"): a million API users
 # in the SQLite store and in Redis against ten config users, in one run on 127.0.0.1. Not part
-# of CI: seeding and measuring both stores takes about ten minutes.
+# of CI: seeding and measuring both stores takes about fifteen minutes.
 #
 #   benches/scale/run.sh [--stores sqlite,redis] [--users 1000000] [--rounds 9] [--duration 3]
 #
