@@ -478,13 +478,7 @@ pub async fn list_keys(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     user_named(&state, &name).await?;
-    let mut keys = state.tenants.directory.keys_of(&name).await?;
-    // The store's `last_used_at` is up to a minute behind this replica's (written in batches).
-    for key in &mut keys {
-        if let Some(seen) = state.tenants.last_used(&key.sha256) {
-            key.last_used_at = key.last_used_at.max(Some(seen));
-        }
-    }
+    let keys = state.tenants.keys_of(&name).await?;
     let data: Vec<Value> = keys.iter().map(key_json).collect();
     Ok(Json(json!({ "object": "list", "data": data })).into_response())
 }

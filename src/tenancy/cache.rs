@@ -16,7 +16,8 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::time::Instant;
 
-use super::store::{Change, Directory, KeyChain};
+use super::model::ApiKey;
+use super::store::{Change, Directory, KeyChain, StoreResult};
 use super::Principal;
 use crate::auth::AuthError;
 use crate::config::Config;
@@ -183,9 +184,20 @@ impl Tenants {
         used
     }
 
-    /// When this replica last saw the key whose SHA-256 is `sha256` used, if it has it cached:
-    /// newer than the store's by up to [`USE_WRITTEN_EVERY_S`].
-    pub fn last_used(&self, sha256: &[u8; 32]) -> Option<i64> {
+    /// `user`'s keys as the store has them, each with this replica's last use when newer: the
+    /// store's `last_used_at` is written in batches, up to [`USE_WRITTEN_EVERY_S`] behind.
+    pub async fn keys_of(&self, user: &str) -> StoreResult<Vec<ApiKey>> {
+        let mut keys = self.directory.keys_of(user).await?;
+        for key in &mut keys {
+            if let Some(seen) = self.last_used(&key.sha256) {
+                key.last_used_at = key.last_used_at.max(Some(seen));
+            }
+        }
+        Ok(keys)
+    }
+
+    /// When this replica last saw the key whose SHA-256 is `sha256` used, if it has it cached.
+    fn last_used(&self, sha256: &[u8; 32]) -> Option<i64> {
         let principal = self.known.get(sha256)?;
         let key = principal.key.as_ref()?;
         Some(key.last_used.load(Ordering::Relaxed)).filter(|&at| at > 0)
@@ -313,20 +325,14 @@ pub async fn record_uses(tenants: std::sync::Weak<Tenants>, every: Duration) {
 
 impl Tenants {
     /// Writes the keys' uses at least `newer_by` seconds past the ones written (every use not
-    /// yet written for 0: at shutdown), on a blocking thread: the SQLite store writes in the
-    /// call, and a batch must not hold up the requests of the worker it would run on.
+    /// yet written for 0: at shutdown).
     pub async fn record_uses(&self, newer_by: i64) {
         let used = self.take_uses(newer_by);
         if used.is_empty() {
             return;
         }
-        let directory = Arc::clone(&self.directory);
-        let runtime = tokio::runtime::Handle::current();
-        let written = tokio::task::spawn_blocking(move || runtime.block_on(directory.touch_keys(used))).await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "recording keys' last use failed"),
-            Err(e) => tracing::warn!(error = %e, "recording keys' last use stopped"),
+        if let Err(e) = self.directory.touch_keys(used).await {
+            tracing::warn!(error = %e, "recording keys' last use failed");
         }
     }
 }
@@ -337,7 +343,7 @@ mod tests {
     use super::*;
     use crate::config::{BudgetPeriod, Limits, Plan};
     use crate::cost::Usd;
-    use crate::tenancy::model::{ApiKey, Member};
+    use crate::tenancy::model::Member;
     use crate::tenancy::store::MemoryDirectory;
 
     fn principal_with_key() -> Principal {

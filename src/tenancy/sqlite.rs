@@ -8,7 +8,7 @@
 //! busy timeout covers the rare moment both commit.
 
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -63,7 +63,7 @@ const KEY_COLUMNS: &str =
     "id, user, sha256, prefix, label, created_at, expires_at, revoked_at, last_used_at, budget_pico, budget_period, rpm, end_users, lineage";
 
 pub struct SqliteDirectory {
-    conn: Mutex<Connection>,
+    conn: Arc<Mutex<Connection>>,
 }
 
 impl std::fmt::Debug for SqliteDirectory {
@@ -139,7 +139,7 @@ impl SqliteDirectory {
             conn.execute_batch(SCHEMA).map_err(storage)?;
             conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(storage)?;
         }
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
 
     fn run<T: Send + 'static>(
@@ -390,18 +390,26 @@ impl Directory for SqliteDirectory {
         })
     }
 
+    /// On a blocking thread, unlike the point queries: a batch is up to every busy key (10,000
+    /// updates a minute), and must not hold up the requests of the worker that awaits it.
     fn touch_keys(&self, used: Vec<(String, i64)>) -> BoxFuture<'_, StoreResult<()>> {
-        self.run(move |c| {
-            let tx = c.unchecked_transaction()?;
-            {
-                let mut statement = tx.prepare_cached(
-                    "UPDATE tenant_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?2) WHERE id = ?1",
-                )?;
-                for (id, at) in &used {
-                    statement.execute(params![id, at])?;
+        let conn = Arc::clone(&self.conn);
+        Box::pin(async move {
+            let written = tokio::task::spawn_blocking(move || {
+                let c = conn.lock().unwrap_or_else(PoisonError::into_inner);
+                let tx = c.unchecked_transaction()?;
+                {
+                    let mut statement = tx.prepare_cached(
+                        "UPDATE tenant_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?2) WHERE id = ?1",
+                    )?;
+                    for (id, at) in &used {
+                        statement.execute(params![id, at])?;
+                    }
                 }
-            }
-            tx.commit()
+                tx.commit()
+            })
+            .await;
+            written.map_err(|e| StoreError::Storage(e.to_string()))?.map_err(storage)
         })
     }
 }
