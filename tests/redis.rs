@@ -185,8 +185,11 @@ async fn fail_closed_answers_503_while_redis_is_down_never_an_unmetered_200_and_
     }
     assert_eq!(redis_spend(&redis).await.1, ok as u64, "requests in redis vs 200s answered");
     println!("fail-closed: {ok} answered 200, {unavailable} answered 503 during the outage, all 200s metered");
+    // A restarted Redis is another server to the gateways: the replay window's writes (known
+    // to it already, so applied once) queue behind the new settlements and drain after them.
     for replica in &replicas {
-        assert_eq!(replica.metric("tollgate_ledger_reconcile_backlog").await, 0.0);
+        eventually("an empty backlog", || async { replica.metric("tollgate_ledger_reconcile_backlog").await == 0.0 })
+            .await;
     }
 }
 
