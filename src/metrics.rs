@@ -109,6 +109,8 @@ pub struct Metrics {
     /// `tollgate_cache_requests_total{result}`, `tollgate_cache_saved_usd_total`,
     /// `tollgate_cache_bytes`.
     pub cache: crate::cache::CacheMetrics,
+    /// The metered pairs of the users without series of their own.
+    pub shared_pairs: crate::metering::meters::SharedPairs,
 }
 
 impl Metrics {
@@ -358,6 +360,7 @@ impl Metrics {
             trace_export_failures,
             trace_spans_dropped,
             cache,
+            shared_pairs: Default::default(),
         })
     }
 

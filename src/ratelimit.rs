@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use crate::config::User;
@@ -24,9 +23,6 @@ pub struct Allowance {
     pub rpm: Option<u32>,
     pub tpm: Option<u64>,
 }
-
-/// The rate limits of a request's levels, key first; levels without limits are left out.
-pub type Allowances = SmallVec<[Allowance; 2]>;
 
 /// A user's own allowance, when it has a limit. Built once per principal (it allocates).
 pub fn user_allowance(user: &User) -> Option<Allowance> {

@@ -439,32 +439,36 @@ pub struct Cascade {
 /// A tenant's effective limits (its plan's, with its own overrides), whether it comes from
 /// the file or the admin API. Config users are identified by the SHA-256 of their key; API
 /// users have keys of their own (see `tenancy`) and a zero `key_sha256`.
+///
+/// Laid out (`repr(C)`) with what every request's routing decision reads first, in the first
+/// two cache lines of its allocation: with thousands of users in use, each is cold.
 #[derive(Debug)]
+#[repr(C)]
 pub struct User {
+    pub policy: Policy,
+    pub budget_period: BudgetPeriod,
+    /// When the budget cannot pay `max_tokens`, shorten it to what it can pay.
+    pub clamp_max_tokens: bool,
+    /// Whether it has per-user metric series (config users, and API users created with
+    /// `"metrics": true`).
+    pub series: bool,
+    pub min_quality: f64,
+    /// `None`: no budget.
+    pub budget_usd: Option<Usd>,
+    pub max_request_usd: Option<Usd>,
+    /// Budget pacing (quality-first users): ahead of the pace line by more than the slack,
+    /// requests a cheaper backend can serve go there.
+    pub pacing: Option<Pacing>,
     pub name: String,
-    pub key_sha256: [u8; 32],
     /// The plan it is on (`None`: a config user with limits of its own).
     pub plan: Option<Arc<str>>,
     /// The team whose budget it shares.
     pub team: Option<Arc<str>>,
     /// What it pays per budget period (its plan's `price_usd`), for margin.
     pub price_usd: Option<Usd>,
-    /// Whether it has per-user metric series (config users, and API users created with
-    /// `"metrics": true`).
-    pub series: bool,
-    pub policy: Policy,
-    /// `None`: no budget.
-    pub budget_usd: Option<Usd>,
-    pub budget_period: BudgetPeriod,
-    pub max_request_usd: Option<Usd>,
-    pub min_quality: f64,
     pub rpm: Option<u32>,
     pub tpm: Option<u64>,
-    /// Budget pacing (quality-first users): ahead of the pace line by more than the slack,
-    /// requests a cheaper backend can serve go there.
-    pub pacing: Option<Pacing>,
-    /// When the budget cannot pay `max_tokens`, shorten it to what it can pay.
-    pub clamp_max_tokens: bool,
+    pub key_sha256: [u8; 32],
 }
 
 impl User {

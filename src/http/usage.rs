@@ -110,7 +110,7 @@ impl Figures {
             requests: account.totals.requests,
             prompt_tokens: account.totals.prompt_tokens,
             completion_tokens: account.totals.completion_tokens,
-            by_backend: account.by_backend.iter().map(|(name, t)| (name.clone(), t.into())).collect(),
+            by_backend: account.by_backend.iter().map(|(name, t)| (name.to_owned(), t.into())).collect(),
         }
     }
 

@@ -28,16 +28,21 @@ type Guards<'a> = SmallVec<[MutexGuard<'a, Cell>; 3]>;
 
 /// One account and the period it was last used with (what ranking by spend needs to tell a
 /// current period's spend from a past one's).
+///
+/// Laid out (`repr(C)`) in the order a request reads it once locked: whose it is, its period,
+/// then the account's figures (and those read first), so that with thousands of accounts in
+/// use, all cold, a request misses on as few cache lines of it as can be.
 #[derive(Debug)]
+#[repr(C)]
 struct Cell {
-    account: Account,
-    period: BudgetPeriod,
-    /// When it was last locked (Unix seconds): what eviction goes by.
-    used_at: i64,
     /// The [`Accounts`] it belongs to, and whether it is still theirs: an evicted cell is out
     /// of the map, and whoever still holds it must look the account up again.
     owner: u64,
     evicted: bool,
+    period: BudgetPeriod,
+    /// When it was last locked (Unix seconds): what eviction goes by.
+    used_at: i64,
+    account: Account,
 }
 
 impl std::ops::Deref for Cell {

@@ -275,7 +275,7 @@ impl Meter {
         );
         let record = RequestRecord {
             at_ms: s.arrived_ms,
-            user: Arc::clone(pair.user()),
+            user: Arc::clone(s.principal.name()),
             route: s.route,
             backend: Arc::clone(pair.backend()),
             reason: s.reason,

@@ -14,6 +14,7 @@ pub mod render;
 pub mod trace;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use crate::config::{BudgetPeriod, Config, Pricing};
 use crate::cost::Usd;
@@ -102,6 +103,7 @@ pub struct Run {
 pub fn run(config: &Config, trace: &[TraceRecord]) -> Run {
     let (models, _) = crate::snapshot::model_index(config);
     let mut accounts: HashMap<&str, Account> = HashMap::new();
+    let names: Vec<Arc<str>> = config.backends.iter().map(|b| Arc::from(b.name.as_str())).collect();
     let mut runs: Vec<Option<UserRun>> = vec![None; config.users.len()];
     let mut unknown_users = 0;
     // (scope, model, prompt hash) -> the answer stored: when, from which backend, its cost.
@@ -198,7 +200,7 @@ pub fn run(config: &Config, trace: &[TraceRecord]) -> Run {
         let completion = shape.max_tokens.map_or(record.completion_tokens, |m| record.completion_tokens.min(m));
         let usage = Usage::new(record.prompt_tokens, completion);
         let cost = actual_cost(backend.pricing, &usage, backend.expected_tokens_per_s);
-        account.settle(estimate, &backend.name, cost, usage.prompt_tokens, usage.completion_tokens);
+        account.settle(estimate, &names[index], cost, usage.prompt_tokens, usage.completion_tokens);
 
         let tokens = usage.prompt_tokens + usage.completion_tokens;
         out.served += 1;

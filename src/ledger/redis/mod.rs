@@ -250,7 +250,7 @@ fn account(period_start: i64, reserved: Usd, fields: &[String]) -> Account {
     for pair in fields.chunks_exact(2) {
         let (field, value) = (pair[0].as_str(), pair[1].as_str());
         let (totals, name) = match field.strip_prefix("b/").and_then(|rest| rest.rsplit_once('/')) {
-            Some((backend, name)) => (account.by_backend.entry(backend.to_owned()).or_default(), name),
+            Some((backend, name)) => (account.by_backend.entry(backend), name),
             None => (&mut account.totals, field),
         };
         set_total(totals, name, value);

@@ -158,7 +158,7 @@ fn load(conn: &Mutex<Connection>, account: &str, period_start: i64) -> rusqlite:
         account.totals.requests += totals.requests;
         account.totals.prompt_tokens += totals.prompt_tokens;
         account.totals.completion_tokens += totals.completion_tokens;
-        account.by_backend.insert(backend, totals);
+        account.by_backend.insert(&backend, totals);
     }
     Ok(found)
 }
@@ -204,7 +204,7 @@ fn read_standings(path: &str, now: i64) -> rusqlite::Result<Vec<super::Standing>
             account.totals.requests += totals.requests;
             account.totals.prompt_tokens += totals.prompt_tokens;
             account.totals.completion_tokens += totals.completion_tokens;
-            account.by_backend.insert(row.get(2)?, totals);
+            account.by_backend.insert(&row.get::<_, String>(2)?, totals);
         }
     }
     Ok(out)
