@@ -79,9 +79,7 @@ pub(super) async fn attempt(
         let mut breaker_probe = ProbeGuard { state: &upstream.state, armed: admission == Admission::Probe };
         let estimate = plan.candidates.iter().position(|&c| c == index).map_or(Usd::ZERO, |i| plan.estimates[i]);
         let unix = ctx.unix_at(now);
-        let Ok((reservation, remaining)) =
-            ledger::reserve(&state.ledger, &ctx.principal.budgets, estimate, unix).await?
-        else {
+        let Ok((reservation, remaining)) = ledger::reserve(&state.ledger, &ctx.principal, estimate, unix).await? else {
             continue;
         };
         let ticket = upstream.state.occupancy.enter(now);

@@ -123,17 +123,16 @@ where
             seen.model = Some(request.model().into());
         }
         let hints = hints(&headers)?;
-        let principal = match principal.key.as_ref().filter(|k| k.end_users.is_some()) {
-            None => principal,
-            Some(_) => {
-                let id = end_user(&headers, &request)?;
-                let end_user =
-                    state.tenants.end_user(&snapshot.config, &principal, &id, arrived_ms.div_euclid(1000)).await?;
-                if summarize {
-                    seen.principal = Some(Arc::clone(&end_user));
-                }
-                end_user
+        let principal = if principal.serves_end_users() {
+            let id = end_user(&headers, &request)?;
+            let end_user =
+                state.tenants.end_user(&snapshot.config, &principal, &id, arrived_ms.div_euclid(1000)).await?;
+            if summarize {
+                seen.principal = Some(Arc::clone(&end_user));
             }
+            end_user
+        } else {
+            principal
         };
         Ok(dispatch::run(
             &state,

@@ -162,11 +162,23 @@ pub enum Reserve {
     Refused { scope: Scope, remaining: Usd },
 }
 
+/// What holds a request's budget levels for as long as its reservation is open: the request's
+/// principal, whose levels sit in its own allocation (one cold allocation fewer per request).
+pub trait HoldsBudgets: Send + Sync {
+    fn budgets(&self) -> &Budgets;
+}
+
+impl HoldsBudgets for Budgets {
+    fn budgets(&self) -> &Budgets {
+        self
+    }
+}
+
 /// A reservation held by a request. Dropping it unsettled releases it, so no failure path can
 /// leak reserved budget.
 pub struct Reservation {
     ledger: Arc<dyn Ledger>,
-    budgets: Arc<Budgets>,
+    holder: Arc<dyn HoldsBudgets>,
     id: u64,
     amount: Usd,
     open: bool,
@@ -175,7 +187,7 @@ pub struct Reservation {
 impl std::fmt::Debug for Reservation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reservation")
-            .field("account", &self.budgets.user().account)
+            .field("account", &self.holder.budgets().user().account)
             .field("amount", &self.amount)
             .finish()
     }
@@ -188,14 +200,14 @@ impl Reservation {
 
     pub fn settle(mut self, record: RequestRecord, now: i64) {
         self.open = false;
-        self.ledger.settle(&self.budgets, self.id, self.amount, record, now);
+        self.ledger.settle(self.holder.budgets(), self.id, self.amount, record, now);
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         if self.open {
-            self.ledger.release(&self.budgets, self.id, self.amount, crate::clock::unix_now());
+            self.ledger.release(self.holder.budgets(), self.id, self.amount, crate::clock::unix_now());
         }
     }
 }
@@ -240,21 +252,23 @@ pub struct Short {
     pub remaining: Usd,
 }
 
-/// Reserves through `ledger` and wraps a success in a [`Reservation`] guard.
-pub async fn reserve(
+/// Reserves at the levels `holder` holds through `ledger` and wraps a success in a
+/// [`Reservation`] guard.
+pub async fn reserve<H: HoldsBudgets + 'static>(
     ledger: &Arc<dyn Ledger>,
-    budgets: &Arc<Budgets>,
+    holder: &Arc<H>,
     amount: Usd,
     now: i64,
 ) -> Result<Result<(Reservation, Option<Left>), Short>, LedgerError> {
+    let budgets = holder.budgets();
     let answer = match ledger.in_process() {
         Some(accounts) => accounts.reserve(budgets, amount, now),
         None => ledger.reserve(budgets, amount, now).await?,
     };
     Ok(match answer {
         Reserve::Reserved { id, remaining } => {
-            let reservation =
-                Reservation { ledger: Arc::clone(ledger), budgets: Arc::clone(budgets), id, amount, open: true };
+            let holder: Arc<dyn HoldsBudgets> = Arc::clone(holder) as Arc<dyn HoldsBudgets>;
+            let reservation = Reservation { ledger: Arc::clone(ledger), holder, id, amount, open: true };
             Ok((reservation, remaining))
         }
         Reserve::Refused { scope, remaining } => Err(Short { scope, remaining }),

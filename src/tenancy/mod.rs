@@ -31,25 +31,29 @@ use model::{ApiKey, Member, Team};
 /// Who a request is for: its user's effective limits and every level's budget and rate
 /// limits, resolved once and shared by the requests that present the same key.
 ///
-/// Laid out (`repr(C)`) with what every request reads first, next to the reference count that
-/// cloning it writes: with ten thousand principals in use each one is cold, and every further
-/// cache line or allocation a request reads is a miss (the key's own record was one, read only
-/// to note the use; the inline rate limits, usually none, pushed the key past two lines).
+/// One allocation, laid out (`repr(C)`) in the order a request reads it: with ten thousand
+/// principals in use each one is cold, and every further allocation or cache line a request
+/// reads is a miss. So what authentication reads sits next to the reference count it writes,
+/// the budget levels are inline (a reservation holds the principal), the key's expiry and
+/// whether it serves end users are copied in, and its use is noted here (its key's record was
+/// read on every request for those; now once a second).
 #[derive(Debug)]
 #[repr(C)]
 pub struct Principal {
-    pub user: Arc<User>,
-    pub budgets: Arc<Budgets>,
     /// The last second (Unix) it admitted a request; copied to its key's `last_used` when it
-    /// moves, so the key's record is read once a second, not on every request.
+    /// moves.
     seen_at: AtomicI64,
     /// Its key's expiry (`i64::MAX`: none), copied from the key.
     expires_at: i64,
-    /// The API key presented (`None`: a config user's key).
-    pub key: Option<Arc<KeyGrant>>,
-    meters: MeterRow,
+    /// Whether its key serves end users (requests must name one), copied from the key.
+    serves_end_users: bool,
+    pub user: Arc<User>,
     /// The rate limits of its levels, key first; levels without limits are left out.
     pub allowances: Box<[Allowance]>,
+    meters: MeterRow,
+    pub budgets: Budgets,
+    /// The API key presented (`None`: a config user's key).
+    pub key: Option<Arc<KeyGrant>>,
     /// For an end user: the service user whose key named it.
     pub service: Option<Arc<str>>,
 }
@@ -69,15 +73,22 @@ pub struct KeyGrant {
     pub reported: AtomicI64,
 }
 
+impl crate::ledger::HoldsBudgets for Principal {
+    fn budgets(&self) -> &Budgets {
+        &self.budgets
+    }
+}
+
 impl Principal {
     /// A config user: its own budget and rate limits, no key or team levels.
     pub fn of_config_user(user: Arc<User>) -> Self {
         Self {
-            budgets: Arc::new(Budgets::of_user(&user)),
+            budgets: Budgets::of_user(&user),
             allowances: user_allowance(&user).into_iter().collect(),
             user,
             seen_at: AtomicI64::new(0),
             expires_at: i64::MAX,
+            serves_end_users: false,
             key: None,
             service: None,
             meters: MeterRow::default(),
@@ -94,11 +105,12 @@ impl Principal {
         let key_allowance =
             key.rpm.map(|rpm| Allowance { account: key_account(&key.lineage), rpm: Some(rpm), tpm: None });
         Self {
-            budgets: Arc::new(Budgets::new(key_budget, &user, team_budget)),
+            budgets: Budgets::new(key_budget, &user, team_budget),
             allowances: key_allowance.into_iter().chain(user_allowance(&user)).collect(),
             user: Arc::new(user),
             seen_at: AtomicI64::new(0),
             expires_at: key.expires_at.unwrap_or(i64::MAX),
+            serves_end_users: key.end_users.is_some(),
             key: Some(Arc::new(KeyGrant {
                 id: key.id.as_str().into(),
                 sha256: key.sha256,
@@ -130,11 +142,13 @@ impl Principal {
         let mut user = user;
         user.team.clone_from(&service.user.team);
         Self {
-            budgets: Arc::new(Budgets::from_levels(levels)),
+            budgets: Budgets::from_levels(levels),
             allowances: key_allowances.chain(user_allowance(&user)).chain(service_allowances).collect(),
             user: Arc::new(user),
             seen_at: AtomicI64::new(0),
             expires_at: service.expires_at,
+            // Named by its service's requests; never authenticated itself.
+            serves_end_users: false,
             key: service.key.clone(),
             service: Some(service.user.name.as_str().into()),
             meters: MeterRow::default(),
@@ -145,6 +159,11 @@ impl Principal {
     /// with `backends` backends.
     pub fn pair(&self, metrics: &Metrics, backend: (usize, &str), backends: usize) -> Arc<PairMeters> {
         self.meters.pair(metrics, &self.user, backend, backends)
+    }
+
+    /// Whether requests with its key must name an end user (a service key's).
+    pub fn serves_end_users(&self) -> bool {
+        self.serves_end_users
     }
 
     /// The user's name, as request records carry it (its own budget level's account).
