@@ -168,12 +168,6 @@ pub trait HoldsBudgets: Send + Sync {
     fn budgets(&self) -> &Budgets;
 }
 
-impl HoldsBudgets for Budgets {
-    fn budgets(&self) -> &Budgets {
-        self
-    }
-}
-
 /// A reservation held by a request. Dropping it unsettled releases it, so no failure path can
 /// leak reserved budget.
 pub struct Reservation {

@@ -62,17 +62,16 @@ impl PairMeters {
     /// `user`'s pair on `backend`: its own when it has series, else the one its plan and team
     /// share.
     pub fn of(metrics: &Metrics, user: &User, backend: &str) -> Arc<Self> {
-        if user.series {
-            return Arc::new(Self::new(metrics, user, backend));
-        }
         let plan: Arc<str> = user.plan.clone().unwrap_or_else(|| NO_PLAN.into());
-        let shared = metrics.shared_pairs.0.entry((plan, user.team.clone(), backend.into()));
-        Arc::clone(shared.or_insert_with(|| Arc::new(Self::new(metrics, user, backend))).value())
+        if user.series {
+            return Arc::new(Self::new(metrics, user, plan, backend));
+        }
+        let shared = metrics.shared_pairs.0.entry((Arc::clone(&plan), user.team.clone(), backend.into()));
+        Arc::clone(shared.or_insert_with(|| Arc::new(Self::new(metrics, user, plan, backend))).value())
     }
 
-    fn new(metrics: &Metrics, user: &User, backend: &str) -> Self {
+    fn new(metrics: &Metrics, user: &User, plan: Arc<str>, backend: &str) -> Self {
         let name = user.name.as_str();
-        let plan: Arc<str> = user.plan.clone().unwrap_or_else(|| NO_PLAN.into());
         Self {
             user_series: user.series.then(|| UserSeries {
                 user: name.into(),
