@@ -107,6 +107,7 @@ where
     let dispatched = async {
         let snapshot = state.snapshot.load_full();
         let principal = state.authenticate(&snapshot, &headers, started).await?;
+        principal.warm();
         if summarize {
             seen.principal = Some(Arc::clone(&principal));
         }

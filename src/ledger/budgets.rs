@@ -109,6 +109,16 @@ impl Budgets {
         Self { levels: levels.into_iter().collect() }
     }
 
+    /// Touches what the reservation and the settlement will read of each level (its account
+    /// cell and its name, which records carry), so those loads start now, together: see
+    /// [`Principal::warm`](crate::tenancy::Principal::warm).
+    pub fn warm(&self) {
+        for level in &self.levels {
+            std::hint::black_box(level.account.as_bytes().first().copied());
+            level.cell.warm();
+        }
+    }
+
     /// The levels in lock order.
     pub fn levels(&self) -> &[Budget] {
         &self.levels

@@ -158,6 +158,12 @@ pub struct MeterRow {
 }
 
 impl MeterRow {
+    /// Touches the first pair's slot, read when the request settles: see
+    /// [`Principal::warm`](crate::tenancy::Principal::warm).
+    pub fn warm(&self) {
+        std::hint::black_box(self.first[0].get().is_some());
+    }
+
     /// The series of `user` on backend `index` (named `backend`) of a snapshot with
     /// `backends` backends.
     pub fn pair(

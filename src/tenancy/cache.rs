@@ -172,8 +172,9 @@ impl Tenants {
     pub fn take_uses(&self, newer_by: i64) -> Vec<(String, i64)> {
         let mut used = Vec::new();
         for entry in &self.known {
-            if let Some(key) = &entry.value().key {
-                let last = key.last_used.load(Ordering::Relaxed);
+            let principal = entry.value();
+            if let Some(key) = &principal.key {
+                let last = principal.last_use();
                 let reported = key.reported.load(Ordering::Relaxed);
                 let due = last > reported && last - reported >= newer_by;
                 if due && key.reported.compare_exchange(reported, last, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
@@ -199,8 +200,8 @@ impl Tenants {
     /// When this replica last saw the key whose SHA-256 is `sha256` used, if it has it cached.
     fn last_used(&self, sha256: &[u8; 32]) -> Option<i64> {
         let principal = self.known.get(sha256)?;
-        let key = principal.key.as_ref()?;
-        Some(key.last_used.load(Ordering::Relaxed)).filter(|&at| at > 0)
+        principal.key.as_ref()?;
+        Some(principal.last_use()).filter(|&at| at > 0)
     }
 
     /// The principal of end user `id` of `service` (a principal whose key names an end users'
