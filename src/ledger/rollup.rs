@@ -75,8 +75,8 @@ pub struct HourQuery {
     pub to: i64,
 }
 
-/// Sums per (user, hour, backend), as records add them; the per-backend rows are their sums
-/// over users.
+/// Sums per (user, hour, backend), as records add them; everyone's rows are their sums over
+/// users.
 #[derive(Debug, Default)]
 pub struct Rollups {
     by_user: HashMap<(Arc<str>, i64, Arc<str>), Sums>,
@@ -98,20 +98,6 @@ impl Rollups {
 
     pub fn clear(&mut self) {
         self.by_user.clear();
-    }
-
-    /// The rows per (user, hour, backend).
-    pub fn user_rows(&self) -> impl Iterator<Item = (&Arc<str>, i64, &Arc<str>, &Sums)> {
-        self.by_user.iter().map(|((user, hour, backend), sums)| (user, *hour, backend, sums))
-    }
-
-    /// The rows per (hour, backend), users summed.
-    pub fn backend_rows(&self) -> HashMap<(i64, Arc<str>), Sums> {
-        let mut out: HashMap<(i64, Arc<str>), Sums> = HashMap::new();
-        for ((_, hour, backend), sums) in &self.by_user {
-            out.entry((*hour, Arc::clone(backend))).or_default().add(sums);
-        }
-        out
     }
 
     /// Drops the hours before `hour`.
@@ -216,10 +202,6 @@ mod tests {
             let got: Vec<((i64, String), Sums)> = got.into_iter().map(|row| ((row.hour, row.backend.to_string()), row.sums)).collect();
             prop_assert_eq!(got, expected.into_iter().collect::<Vec<_>>());
 
-            // Everyone's per-backend rows are the per-user rows summed.
-            let everyone = rollups.read(&HourQuery { user: None, from: i64::MIN, to: i64::MAX });
-            let backend_rows = sorted(rollups.backend_rows());
-            prop_assert_eq!(everyone, backend_rows);
         }
     }
 }

@@ -18,9 +18,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use smallvec::SmallVec;
 
 use crate::cost::Usd;
-use crate::ledger::rollup::{self, Rollups, Sums};
+
+use crate::ledger::rollup::{self, Sums};
 use crate::ledger::{PeriodSpend, RequestRecord};
 
 /// How often the sums reach the `spend` table (and how old its rows can be, behind the records).
@@ -128,20 +130,66 @@ pub fn integer(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Sums not yet in the `spend` and rollup tables.
+/// Sums not yet in the `spend` and rollup tables, per account: one lookup finds a user's
+/// period sums and its hourly rollup rows, and an account's name is cloned for its first row
+/// only. (Three maps keyed by (account, period or hour, backend) cost the writer three cold
+/// lookups and four reference-count round trips on names the workers share, per record.)
 #[derive(Debug, Default)]
 pub struct Pending {
-    sums: HashMap<(Arc<str>, i64, Arc<str>), Delta>,
-    rollups: Rollups,
+    by_account: HashMap<Arc<str>, AccountSums>,
+    rows: usize,
+}
+
+#[derive(Debug, Default)]
+struct AccountSums {
+    /// Per (period start, backend).
+    periods: SmallVec<[(i64, Arc<str>, Delta); 1]>,
+    /// Per (hour, backend), when the account is a record's user: its rollup rows.
+    hours: SmallVec<[(i64, Arc<str>, Sums); 1]>,
+}
+
+impl AccountSums {
+    /// Adds `add` to the (period, backend) row; whether the row is new.
+    fn add_period(&mut self, start: i64, backend: &Arc<str>, add: Delta) -> bool {
+        if let Some((_, _, sum)) = self.periods.iter_mut().find(|(s, b, _)| *s == start && b == backend) {
+            sum.add(add);
+            return false;
+        }
+        self.periods.push((start, Arc::clone(backend), add));
+        true
+    }
+
+    /// Adds `add` to the (hour, backend) row; whether the row is new.
+    fn add_hour(&mut self, hour: i64, backend: &Arc<str>, add: &Sums) -> bool {
+        if let Some((_, _, sum)) = self.hours.iter_mut().find(|(h, b, _)| *h == hour && b == backend) {
+            sum.add(add);
+            return false;
+        }
+        self.hours.push((hour, Arc::clone(backend), *add));
+        true
+    }
+}
+
+impl Delta {
+    fn add(&mut self, add: Self) {
+        self.spent_pico = self.spent_pico.saturating_add(add.spent_pico);
+        self.requests = self.requests.saturating_add(add.requests);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(add.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(add.completion_tokens);
+    }
 }
 
 impl Pending {
-    pub fn add(&mut self, account: &Arc<str>, period_start: i64, backend: &Arc<str>, add: Delta) {
-        let sum = self.sums.entry((Arc::clone(account), period_start, Arc::clone(backend))).or_default();
-        sum.spent_pico = sum.spent_pico.saturating_add(add.spent_pico);
-        sum.requests = sum.requests.saturating_add(add.requests);
-        sum.prompt_tokens = sum.prompt_tokens.saturating_add(add.prompt_tokens);
-        sum.completion_tokens = sum.completion_tokens.saturating_add(add.completion_tokens);
+    /// Applies `change` to `account`'s sums (new ones if it has none); `change` says how many
+    /// rows it added.
+    fn change(&mut self, account: &Arc<str>, change: impl FnOnce(&mut AccountSums) -> usize) {
+        if let Some(sums) = self.by_account.get_mut(&**account) {
+            self.rows += change(sums);
+            return;
+        }
+        let mut sums = AccountSums::default();
+        self.rows += change(&mut sums);
+        self.by_account.insert(Arc::clone(account), sums);
     }
 
     pub fn add_record(&mut self, levels: &[(Arc<str>, i64)], record: &RequestRecord) {
@@ -151,22 +199,34 @@ impl Pending {
             prompt_tokens: integer(record.prompt_tokens),
             completion_tokens: integer(record.completion_tokens),
         };
+        let hour = rollup::hour_of(record.at_ms);
+        let sums = Sums::of(record);
+        let backend = &record.backend;
+        let mut user_seen = false;
         for (account, start) in levels {
-            self.add(account, *start, &record.backend, delta);
+            let is_user = *account == record.user;
+            user_seen |= is_user;
+            self.change(account, |row| {
+                let hour_added = is_user && row.add_hour(hour, backend, &sums);
+                usize::from(row.add_period(*start, backend, delta)) + usize::from(hour_added)
+            });
         }
-        self.rollups.add(record);
+        if !user_seen {
+            self.change(&record.user, |row| usize::from(row.add_hour(hour, backend, &sums)));
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.sums.len() + self.rollups.len()
+        self.rows
     }
 
     pub fn is_empty(&self) -> bool {
-        self.sums.is_empty() && self.rollups.is_empty()
+        self.rows == 0
     }
 
-    /// Adds the sums to the `spend` table and moves the watermark to the last record, in `tx`.
-    /// The sums stay until [`Pending::clear`]: a transaction that fails keeps them for the next.
+    /// Adds the sums to the `spend` and rollup tables and moves the watermark to the last
+    /// record, in `tx`. The sums stay until [`Pending::clear`]: a transaction that fails keeps
+    /// them for the next.
     pub fn write(&self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
         let mut upsert = tx.prepare_cached(
             "INSERT INTO spend (user, period_start, backend, spent_pico, requests, prompt_tokens, completion_tokens)
@@ -177,76 +237,84 @@ impl Pending {
                prompt_tokens = prompt_tokens + excluded.prompt_tokens,
                completion_tokens = completion_tokens + excluded.completion_tokens",
         )?;
-        for ((account, start, backend), d) in &self.sums {
-            upsert.execute(params![
-                &**account,
-                start,
-                &**backend,
-                d.spent_pico,
-                d.requests,
-                d.prompt_tokens,
-                d.completion_tokens
-            ])?;
+        for (account, sums) in &self.by_account {
+            for (start, backend, d) in &sums.periods {
+                upsert.execute(params![
+                    &**account,
+                    start,
+                    &**backend,
+                    d.spent_pico,
+                    d.requests,
+                    d.prompt_tokens,
+                    d.completion_tokens
+                ])?;
+            }
         }
-        write_rollups(tx, &self.rollups)?;
+        self.write_rollups(tx)?;
         mark_folded(tx)
     }
 
+    /// Adds the hourly sums to the rollup tables: the users' rows, and their sums per backend.
+    fn write_rollups(&self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+        const ADD: &str = "requests = requests + excluded.requests, errors = errors + excluded.errors,
+        spent_pico = spent_pico + excluded.spent_pico, prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = completion_tokens + excluded.completion_tokens, latency_ms = latency_ms + excluded.latency_ms";
+        let mut by_user = tx.prepare_cached(&format!(
+            "INSERT INTO hourly_user VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (user, hour, backend) DO UPDATE SET {ADD}"
+        ))?;
+        let mut by_backend: HashMap<(i64, &str), Sums> = HashMap::new();
+        for (user, sums) in &self.by_account {
+            for (hour, backend, s) in &sums.hours {
+                by_user.execute(params![
+                    &**user,
+                    hour,
+                    &**backend,
+                    integer(s.requests),
+                    integer(s.errors),
+                    s.spent.pico(),
+                    integer(s.prompt_tokens),
+                    integer(s.completion_tokens),
+                    integer(s.latency_ms)
+                ])?;
+                by_backend.entry((*hour, &**backend)).or_default().add(s);
+            }
+        }
+        let mut by_backend_upsert = tx.prepare_cached(&format!(
+            "INSERT INTO hourly_backend VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (hour, backend) DO UPDATE SET {ADD}"
+        ))?;
+        for ((hour, backend), s) in by_backend {
+            by_backend_upsert.execute(params![
+                hour,
+                backend,
+                integer(s.requests),
+                integer(s.errors),
+                s.spent.pico(),
+                integer(s.prompt_tokens),
+                integer(s.completion_tokens),
+                integer(s.latency_ms)
+            ])?;
+        }
+        Ok(())
+    }
+
     pub fn clear(&mut self) {
-        self.sums.clear();
-        self.rollups.clear();
+        self.by_account.clear();
+        self.rows = 0;
     }
 
     /// The sums per (account, period), backends together.
     fn per_period(&self) -> HashMap<(&str, i64), i64> {
         let mut out: HashMap<(&str, i64), i64> = HashMap::new();
-        for ((account, start, _), d) in &self.sums {
-            let sum = out.entry((&**account, *start)).or_default();
-            *sum = sum.saturating_add(d.spent_pico);
+        for (account, sums) in &self.by_account {
+            for (start, _, d) in &sums.periods {
+                let sum = out.entry((&**account, *start)).or_default();
+                *sum = sum.saturating_add(d.spent_pico);
+            }
         }
         out
     }
-}
-
-/// Adds the hourly sums to the rollup tables.
-fn write_rollups(tx: &Transaction<'_>, rollups: &Rollups) -> rusqlite::Result<()> {
-    const ADD: &str = "requests = requests + excluded.requests, errors = errors + excluded.errors,
-        spent_pico = spent_pico + excluded.spent_pico, prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-        completion_tokens = completion_tokens + excluded.completion_tokens, latency_ms = latency_ms + excluded.latency_ms";
-    let mut by_user = tx.prepare_cached(&format!(
-        "INSERT INTO hourly_user VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-         ON CONFLICT (user, hour, backend) DO UPDATE SET {ADD}"
-    ))?;
-    for (user, hour, backend, s) in rollups.user_rows() {
-        by_user.execute(params![
-            &**user,
-            hour,
-            &**backend,
-            integer(s.requests),
-            integer(s.errors),
-            s.spent.pico(),
-            integer(s.prompt_tokens),
-            integer(s.completion_tokens),
-            integer(s.latency_ms)
-        ])?;
-    }
-    let mut by_backend = tx.prepare_cached(&format!(
-        "INSERT INTO hourly_backend VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-         ON CONFLICT (hour, backend) DO UPDATE SET {ADD}"
-    ))?;
-    for ((hour, backend), s) in rollups.backend_rows() {
-        by_backend.execute(params![
-            hour,
-            &*backend,
-            integer(s.requests),
-            integer(s.errors),
-            s.spent.pico(),
-            integer(s.prompt_tokens),
-            integer(s.completion_tokens),
-            integer(s.latency_ms)
-        ])?;
-    }
-    Ok(())
 }
 
 /// The rollup rows `query` asks for, from the tables (what the writer has flushed).
@@ -364,4 +432,90 @@ pub fn read_all(conn: &Connection) -> rusqlite::Result<Vec<PeriodSpend>> {
         .collect();
     out.sort_by(|a, b| (&a.user, a.period_start).cmp(&(&b.user, b.period_start)));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn record(user: &str, backend: &str, at_ms: i64, pico: i64) -> RequestRecord {
+        RequestRecord {
+            at_ms,
+            user: user.into(),
+            route: "auto".into(),
+            backend: backend.into(),
+            reason: "cost_first".into(),
+            prompt_tokens: 7,
+            completion_tokens: 2,
+            cost: Usd::from_pico(pico),
+            status: if pico % 5 == 0 { 502 } else { 200 },
+            latency_ms: 40,
+            request_id: None,
+        }
+    }
+
+    fn rows<T: rusqlite::types::FromSql>(conn: &Connection, sql: &str) -> Vec<(String, i64, String, T)> {
+        let mut statement = conn.prepare(sql).unwrap();
+        let rows = statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).unwrap();
+        rows.collect::<Result<_, _>>().unwrap()
+    }
+
+    /// Records of users with key, user and team levels, with their user alone, and with a key
+    /// level only (their user's rollups still count them), over two hours, two periods and two
+    /// backends: the tables get what brute-force sums over the records say.
+    #[test]
+    fn pending_sums_write_what_the_records_add_up_to_per_account_and_hour() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(super::super::SCHEMA).unwrap();
+        let mut conn = conn;
+        migrate(&mut conn).unwrap();
+        let (day1, day2) = (1_764_547_200, 1_764_633_600);
+        let hour_ms = 3_600_000;
+        let alice: Vec<(Arc<str>, i64)> =
+            vec![("~key:a".into(), day1), ("alice".into(), day1), ("~team:t".into(), day2)];
+        let bob: Vec<(Arc<str>, i64)> = vec![("bob".into(), day1)];
+        let carol: Vec<(Arc<str>, i64)> = vec![("~key:c".into(), day1)];
+        let mut pending = Pending::default();
+        let mut spend: BTreeMap<(String, i64, String), i64> = BTreeMap::new();
+        let mut hourly: BTreeMap<(String, i64, String), (i64, i64)> = BTreeMap::new();
+        let mut everyone: BTreeMap<(i64, String), i64> = BTreeMap::new();
+        for i in 0..60_i64 {
+            let (user, levels) = [("alice", &alice), ("bob", &bob), ("carol", &carol)][usize::try_from(i % 3).unwrap()];
+            let backend = if i % 4 == 0 { "gpu" } else { "cpu" };
+            let at_ms = day1 * 1000 + (i % 2) * hour_ms;
+            let r = record(user, backend, at_ms, 1 + i);
+            pending.add_record(levels, &r);
+            for (account, start) in levels {
+                *spend.entry((account.to_string(), *start, backend.into())).or_default() += 1 + i;
+            }
+            let hour = rollup::hour_of(at_ms);
+            let row = hourly.entry((user.into(), hour, backend.into())).or_default();
+            row.0 += 1 + i;
+            row.1 += i64::from((1 + i) % 5 == 0);
+            *everyone.entry((hour, backend.into())).or_default() += 1 + i;
+        }
+        assert_eq!(pending.len(), spend.len() + hourly.len());
+        let tx = conn.transaction().unwrap();
+        pending.write(&tx).unwrap();
+        tx.commit().unwrap();
+
+        let written: Vec<(String, i64, String, i64)> =
+            rows(&conn, "SELECT user, period_start, backend, spent_pico FROM spend ORDER BY 1, 2, 3");
+        let expected: Vec<_> = spend.into_iter().map(|((a, s, b), p)| (a, s, b, p)).collect();
+        assert_eq!(written, expected);
+        let written: Vec<(String, i64, String, i64)> =
+            rows(&conn, "SELECT user, hour, backend, spent_pico * 1000 + errors FROM hourly_user ORDER BY 1, 2, 3");
+        let expected: Vec<_> = hourly.into_iter().map(|((u, h, b), (p, e))| (u, h, b, p * 1000 + e)).collect();
+        assert_eq!(written, expected);
+        let written: Vec<(String, i64, String, i64)> =
+            rows(&conn, "SELECT '', hour, backend, spent_pico FROM hourly_backend ORDER BY 2, 3");
+        let expected: Vec<_> = everyone.into_iter().map(|((h, b), p)| (String::new(), h, b, p)).collect();
+        assert_eq!(written, expected);
+
+        pending.clear();
+        assert!(pending.is_empty());
+    }
 }
