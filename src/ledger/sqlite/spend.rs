@@ -21,7 +21,6 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use smallvec::SmallVec;
 
 use crate::cost::Usd;
-
 use crate::ledger::rollup::{self, Sums};
 use crate::ledger::{PeriodSpend, RequestRecord};
 
