@@ -127,13 +127,21 @@ pub fn sorted(rows: HashMap<(i64, Arc<str>), Sums>) -> Vec<HourRow> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::ledger) mod tests {
     #![allow(clippy::unwrap_used)]
     use proptest::prelude::*;
 
     use super::*;
 
-    fn record(user: &str, backend: &str, at_ms: i64, cost: i64, status: u16, latency_ms: u64) -> RequestRecord {
+    /// A record of `user` on `backend` (10 prompt and 3 completion tokens).
+    pub(in crate::ledger) fn record(
+        user: &str,
+        backend: &str,
+        at_ms: i64,
+        cost: i64,
+        status: u16,
+        latency_ms: u64,
+    ) -> RequestRecord {
         RequestRecord {
             at_ms,
             user: user.into(),
@@ -201,7 +209,6 @@ mod tests {
             }
             let got: Vec<((i64, String), Sums)> = got.into_iter().map(|row| ((row.hour, row.backend.to_string()), row.sums)).collect();
             prop_assert_eq!(got, expected.into_iter().collect::<Vec<_>>());
-
         }
     }
 }

@@ -200,8 +200,7 @@ impl Tenants {
     /// When this replica last saw the key whose SHA-256 is `sha256` used, if it has it cached.
     fn last_used(&self, sha256: &[u8; 32]) -> Option<i64> {
         let principal = self.known.get(sha256)?;
-        principal.key.as_ref()?;
-        Some(principal.last_use()).filter(|&at| at > 0)
+        principal.key.is_some().then(|| principal.last_use()).filter(|&at| at > 0)
     }
 
     /// The principal of end user `id` of `service` (a principal whose key names an end users'

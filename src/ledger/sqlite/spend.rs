@@ -150,23 +150,44 @@ struct AccountSums {
 impl AccountSums {
     /// Adds `add` to the (period, backend) row; whether the row is new.
     fn add_period(&mut self, start: i64, backend: &Arc<str>, add: Delta) -> bool {
-        if let Some((_, _, sum)) = self.periods.iter_mut().find(|(s, b, _)| *s == start && b == backend) {
-            sum.add(add);
-            return false;
-        }
-        self.periods.push((start, Arc::clone(backend), add));
-        true
+        add_to_row(&mut self.periods, start, backend, add, |sum| sum.add(add))
     }
 
     /// Adds `add` to the (hour, backend) row; whether the row is new.
     fn add_hour(&mut self, hour: i64, backend: &Arc<str>, add: &Sums) -> bool {
-        if let Some((_, _, sum)) = self.hours.iter_mut().find(|(h, b, _)| *h == hour && b == backend) {
-            sum.add(add);
-            return false;
-        }
-        self.hours.push((hour, Arc::clone(backend), *add));
-        true
+        add_to_row(&mut self.hours, hour, backend, *add, |sum| sum.add(add))
     }
+}
+
+/// Adds to the row of (`at`, `backend`) in `rows` with `add`, or appends `new` as that row;
+/// whether the row is new. An account has a row or two (a period or hour, a backend or two)
+/// between flushes: a scan beats a map.
+fn add_to_row<T>(
+    rows: &mut SmallVec<[(i64, Arc<str>, T); 1]>,
+    at: i64,
+    backend: &Arc<str>,
+    new: T,
+    add: impl FnOnce(&mut T),
+) -> bool {
+    if let Some((_, _, sum)) = rows.iter_mut().find(|(a, b, _)| *a == at && b == backend) {
+        add(sum);
+        return false;
+    }
+    rows.push((at, Arc::clone(backend), new));
+    true
+}
+
+/// A rollup row's sums as its columns after the key: requests, errors, spent (pico-USD),
+/// prompt and completion tokens, latency (ms).
+fn sum_columns(s: &Sums) -> [i64; 6] {
+    [
+        integer(s.requests),
+        integer(s.errors),
+        s.spent.pico(),
+        integer(s.prompt_tokens),
+        integer(s.completion_tokens),
+        integer(s.latency_ms),
+    ]
 }
 
 impl Delta {
@@ -265,16 +286,9 @@ impl Pending {
         let mut by_backend: HashMap<(i64, &str), Sums> = HashMap::new();
         for (user, sums) in &self.by_account {
             for (hour, backend, s) in &sums.hours {
+                let [requests, errors, spent, prompt, completion, latency] = sum_columns(s);
                 by_user.execute(params![
-                    &**user,
-                    hour,
-                    &**backend,
-                    integer(s.requests),
-                    integer(s.errors),
-                    s.spent.pico(),
-                    integer(s.prompt_tokens),
-                    integer(s.completion_tokens),
-                    integer(s.latency_ms)
+                    &**user, hour, &**backend, requests, errors, spent, prompt, completion, latency
                 ])?;
                 by_backend.entry((*hour, &**backend)).or_default().add(s);
             }
@@ -284,16 +298,8 @@ impl Pending {
          ON CONFLICT (hour, backend) DO UPDATE SET {ADD}"
         ))?;
         for ((hour, backend), s) in by_backend {
-            by_backend_upsert.execute(params![
-                hour,
-                backend,
-                integer(s.requests),
-                integer(s.errors),
-                s.spent.pico(),
-                integer(s.prompt_tokens),
-                integer(s.completion_tokens),
-                integer(s.latency_ms)
-            ])?;
+            let [requests, errors, spent, prompt, completion, latency] = sum_columns(&s);
+            by_backend_upsert.execute(params![hour, backend, requests, errors, spent, prompt, completion, latency])?;
         }
         Ok(())
     }
@@ -440,20 +446,10 @@ mod tests {
 
     use super::*;
 
+    /// A record whose cost is `pico`, failed when that is a multiple of 5.
     fn record(user: &str, backend: &str, at_ms: i64, pico: i64) -> RequestRecord {
-        RequestRecord {
-            at_ms,
-            user: user.into(),
-            route: "auto".into(),
-            backend: backend.into(),
-            reason: "cost_first".into(),
-            prompt_tokens: 7,
-            completion_tokens: 2,
-            cost: Usd::from_pico(pico),
-            status: if pico % 5 == 0 { 502 } else { 200 },
-            latency_ms: 40,
-            request_id: None,
-        }
+        let status = if pico % 5 == 0 { 502 } else { 200 };
+        rollup::tests::record(user, backend, at_ms, pico, status, 40)
     }
 
     fn rows<T: rusqlite::types::FromSql>(conn: &Connection, sql: &str) -> Vec<(String, i64, String, T)> {
