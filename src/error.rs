@@ -1,7 +1,10 @@
 //! `ApiError`: every way a request can fail, mapped to an HTTP answer in one place.
 
+use std::sync::LazyLock;
+
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 
 use crate::auth::AuthError;
 use crate::cost::Usd;
@@ -213,14 +216,19 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let message = self.to_string();
-        let body = ErrorBody {
-            error: ErrorDetail { message: &message, kind: self.kind(), param: self.param(), code: Some(self.code()) },
+impl ApiError {
+    /// The answer, in the OpenAI error shape, built straight into the gateway's response type:
+    /// a refused request costs no boxed body, and a bad key (what a flood of random keys meets
+    /// thousands of times a second) not even its body's rendering.
+    pub fn response(self) -> crate::body::Response {
+        let body = match &self {
+            Self::Auth(AuthError::Missing) => AUTH_BODIES[0].clone(),
+            Self::Auth(AuthError::Malformed) => AUTH_BODIES[1].clone(),
+            Self::Auth(AuthError::Unknown) => AUTH_BODIES[2].clone(),
+            _ => self.render_body(),
         };
-        let bytes = serde_json::to_vec(&body).unwrap_or_default();
-        let mut response = (self.status(), bytes).into_response();
+        let mut response = http::Response::new(crate::body::ResponseBody::whole(body));
+        *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if matches!(self, Self::Auth(AuthError::Missing | AuthError::Malformed | AuthError::Unknown)) {
@@ -239,11 +247,50 @@ impl IntoResponse for ApiError {
         }
         response
     }
+
+    fn render_body(&self) -> Bytes {
+        let message = self.to_string();
+        let body = ErrorBody {
+            error: ErrorDetail { message: &message, kind: self.kind(), param: self.param(), code: Some(self.code()) },
+        };
+        serde_json::to_vec(&body).unwrap_or_default().into()
+    }
+}
+
+/// The bodies of the three key errors, whose messages never vary (in [`ApiError::response`]'s
+/// order: missing, malformed, unknown).
+static AUTH_BODIES: LazyLock<[Bytes; 3]> = LazyLock::new(|| {
+    [AuthError::Missing, AuthError::Malformed, AuthError::Unknown].map(|e| ApiError::Auth(e).render_body())
+});
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.response().map(axum::body::Body::new)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The key errors' bodies are made once; each answer is what rendering it would give.
+    #[tokio::test]
+    async fn key_errors_answer_their_rendered_body_with_a_bearer_challenge() {
+        use http_body_util::BodyExt;
+        let errors = || [AuthError::Missing, AuthError::Malformed, AuthError::Unknown].map(ApiError::Auth);
+        for (error, fresh) in errors().into_iter().zip(errors()) {
+            let response = error.response();
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+            assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, fresh.render_body());
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["error"]["code"], "invalid_api_key");
+            assert_eq!(json["error"]["type"], "authentication_error");
+            assert_eq!(json["error"]["message"], fresh.to_string());
+        }
+    }
 
     /// What a proxied request can fail with: each code is in the list the metric starts with.
     #[test]

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub premium_tokens: IntCounterVec,
     /// `tollgate_rejected_requests_total{code}`: refused before any backend (bad key, bad body...).
     pub rejected: IntCounterVec,
+    /// Its series for [`ApiError::REFUSAL_CODES`](crate::error::ApiError::REFUSAL_CODES), found
+    /// once: a refusal (a flood of bad keys) then hashes no label.
+    rejected_by_code: Box<[(&'static str, IntCounter)]>,
     /// `tollgate_usage_estimated_total{backend}`: requests whose usage was counted locally
     /// because the backend reported none (a client hung up mid-stream, or no usage field).
     pub usage_estimated: IntCounterVec,
@@ -114,6 +117,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Counts a request refused with `code` in `tollgate_rejected_requests_total`.
+    pub fn count_rejected(&self, code: &str) {
+        match self.rejected_by_code.iter().find(|(known, _)| *known == code) {
+            Some((_, counter)) => counter.inc(),
+            None => self.rejected.with_label_values(&[code]).inc(),
+        }
+    }
+
     /// Observes the gateway's own time in a request to `endpoint`.
     pub fn observe_overhead(&self, endpoint: Endpoint, seconds: f64) {
         self.overhead[endpoint as usize].observe(seconds);
@@ -320,15 +331,17 @@ impl Metrics {
         for result in ["success", "failure"] {
             config_reloads.with_label_values(&[result]);
         }
-        for code in crate::error::ApiError::REFUSAL_CODES {
-            rejected.with_label_values(&[code]);
-        }
+        let rejected_by_code = crate::error::ApiError::REFUSAL_CODES
+            .iter()
+            .map(|&code| (code, rejected.with_label_values(&[code])))
+            .collect();
         Ok(Self {
             registry,
             requests,
             tokens,
             premium_tokens,
             rejected,
+            rejected_by_code,
             usage_estimated,
             request_duration,
             time_to_first_token,

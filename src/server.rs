@@ -66,7 +66,7 @@ pub async fn serve(
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
         let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-            state.metrics.rejected.with_label_values(&["connection_limit"]).inc();
+            state.metrics.count_rejected("connection_limit");
             tokio::spawn(refuse(tcp));
             continue;
         };

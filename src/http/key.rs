@@ -85,7 +85,7 @@ pub async fn show(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Res
     match result {
         Ok(body) => Json(body).into_response(),
         Err(error) => {
-            state.metrics.rejected.with_label_values(&[error.code()]).inc();
+            state.metrics.count_rejected(error.code());
             error.into_response()
         }
     }

@@ -96,8 +96,8 @@ pub async fn handle(router: Router, state: &Arc<AppState>, request: http::Reques
 fn refuse_oversized_header<B>(state: &AppState, request: &http::Request<B>) -> Option<Response> {
     let limit = state.snapshot.load().config.server.max_header_bytes;
     if request.headers().iter().any(|(name, value)| name.as_str().len() + value.len() > limit) {
-        state.metrics.rejected.with_label_values(&["header_too_large"]).inc();
-        return Some(from_axum(axum::response::IntoResponse::into_response(ApiError::HeaderTooLarge(limit))));
+        state.metrics.count_rejected("header_too_large");
+        return Some(ApiError::HeaderTooLarge(limit).response());
     }
     None
 }

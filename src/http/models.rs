@@ -15,7 +15,7 @@ pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Res
     let snapshot = state.snapshot.load_full();
     if let Err(e) = state.authenticate(&snapshot, &headers, tokio::time::Instant::now()).await {
         let error = ApiError::from(e);
-        state.metrics.rejected.with_label_values(&[error.code()]).inc();
+        state.metrics.count_rejected(error.code());
         return error.into_response();
     }
     let data = snapshot

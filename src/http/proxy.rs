@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::client_api::ClientApi;
 use crate::app::AppState;
-use crate::body::{from_axum, Response};
+use crate::body::Response;
 use crate::config::Policy;
 use crate::dispatch::{self, Dispatched, Hints, RequestContext};
 use crate::error::ApiError;
@@ -72,7 +72,7 @@ pub async fn count_tokens(State(state): State<Arc<AppState>>, request: Request) 
     .await;
     match counted {
         Ok(answer) => axum::Json(answer).into_response(),
-        Err(error) => api.answer(None, from_axum(error.into_response())).map(axum::body::Body::new),
+        Err(error) => api.answer(None, error.response()).map(axum::body::Body::new),
     }
 }
 
@@ -170,9 +170,9 @@ where
     };
     let mut error_code = None;
     let mut response = result.unwrap_or_else(|error| {
-        state.metrics.rejected.with_label_values(&[error.code()]).inc();
+        state.metrics.count_rejected(error.code());
         error_code = Some(error.code());
-        from_axum(error.into_response())
+        error.response()
     });
     response = api.answer(asked, response);
     response.headers_mut().insert(HEADER_REQUEST_ID, request_id.header_value());

@@ -4,16 +4,20 @@
 //! - Bounded: past `max_principals` resolved keys, a tenth of them is dropped (the next use of
 //!   one costs a store lookup again).
 //! - Unknown keys are remembered for [`UNKNOWN_TTL`], so a flood of random keys sends each to
-//!   the store once a minute at most, never once per request.
+//!   the store once a minute at most, never once per request. They share the map of resolved
+//!   keys, so a request with either kind costs one look-up.
 //! - Every admin change drops what it touched; a resolution that raced with a change (it read
 //!   the store before the change and would cache what it read after) is not cached, by the
 //!   epoch each change bumps.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+// Seeded per process: `unknown` holds whatever digests a client sends, so its hashing must not
+// be predictable; SipHash (the default) cost ~20 ns per look-up of a 32-byte digest.
+use foldhash::fast::RandomState;
 use tokio::time::Instant;
 
 use super::model::ApiKey;
@@ -35,13 +39,23 @@ const MAX_UNKNOWN: usize = 1_000_000;
 
 pub struct Tenants {
     pub directory: Arc<dyn Directory>,
-    known: DashMap<[u8; 32], Arc<Principal>>,
-    unknown: DashMap<[u8; 32], Instant>,
+    /// Resolved and unknown keys (and end users), by SHA-256.
+    keys: DashMap<[u8; 32], Cached, RandomState>,
+    /// How many of `keys` are [`Cached::Unknown`]: each kind has its own bound. Signed: an
+    /// insertion and a removal of one entry may count in either order.
+    unknown_count: AtomicIsize,
     max_principals: usize,
     /// Bumped by every change: a resolution begun before one is not cached.
     epoch: AtomicU64,
     /// `tollgate_principal_cache_total`'s series, found once: every request counts in one.
     counted: Lookups,
+}
+
+/// What the cache holds for a key's digest.
+enum Cached {
+    Known(Arc<Principal>),
+    /// Not in the store when last asked; not asked again before this.
+    Unknown(Instant),
 }
 
 struct Lookups {
@@ -52,7 +66,7 @@ struct Lookups {
 
 impl std::fmt::Debug for Tenants {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tenants").field("known", &self.known.len()).field("unknown", &self.unknown.len()).finish()
+        f.debug_struct("Tenants").field("known", &self.known_count()).field("unknown", &self.unknowns()).finish()
     }
 }
 
@@ -60,8 +74,8 @@ impl Tenants {
     pub fn new(directory: Arc<dyn Directory>, metrics: Arc<Metrics>, max_principals: usize) -> Self {
         Self {
             directory,
-            known: DashMap::new(),
-            unknown: DashMap::new(),
+            keys: DashMap::with_hasher(RandomState::default()),
+            unknown_count: AtomicIsize::new(0),
             max_principals,
             epoch: AtomicU64::new(0),
             counted: Lookups {
@@ -80,13 +94,19 @@ impl Tenants {
         unix: i64,
         now: Instant,
     ) -> Result<Arc<Principal>, AuthError> {
-        if let Some(principal) = self.known.get(&sha256) {
-            self.counted.hit.inc();
-            return if principal.admits(unix) { Ok(Arc::clone(&principal)) } else { Err(AuthError::Unknown) };
-        }
-        if self.unknown.get(&sha256).is_some_and(|until| *until > now) {
-            self.counted.negative.inc();
-            return Err(AuthError::Unknown);
+        if let Some(cached) = self.keys.get(&sha256) {
+            match &*cached {
+                Cached::Known(principal) => {
+                    self.counted.hit.inc();
+                    return if principal.admits(unix) { Ok(Arc::clone(principal)) } else { Err(AuthError::Unknown) };
+                }
+                Cached::Unknown(until) if *until > now => {
+                    self.counted.negative.inc();
+                    return Err(AuthError::Unknown);
+                }
+                // Remembered long enough: the store is asked again.
+                Cached::Unknown(_) => {}
+            }
         }
         self.counted.miss.inc();
         let epoch = self.epoch.load(Ordering::Acquire);
@@ -102,9 +122,38 @@ impl Tenants {
         }
         if self.epoch.load(Ordering::Acquire) == epoch {
             self.make_room();
-            self.known.insert(sha256, Arc::clone(&principal));
+            self.put(sha256, Cached::Known(Arc::clone(&principal)));
         }
         Ok(principal)
+    }
+
+    fn known_count(&self) -> usize {
+        self.keys.len().saturating_sub(self.unknowns())
+    }
+
+    fn unknowns(&self) -> usize {
+        usize::try_from(self.unknown_count.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
+    /// Caches `entry` for `sha256`, in place of what was there.
+    fn put(&self, sha256: [u8; 32], entry: Cached) {
+        let adds = isize::from(matches!(entry, Cached::Unknown(_)));
+        let replaced = self.keys.insert(sha256, entry);
+        let removes = isize::from(matches!(replaced, Some(Cached::Unknown(_))));
+        self.unknown_count.fetch_add(adds - removes, Ordering::Relaxed);
+    }
+
+    /// Keeps the entries `keep` says yes to.
+    fn retain(&self, mut keep: impl FnMut(&[u8; 32], &Cached) -> bool) {
+        let mut dropped_unknown = 0;
+        self.keys.retain(|sha256, entry| {
+            let kept = keep(sha256, entry);
+            if !kept && matches!(entry, Cached::Unknown(_)) {
+                dropped_unknown += 1;
+            }
+            kept
+        });
+        self.unknown_count.fetch_sub(dropped_unknown, Ordering::Relaxed);
     }
 
     /// Remembers a key the store does not know, unless something changed since the lookup
@@ -113,22 +162,29 @@ impl Tenants {
         if self.epoch.load(Ordering::Acquire) != epoch {
             return;
         }
-        if self.unknown.len() >= MAX_UNKNOWN {
-            self.unknown.retain(|_, until| *until > now);
+        if self.unknowns() >= MAX_UNKNOWN {
+            self.retain(|_, entry| !matches!(entry, Cached::Unknown(until) if *until <= now));
         }
-        if self.unknown.len() < MAX_UNKNOWN {
-            self.unknown.insert(sha256, now + UNKNOWN_TTL);
+        // A key resolved meanwhile stays resolved.
+        let resolved = self.keys.get(&sha256).is_some_and(|cached| matches!(*cached, Cached::Known(_)));
+        if self.unknowns() < MAX_UNKNOWN && !resolved {
+            self.put(sha256, Cached::Unknown(now + UNKNOWN_TTL));
         }
     }
 
     fn make_room(&self) {
-        if self.known.len() < self.max_principals {
+        if self.known_count() < self.max_principals {
             return;
         }
-        let drop: Vec<[u8; 32]> =
-            self.known.iter().take(self.max_principals / 10 + 1).map(|entry| *entry.key()).collect();
+        let drop: Vec<[u8; 32]> = self
+            .keys
+            .iter()
+            .filter(|entry| matches!(entry.value(), Cached::Known(_)))
+            .take(self.max_principals / 10 + 1)
+            .map(|entry| *entry.key())
+            .collect();
         for sha in drop {
-            self.known.remove(&sha);
+            self.keys.remove_if(&sha, |_, entry| matches!(entry, Cached::Known(_)));
         }
     }
 
@@ -139,40 +195,52 @@ impl Tenants {
     /// A key was created: it is no longer unknown.
     pub fn forget_unknown(&self, sha256: &[u8; 32]) {
         self.changed();
-        self.unknown.remove(sha256);
+        if self.keys.remove_if(sha256, |_, entry| matches!(entry, Cached::Unknown(_))).is_some() {
+            self.unknown_count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// A key was revoked or changed: it, and its end users, resolve anew.
     pub fn forget_key(&self, sha256: &[u8; 32]) {
         self.changed();
-        self.unknown.remove(sha256);
-        self.known.retain(|_, p| p.key.as_ref().is_none_or(|k| k.sha256 != *sha256));
+        self.retain(|digest, entry| match entry {
+            Cached::Known(p) => p.key.as_ref().is_none_or(|k| k.sha256 != *sha256),
+            Cached::Unknown(_) => digest != sha256,
+        });
     }
 
     /// A user was changed or deleted: every key of it, and its end users, resolve anew.
     pub fn forget_user(&self, name: &str) {
         self.changed();
-        self.known.retain(|_, p| p.user.name != name && p.service.as_deref() != Some(name));
+        self.retain_principals(|p| p.user.name != name && p.service.as_deref() != Some(name));
     }
 
     /// A team was changed: its members' keys resolve anew.
     pub fn forget_team(&self, name: &str) {
         self.changed();
-        self.known.retain(|_, p| p.user.team.as_deref() != Some(name));
+        self.retain_principals(|p| p.user.team.as_deref() != Some(name));
     }
 
     /// Plans may have changed (a reload): everything resolves anew.
     pub fn forget_all(&self) {
         self.changed();
-        self.known.clear();
+        self.retain_principals(|_| false);
+    }
+
+    /// Keeps the resolved keys `keep` says yes to, and every unknown one.
+    fn retain_principals(&self, keep: impl Fn(&Principal) -> bool) {
+        self.retain(|_, entry| match entry {
+            Cached::Known(principal) => keep(principal),
+            Cached::Unknown(_) => true,
+        });
     }
 
     /// Keys whose last use is at least `newer_by` seconds past the one last written (any newer
     /// one for 0), with when (for `last_used_at`).
     pub fn take_uses(&self, newer_by: i64) -> Vec<(String, i64)> {
         let mut used = Vec::new();
-        for entry in &self.known {
-            let principal = entry.value();
+        for entry in &self.keys {
+            let Cached::Known(principal) = entry.value() else { continue };
             if let Some(key) = &principal.key {
                 let last = principal.last_use();
                 let reported = key.reported.load(Ordering::Relaxed);
@@ -199,7 +267,8 @@ impl Tenants {
 
     /// When this replica last saw the key whose SHA-256 is `sha256` used, if it has it cached.
     fn last_used(&self, sha256: &[u8; 32]) -> Option<i64> {
-        let principal = self.known.get(sha256)?;
+        let cached = self.keys.get(sha256)?;
+        let Cached::Known(principal) = &*cached else { return None };
         principal.key.is_some().then(|| principal.last_use()).filter(|&at| at > 0)
     }
 
@@ -215,9 +284,11 @@ impl Tenants {
         let Some(key) = &service.key else { return Err(AuthError::Unknown) };
         let Some(plan_name) = &key.end_users else { return Err(AuthError::Unknown) };
         let cache_key = end_user_cache_key(&key.sha256, id);
-        if let Some(principal) = self.known.get(&cache_key) {
-            self.counted.hit.inc();
-            return if principal.admits(unix) { Ok(Arc::clone(&principal)) } else { Err(AuthError::Unknown) };
+        if let Some(cached) = self.keys.get(&cache_key) {
+            if let Cached::Known(principal) = &*cached {
+                self.counted.hit.inc();
+                return if principal.admits(unix) { Ok(Arc::clone(principal)) } else { Err(AuthError::Unknown) };
+            }
         }
         self.counted.miss.inc();
         let epoch = self.epoch.load(Ordering::Acquire);
@@ -245,7 +316,7 @@ impl Tenants {
         let principal = Arc::new(Principal::of_end_user(&member, plan, service));
         if self.epoch.load(Ordering::Acquire) == epoch {
             self.make_room();
-            self.known.insert(cache_key, Arc::clone(&principal));
+            self.put(cache_key, Cached::Known(Arc::clone(&principal)));
         }
         Ok(principal)
     }
@@ -346,17 +417,19 @@ mod tests {
     use crate::tenancy::model::Member;
     use crate::tenancy::store::MemoryDirectory;
 
-    fn principal_with_key() -> Principal {
-        let member = Member {
+    fn ann_member() -> Member {
+        Member {
             name: "ann".into(),
             plan: "pro".into(),
             team: None,
             overrides: Default::default(),
             metrics: false,
             created_at: 0,
-        };
-        let plan = Plan { name: "pro".into(), price_usd: Usd::ZERO, limits: Limits::default() };
-        let key = ApiKey {
+        }
+    }
+
+    fn ann_key() -> ApiKey {
+        ApiKey {
             id: "key_1".into(),
             user: "ann".into(),
             sha256: [1; 32],
@@ -371,15 +444,64 @@ mod tests {
             rpm: None,
             lineage: "key_1".into(),
             end_users: None,
-        };
-        Principal::of_member(&member, &plan, None, &key)
+        }
+    }
+
+    fn principal_with_key() -> Principal {
+        let plan = Plan { name: "pro".into(), price_usd: Usd::ZERO, limits: Limits::default() };
+        Principal::of_member(&ann_member(), &plan, None, &ann_key())
+    }
+
+    fn lookups(metrics: &Metrics) -> [u64; 3] {
+        ["hit", "miss", "negative"].map(|result| metrics.principal_cache.with_label_values(&[result]).get())
+    }
+
+    /// Resolved and unknown keys share one map: what each kind of change drops, when the store
+    /// is asked again, and the two kinds' counts.
+    #[tokio::test]
+    async fn unknown_keys_are_asked_once_a_minute_and_every_change_drops_what_it_touched() {
+        let env = |_: &str| None;
+        let text = format!("{}\n[[plans]]\nname = \"pro\"\nprice_usd = 1.0\n", crate::config::EMBEDDED_DEFAULT);
+        let config = Config::parse(&text, "test.toml", &env).unwrap();
+        let directory = Arc::new(MemoryDirectory::default());
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let tenants = Tenants::new(Arc::clone(&directory) as Arc<dyn Directory>, Arc::clone(&metrics), 10);
+        let start = Instant::now();
+        let resolve = |at: Duration| tenants.resolve(&config, [1; 32], 1_000, start + at);
+
+        assert!(matches!(resolve(Duration::ZERO).await, Err(AuthError::Unknown)));
+        assert!(matches!(resolve(Duration::from_secs(59)).await, Err(AuthError::Unknown)));
+        assert_eq!(lookups(&metrics), [0, 1, 1], "the second refusal asked no store");
+        assert!(matches!(resolve(UNKNOWN_TTL).await, Err(AuthError::Unknown)));
+        assert_eq!(lookups(&metrics), [0, 2, 1], "a minute on, the store is asked again");
+        assert_eq!((tenants.known_count(), tenants.unknowns()), (0, 1));
+
+        let ann = principal_with_key();
+        let key = ApiKey { sha256: [1; 32], ..ann_key() };
+        directory.insert_user(ann_member()).await.unwrap();
+        directory.insert_key(key).await.unwrap();
+        tenants.forget_unknown(&[1; 32]);
+        let resolved = resolve(UNKNOWN_TTL).await.unwrap();
+        assert_eq!(resolved.user.name, ann.user.name);
+        assert!(resolve(UNKNOWN_TTL).await.is_ok());
+        assert_eq!(lookups(&metrics), [1, 3, 1], "created: looked up once, then served from memory");
+        assert_eq!((tenants.known_count(), tenants.unknowns()), (1, 0));
+
+        tenants.forget_user("bob");
+        assert_eq!(tenants.known_count(), 1, "another user's change keeps it");
+        tenants.forget_key(&[1; 32]);
+        assert_eq!((tenants.known_count(), tenants.unknowns()), (0, 0), "a revocation drops it");
+        assert!(resolve(UNKNOWN_TTL).await.is_ok());
+        tenants.forget_all();
+        assert_eq!(tenants.known_count(), 0, "a reload drops every resolved key");
+        assert_eq!(lookups(&metrics), [1, 4, 1]);
     }
 
     #[test]
     fn a_key_in_constant_use_is_written_once_a_minute_and_every_last_use_at_a_clean_stop() {
         let tenants = Tenants::new(Arc::new(MemoryDirectory::default()), Arc::new(Metrics::new().unwrap()), 10);
         let ann = Arc::new(principal_with_key());
-        tenants.known.insert([1; 32], Arc::clone(&ann));
+        tenants.put([1; 32], Cached::Known(Arc::clone(&ann)));
         let written = |newer_by| tenants.take_uses(newer_by);
         assert!(ann.admits(1_000));
         assert_eq!(written(USE_WRITTEN_EVERY_S), [("key_1".to_owned(), 1_000)], "a first use goes at once");
