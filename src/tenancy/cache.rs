@@ -489,12 +489,21 @@ mod tests {
 
         tenants.forget_user("bob");
         assert_eq!(tenants.known_count(), 1, "another user's change keeps it");
-        tenants.forget_key(&[1; 32]);
-        assert_eq!((tenants.known_count(), tenants.unknowns()), (0, 0), "a revocation drops it");
         assert!(resolve(UNKNOWN_TTL).await.is_ok());
+        assert_eq!(lookups(&metrics), [2, 3, 1], "still served from memory");
         tenants.forget_all();
         assert_eq!(tenants.known_count(), 0, "a reload drops every resolved key");
-        assert_eq!(lookups(&metrics), [1, 4, 1]);
+        assert!(resolve(UNKNOWN_TTL).await.is_ok());
+        assert_eq!(lookups(&metrics), [2, 4, 1], "looked up again");
+        assert!(resolve(UNKNOWN_TTL).await.is_ok());
+        assert_eq!(lookups(&metrics), [3, 4, 1], "from memory again");
+
+        let revoked = ApiKey { revoked_at: Some(1_000), ..directory.key("key_1").await.unwrap().unwrap() };
+        assert!(directory.replace_key(revoked).await.unwrap());
+        tenants.forget_key(&[1; 32]);
+        assert_eq!((tenants.known_count(), tenants.unknowns()), (0, 0), "a revocation drops it");
+        assert!(matches!(resolve(UNKNOWN_TTL).await, Err(AuthError::Unknown)), "refused at once");
+        assert_eq!(lookups(&metrics), [3, 5, 1]);
     }
 
     #[test]
