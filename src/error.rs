@@ -221,17 +221,18 @@ impl ApiError {
     /// a refused request costs no boxed body, and a bad key (what a flood of random keys meets
     /// thousands of times a second) not even its body's rendering.
     pub fn response(self) -> crate::body::Response {
-        let body = match &self {
-            Self::Auth(AuthError::Missing) => AUTH_BODIES[0].clone(),
-            Self::Auth(AuthError::Malformed) => AUTH_BODIES[1].clone(),
-            Self::Auth(AuthError::Unknown) => AUTH_BODIES[2].clone(),
-            _ => self.render_body(),
+        let key_error = match &self {
+            Self::Auth(AuthError::Missing) => Some(0),
+            Self::Auth(AuthError::Malformed) => Some(1),
+            Self::Auth(AuthError::Unknown) => Some(2),
+            _ => None,
         };
+        let body = key_error.map_or_else(|| self.render_body(), |i| AUTH_BODIES[i].clone());
         let mut response = http::Response::new(crate::body::ResponseBody::whole(body));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if matches!(self, Self::Auth(AuthError::Missing | AuthError::Malformed | AuthError::Unknown)) {
+        if key_error.is_some() {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if let Some(seconds) = self.retry_after() {
@@ -257,8 +258,8 @@ impl ApiError {
     }
 }
 
-/// The bodies of the three key errors, whose messages never vary (in [`ApiError::response`]'s
-/// order: missing, malformed, unknown).
+/// The bodies of the three key errors, whose messages never vary: missing, malformed, unknown
+/// (the indices [`ApiError::response`] gives them).
 static AUTH_BODIES: LazyLock<[Bytes; 3]> = LazyLock::new(|| {
     [AuthError::Missing, AuthError::Malformed, AuthError::Unknown].map(|e| ApiError::Auth(e).render_body())
 });

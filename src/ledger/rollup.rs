@@ -96,10 +96,6 @@ impl Rollups {
         self.by_user.is_empty()
     }
 
-    pub fn clear(&mut self) {
-        self.by_user.clear();
-    }
-
     /// Drops the hours before `hour`.
     pub fn prune_before(&mut self, hour: i64) {
         self.by_user.retain(|(_, h, _), _| *h >= hour);

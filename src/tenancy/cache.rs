@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 // Seeded per process: `unknown` holds whatever digests a client sends, so its hashing must not
 // be predictable; SipHash (the default) cost ~20 ns per look-up of a 32-byte digest.
@@ -165,10 +166,20 @@ impl Tenants {
         if self.unknowns() >= MAX_UNKNOWN {
             self.retain(|_, entry| !matches!(entry, Cached::Unknown(until) if *until <= now));
         }
-        // A key resolved meanwhile stays resolved.
-        let resolved = self.keys.get(&sha256).is_some_and(|cached| matches!(*cached, Cached::Known(_)));
-        if self.unknowns() < MAX_UNKNOWN && !resolved {
-            self.put(sha256, Cached::Unknown(now + UNKNOWN_TTL));
+        if self.unknowns() >= MAX_UNKNOWN {
+            return;
+        }
+        let until = Cached::Unknown(now + UNKNOWN_TTL);
+        match self.keys.entry(sha256) {
+            // A key resolved meanwhile stays resolved.
+            Entry::Occupied(entry) if matches!(entry.get(), Cached::Known(_)) => {}
+            Entry::Occupied(mut entry) => {
+                entry.insert(until);
+            }
+            Entry::Vacant(entry) => {
+                entry.insert(until);
+                self.unknown_count.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 

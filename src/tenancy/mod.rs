@@ -186,9 +186,9 @@ impl Principal {
     /// Whether its key may be used at `now` (Unix seconds); notes the use.
     ///
     /// The use is noted in the principal, whose line the request reads anyway, and in the key
-    /// only for an end user, whose key is its service's: writing the key's record once a second cost a cold line
-    /// on a third of the requests of a key in steady use (10,000 keys at 30,000 requests a
-    /// second).
+    /// only for an end user, whose key is its service's: writing the key's record once a
+    /// second cost a cold line on a third of the requests of a key in steady use (10,000 keys
+    /// at 30,000 requests a second).
     pub fn admits(&self, now: i64) -> bool {
         if self.seen_at.load(Ordering::Relaxed) < now {
             self.seen_at.store(now, Ordering::Relaxed);

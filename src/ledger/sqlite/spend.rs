@@ -463,9 +463,8 @@ mod tests {
     /// backends: the tables get what brute-force sums over the records say.
     #[test]
     fn pending_sums_write_what_the_records_add_up_to_per_account_and_hour() {
-        let conn = Connection::open_in_memory().unwrap();
+        let mut conn = Connection::open_in_memory().unwrap();
         conn.execute_batch(super::super::SCHEMA).unwrap();
-        let mut conn = conn;
         migrate(&mut conn).unwrap();
         let (day1, day2) = (1_764_547_200, 1_764_633_600);
         let hour_ms = 3_600_000;
