@@ -119,6 +119,9 @@ pub(super) async fn attempt(
                 UpstreamError::Status { backend: backend.name.clone(), status: answer.status().as_u16() }
             }
             Ok(answer) => {
+                // The principal's accounts went cold while the backend worked: their loads
+                // start now, together, and are in by the time the answer is settled.
+                ctx.principal.warm();
                 upstream.state.succeeded();
                 breaker_probe.armed = false;
                 // The tpm allowance was taken once at admission; a second (cascade) call
