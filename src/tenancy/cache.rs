@@ -97,10 +97,7 @@ impl Tenants {
     ) -> Result<Arc<Principal>, AuthError> {
         if let Some(cached) = self.keys.get(&sha256) {
             match &*cached {
-                Cached::Known(principal) => {
-                    self.counted.hit.inc();
-                    return if principal.admits(unix) { Ok(Arc::clone(principal)) } else { Err(AuthError::Unknown) };
-                }
+                Cached::Known(principal) => return self.cached_hit(principal, unix),
                 Cached::Unknown(until) if *until > now => {
                     self.counted.negative.inc();
                     return Err(AuthError::Unknown);
@@ -122,8 +119,7 @@ impl Tenants {
             return Err(AuthError::Unknown);
         }
         if self.epoch.load(Ordering::Acquire) == epoch {
-            self.make_room();
-            self.put(sha256, Cached::Known(Arc::clone(&principal)));
+            self.cache_principal(sha256, Arc::clone(&principal));
         }
         Ok(principal)
     }
@@ -136,12 +132,23 @@ impl Tenants {
         usize::try_from(self.unknown_count.load(Ordering::Relaxed)).unwrap_or(0)
     }
 
-    /// Caches `entry` for `sha256`, in place of what was there.
-    fn put(&self, sha256: [u8; 32], entry: Cached) {
-        let adds = isize::from(matches!(entry, Cached::Unknown(_)));
-        let replaced = self.keys.insert(sha256, entry);
-        let removes = isize::from(matches!(replaced, Some(Cached::Unknown(_))));
-        self.unknown_count.fetch_add(adds - removes, Ordering::Relaxed);
+    /// A cached principal's answer to a request at `unix` (its key may have expired since).
+    fn cached_hit(&self, principal: &Arc<Principal>, unix: i64) -> Result<Arc<Principal>, AuthError> {
+        self.counted.hit.inc();
+        if principal.admits(unix) {
+            Ok(Arc::clone(principal))
+        } else {
+            Err(AuthError::Unknown)
+        }
+    }
+
+    /// Caches `principal` for `sha256` (making room first), in place of what was there: an
+    /// unknown entry it replaces leaves the unknown count.
+    fn cache_principal(&self, sha256: [u8; 32], principal: Arc<Principal>) {
+        self.make_room();
+        if let Some(Cached::Unknown(_)) = self.keys.insert(sha256, Cached::Known(principal)) {
+            self.unknown_count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Keeps the entries `keep` says yes to.
@@ -297,8 +304,7 @@ impl Tenants {
         let cache_key = end_user_cache_key(&key.sha256, id);
         if let Some(cached) = self.keys.get(&cache_key) {
             if let Cached::Known(principal) = &*cached {
-                self.counted.hit.inc();
-                return if principal.admits(unix) { Ok(Arc::clone(principal)) } else { Err(AuthError::Unknown) };
+                return self.cached_hit(principal, unix);
             }
         }
         self.counted.miss.inc();
@@ -326,8 +332,7 @@ impl Tenants {
         let plan = config.plan(&member.plan).ok_or_else(|| AuthError::PlanGone(member.plan.clone()))?;
         let principal = Arc::new(Principal::of_end_user(&member, plan, service));
         if self.epoch.load(Ordering::Acquire) == epoch {
-            self.make_room();
-            self.put(cache_key, Cached::Known(Arc::clone(&principal)));
+            self.cache_principal(cache_key, Arc::clone(&principal));
         }
         Ok(principal)
     }
@@ -521,7 +526,7 @@ mod tests {
     fn a_key_in_constant_use_is_written_once_a_minute_and_every_last_use_at_a_clean_stop() {
         let tenants = Tenants::new(Arc::new(MemoryDirectory::default()), Arc::new(Metrics::new().unwrap()), 10);
         let ann = Arc::new(principal_with_key());
-        tenants.put([1; 32], Cached::Known(Arc::clone(&ann)));
+        tenants.cache_principal([1; 32], Arc::clone(&ann));
         let written = |newer_by| tenants.take_uses(newer_by);
         assert!(ann.admits(1_000));
         assert_eq!(written(USE_WRITTEN_EVERY_S), [("key_1".to_owned(), 1_000)], "a first use goes at once");
