@@ -1,6 +1,6 @@
 //! The command line: `serve`, `check`, `hash-key`, `report`, `simulate`.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -152,12 +152,18 @@ fn report(
     if let Some(out) = export_trace {
         write_file(&out, crate::simulate::trace::from_records(&records).as_bytes())?;
     }
-    if json {
-        println!("{:#}", crate::report::render::json(&report));
+    // Buffered: stdout alone is line-buffered, a write per line of a million users' JSON.
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = if json {
+        crate::report::render::write_json(&report, &mut out).map_err(std::io::Error::from).and_then(|()| writeln!(out))
     } else {
-        print!("{}", crate::report::render::table(&report));
+        crate::report::render::write_table(&report, &mut out)
+    };
+    match written.and_then(|()| out.flush()) {
+        // The reader stopped early (`tollgate report | head`): what it wanted was written.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result.map_err(|source| CommandError::Write { path: "standard output".into(), source }),
     }
-    Ok(())
 }
 
 fn simulate(

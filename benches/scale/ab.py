@@ -30,6 +30,7 @@ def main():
     p.add_argument("--users", type=int, default=100_000)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--hot-keys", type=int, default=scale.HOT_KEYS, help="distinct API keys the load spreads over")
     p.add_argument("--keep-tmp", action="store_true")
     a = p.parse_args()
     builds = dict(b.split("=", 1) for b in a.builds.split(","))
@@ -45,8 +46,8 @@ def main():
         seed = run.config("seed", ledger("seed"), "")
         subprocess.run([f"{a.bin_dir}/examples/seed_tenants", "--config", seed, "--users", str(a.users)],
                        capture_output=True, check=True, env={**os.environ, "TOLLGATE_ADMIN_KEY": scale.ADMIN_KEY})
-        hot = run.write("hot.keys", "\n".join(scale.bench_key(i * (a.users // scale.HOT_KEYS))
-                                              for i in range(scale.HOT_KEYS)) + "\n")
+        hot = run.write("hot.keys", "\n".join(scale.bench_key(i * (a.users // a.hot_keys))
+                                              for i in range(a.hot_keys)) + "\n")
         base_keys = run.write("base.keys", "\n".join(scale.config_key(i) for i in range(10)) + "\n")
         gateways = {}
         for label, binary in builds.items():

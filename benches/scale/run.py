@@ -10,7 +10,8 @@ otherwise, same mock upstream, measured in alternating rounds of one run:
 - RPS at c=64 over 10,000 distinct API keys against RPS over the 10 config users' keys;
 - the same load with and without a flood of 10,000 unknown keys per second beside it, and the
   store lookups the flood caused (`tollgate_principal_cache_total{result="miss"}`);
-- 10,000 users and keys created through the admin API, then listed page by page.
+- 10,000 users and keys created through the admin API, then listed page by page;
+- `tollgate report` (table and JSON) over every user stored (SQLite: the CLI reads the file).
 """
 
 import argparse
@@ -415,10 +416,26 @@ def measure_store(run, store, report):
     print(f"[{store}] admin: {out['admin']}", flush=True)
     if store == "redis":
         out["redis_after"] = redis_info(run.redis_port)
+    else:
+        # `tollgate report` over every stored user (the CLI reads the SQLite file; Redis has none).
+        out["report"] = {fmt: report_cli(run, scale_conf, fmt) for fmt in ("table", "json")}
+        print(f"[{store}] report: {out['report']}", flush=True)
     run.stop(scale_name)
     run.stop(base_name)
     run.stop("redis")
     report[store] = out
+
+
+def report_cli(run, config, fmt):
+    """`tollgate report` (`fmt`: table or json) on `config`'s ledger: seconds, peak RSS, output size."""
+    argv = [f"{run.bins}/tollgate", "report", "--config", config] + (["--json"] if fmt == "json" else [])
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    size = sum(len(chunk) for chunk in iter(lambda: proc.stdout.read(1 << 20), b""))
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"tollgate report ({fmt}) failed: {status}")
+    return {"seconds": time.monotonic() - started, "max_rss_mib": usage.ru_maxrss / 1024, "bytes": size}
 
 
 def median(values):
@@ -480,6 +497,10 @@ def table(report):
     row("create users + keys through the API (8 connections)", "10k in ≤ 10 s",
         lambda r: f"{r['admin']['users']:,} in **{r['admin']['create_s']:.2f} s**; listed in "
         f"{r['admin']['pages']} pages, {r['admin']['list_s']:.2f} s, each once: {r['admin']['exact']}")
+    row("`tollgate report` over every stored user (table; `--json`)", "-",
+        lambda r: "; ".join(f"{r['report'][f]['seconds']:.1f} s, {r['report'][f]['max_rss_mib']:.0f} MiB peak, "
+                            f"{r['report'][f]['bytes'] / 1e6:.0f} MB out" for f in ("table", "json"))
+        if "report" in r else "- (reads SQLite only)")
     row("RSS after all of it", "-", lambda r: f"{r['rss_after_load_mib']:.1f} MiB")
     row("RSS growth per key first seen", "-",
         lambda r: f"{r['first_sight']['rss_bytes_per_new_principal']:,.0f} bytes")

@@ -123,6 +123,77 @@ fn cache_hits_save_their_producers_price_and_leave_the_backend_idle() {
     assert_eq!(u.cache_saved, Usd::from_pico(2 * 500_000_000));
     let cpu = report.backends.iter().find(|b| b.backend == "cpu").unwrap();
     assert_eq!((cpu.requests, cpu.busy_ms), (1, Some(1_000)), "only the request it answered kept it busy");
-    let text = super::render::table(&report);
+    let mut text = Vec::new();
+    super::render::write_table(&report, &mut text).unwrap();
+    let text = String::from_utf8(text).unwrap();
     assert!(text.contains("response cache: 2 requests answered at $0"), "{text}");
+}
+
+#[test]
+fn each_users_period_spend_adds_its_own_backend_rows_of_the_current_period_only() {
+    let cfg = config();
+    let api_users: Vec<Arc<User>> =
+        ["a", "b"].iter().map(|name| Arc::new(User::new(*name, &crate::config::Limits::default()))).collect();
+    let now = MARCH_10 + 3_600;
+    let month = period::start(crate::config::BudgetPeriod::Month, now);
+    let spend =
+        |user: &str, period_start, pico| PeriodSpend { user: user.into(), period_start, spent: Usd::from_pico(pico) };
+    let rows = [
+        spend("a", month, 1),
+        spend("b", month, 10),
+        spend("a", month, 100),            // a second backend's row
+        spend("a", month - 86_400, 1_000), // a past period
+        spend("~key:k1", month, 10_000),   // a key's account, not a user's
+    ];
+    let window = Window { start_ms: MARCH_10 * 1000, end_ms: now * 1000 };
+    let report = build(&cfg, &api_users, &[], &rows, window);
+    let spent = |name: &str| report.users.iter().find(|u| u.user == name).and_then(|u| u.period_spend);
+    assert_eq!(spent("a"), Some(Usd::from_pico(101)));
+    assert_eq!(spent("b"), Some(Usd::from_pico(10)));
+    assert_eq!(spent("u"), Some(Usd::ZERO), "a config user without rows spent nothing");
+}
+
+#[test]
+fn the_table_aligns_every_column_to_its_widest_cell() {
+    let cfg = config();
+    let at = MARCH_10 * 1000;
+    let report = build(
+        &cfg,
+        &[],
+        &[record(at, "auto", "premium", 2_000_000, 10)],
+        &[],
+        Window { start_ms: at, end_ms: at + 60_000 },
+    );
+    let mut text = Vec::new();
+    super::render::write_table(&report, &mut text).unwrap();
+    let text = String::from_utf8(text).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("window 2026-03-10T00:00:00Z .. "), "{text}");
+    let (header, row) = (lines[2], lines[3]);
+    assert!(header.starts_with("user  requests"), "{text}");
+    assert!(row.starts_with("u            1"), "{text}");
+    // Right-aligned: every column of the row ends where its header does.
+    assert_eq!(header.find("requests").map(|at| at + "requests".len()), row.find(" 1 ").map(|at| at + 2), "{text}");
+    assert_eq!(header.len(), row.len(), "the last column ends at the same place:\n{text}");
+}
+
+#[test]
+fn the_json_document_has_every_user_and_backend() {
+    let cfg = config();
+    let at = MARCH_10 * 1000;
+    let report = build(
+        &cfg,
+        &[],
+        &[record(at, "auto", "premium", 2_000_000, 10)],
+        &[],
+        Window { start_ms: at, end_ms: at + 60_000 },
+    );
+    let mut out = Vec::new();
+    super::render::write_json(&report, &mut out).unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(doc["users"][0]["user"], "u");
+    assert_eq!(doc["users"][0]["requests"], 1);
+    assert_eq!(doc["backends"].as_array().map(Vec::len), Some(2));
+    assert_eq!(doc["window"]["start_ms"], at);
+    assert!(doc["over_price"].as_array().is_some_and(Vec::is_empty));
 }
