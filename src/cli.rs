@@ -89,7 +89,11 @@ enum CommandError {
 }
 
 fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), CommandError> {
-    std::fs::write(path, bytes).map_err(|source| CommandError::Write { path: path.display().to_string(), source })
+    std::fs::write(path, bytes).map_err(|source| write_error(path, source))
+}
+
+fn write_error(path: &std::path::Path, source: std::io::Error) -> CommandError {
+    CommandError::Write { path: path.display().to_string(), source }
 }
 
 fn finish(result: Result<(), CommandError>) -> ExitCode {
@@ -144,14 +148,23 @@ fn report(
     };
     let now_ms = crate::clock::unix_now_ms();
     let from_ms = since_ms.map_or(0, |since| now_ms.saturating_sub(since));
-    let (records, spend) = crate::ledger::sqlite::read_report(&path, from_ms)?;
-    let start_ms = if since_ms.is_some() { from_ms } else { records.first().map_or(now_ms, |r| r.at_ms) };
-    let window = crate::report::Window { start_ms, end_ms: now_ms };
-    let api_users = crate::tenancy::sqlite::effective_users(&path, &config)?;
-    let report = crate::report::build(&config, &api_users, &records, &spend, window);
-    if let Some(out) = export_trace {
-        write_file(&out, crate::simulate::trace::from_records(&records).as_bytes())?;
-    }
+    let start_ms = match since_ms {
+        Some(_) => from_ms,
+        None => crate::ledger::sqlite::first_record_at(&path)?.unwrap_or(now_ms),
+    };
+    let mut report = crate::report::Builder::new(&config, crate::report::Window { start_ms, end_ms: now_ms });
+    // The records stream through: into the report, and into the trace as they come.
+    let mut trace = export_trace.as_deref().map(TraceFile::create).transpose()?;
+    let spend = crate::ledger::sqlite::read_report(&path, from_ms, |record| {
+        report.add(&record);
+        if let Some(trace) = &mut trace {
+            trace.write(&record);
+        }
+    })?;
+    trace.map(TraceFile::finish).transpose()?;
+    report.spend(spend);
+    crate::tenancy::sqlite::each_effective_user(&path, &config, |user| report.user(user))?;
+    let report = report.finish();
     // Buffered: stdout alone is line-buffered, a write per line of a million users' JSON.
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let written = if json {
@@ -163,6 +176,33 @@ fn report(
         // The reader stopped early (`tollgate report | head`): what it wanted was written.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         result => result.map_err(|source| CommandError::Write { path: "standard output".into(), source }),
+    }
+}
+
+/// `--export-trace`: the records' trace, written as they are read; the first failure is kept
+/// for the end (the report goes on).
+struct TraceFile<'a> {
+    path: &'a std::path::Path,
+    file: std::io::BufWriter<std::fs::File>,
+    failed: Option<std::io::Error>,
+}
+
+impl<'a> TraceFile<'a> {
+    fn create(path: &'a std::path::Path) -> Result<Self, CommandError> {
+        let file = std::fs::File::create(path).map_err(|source| write_error(path, source))?;
+        Ok(Self { path, file: std::io::BufWriter::new(file), failed: None })
+    }
+
+    fn write(&mut self, record: &crate::ledger::RequestRecord) {
+        if self.failed.is_none() {
+            if let Some(line) = crate::simulate::trace::line(record) {
+                self.failed = self.file.write_all(line.as_bytes()).err();
+            }
+        }
+    }
+
+    fn finish(mut self) -> Result<(), CommandError> {
+        self.failed.map_or_else(|| self.file.flush(), Err).map_err(|source| write_error(self.path, source))
     }
 }
 

@@ -11,6 +11,8 @@ pub mod render;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use crate::config::{Config, User};
 use crate::cost::Usd;
 pub use crate::ledger::PeriodSpend;
@@ -89,8 +91,9 @@ pub struct Report {
     pub backends: Vec<BackendReport>,
 }
 
-/// The report over `records` (those within `window`), with the current period spend `spend`,
-/// for the config's users and `api_users` (the API users' effective limits).
+/// The report over `records` (those within `window`, in arrival order), with the current
+/// period spend `spend`, for the config's users and `api_users` (the API users' effective
+/// limits).
 pub fn build(
     config: &Config,
     api_users: &[Arc<User>],
@@ -98,17 +101,63 @@ pub fn build(
     spend: &[PeriodSpend],
     window: Window,
 ) -> Report {
-    let (models, _) = crate::snapshot::model_index(config);
+    let mut report = Builder::new(config, window);
+    for record in records {
+        report.add(record);
+    }
+    report.spend(spend.iter().cloned());
+    for user in api_users {
+        report.user(user);
+    }
+    report.finish()
+}
+
+/// A report built a piece at a time: the records, then the periods' spend, then the API users.
+/// What it keeps grows with users and backends, not with records (a ledger keeps 30 days of
+/// them by default, hundreds of millions on a busy gateway), and users are not kept twice, so
+/// the CLI streams both from the file.
+pub struct Builder<'a> {
+    config: &'a Config,
+    models: HashMap<String, ModelTarget>,
+    window: Window,
     // Keyed by the records' shared names: a record costs no key copy.
-    let mut users: BTreeMap<Arc<str>, UserReport> = BTreeMap::new();
-    let mut backends: BTreeMap<Arc<str>, BackendReport> = BTreeMap::new();
-    let mut intervals: BTreeMap<Arc<str>, Vec<(i64, i64)>> = BTreeMap::new();
-    let in_window = records.iter().filter(|r| r.at_ms >= window.start_ms && r.at_ms <= window.end_ms);
-    for r in in_window {
+    users: BTreeMap<Arc<str>, UserReport>,
+    backends: BTreeMap<Arc<str>, BackendReport>,
+    busy: BTreeMap<Arc<str>, Busy>,
+    /// Per (account, period), summed over its backends' rows: looked up per user, not scanned,
+    /// since a million users each scanning every row took hours.
+    spend_of: HashMap<String, SmallVec<[(i64, Usd); 2]>>,
+}
+
+impl<'a> Builder<'a> {
+    pub fn new(config: &'a Config, window: Window) -> Self {
+        let (models, _) = crate::snapshot::model_index(config);
+        Self {
+            config,
+            models,
+            window,
+            users: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            busy: BTreeMap::new(),
+            spend_of: HashMap::new(),
+        }
+    }
+
+    /// Counts `r` if it is within the window. Records come in arrival order (`at_ms`), as the
+    /// ledger reads them: what keeps busy time exact without keeping every interval.
+    pub fn add(&mut self, r: &RequestRecord) {
+        let (config, window) = (self.config, self.window);
+        if r.at_ms < window.start_ms || r.at_ms > window.end_ms {
+            return;
+        }
         let tokens = r.prompt_tokens + r.completion_tokens;
-        let u = users
-            .entry(Arc::clone(&r.user))
-            .or_insert_with(|| UserReport { user: r.user.to_string(), ..UserReport::default() });
+        let u = match self.users.get_mut(&*r.user) {
+            Some(u) => u,
+            None => self
+                .users
+                .entry(Arc::clone(&r.user))
+                .or_insert_with(|| UserReport { user: r.user.to_string(), ..UserReport::default() }),
+        };
         u.requests += 1;
         u.prompt_tokens += r.prompt_tokens;
         u.completion_tokens += r.completion_tokens;
@@ -124,7 +173,7 @@ pub fn build(
                 u.cache_saved = u.cache_saved.saturating_add(saved);
             }
         }
-        match models.get(&*r.route) {
+        match self.models.get(&*r.route) {
             Some(&ModelTarget::Route(i)) => {
                 let candidates = &config.routes[i].backends;
                 let estimates = plan::estimates(config, candidates, r.prompt_tokens, r.completion_tokens);
@@ -141,86 +190,124 @@ pub fn build(
             _ => u.unrouted += 1,
         }
         if hit {
-            continue;
+            return;
         }
-        let b = backends
-            .entry(Arc::clone(&r.backend))
-            .or_insert_with(|| BackendReport { backend: r.backend.to_string(), ..BackendReport::default() });
+        let b = match self.backends.get_mut(&*r.backend) {
+            Some(b) => b,
+            None => self
+                .backends
+                .entry(Arc::clone(&r.backend))
+                .or_insert_with(|| BackendReport { backend: r.backend.to_string(), ..BackendReport::default() }),
+        };
         b.requests += 1;
         b.tokens += tokens;
         b.cost = b.cost.saturating_add(r.cost);
-        let latency = i64::try_from(r.latency_ms).unwrap_or(i64::MAX);
-        intervals.entry(Arc::clone(&r.backend)).or_default().push((r.at_ms, r.at_ms.saturating_add(latency)));
+        let end = r.at_ms.saturating_add(i64::try_from(r.latency_ms).unwrap_or(i64::MAX));
+        match self.busy.get_mut(&*r.backend) {
+            Some(busy) => busy.add(r.at_ms, end, window),
+            None => self.busy.entry(Arc::clone(&r.backend)).or_default().add(r.at_ms, end, window),
+        }
     }
-    let now = window.end_ms.div_euclid(1000);
-    // Summed once per (account, period) over its backends' rows: looked up per user, not
-    // scanned, since a million users each scanning every row took hours.
-    let mut spend_of: HashMap<(&str, i64), Usd> = HashMap::with_capacity(spend.len());
-    for s in spend {
-        let sum = spend_of.entry((s.user.as_str(), s.period_start)).or_insert(Usd::ZERO);
-        *sum = sum.saturating_add(s.spent);
+
+    /// The current periods' spend, for the users' period spend and margin.
+    pub fn spend(&mut self, rows: impl IntoIterator<Item = PeriodSpend>) {
+        for row in rows {
+            let periods = self.spend_of.entry(row.user).or_default();
+            match periods.iter_mut().find(|(start, _)| *start == row.period_start) {
+                Some((_, sum)) => *sum = sum.saturating_add(row.spent),
+                None => periods.push((row.period_start, row.spent)),
+            }
+        }
     }
-    for user in config.users.iter().chain(api_users) {
-        let u = users
-            .entry(user.name.as_str().into())
-            .or_insert_with(|| UserReport { user: user.name.clone(), ..UserReport::default() });
+
+    /// A user with its limits (an API user's effective ones), whether or not it has records.
+    pub fn user(&mut self, user: &User) {
+        let now = self.window.end_ms.div_euclid(1000);
+        let u = match self.users.get_mut(user.name.as_str()) {
+            Some(u) => u,
+            None => self
+                .users
+                .entry(user.name.as_str().into())
+                .or_insert_with(|| UserReport { user: user.name.clone(), ..UserReport::default() }),
+        };
         u.budget = user.budget_usd;
         u.plan = user.plan.as_deref().map(str::to_owned);
         u.team = user.team.as_deref().map(str::to_owned);
         u.price = user.price_usd;
         let start = period::start(user.budget_period, now);
-        let spent = spend_of.get(&(user.name.as_str(), start)).copied().unwrap_or(Usd::ZERO);
+        let spent = self
+            .spend_of
+            .get(user.name.as_str())
+            .and_then(|periods| periods.iter().find(|(period_start, _)| *period_start == start))
+            .map_or(Usd::ZERO, |&(_, sum)| sum);
         u.period_spend = Some(spent);
         u.projected = period::end(user.budget_period, now).and_then(|end| project(spent, start, end, now));
     }
-    for backend in &config.backends {
-        let b = backends
-            .entry(backend.name.as_str().into())
-            .or_insert_with(|| BackendReport { backend: backend.name.clone(), ..BackendReport::default() });
-        b.tier = Some(backend.tier.clone());
-        if let crate::cost::Pricing::PerHour { hourly_usd } = backend.pricing {
-            let busy = busy_ms(intervals.remove(backend.name.as_str()).unwrap_or_default(), window);
-            let idle = (window.end_ms - window.start_ms - busy).max(0);
-            b.busy_ms = Some(busy);
-            b.idle_cost = hourly_usd.mul_div(idle, MS_PER_HOUR);
+
+    /// The report: the config's users first, in config order, then everyone else by name.
+    pub fn finish(mut self) -> Report {
+        let (config, window) = (self.config, self.window);
+        for user in &config.users {
+            self.user(user);
         }
+        let mut users = std::mem::take(&mut self.users);
+        let mut backends = std::mem::take(&mut self.backends);
+        for backend in &config.backends {
+            let b = backends
+                .entry(backend.name.as_str().into())
+                .or_insert_with(|| BackendReport { backend: backend.name.clone(), ..BackendReport::default() });
+            b.tier = Some(backend.tier.clone());
+            if let crate::cost::Pricing::PerHour { hourly_usd } = backend.pricing {
+                let busy = self.busy.remove(backend.name.as_str()).map_or(0, Busy::total);
+                let idle = (window.end_ms - window.start_ms - busy).max(0);
+                b.busy_ms = Some(busy);
+                b.idle_cost = hourly_usd.mul_div(idle, MS_PER_HOUR);
+            }
+        }
+        let mut ordered: Vec<UserReport> =
+            config.users.iter().filter_map(|user| users.remove(user.name.as_str())).collect();
+        ordered.extend(users.into_values());
+        let mut backend_list: Vec<BackendReport> =
+            config.backends.iter().filter_map(|b| backends.remove(b.name.as_str())).collect();
+        backend_list.extend(backends.into_values());
+        Report { window, users: ordered, backends: backend_list }
     }
-    // Configured users first, in config order; users the config no longer has after them.
-    let mut ordered: Vec<UserReport> =
-        config.users.iter().filter_map(|user| users.remove(user.name.as_str())).collect();
-    ordered.extend(users.into_values());
-    let mut backend_list: Vec<BackendReport> =
-        config.backends.iter().filter_map(|b| backends.remove(b.name.as_str())).collect();
-    backend_list.extend(backends.into_values());
-    Report { window, users: ordered, backends: backend_list }
+}
+
+/// The length of a union of `[start, end]` intervals clipped to a window, taken in order of
+/// their starts: the span being extended, and the length of those closed before it.
+#[derive(Debug, Default)]
+pub struct Busy {
+    closed: i64,
+    current: Option<(i64, i64)>,
+}
+
+impl Busy {
+    /// Adds `[start, end]`; `start` is not before any interval added before.
+    pub fn add(&mut self, start: i64, end: i64, window: Window) {
+        let (start, end) = (start.max(window.start_ms), end.min(window.end_ms));
+        if end <= start {
+            return;
+        }
+        self.current = match self.current {
+            Some((a, b)) if start <= b => Some((a, b.max(end))),
+            Some((a, b)) => {
+                self.closed += b - a;
+                Some((start, end))
+            }
+            None => Some((start, end)),
+        };
+    }
+
+    pub fn total(self) -> i64 {
+        self.closed + self.current.map_or(0, |(a, b)| b - a)
+    }
 }
 
 /// Linear projection of a period's spend to its end: `spent × period / elapsed`.
 pub fn project(spent: Usd, start: i64, end: i64, now: i64) -> Option<Usd> {
     let elapsed = now - start;
     (elapsed > 0 && end > start).then(|| spent.mul_div(end - start, elapsed)).flatten()
-}
-
-/// Length of the union of `[start, end]` intervals, clipped to the window.
-pub fn busy_ms(mut intervals: Vec<(i64, i64)>, window: Window) -> i64 {
-    intervals.sort_unstable();
-    let mut busy = 0;
-    let mut current: Option<(i64, i64)> = None;
-    for (start, end) in intervals {
-        let (start, end) = (start.max(window.start_ms), end.min(window.end_ms));
-        if end <= start {
-            continue;
-        }
-        current = match current {
-            Some((a, b)) if start <= b => Some((a, b.max(end))),
-            Some((a, b)) => {
-                busy += b - a;
-                Some((start, end))
-            }
-            None => Some((start, end)),
-        };
-    }
-    busy + current.map_or(0, |(a, b)| b - a)
 }
 
 /// `30s`, `15m`, `24h`, `7d` as milliseconds.

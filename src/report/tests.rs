@@ -55,8 +55,16 @@ fn record(at_ms: i64, route: &str, backend: &str, cost_pico: i64, latency_ms: u6
 #[test]
 fn busy_time_is_the_union_of_request_intervals_within_the_window() {
     let window = Window { start_ms: 0, end_ms: 100 };
-    assert_eq!(busy_ms(vec![(10, 20), (15, 30), (40, 50), (95, 120), (-5, 2)], window), 20 + 10 + 5 + 2);
-    assert_eq!(busy_ms(Vec::new(), window), 0);
+    let busy = |intervals: &[(i64, i64)]| {
+        let mut busy = Busy::default();
+        for &(start, end) in intervals {
+            busy.add(start, end, window);
+        }
+        busy.total()
+    };
+    assert_eq!(busy(&[(-5, 2), (10, 20), (15, 30), (40, 50), (95, 120)]), 2 + 20 + 10 + 5);
+    assert_eq!(busy(&[(10, 20), (10, 12), (12, 25), (25, 26)]), 16, "touching and nested intervals");
+    assert_eq!(busy(&[]), 0);
 }
 
 #[test]

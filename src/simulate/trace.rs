@@ -115,26 +115,20 @@ fn time_ms(t: &serde_json::Value) -> Option<i64> {
 /// The trace of ledger records: the demand they stand for, to replay against another policy.
 /// A cascade's second call (`escalated:confidence`) is the same request again, and an answer
 /// the backend refused (4xx/5xx, but not a client that hung up) used nothing: both are left out.
-pub fn from_records(records: &[RequestRecord]) -> String {
-    let mut out = String::new();
-    for r in records {
-        let failed = r.status >= 400 && r.status != 499;
-        if failed || r.reason == "escalated:confidence" {
-            continue;
-        }
-        let line = OutLine {
-            t: period::rfc3339_ms(r.at_ms),
-            user: &r.user,
-            model: &r.route,
-            prompt_tokens: r.prompt_tokens,
-            completion_tokens: r.completion_tokens,
-        };
-        if let Ok(json) = serde_json::to_string(&line) {
-            out.push_str(&json);
-            out.push('\n');
-        }
+/// Its line (JSON and a newline), `None` for a record left out.
+pub fn line(r: &RequestRecord) -> Option<String> {
+    let failed = r.status >= 400 && r.status != 499;
+    if failed || r.reason == "escalated:confidence" {
+        return None;
     }
-    out
+    let line = OutLine {
+        t: period::rfc3339_ms(r.at_ms),
+        user: &r.user,
+        model: &r.route,
+        prompt_tokens: r.prompt_tokens,
+        completion_tokens: r.completion_tokens,
+    };
+    serde_json::to_string(&line).ok().map(|json| json + "\n")
 }
 
 #[cfg(test)]
@@ -185,7 +179,7 @@ mod tests {
             record(1_772_323_201_000, "quality-first", 502),
             record(1_772_323_202_000, "quality-first", 499),
         ];
-        let text = from_records(&records);
+        let text: String = records.iter().filter_map(line).collect();
         let trace = parse(&text, "x").unwrap();
         assert_eq!(trace.iter().map(|r| r.at_ms).collect::<Vec<_>>(), [1_772_323_200_123, 1_772_323_202_000]);
         assert_eq!((trace[0].prompt_tokens, trace[0].completion_tokens, trace[0].model.as_str()), (10, 20, "auto"));

@@ -187,28 +187,27 @@ fn key_params(k: &ApiKey) -> [Box<dyn rusqlite::ToSql + '_>; 14] {
 }
 
 /// Every API user of the ledger file at `path` with its effective limits under `config`'s
-/// plans (for `tollgate report`); a ledger from before tenants has none.
-pub fn effective_users(
+/// plans, handed to `each` one at a time, by name (`tollgate report`: a million users need not
+/// be in memory twice); a ledger from before tenants has none.
+pub fn each_effective_user(
     path: &Path,
     config: &crate::config::Config,
-) -> Result<Vec<std::sync::Arc<crate::config::User>>, StoreError> {
+    mut each: impl FnMut(&crate::config::User),
+) -> Result<(), StoreError> {
     let conn = crate::ledger::sqlite::open_read_only(path).map_err(storage)?;
     let exists: bool = conn
         .query_row("SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'tenant_users')", [], |r| r.get(0))
         .map_err(storage)?;
     if !exists {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let mut statement = conn
         .prepare("SELECT name, plan, team, overrides, metrics, created_at FROM tenant_users ORDER BY name")
         .map_err(storage)?;
-    let members = statement.query_map([], user_from).map_err(storage)?;
-    let mut users = Vec::new();
-    for member in members {
-        let member = member.map_err(storage)?;
-        users.push(std::sync::Arc::new(super::reported_user(&member, config)));
+    for member in statement.query_map([], user_from).map_err(storage)? {
+        each(&super::reported_user(&member.map_err(storage)?, config));
     }
-    Ok(users)
+    Ok(())
 }
 
 impl Directory for SqliteDirectory {

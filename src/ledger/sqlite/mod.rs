@@ -310,21 +310,39 @@ impl Ledger for SqliteLedger {
 }
 
 /// What `tollgate report` reads from a ledger file, without opening it for writing (a running
-/// gateway may hold it; WAL lets both work): the request records since `since_ms`, oldest
-/// first, and the spend of every user's periods.
-pub fn read_report(path: &Path, since_ms: i64) -> Result<(Vec<RequestRecord>, Vec<PeriodSpend>), LedgerError> {
+/// gateway may hold it; WAL lets both work): the spend of every user's periods, after handing
+/// `each` the request records since `since_ms`, oldest first, one at a time (a busy ledger
+/// holds hundreds of millions).
+pub fn read_report(
+    path: &Path,
+    since_ms: i64,
+    mut each: impl FnMut(RequestRecord),
+) -> Result<Vec<PeriodSpend>, LedgerError> {
+    let (conn, display) = open_for_report(path)?;
+    let mut read = || -> rusqlite::Result<_> {
+        let mut statement = conn
+            .prepare(&format!("SELECT {REQUEST_COLUMN_LIST} FROM requests WHERE at_ms >= ?1 ORDER BY at_ms, rowid"))?;
+        for record in statement.query_map(params![since_ms], record_from_row)? {
+            each(record?);
+        }
+        spend::read_all(&conn)
+    };
+    read().map_err(storage(&display))
+}
+
+/// When the ledger file's oldest request record arrived (Unix ms); `None` when it has none.
+pub fn first_record_at(path: &Path) -> Result<Option<i64>, LedgerError> {
+    let (conn, display) = open_for_report(path)?;
+    conn.query_row("SELECT MIN(at_ms) FROM requests", [], |row| row.get(0)).map_err(storage(&display))
+}
+
+fn open_for_report(path: &Path) -> Result<(Connection, String), LedgerError> {
     let display = path.display().to_string();
     if !path.exists() {
         return Err(LedgerError::Storage(format!("{display}: no ledger file (has the gateway run with this config?)")));
     }
     let conn = open_read_only(path).map_err(storage(&display))?;
-    let read = || -> rusqlite::Result<_> {
-        let mut statement = conn
-            .prepare(&format!("SELECT {REQUEST_COLUMN_LIST} FROM requests WHERE at_ms >= ?1 ORDER BY at_ms, rowid"))?;
-        let records = statement.query_map(params![since_ms], record_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok((records, spend::read_all(&conn)?))
-    };
-    read().map_err(storage(&display))
+    Ok((conn, display))
 }
 
 /// A row of `{REQUEST_COLUMN_LIST}` (and `request_id` after them, when selected).
@@ -543,7 +561,7 @@ mod tests {
         writer::commit(&mut conn, &batch, None).unwrap();
         drop(conn);
 
-        let (_, spend) = read_report(&path, 0).unwrap();
+        let spend = read_report(&path, 0, drop).unwrap();
         let alice_spend: Vec<_> = spend.iter().filter(|s| s.user == "alice").collect();
         assert_eq!(alice_spend.len(), 1);
         assert_eq!((alice_spend[0].period_start, alice_spend[0].spent), (start, Usd::from_pico(42)));
