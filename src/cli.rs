@@ -163,7 +163,7 @@ fn report(
     })?;
     trace.map(TraceFile::finish).transpose()?;
     report.spend(spend);
-    crate::tenancy::sqlite::each_effective_user(&path, &config, |user| report.user(user))?;
+    crate::tenancy::sqlite::each_effective_user(&path, &config, |user| report.user(&user))?;
     let report = report.finish();
     // Buffered: stdout alone is line-buffered, a write per line of a million users' JSON.
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -177,6 +177,25 @@ fn report(
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         result => result.map_err(|source| CommandError::Write { path: "standard output".into(), source }),
     }
+}
+
+/// Adds to `config`'s users the API users of its SQLite ledger that `named` names, with their
+/// effective limits under `config`'s plans: a trace exported from the ledger is mostly theirs,
+/// and a compared config may change their plans.
+fn with_api_users(config: &mut Config, named: &std::collections::HashSet<&str>) -> Result<(), CommandError> {
+    let crate::config::LedgerStore::Sqlite { path } = &config.ledger.store else { return Ok(()) };
+    let path = PathBuf::from(path);
+    if !path.exists() {
+        return Ok(());
+    }
+    let mut found = Vec::new();
+    crate::tenancy::sqlite::each_effective_user(&path, config, |user| {
+        if named.contains(user.name.as_str()) {
+            found.push(Arc::new(user));
+        }
+    })?;
+    config.users.extend(found);
+    Ok(())
 }
 
 /// `--export-trace`: the records' trace, written as they are read; the first failure is kept
@@ -215,8 +234,10 @@ fn simulate(
 ) -> Result<(), CommandError> {
     let trace = crate::simulate::trace::load(trace)?;
     let mut runs = Vec::new();
+    let named: std::collections::HashSet<&str> = trace.iter().map(|r| r.user.as_str()).collect();
     for path in std::iter::once(config).chain(compare.iter().map(PathBuf::as_path)) {
-        let config = Config::load(path, &no_secrets)?;
+        let mut config = Config::load(path, &no_secrets)?;
+        with_api_users(&mut config, &named)?;
         let name = path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
         runs.push((name, crate::simulate::run(&config, &trace)));
     }

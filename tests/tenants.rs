@@ -456,6 +456,45 @@ async fn usage_and_the_report_show_api_users_with_plan_price_and_margin() {
     let f1 = report["users"].as_array().unwrap().iter().find(|u| u["user"] == "f1").unwrap();
     assert_eq!((f1["plan"].as_str(), f1["price_usd"].as_f64()), (Some("free"), Some(0.0)));
     assert!(report["users"].as_array().unwrap().iter().any(|u| u["user"] == "p1" && u["plan"] == "pro"));
+
+    // The trace the report exports replays its API users under their plans: this config's
+    // (the request does not fit what is left of `free`'s $0.5 a day as the simulator estimates
+    // it), and a compared one whose `free` plan is quality-first with $1,000.
+    let tollgate = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        output.stdout
+    };
+    tollgate(&["report", "--config", "tollgate.toml", "--export-trace", "trace.jsonl"]);
+    let compare =
+        config().replace("policy = \"cost-first\"\nbudget_usd = 0.5", "policy = \"quality-first\"\nbudget_usd = 1000");
+    std::fs::write(dir.path().join("compare.toml"), compare).unwrap();
+    let simulated = tollgate(&[
+        "simulate",
+        "--config",
+        "tollgate.toml",
+        "--compare",
+        "compare.toml",
+        "--trace",
+        "trace.jsonl",
+        "--json",
+    ]);
+    let simulated: Value = serde_json::from_slice(&simulated).unwrap();
+    let runs = simulated["configs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{simulated}");
+    for (run, (policy, budget, served)) in runs.iter().zip([("cost-first", 0.5, 0), ("quality-first", 1000.0, 1)]) {
+        assert_eq!(run["unknown_users"], 0, "{run}");
+        let f1 = run["users"].as_array().unwrap().iter().find(|u| u["user"] == "f1").unwrap();
+        assert_eq!(
+            (f1["policy"].as_str(), f1["budget_usd"].as_f64(), f1["requests"].as_u64(), f1["served"].as_u64()),
+            (Some(policy), Some(budget), Some(1), Some(served)),
+            "{f1}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -91,7 +91,8 @@ impl UserRun {
 /// The replay of a whole trace under one config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Run {
-    /// One per configured user with traffic in the trace, in config order.
+    /// One per user with traffic in the trace: the config's, in config order, then the API
+    /// users of its SQLite ledger the trace names (`tollgate simulate` adds them), by name.
     pub users: Vec<UserRun>,
     /// Requests from users the config does not know.
     pub unknown_users: u64,
@@ -106,11 +107,12 @@ pub fn run(config: &Config, trace: &[TraceRecord]) -> Run {
     let names: Vec<Arc<str>> = config.backends.iter().map(|b| Arc::from(b.name.as_str())).collect();
     let mut runs: Vec<Option<UserRun>> = vec![None; config.users.len()];
     let mut unknown_users = 0;
+    let user_at: HashMap<&str, usize> = config.users.iter().enumerate().map(|(i, u)| (u.name.as_str(), i)).collect();
     // (scope, model, prompt hash) -> the answer stored: when, from which backend, its cost.
     let mut cache: HashMap<(String, &str, &str), (i64, usize, Usd)> = HashMap::new();
     let cache_ttl_ms = i64::try_from(config.cache.ttl.as_millis()).unwrap_or(i64::MAX);
     for (position, record) in trace.iter().enumerate() {
-        let Some(u) = config.users.iter().position(|u| u.name == record.user) else {
+        let Some(&u) = user_at.get(record.user.as_str()) else {
             unknown_users += 1;
             continue;
         };

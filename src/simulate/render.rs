@@ -56,20 +56,25 @@ fn exhausted(user: &UserRun) -> String {
 
 /// The comparison table: per user, one row per figure, one column per (config name, run).
 pub fn table(runs: &[(String, Run)]) -> String {
+    // Every user of any run, in first-seen order, and each run's users by name: traces from a
+    // ledger of API users name hundreds of thousands.
     let mut users: Vec<&str> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (_, run) in runs {
         for u in &run.users {
-            if !users.contains(&u.user.as_str()) {
+            if seen.insert(u.user.as_str()) {
                 users.push(&u.user);
             }
         }
     }
+    let by_name: Vec<std::collections::HashMap<&str, &UserRun>> =
+        runs.iter().map(|(_, r)| r.users.iter().map(|u| (u.user.as_str(), u)).collect()).collect();
     let span = runs.iter().find_map(|(_, r)| r.span);
     let thirds = span.map(|(a, b)| [a + (b - a) / 3, a + (b - a) * 2 / 3, b]);
     let mut rows: Vec<Vec<String>> =
         vec![std::iter::once(String::new()).chain(runs.iter().map(|(n, _)| n.clone())).collect()];
     for name in users {
-        let found: Vec<Option<&UserRun>> = runs.iter().map(|(_, r)| r.users.iter().find(|u| u.user == name)).collect();
+        let found: Vec<Option<&UserRun>> = by_name.iter().map(|users| users.get(name).copied()).collect();
         let budget = found.iter().flatten().next().map_or_else(String::new, |u| match u.budget {
             Some(b) => format!(" (budget {} per {})", dollars(b), period::name(u.period)),
             None => " (no budget)".into(),

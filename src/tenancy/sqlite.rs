@@ -192,7 +192,7 @@ fn key_params(k: &ApiKey) -> [Box<dyn rusqlite::ToSql + '_>; 14] {
 pub fn each_effective_user(
     path: &Path,
     config: &crate::config::Config,
-    mut each: impl FnMut(&crate::config::User),
+    mut each: impl FnMut(crate::config::User),
 ) -> Result<(), StoreError> {
     let conn = crate::ledger::sqlite::open_read_only(path).map_err(storage)?;
     let exists: bool = conn
@@ -205,7 +205,7 @@ pub fn each_effective_user(
         .prepare("SELECT name, plan, team, overrides, metrics, created_at FROM tenant_users ORDER BY name")
         .map_err(storage)?;
     for member in statement.query_map([], user_from).map_err(storage)? {
-        each(&super::reported_user(&member.map_err(storage)?, config));
+        each(super::reported_user(&member.map_err(storage)?, config));
     }
     Ok(())
 }
