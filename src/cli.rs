@@ -165,18 +165,14 @@ fn report(
     report.spend(spend);
     crate::tenancy::sqlite::each_effective_user(&path, &config, |user| report.user(&user))?;
     let report = report.finish();
-    // Buffered: stdout alone is line-buffered, a write per line of a million users' JSON.
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let written = if json {
-        crate::report::render::write_json(&report, &mut out).map_err(std::io::Error::from).and_then(|()| writeln!(out))
-    } else {
-        crate::report::render::write_table(&report, &mut out)
-    };
-    match written.and_then(|()| out.flush()) {
-        // The reader stopped early (`tollgate report | head`): what it wanted was written.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        result => result.map_err(|source| CommandError::Write { path: "standard output".into(), source }),
-    }
+    to_stdout(|out| {
+        if json {
+            crate::report::render::write_json(&report, &mut *out)?;
+            writeln!(out)
+        } else {
+            crate::report::render::write_table(&report, out)
+        }
+    })
 }
 
 /// Adds to `config`'s users the API users of its SQLite ledger that `named` names, with their
@@ -244,20 +240,34 @@ fn simulate(
     if let Some(plot) = plot {
         write_file(plot, &crate::simulate::plot::draw(&runs))?;
     }
-    if json {
-        println!("{:#}", crate::simulate::render::json(&runs));
-    } else {
-        print!("{}", crate::simulate::render::table(&runs));
+    to_stdout(|out| {
+        if json {
+            serde_json::to_writer_pretty(&mut *out, &crate::simulate::render::json(&runs))?;
+            return writeln!(out);
+        }
+        out.write_all(crate::simulate::render::table(&runs).as_bytes())?;
         if let Some(plot) = plot {
             let colours: Vec<String> = runs
                 .iter()
                 .zip(crate::simulate::plot::SERIES_NAMES)
                 .map(|((name, _), colour)| format!("{name} {colour}"))
                 .collect();
-            println!("\nplot: {} ({}; budget red dashed, pace grey)", plot.display(), colours.join(", "));
+            writeln!(out, "\nplot: {} ({}; budget red dashed, pace grey)", plot.display(), colours.join(", "))?;
         }
+        Ok(())
+    })
+}
+
+/// Writes a command's output through a buffer (stdout alone is line-buffered: a `write` per
+/// line of a million users' JSON); a reader that stops early (`| head`) ends it quietly.
+fn to_stdout(
+    write: impl FnOnce(&mut std::io::BufWriter<std::io::StdoutLock<'static>>) -> std::io::Result<()>,
+) -> Result<(), CommandError> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match write(&mut out).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result.map_err(|source| CommandError::Write { path: "standard output".into(), source }),
     }
-    Ok(())
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
