@@ -151,13 +151,10 @@ impl<'a> Builder<'a> {
             return;
         }
         let tokens = r.prompt_tokens + r.completion_tokens;
-        let u = match self.users.get_mut(&*r.user) {
-            Some(u) => u,
-            None => self
-                .users
-                .entry(Arc::clone(&r.user))
-                .or_insert_with(|| UserReport { user: r.user.to_string(), ..UserReport::default() }),
-        };
+        let u = self
+            .users
+            .entry(Arc::clone(&r.user))
+            .or_insert_with(|| UserReport { user: r.user.to_string(), ..UserReport::default() });
         u.requests += 1;
         u.prompt_tokens += r.prompt_tokens;
         u.completion_tokens += r.completion_tokens;
@@ -192,21 +189,15 @@ impl<'a> Builder<'a> {
         if hit {
             return;
         }
-        let b = match self.backends.get_mut(&*r.backend) {
-            Some(b) => b,
-            None => self
-                .backends
-                .entry(Arc::clone(&r.backend))
-                .or_insert_with(|| BackendReport { backend: r.backend.to_string(), ..BackendReport::default() }),
-        };
+        let b = self
+            .backends
+            .entry(Arc::clone(&r.backend))
+            .or_insert_with(|| BackendReport { backend: r.backend.to_string(), ..BackendReport::default() });
         b.requests += 1;
         b.tokens += tokens;
         b.cost = b.cost.saturating_add(r.cost);
         let end = r.at_ms.saturating_add(i64::try_from(r.latency_ms).unwrap_or(i64::MAX));
-        match self.busy.get_mut(&*r.backend) {
-            Some(busy) => busy.add(r.at_ms, end, window),
-            None => self.busy.entry(Arc::clone(&r.backend)).or_default().add(r.at_ms, end, window),
-        }
+        self.busy.entry(Arc::clone(&r.backend)).or_default().add(r.at_ms, end, window);
     }
 
     /// The current periods' spend, for the users' period spend and margin.
@@ -223,6 +214,7 @@ impl<'a> Builder<'a> {
     /// A user with its limits (an API user's effective ones), whether or not it has records.
     pub fn user(&mut self, user: &User) {
         let now = self.window.end_ms.div_euclid(1000);
+        // Looked up before it is added: a million API users' names are not copied to be found.
         let u = match self.users.get_mut(user.name.as_str()) {
             Some(u) => u,
             None => self

@@ -161,17 +161,16 @@ fn each_users_period_spend_adds_its_own_backend_rows_of_the_current_period_only(
     assert_eq!(spent("u"), Some(Usd::ZERO), "a config user without rows spent nothing");
 }
 
+/// User `u`'s one request on the premium backend, in a minute from March 10th's midnight.
+fn one_request_report() -> Report {
+    let at = MARCH_10 * 1000;
+    let window = Window { start_ms: at, end_ms: at + 60_000 };
+    build(&config(), &[], &[record(at, "auto", "premium", 2_000_000, 10)], &[], window)
+}
+
 #[test]
 fn the_table_aligns_every_column_to_its_widest_cell() {
-    let cfg = config();
-    let at = MARCH_10 * 1000;
-    let report = build(
-        &cfg,
-        &[],
-        &[record(at, "auto", "premium", 2_000_000, 10)],
-        &[],
-        Window { start_ms: at, end_ms: at + 60_000 },
-    );
+    let report = one_request_report();
     let mut text = Vec::new();
     super::render::write_table(&report, &mut text).unwrap();
     let text = String::from_utf8(text).unwrap();
@@ -187,21 +186,13 @@ fn the_table_aligns_every_column_to_its_widest_cell() {
 
 #[test]
 fn the_json_document_has_every_user_and_backend() {
-    let cfg = config();
-    let at = MARCH_10 * 1000;
-    let report = build(
-        &cfg,
-        &[],
-        &[record(at, "auto", "premium", 2_000_000, 10)],
-        &[],
-        Window { start_ms: at, end_ms: at + 60_000 },
-    );
+    let report = one_request_report();
     let mut out = Vec::new();
     super::render::write_json(&report, &mut out).unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(doc["users"][0]["user"], "u");
     assert_eq!(doc["users"][0]["requests"], 1);
     assert_eq!(doc["backends"].as_array().map(Vec::len), Some(2));
-    assert_eq!(doc["window"]["start_ms"], at);
+    assert_eq!(doc["window"]["start_ms"], MARCH_10 * 1000);
     assert!(doc["over_price"].as_array().is_some_and(Vec::is_empty));
 }
