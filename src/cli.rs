@@ -237,22 +237,18 @@ fn simulate(
         let name = path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
         runs.push((name, crate::simulate::run(&config, &trace)));
     }
-    if let Some(plot) = plot {
-        write_file(plot, &crate::simulate::plot::draw(&runs))?;
+    let chart = plot.map(|path| (path, crate::simulate::plot::draw(&runs)));
+    if let Some((path, chart)) = &chart {
+        write_file(path, &chart.canvas.encode())?;
     }
     to_stdout(|out| {
         if json {
-            serde_json::to_writer_pretty(&mut *out, &crate::simulate::render::json(&runs))?;
+            crate::simulate::render::write_json(&runs, &mut *out)?;
             return writeln!(out);
         }
         out.write_all(crate::simulate::render::table(&runs).as_bytes())?;
-        if let Some(plot) = plot {
-            let colours: Vec<String> = runs
-                .iter()
-                .zip(crate::simulate::plot::SERIES_NAMES)
-                .map(|((name, _), colour)| format!("{name} {colour}"))
-                .collect();
-            writeln!(out, "\nplot: {} ({}; budget red dashed, pace grey)", plot.display(), colours.join(", "))?;
+        if let Some((path, chart)) = &chart {
+            writeln!(out, "\nplot: {} ({})", path.display(), chart.legend(&runs))?;
         }
         Ok(())
     })

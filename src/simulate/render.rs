@@ -1,5 +1,6 @@
 //! The simulator's output: a side-by-side table (one column per config) or JSON.
 
+use serde::{Serialize, Serializer};
 use serde_json::{json, Value};
 
 use super::{Run, UserRun};
@@ -132,15 +133,32 @@ fn dollars_fine(usd: Usd) -> String {
     format!("${}.{:04}", tenth_mills / 10_000, tenth_mills % 10_000)
 }
 
-pub fn json(runs: &[(String, Run)]) -> Value {
-    let configs: Vec<Value> = runs
+/// The runs as JSON, written user by user: a trace from a ledger of API users names hundreds
+/// of thousands, and the whole document as one `Value` took gigabytes.
+pub fn write_json(runs: &[(String, Run)], out: impl std::io::Write) -> serde_json::Result<()> {
+    /// Fields in the order `serde_json`'s maps keep keys (sorted), as the document had them
+    /// when it was one `Value`.
+    #[derive(Serialize)]
+    struct Document<'a> {
+        configs: Vec<ConfigRun<'a>>,
+    }
+    #[derive(Serialize)]
+    struct ConfigRun<'a> {
+        config: &'a str,
+        unknown_users: u64,
+        users: Users<'a>,
+    }
+    struct Users<'a>(&'a Run);
+    impl Serialize for Users<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_seq(self.0.users.iter().map(|u| user_json(u, self.0.span)))
+        }
+    }
+    let configs = runs
         .iter()
-        .map(|(name, run)| {
-            let users: Vec<Value> = run.users.iter().map(|u| user_json(u, run.span)).collect();
-            json!({"config": name, "users": users, "unknown_users": run.unknown_users})
-        })
+        .map(|(name, run)| ConfigRun { config: name, unknown_users: run.unknown_users, users: Users(run) })
         .collect();
-    json!({"configs": configs})
+    serde_json::to_writer_pretty(out, &Document { configs })
 }
 
 fn user_json(u: &UserRun, span: Option<(i64, i64)>) -> Value {

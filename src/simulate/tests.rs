@@ -179,3 +179,53 @@ fn repeated_prompt_hashes_are_hits_when_the_cache_is_on() {
     let expired = run(&short, &trace("b", None));
     assert_eq!(expired.users[0].cache_hits, 0, "each question repeats only every 10 minutes");
 }
+
+#[test]
+fn a_plot_of_many_users_draws_everyone_together_then_those_who_spent_the_most() {
+    use plot::{draw, panel_users, MAX_USER_PANELS, SERIES};
+    // 30 users; user i sends i + 1 requests, one every ten minutes from the start of March.
+    let users: String = (0..30)
+        .map(|i| format!("\n[[users]]\nname = \"u{i:02}\"\nkey_sha256 = \"{i:064x}\"\npolicy = \"quality-first\"\n"))
+        .collect();
+    let mut trace: Vec<TraceRecord> = (0..30)
+        .flat_map(|i| {
+            (0..=i).map(move |r| TraceRecord {
+                at_ms: (MARCH + r * 600) * 1000,
+                user: format!("u{i:02}"),
+                model: "auto".into(),
+                prompt_tokens: 500,
+                completion_tokens: 300,
+                max_tokens: Some(300),
+                min_quality: None,
+                prompt_hash: None,
+            })
+        })
+        .collect();
+    trace.sort_by_key(|r| r.at_ms);
+    let runs = vec![("a".to_owned(), run(&config(&users), &trace))];
+
+    let (drawn, all) = panel_users(&runs);
+    let names: Vec<&str> = drawn.iter().map(|u| u.user.as_str()).collect();
+    let expected: Vec<String> = (18..30).rev().map(|i| format!("u{i:02}")).collect();
+    assert_eq!((all, names), (30, expected.iter().map(String::as_str).collect::<Vec<_>>()));
+
+    let chart = draw(&runs);
+    assert_eq!((chart.users, chart.drawn), (30, MAX_USER_PANELS));
+    // The legend (one config: 22 px), everyone's panel, then twelve users' (190 px each).
+    assert_eq!(chart.canvas.height, 22 + 13 * 190);
+    // Everyone's line ends at the total of every request (the scale's top less its 10% headroom:
+    // 127 of the plot's 140 px), drawn in the config's colour.
+    let plot_bottom = 22 + 190 - 16;
+    assert_eq!(chart.canvas.get(960 - 20 - 1, plot_bottom - 127), Some(SERIES[0]));
+    assert_eq!(
+        chart.legend(&runs),
+        "all 30 users together, then the 12 who spent the most; a blue; budget red dashed, pace grey"
+    );
+
+    // A handful of users: a panel each, in the trace's order, as before.
+    let few: Vec<TraceRecord> = trace.iter().filter(|r| r.user.as_str() < "u03").cloned().collect();
+    let runs = vec![("a".to_owned(), run(&config(&users), &few))];
+    let chart = draw(&runs);
+    assert_eq!((chart.users, chart.drawn, chart.canvas.height), (3, 3, 22 + 3 * 190));
+    assert_eq!(chart.legend(&runs), "a blue; budget red dashed, pace grey");
+}
