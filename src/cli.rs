@@ -246,7 +246,7 @@ fn simulate(
             crate::simulate::render::write_json(&runs, &mut *out)?;
             return writeln!(out);
         }
-        out.write_all(crate::simulate::render::table(&runs).as_bytes())?;
+        crate::simulate::render::write_table(&runs, &mut *out)?;
         if let Some((path, chart)) = &chart {
             writeln!(out, "\nplot: {} ({})", path.display(), chart.legend(&runs))?;
         }

@@ -1,6 +1,5 @@
 //! The report as a table or as JSON.
 
-use std::fmt::Write as _;
 use std::io::Write;
 
 use serde::{Serialize, Serializer};
@@ -9,43 +8,10 @@ use serde_json::{json, Value};
 use super::{BackendReport, Report, UserReport};
 use crate::cost::Usd;
 use crate::ledger::period;
-use crate::simulate::render::percent;
+use crate::simulate::render::{percent, write_columns, Align};
 
 fn money(usd: Option<Usd>) -> String {
     usd.map_or_else(|| "-".into(), |u| format!("${u}"))
-}
-
-/// Writes `rows` as aligned columns (the first left-aligned, the rest right-aligned), taking
-/// the rows twice from `rows()`: once for the widths, once to write. The users' table has a row
-/// per user, a million of them: kept as strings, they took gigabytes.
-fn write_columns<R, I>(out: &mut impl Write, rows: impl Fn() -> R) -> std::io::Result<()>
-where
-    R: Iterator<Item = I>,
-    I: IntoIterator<Item = String>,
-{
-    let mut widths: Vec<usize> = Vec::new();
-    for row in rows() {
-        for (c, cell) in row.into_iter().enumerate() {
-            let width = cell.chars().count();
-            match widths.get_mut(c) {
-                Some(w) => *w = (*w).max(width),
-                None => widths.push(width),
-            }
-        }
-    }
-    let mut line = String::new();
-    for row in rows() {
-        line.clear();
-        for (i, (cell, w)) in row.into_iter().zip(&widths).enumerate() {
-            if i == 0 {
-                let _ = write!(line, "{cell:<w$}");
-            } else {
-                let _ = write!(line, "  {cell:>w$}");
-            }
-        }
-        writeln!(out, "{}", line.trim_end())?;
-    }
-    Ok(())
 }
 
 fn premium_share(u: &UserReport) -> String {
@@ -122,7 +88,9 @@ pub fn write_table(report: &Report, out: &mut impl Write) -> std::io::Result<()>
         period::rfc3339(w.start_ms.div_euclid(1000)),
         period::rfc3339(w.end_ms.div_euclid(1000))
     )?;
-    write_columns(out, || std::iter::once(USER_COLUMNS.map(String::from)).chain(report.users.iter().map(user_cells)))?;
+    write_columns(out, Align::FirstLeft, || {
+        std::iter::once(USER_COLUMNS.map(String::from)).chain(report.users.iter().map(user_cells))
+    })?;
     writeln!(out)?;
     let hits: u64 = report.users.iter().map(|u| u.cache_hits).sum();
     if hits > 0 {
@@ -141,7 +109,7 @@ pub fn write_table(report: &Report, out: &mut impl Write) -> std::io::Result<()>
         )?;
     }
     let backend_columns = ["backend", "tier", "requests", "tokens", "attributed cost", "idle cost", "utilisation"];
-    write_columns(out, || {
+    write_columns(out, Align::FirstLeft, || {
         std::iter::once(backend_columns.map(String::from))
             .chain(report.backends.iter().map(|b| backend_cells(b, w.end_ms - w.start_ms)))
     })?;

@@ -1,5 +1,9 @@
 //! The simulator's output: a side-by-side table (one column per config) or JSON.
 
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::Write;
+
 use serde::{Serialize, Serializer};
 use serde_json::{json, Value};
 
@@ -55,8 +59,49 @@ fn exhausted(user: &UserRun) -> String {
     user.exhausted_at.map_or_else(|| "never".into(), |t| period::rfc3339(t)[..16].replace('T', " "))
 }
 
+/// How a table's columns are aligned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Align {
+    Left,
+    /// The first column left-aligned, the rest (figures) right-aligned.
+    FirstLeft,
+}
+
+/// Writes `rows` as aligned columns, taking the rows twice from `rows()`: once for the widths,
+/// once to write. Tables of a row or more per user have a million rows: kept as strings, they
+/// took gigabytes.
+pub fn write_columns<R, I>(out: &mut impl Write, align: Align, rows: impl Fn() -> R) -> std::io::Result<()>
+where
+    R: Iterator<Item = I>,
+    I: IntoIterator<Item = String>,
+{
+    let mut widths: Vec<usize> = Vec::new();
+    for row in rows() {
+        for (c, cell) in row.into_iter().enumerate() {
+            let width = cell.chars().count();
+            match widths.get_mut(c) {
+                Some(w) => *w = (*w).max(width),
+                None => widths.push(width),
+            }
+        }
+    }
+    let mut line = String::new();
+    for row in rows() {
+        line.clear();
+        for (i, (cell, w)) in row.into_iter().zip(&widths).enumerate() {
+            let _ = match (i, align) {
+                (0, _) => write!(line, "{cell:<w$}"),
+                (_, Align::Left) => write!(line, "  {cell:<w$}"),
+                (_, Align::FirstLeft) => write!(line, "  {cell:>w$}"),
+            };
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
 /// The comparison table: per user, one row per figure, one column per (config name, run).
-pub fn table(runs: &[(String, Run)]) -> String {
+pub fn write_table(runs: &[(String, Run)], out: &mut impl Write) -> std::io::Result<()> {
     // Every user of any run, in first-seen order, and each run's users by name: traces from a
     // ledger of API users name hundreds of thousands.
     let mut users: Vec<&str> = Vec::new();
@@ -68,63 +113,62 @@ pub fn table(runs: &[(String, Run)]) -> String {
             }
         }
     }
-    let by_name: Vec<std::collections::HashMap<&str, &UserRun>> =
+    let by_name: Vec<HashMap<&str, &UserRun>> =
         runs.iter().map(|(_, r)| r.users.iter().map(|u| (u.user.as_str(), u)).collect()).collect();
     let span = runs.iter().find_map(|(_, r)| r.span);
     let thirds = span.map(|(a, b)| [a + (b - a) / 3, a + (b - a) * 2 / 3, b]);
-    let mut rows: Vec<Vec<String>> =
-        vec![std::iter::once(String::new()).chain(runs.iter().map(|(n, _)| n.clone())).collect()];
-    for name in users {
+    let header: Vec<String> = std::iter::once(String::new()).chain(runs.iter().map(|(n, _)| n.clone())).collect();
+    let user_rows = |name: &str| {
         let found: Vec<Option<&UserRun>> = by_name.iter().map(|users| users.get(name).copied()).collect();
-        let budget = found.iter().flatten().next().map_or_else(String::new, |u| match u.budget {
-            Some(b) => format!(" (budget {} per {})", dollars(b), period::name(u.period)),
-            None => " (no budget)".into(),
-        });
-        rows.push(vec![format!("{name}{budget}")]);
-        let mut row = |label: &str, cell: &dyn Fn(&UserRun) -> String| {
-            let cells = found.iter().map(|u| u.map_or_else(|| "-".into(), cell));
-            rows.push(std::iter::once(format!("  {label}")).chain(cells).collect());
-        };
-        row("policy", &|u| u.policy.clone());
-        row("served / requests", &|u| format!("{} / {}", u.served, u.requests));
-        row("refused", &refusals);
-        row("spend", &|u| dollars(u.spent));
-        if let Some(at) = thirds {
-            row("spend at 1/3, 2/3 of trace", &|u| {
-                format!("{} {}", dollars(total_by(u, at[0])), dollars(total_by(u, at[1])))
-            });
-        }
-        row("cost per request", &|u| {
-            u.spent.mul_div(1, i64::try_from(u.served).unwrap_or(i64::MAX)).map_or("-".into(), dollars_fine)
-        });
-        row("savings vs premium", &|u| dollars(u.savings));
-        row("premium token share", &|u| percent(u.premium_tokens, u.tokens()));
-        row("tier mix (requests)", &|u| mix(u, false));
-        row("tier mix (tokens)", &|u| mix(u, true));
-        row("clamped max_tokens", &|u| u.clamped.to_string());
-        if found.iter().flatten().any(|u| u.cache_hits > 0) {
-            row("cache hits (saved)", &|u| {
-                format!("{} {} ({})", u.cache_hits, percent(u.cache_hits, u.requests), dollars(u.cache_saved))
-            });
-        }
-        row("budget exhausted", &exhausted);
-    }
-    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in &rows {
-        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+        user_rows(name, &found, thirds)
+    };
+    write_columns(out, Align::Left, || {
+        std::iter::once(header.clone()).chain(users.iter().flat_map(|name| user_rows(name)))
+    })?;
     for (name, run) in runs {
         if run.unknown_users > 0 {
-            out.push_str(&format!("{name}: {} requests from users the config does not know\n", run.unknown_users));
+            writeln!(out, "{name}: {} requests from users the config does not know", run.unknown_users)?;
         }
     }
-    out
+    Ok(())
+}
+
+/// A user's rows of the table: its name and budget, then a row per figure, a cell per run
+/// (`None`: the run has no such user).
+fn user_rows(name: &str, found: &[Option<&UserRun>], thirds: Option<[i64; 3]>) -> Vec<Vec<String>> {
+    let budget = found.iter().flatten().next().map_or_else(String::new, |u| match u.budget {
+        Some(b) => format!(" (budget {} per {})", dollars(b), period::name(u.period)),
+        None => " (no budget)".into(),
+    });
+    let mut rows = vec![vec![format!("{name}{budget}")]];
+    let mut row = |label: &str, cell: &dyn Fn(&UserRun) -> String| {
+        let cells = found.iter().map(|u| u.map_or_else(|| "-".into(), cell));
+        rows.push(std::iter::once(format!("  {label}")).chain(cells).collect());
+    };
+    row("policy", &|u| u.policy.clone());
+    row("served / requests", &|u| format!("{} / {}", u.served, u.requests));
+    row("refused", &refusals);
+    row("spend", &|u| dollars(u.spent));
+    if let Some(at) = thirds {
+        row("spend at 1/3, 2/3 of trace", &|u| {
+            format!("{} {}", dollars(total_by(u, at[0])), dollars(total_by(u, at[1])))
+        });
+    }
+    row("cost per request", &|u| {
+        u.spent.mul_div(1, i64::try_from(u.served).unwrap_or(i64::MAX)).map_or("-".into(), dollars_fine)
+    });
+    row("savings vs premium", &|u| dollars(u.savings));
+    row("premium token share", &|u| percent(u.premium_tokens, u.tokens()));
+    row("tier mix (requests)", &|u| mix(u, false));
+    row("tier mix (tokens)", &|u| mix(u, true));
+    row("clamped max_tokens", &|u| u.clamped.to_string());
+    if found.iter().flatten().any(|u| u.cache_hits > 0) {
+        row("cache hits (saved)", &|u| {
+            format!("{} {} ({})", u.cache_hits, percent(u.cache_hits, u.requests), dollars(u.cache_saved))
+        });
+    }
+    row("budget exhausted", &exhausted);
+    rows
 }
 
 /// Small amounts (a request's cost) with four significant decimals.
