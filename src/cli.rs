@@ -82,8 +82,6 @@ enum CommandError {
     Trace(#[from] crate::simulate::trace::TraceError),
     #[error("{path}: cannot write: {source}")]
     Write { path: String, source: std::io::Error },
-    #[error("the redis ledger cannot be read by `tollgate report` yet")]
-    RedisLedger,
     #[error(transparent)]
     Tenants(#[from] crate::tenancy::store::StoreError),
 }
@@ -118,10 +116,11 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-/// `report` and `simulate` send nothing anywhere: the secrets a config names are not needed
-/// (an operator can run them where the gateway's keys are not set).
-fn no_secrets(_: &str) -> Option<String> {
-    Some(String::from("unused-offline"))
+/// `report` and `simulate` send nothing to backends: the keys a config names need not be set
+/// (an operator can run them where the gateway's keys are not), a placeholder stands in. What
+/// is set is read: a Redis ledger's password opens the ledger they read.
+fn offline_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|value| !value.is_empty()).or_else(|| Some(String::from("unused-offline")))
 }
 
 fn report(
@@ -131,40 +130,23 @@ fn report(
     export_trace: Option<PathBuf>,
 ) -> Result<(), CommandError> {
     let config = match config {
-        Some(path) => Config::load(&path, &no_secrets)?,
-        None if std::path::Path::new(DEFAULT_CONFIG).exists() => Config::load(DEFAULT_CONFIG.as_ref(), &no_secrets)?,
-        None => Config::parse(EMBEDDED_DEFAULT, "<embedded config/tollgate.toml>", &no_secrets)?,
+        Some(path) => Config::load(&path, &offline_env)?,
+        None if std::path::Path::new(DEFAULT_CONFIG).exists() => Config::load(DEFAULT_CONFIG.as_ref(), &offline_env)?,
+        None => Config::parse(EMBEDDED_DEFAULT, "<embedded config/tollgate.toml>", &offline_env)?,
     };
-    let path = match &config.ledger.store {
-        crate::config::LedgerStore::Sqlite { path } => PathBuf::from(path),
-        crate::config::LedgerStore::Memory => {
-            println!(
-                "the ledger is in memory ([ledger] backend = \"memory\"): nothing is persisted, so there is nothing to \
-                 report; use backend = \"sqlite\", or GET /admin/requests on the running gateway"
-            );
-            return Ok(());
-        }
-        crate::config::LedgerStore::Redis { .. } => return Err(CommandError::RedisLedger),
-    };
-    let now_ms = crate::clock::unix_now_ms();
-    let from_ms = since_ms.map_or(0, |since| now_ms.saturating_sub(since));
-    let start_ms = match since_ms {
-        Some(_) => from_ms,
-        None => crate::ledger::sqlite::first_record_at(&path)?.unwrap_or(now_ms),
-    };
-    let mut report = crate::report::Builder::new(&config, crate::report::Window { start_ms, end_ms: now_ms });
-    // The records stream through: into the report, and into the trace as they come.
+    if matches!(config.ledger.store, crate::config::LedgerStore::Memory) {
+        println!(
+            "the ledger is in memory ([ledger] backend = \"memory\"): nothing is persisted, so there is nothing to \
+             report; use backend = \"sqlite\" or \"redis\", or GET /admin/requests on the running gateway"
+        );
+        return Ok(());
+    }
     let mut trace = export_trace.as_deref().map(TraceFile::create).transpose()?;
-    let spend = crate::ledger::sqlite::read_report(&path, from_ms, |record| {
-        report.add(&record);
-        if let Some(trace) = &mut trace {
-            trace.write(&record);
-        }
-    })?;
+    let report = match &config.ledger.store {
+        crate::config::LedgerStore::Sqlite { path } => sqlite_report(&config, path.as_ref(), since_ms, trace.as_mut())?,
+        _ => redis_report(&config, since_ms, trace.as_mut())?,
+    };
     trace.map(TraceFile::finish).transpose()?;
-    report.spend(spend);
-    crate::tenancy::sqlite::each_effective_user(&path, &config, |user| report.user(&user))?;
-    let report = report.finish();
     to_stdout(|out| {
         if json {
             crate::report::render::write_json(&report, &mut *out)?;
@@ -175,21 +157,139 @@ fn report(
     })
 }
 
-/// Adds to `config`'s users the API users of its SQLite ledger that `named` names, with their
-/// effective limits under `config`'s plans: a trace exported from the ledger is mostly theirs,
-/// and a compared config may change their plans.
-fn with_api_users(config: &mut Config, named: &std::collections::HashSet<&str>) -> Result<(), CommandError> {
-    let crate::config::LedgerStore::Sqlite { path } = &config.ledger.store else { return Ok(()) };
-    let path = PathBuf::from(path);
-    if !path.exists() {
-        return Ok(());
+/// The report of a SQLite ledger: its records stream from the file (into the trace as they
+/// come), then the spend and the API users.
+fn sqlite_report(
+    config: &Config,
+    path: &std::path::Path,
+    since_ms: Option<i64>,
+    mut trace: Option<&mut TraceFile<'_>>,
+) -> Result<crate::report::Report, CommandError> {
+    let now_ms = crate::clock::unix_now_ms();
+    let from_ms = since_ms.map_or(0, |since| now_ms.saturating_sub(since));
+    let start_ms = match since_ms {
+        Some(_) => from_ms,
+        None => crate::ledger::sqlite::first_record_at(path)?.unwrap_or(now_ms),
+    };
+    let mut report = crate::report::Builder::new(config, crate::report::Window { start_ms, end_ms: now_ms });
+    let spend = crate::ledger::sqlite::read_report(path, from_ms, |record| {
+        report.add(&record);
+        if let Some(trace) = trace.as_deref_mut() {
+            trace.write(&record);
+        }
+    })?;
+    report.spend(spend);
+    crate::tenancy::sqlite::each_effective_user(path, config, |user| report.user(&user))?;
+    Ok(report.finish())
+}
+
+/// The report of a Redis ledger: the request records Redis keeps (the newest
+/// [`MAX_RECORDS`](crate::ledger::redis::scripts::MAX_RECORDS); the window starts at the oldest
+/// of them when the list is full), every user's spend in its current periods, and the API
+/// users of its directory.
+fn redis_report(
+    config: &Config,
+    since_ms: Option<i64>,
+    mut trace: Option<&mut TraceFile<'_>>,
+) -> Result<crate::report::Report, CommandError> {
+    let shared = SharedStore::open(config)?;
+    let now_ms = crate::clock::unix_now_ms();
+    let kept = crate::ledger::redis::scripts::MAX_RECORDS;
+    let mut records = shared.runtime.block_on(shared.ledger.records(kept))?;
+    // Kept in the order they settled; the report reads them in the order they arrived.
+    records.sort_by_key(|r| r.at_ms);
+    let asked_ms = since_ms.map(|since| now_ms.saturating_sub(since));
+    let oldest_ms = records.first().map(|r| r.at_ms);
+    let start_ms = match (asked_ms, oldest_ms) {
+        // A full list has lost what came before its oldest record.
+        (Some(asked), Some(oldest)) if records.len() >= kept && oldest > asked => oldest,
+        (Some(asked), _) => asked,
+        (None, oldest) => oldest.unwrap_or(now_ms),
+    };
+    if records.len() >= kept && asked_ms.is_none_or(|asked| asked < start_ms) {
+        eprintln!(
+            "note: Redis keeps the newest {kept} request records; the window starts at the oldest of them ({})",
+            crate::ledger::period::rfc3339(start_ms.div_euclid(1000))
+        );
     }
+    let mut report = crate::report::Builder::new(config, crate::report::Window { start_ms, end_ms: now_ms });
+    for record in records.iter().filter(|r| r.at_ms >= start_ms) {
+        report.add(record);
+        if let Some(trace) = trace.as_deref_mut() {
+            trace.write(record);
+        }
+    }
+    let standings = shared.runtime.block_on(shared.ledger.standings(now_ms.div_euclid(1000)))?;
+    report.spend(standings.into_iter().map(|s| crate::ledger::PeriodSpend {
+        user: s.user.to_string(),
+        period_start: s.account.period_start,
+        spent: s.account.totals.spent,
+    }));
+    shared.runtime.block_on(each_api_user(&*shared.directory, config, |user| report.user(&user)))?;
+    Ok(report.finish())
+}
+
+/// A Redis ledger and its directory, on a runtime of their own (the commands are not async).
+struct SharedStore {
+    runtime: tokio::runtime::Runtime,
+    ledger: Arc<dyn crate::ledger::Ledger>,
+    directory: Arc<dyn crate::tenancy::store::Directory>,
+}
+
+impl SharedStore {
+    fn open(config: &Config) -> Result<Self, CommandError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| crate::ledger::LedgerError::Storage(format!("cannot start a runtime: {e}")))?;
+        // The client's background tasks (reconnection, probes) run on this runtime.
+        let _entered = runtime.enter();
+        let metrics = crate::metrics::Metrics::new().map_err(|e| crate::ledger::LedgerError::Storage(e.to_string()))?;
+        let (ledger, limiter) = crate::ledger::open(&config.ledger, &Arc::new(metrics))?;
+        let directory = crate::tenancy::open(&config.ledger, limiter.shared_store())?;
+        drop(_entered);
+        Ok(Self { runtime, ledger, directory })
+    }
+}
+
+/// Every API user of `directory`, by name, as reports show them (their effective limits under
+/// `config`'s plans), read a page at a time.
+async fn each_api_user(
+    directory: &dyn crate::tenancy::store::Directory,
+    config: &Config,
+    mut each: impl FnMut(crate::config::User),
+) -> Result<(), CommandError> {
+    let mut query = crate::tenancy::store::UserQuery { after: None, limit: 1000, plan: None, team: None };
+    loop {
+        let page = directory.users(&query).await?;
+        let Some(last) = page.last() else { return Ok(()) };
+        query.after = Some(last.name.clone());
+        for member in &page {
+            each(crate::tenancy::reported_user(member, config));
+        }
+    }
+}
+
+/// Adds to `config`'s users the API users of its ledger (a SQLite file or Redis) that `named`
+/// names, with their effective limits under `config`'s plans: a trace exported from the
+/// ledger is mostly theirs, and a compared config may change their plans.
+fn with_api_users(config: &mut Config, named: &std::collections::HashSet<&str>) -> Result<(), CommandError> {
     let mut found = Vec::new();
-    crate::tenancy::sqlite::each_effective_user(&path, config, |user| {
+    let mut keep = |user: crate::config::User| {
         if named.contains(user.name.as_str()) {
             found.push(Arc::new(user));
         }
-    })?;
+    };
+    match &config.ledger.store {
+        crate::config::LedgerStore::Sqlite { path } if std::path::Path::new(path).exists() => {
+            crate::tenancy::sqlite::each_effective_user(path.as_ref(), config, keep)?;
+        }
+        crate::config::LedgerStore::Redis(_) => {
+            let shared = SharedStore::open(config)?;
+            shared.runtime.block_on(each_api_user(&*shared.directory, config, &mut keep))?;
+        }
+        _ => {}
+    }
     config.users.extend(found);
     Ok(())
 }
@@ -232,7 +332,7 @@ fn simulate(
     let mut runs = Vec::new();
     let named: std::collections::HashSet<&str> = trace.iter().map(|r| r.user.as_str()).collect();
     for path in std::iter::once(config).chain(compare.iter().map(PathBuf::as_path)) {
-        let mut config = Config::load(path, &no_secrets)?;
+        let mut config = Config::load(path, &offline_env)?;
         with_api_users(&mut config, &named)?;
         let name = path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
         runs.push((name, crate::simulate::run(&config, &trace)));

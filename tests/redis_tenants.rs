@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::fleet::{redis_gateway_config, ten_dollar_request, RedisServer, Replica};
+use support::fleet::{redis_gateway_config, ten_dollar_request, RedisServer, Replica, REQUEST_COST_USD};
 use support::*;
 
 fn config(redis_url: &str) -> String {
@@ -111,4 +111,61 @@ async fn a_team_budget_holds_across_two_replicas() {
     let (_, ranked) = a.admin(reqwest::Method::GET, "/admin/usage?sort=spent", Value::Null).await;
     let total: f64 = ranked["data"].as_array().unwrap().iter().map(|u| u["spent_usd"].as_f64().unwrap()).sum();
     assert_eq!(total, 100.0, "every member ranked by what it spent: {ranked}");
+}
+
+/// Runs `tollgate args` in `dir` (where the replicas' configs are); its standard output.
+fn tollgate(dir: &std::path::Path, args: &[&str]) -> Vec<u8> {
+    let output =
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate")).args(args).current_dir(dir).output().unwrap();
+    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    output.stdout
+}
+
+#[tokio::test]
+async fn the_report_reads_a_redis_ledger_with_its_api_users_and_simulate_replays_them() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Replica::start(dir.path(), "a", &config(&redis.url()));
+    for name in ["ann", "idle"] {
+        let (status, _) = a.admin(reqwest::Method::POST, "/admin/users", json!({"name": name, "plan": "pro"})).await;
+        assert_eq!(status, 201);
+    }
+    let (_, created) = a.admin(reqwest::Method::POST, "/admin/users/ann/keys", json!({})).await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    for _ in 0..3 {
+        assert_eq!(a.chat(&key).await.status(), 200);
+    }
+    assert_eq!(a.chat(ALICE_KEY).await.status(), 200);
+    // Records and spend reach Redis when the settlement's script has run: poll the report.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let report = loop {
+        let report: Value =
+            serde_json::from_slice(&tollgate(dir.path(), &["report", "--config", "a.toml", "--json"])).unwrap();
+        let requests = |name: &str| {
+            report["users"].as_array().unwrap().iter().find(|u| u["user"] == name).map(|u| u["requests"].clone())
+        };
+        if requests("ann") == Some(json!(3)) && requests("alice") == Some(json!(1)) {
+            break report;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not all four requests reported: {report}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let user = |name: &str| report["users"].as_array().unwrap().iter().find(|u| u["user"] == name).unwrap().clone();
+    let ann = user("ann");
+    assert_eq!((ann["plan"].as_str(), ann["price_usd"].as_f64()), (Some("pro"), Some(20.0)), "{ann}");
+    assert_eq!(ann["cost_usd"].as_f64(), Some(3.0 * REQUEST_COST_USD), "{ann}");
+    // $30 of this period's spend against a $20 price: the one user over its price.
+    assert_eq!(ann["margin_usd"].as_f64(), Some(20.0 - 3.0 * REQUEST_COST_USD), "{ann}");
+    assert_eq!(report["over_price"], json!(["ann"]), "{report}");
+    let idle = user("idle");
+    assert_eq!((idle["requests"].as_u64(), idle["plan"].as_str()), (Some(0), Some("pro")), "{idle}");
+
+    // Its trace replays ann as the API user it is, under the config's `pro` plan.
+    tollgate(dir.path(), &["report", "--config", "a.toml", "--export-trace", "trace.jsonl"]);
+    let simulated = tollgate(dir.path(), &["simulate", "--config", "a.toml", "--trace", "trace.jsonl", "--json"]);
+    let simulated: Value = serde_json::from_slice(&simulated).unwrap();
+    let run = &simulated["configs"][0];
+    assert_eq!(run["unknown_users"], 0, "{run}");
+    let replayed = run["users"].as_array().unwrap().iter().find(|u| u["user"] == "ann").unwrap();
+    assert_eq!((replayed["requests"].as_u64(), replayed["budget_usd"].as_f64()), (Some(3), Some(1000.0)), "{replayed}");
 }
