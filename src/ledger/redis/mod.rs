@@ -405,7 +405,7 @@ impl RedisLedger {
         records.cmd("LTRIM").arg(keys.records()).arg(0).arg(MAX_RECORDS - 1).ignore();
         // Unconditional, a cost of 0 too: a user whose requests were all free is still ranked.
         let mut rank = redis::pipe();
-        rank.cmd("ZINCRBY").arg(&ranking).arg(arg(2)).arg(arg(9)).ignore();
+        rank.cmd("ZADD").arg(&ranking).arg("NX").arg(0).arg(arg(9)).ignore();
         if !arg(10).is_empty() {
             rank.cmd("EXPIREAT").arg(&ranking).arg(arg(10)).ignore();
         }

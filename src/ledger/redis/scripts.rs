@@ -16,7 +16,7 @@
 //! | `P{user}:settled` | sorted set | settlement ids of the last [`DEDUPE_WINDOW_MS`], so a retried settlement is applied once |
 //! | `P{user}:rate` | hash | rpm/tpm token buckets: `r`, `t`, `ts` |
 //! | `Precords` | list | the newest request records (JSON), capped |
-//! | `Prank:<period>:<start>` | sorted set | users by spend in that period (pico-USD as the score): who has spend to read |
+//! | `Prank:<period>:<start>` | sorted set | every user with a request in that period, score 0: who has spend to read |
 //! | `P{user}:hour:<hour_start>` | hash | the user's hour ([`rollup`](crate::ledger::rollup)): `<backend>/requests`, `errors`, `spent`, `prompt_tokens`, `completion_tokens`, `latency_ms`; kept as long as the records |
 //! | `Phour:<hour_start>` | hash | everyone's hour, the same fields; kept [`BACKEND_ROWS_KEPT_S`](crate::ledger::rollup::BACKEND_ROWS_KEPT_S) |
 //! | `Pslots` | hash | Cluster only: account → its root (none for a root), written at an account's first reservation in a replica, for reads that start from an account alone |
@@ -91,8 +91,9 @@ impl Keys {
         self.account(slot, account, "rate")
     }
 
-    /// Users ranked by spend in one period (`<period>:<start>`): every user with a request in
-    /// it (a free one adds 0), so the standings know whose spend to read.
+    /// The users with a request in one period (`<period>:<start>`), a free one too, so the
+    /// standings know whose spend to read. A sorted set (its scores 0) since it held each
+    /// user's spend as the score once; a member is only ever added.
     pub fn ranking(&self, period: &str, start: i64) -> String {
         format!("{}rank:{period}:{start}", self.prefix)
     }
@@ -246,7 +247,9 @@ if #KEYS > g then
   redis.call('LPUSH', KEYS[g + 1], ARGV[7])
   redis.call('LTRIM', KEYS[g + 1], 0, tonumber(ARGV[8]) - 1)
   -- Unconditional, a cost of 0 too: a user whose requests were all free is still in the standings.
-  redis.call('ZINCRBY', KEYS[g + 2], ARGV[3], ARGV[10])
+  -- Membership only (`NX`): a score kept as the spend moved the user within a set of every user
+  -- on each request, a skiplist walk of cold nodes with thousands of users.
+  redis.call('ZADD', KEYS[g + 2], 'NX', 0, ARGV[10])
   if ARGV[11] ~= '' then redis.call('EXPIREAT', KEYS[g + 2], ARGV[11]) end
   hour(KEYS[g + 3], ARGV[15])
 end
