@@ -39,22 +39,27 @@ fn user(name: &str, extra: &str) -> String {
     )
 }
 
+/// One request to `auto` at `at` (Unix seconds): 500 tokens in, 300 out.
+fn request(at: i64, user: &str) -> TraceRecord {
+    TraceRecord {
+        at_ms: at * 1000,
+        user: user.into(),
+        model: "auto".into(),
+        prompt_tokens: 500,
+        completion_tokens: 300,
+        max_tokens: Some(300),
+        min_quality: None,
+        prompt_hash: None,
+    }
+}
+
 /// 40 requests a day for March, twice as many in the first half: front-loaded demand.
 fn month(user: &str) -> Vec<TraceRecord> {
     let mut trace = Vec::new();
     for day in 0..31 {
         let n = if day < 15 { 60 } else { 30 };
         for i in 0..n {
-            trace.push(TraceRecord {
-                at_ms: (MARCH + day * DAY + i * (DAY / n)) * 1000,
-                user: user.into(),
-                model: "auto".into(),
-                prompt_tokens: 500,
-                completion_tokens: 300,
-                max_tokens: Some(300),
-                min_quality: None,
-                prompt_hash: None,
-            });
+            trace.push(request(MARCH + day * DAY + i * (DAY / n), user));
         }
     }
     trace
@@ -187,20 +192,8 @@ fn a_plot_of_many_users_draws_everyone_together_then_those_who_spent_the_most() 
     let users: String = (0..30)
         .map(|i| format!("\n[[users]]\nname = \"u{i:02}\"\nkey_sha256 = \"{i:064x}\"\npolicy = \"quality-first\"\n"))
         .collect();
-    let mut trace: Vec<TraceRecord> = (0..30)
-        .flat_map(|i| {
-            (0..=i).map(move |r| TraceRecord {
-                at_ms: (MARCH + r * 600) * 1000,
-                user: format!("u{i:02}"),
-                model: "auto".into(),
-                prompt_tokens: 500,
-                completion_tokens: 300,
-                max_tokens: Some(300),
-                min_quality: None,
-                prompt_hash: None,
-            })
-        })
-        .collect();
+    let mut trace: Vec<TraceRecord> =
+        (0..30).flat_map(|i| (0..=i).map(move |r| request(MARCH + r * 600, &format!("u{i:02}")))).collect();
     trace.sort_by_key(|r| r.at_ms);
     let runs = vec![("a".to_owned(), run(&config(&users), &trace))];
 
