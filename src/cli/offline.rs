@@ -147,13 +147,10 @@ fn redis_report(
     records.sort_by_key(|r| r.at_ms);
     let asked_ms = since_ms.map(|since| now_ms.saturating_sub(since));
     let oldest_ms = records.first().map(|r| r.at_ms);
-    let start_ms = match (asked_ms, oldest_ms) {
-        // A full list has lost what came before its oldest record.
-        (Some(asked), Some(oldest)) if records.len() >= kept && oldest > asked => oldest,
-        (Some(asked), _) => asked,
-        (None, oldest) => oldest.unwrap_or(now_ms),
-    };
-    if records.len() >= kept && asked_ms.is_none_or(|asked| asked < start_ms) {
+    // A full list has lost what came before its oldest record: the window starts there.
+    let clipped = oldest_ms.filter(|&oldest| records.len() >= kept && asked_ms.is_none_or(|asked| oldest > asked));
+    let start_ms = clipped.or(asked_ms).or(oldest_ms).unwrap_or(now_ms);
+    if clipped.is_some() {
         eprintln!(
             "note: Redis keeps the newest {kept} request records; the window starts at the oldest of them ({})",
             crate::ledger::period::rfc3339(start_ms.div_euclid(1000))

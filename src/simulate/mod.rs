@@ -100,6 +100,14 @@ pub struct Run {
     pub span: Option<(i64, i64)>,
 }
 
+impl Run {
+    /// Its users by name: outputs line runs up user by user, and a trace from a ledger of API
+    /// users names hundreds of thousands.
+    pub fn by_name(&self) -> HashMap<&str, &UserRun> {
+        self.users.iter().map(|u| (u.user.as_str(), u)).collect()
+    }
+}
+
 /// Replays `trace` (sorted by time) under `config`.
 pub fn run(config: &Config, trace: &[TraceRecord]) -> Run {
     let (models, _) = crate::snapshot::model_index(config);

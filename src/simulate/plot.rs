@@ -141,8 +141,7 @@ pub fn panel_users(runs: &[(String, Run)]) -> (Vec<&UserRun>, usize) {
 /// spend together and then the users who spent the most.
 pub fn draw(runs: &[(String, Run)]) -> Chart {
     let (users, total_users) = panel_users(runs);
-    let by_name: Vec<HashMap<&str, &UserRun>> =
-        runs.iter().map(|(_, r)| r.users.iter().map(|u| (u.user.as_str(), u)).collect()).collect();
+    let by_name: Vec<HashMap<&str, &UserRun>> = runs.iter().map(|(_, r)| r.by_name()).collect();
     let together = users.len() < total_users;
     let span = runs.iter().find_map(|(_, r)| r.span).unwrap_or((0, 1));
     let span = (span.0, span.1.max(span.0 + 1));

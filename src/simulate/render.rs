@@ -113,8 +113,7 @@ pub fn write_table(runs: &[(String, Run)], out: &mut impl Write) -> std::io::Res
             }
         }
     }
-    let by_name: Vec<HashMap<&str, &UserRun>> =
-        runs.iter().map(|(_, r)| r.users.iter().map(|u| (u.user.as_str(), u)).collect()).collect();
+    let by_name: Vec<HashMap<&str, &UserRun>> = runs.iter().map(|(_, r)| r.by_name()).collect();
     let span = runs.iter().find_map(|(_, r)| r.span);
     let thirds = span.map(|(a, b)| [a + (b - a) / 3, a + (b - a) * 2 / 3, b]);
     let header: Vec<String> = std::iter::once(String::new()).chain(runs.iter().map(|(n, _)| n.clone())).collect();
